@@ -1,0 +1,78 @@
+// The effkern_C operator library: every schema is defined here, once.
+// Kernels are registered per dispatch key next to their code:
+//   csrc/cpu/linear_gelu.cpp            TORCH_LIBRARY_IMPL(effkern_C, CPU, m)
+//   csrc/cuda/linear_gelu_binding.cpp   TORCH_LIBRARY_IMPL(effkern_C, CUDA, m)
+//
+// Importing the Python module effkern._C (or torch.ops.load_library on the .so) runs the
+// static registrations below; the ops are then torch.ops.effkern_C.<name>.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <string>
+
+#ifdef EFFKERN_WITH_CUDA
+#include "cuda/linear_gelu.h"
+#endif
+
+// setup.py passes the arch list as a single preprocessor token with '_' in place of ';'
+// (e.g. 8.0_9.0a) so that no shell or nvcc quoting is involved; it is stringified here.
+#define EFFKERN_STRINGIFY_IMPL(...) #__VA_ARGS__
+#define EFFKERN_STRINGIFY(...) EFFKERN_STRINGIFY_IMPL(__VA_ARGS__)
+
+namespace effkern_C {
+namespace {
+
+std::string build_info() {
+#ifdef EFFKERN_WITH_CUDA
+  std::string archs =
+#ifdef EFFKERN_CUDA_ARCHS
+      EFFKERN_STRINGIFY(EFFKERN_CUDA_ARCHS);
+#else
+      "";
+#endif
+  for (char& c : archs)
+    if (c == '_') c = ';';
+  const int v = effkern_cuda::compiled_cuda_runtime_version();  // e.g. 13000
+  const std::string cuda_version =
+      std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  return "{\"cuda\": true, \"archs\": \"" + archs + "\", \"cuda_version\": \"" + cuda_version +
+         "\"}";
+#else
+  return "{\"cuda\": false, \"archs\": \"\", \"cuda_version\": null}";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(effkern_C, m) {
+  // Fused y = gelu(input @ weight.T + bias). Returns (out, preact); preact is the
+  // pre-activation when save_preact, else an empty [0] tensor.
+  m.def(
+      "linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, bool tanh_approx, "
+      "bool save_preact) -> (Tensor, Tensor)");
+  // Gradients of linear_gelu_fwd given the saved pre-activation. Outputs whose output_mask
+  // entry is false come back as empty [0] tensors.
+  m.def(
+      "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor preact, "
+      "bool tanh_approx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // JSON: {"cuda": bool, "archs": "8.0;9.0a", "cuda_version": "13.0" | null}.
+  // Registered as a catch-all kernel (it takes no tensors).
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace effkern_C
+
+// A Python module named effkern._C, so `import effkern._C` loads this library and runs the
+// registrations above. It has no Python-level functions.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "effkern C++/CUDA operators; use them through torch.ops.effkern_C.",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

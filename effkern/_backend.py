@@ -1,0 +1,94 @@
+"""Backend selection: which implementation an effkern op runs.
+
+Backends:
+  reference  plain PyTorch (any device); the test oracle
+  triton     effkern's Triton kernels; on CPU tensors through Triton's interpreter,
+             which must be switched on with TRITON_INTERPRET=1 before triton is
+             first imported (triton fixes the mode of every @triton.jit at import)
+  cuda       the C++ extension effkern._C: cuBLASLt / CUDA kernels on CUDA tensors,
+             its C++ CPU kernels on CPU tensors
+  auto       reference on CPU; on CUDA the faster of triton and cuda for the shape,
+             from measurements recorded in effkern/policies/ (see effkern/_policy.py)
+
+The choice comes from, in order: the innermost ``use_backend(...)`` block, the
+``EFFKERN_BACKEND`` environment variable, then "auto". It is read when the op runs
+(inside the op's implementation), so it also applies to ops in compiled graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("effkern_backend", default=None)
+
+
+def _check_name(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}: unknown effkern backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+def selected_backend() -> str:
+    """The backend asked for right now (may be "auto")."""
+    name = _selected.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("EFFKERN_BACKEND", "auto") or "auto", "EFFKERN_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run effkern ops inside this block with backend ``name`` (auto|triton|cuda|reference)."""
+    token = _selected.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]:
+    """Whether backend ``name`` can run on tensors of ``device``, and why not if it cannot."""
+    _check_name(name, "backend_available")
+    dev = torch.device(device).type
+    if name in ("auto", "reference"):
+        return True, ""
+    if name == "cuda":
+        if not _ext.available():
+            return False, f"effkern._C is not built or failed to load: {_ext.load_error()}"
+        if dev == "cuda" and not _ext.built_with_cuda():
+            return False, "effkern._C was built without CUDA (CPU-only extension)"
+        return True, ""
+    # triton
+    if not _triton_installed():
+        return False, "triton is not installed"
+    if dev == "cpu" and not triton_interpreter_on():
+        return False, (
+            "the triton backend on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before triton is first imported"
+        )
+    if dev not in ("cpu", "cuda"):
+        return False, f"no Triton kernels for device type {dev!r}"
+    return True, ""
+
+
+def require(name: str, device: torch.device, op: str) -> None:
+    ok, why = backend_available(name, device)
+    if not ok:
+        raise RuntimeError(f"effkern.{op}: backend {name!r} cannot run on {device.type} tensors: {why}")

@@ -1,0 +1,256 @@
+"""linear_gelu: y = gelu(input @ weight.T + bias), the fused first half of a transformer MLP.
+
+Ops (schemas defined here and nowhere else):
+  effkern::linear_gelu(input, weight, bias=None, approximate="none", *, recompute_preact=False)
+      public; composite: calls linear_gelu_fwd and returns its first output
+  effkern::linear_gelu_fwd(input, weight, bias, approximate, save_preact) -> (out, preact)
+      the differentiable op; preact z = input @ weight.T + bias is returned (as [M, N]) when the
+      backward will need it, else an empty tensor
+  effkern::linear_gelu_bwd(grad_out, input, weight, bias, preact, approximate, output_mask)
+      -> (grad_input, grad_weight, grad_bias); entries not asked for are empty tensors;
+      preact None means "recompute z from input, weight, bias first"
+
+Saved for backward (M tokens, N outputs): by default z, M*N elements, the same as eager
+F.gelu(F.linear(...)) keeps (it saves the linear output for gelu's backward). With
+``recompute_preact=True`` z is not kept, and the backward recomputes it with one extra
+forward GEMM (2*M*N*K FLOPs, +50% backward work) — for when activation memory is the limit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _policy
+from ._backend import backend_available, require, selected_backend
+from ._registry import LIB, register_autocast, register_family
+
+APPROXIMATIONS = ("none", "tanh")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float64 runs on the reference backend and the C++ CPU kernel only (tests, gradcheck).
+KERNEL_DTYPES = {"triton": DTYPES[:3], "cuda": DTYPES[:3]}
+
+
+def linear_gelu_reference(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          approximate: str = "none") -> Tensor:
+    """Plain PyTorch: the definition of the op and the test oracle."""
+    return F.gelu(F.linear(input, weight, bias), approximate=approximate)
+
+
+def check_args(input, weight, bias, approximate) -> None:
+    """Raise a clear error for anything the kernels must never see."""
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"linear_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"linear_gelu: {name} has dtype {t.dtype}; supported: float16, bfloat16, "
+                            f"float32 (float64 on the reference backend)")
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+        raise ValueError(f"linear_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if input.dim() < 1:
+        raise ValueError("linear_gelu: input must have shape [..., K] (at least 1 dimension), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_gelu: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_gelu: input's last dimension K={input.shape[-1]} does not match "
+                         f"weight's K={weight.shape[1]} (weight is [N, K] like nn.Linear.weight)")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"linear_gelu: bias must have shape [N] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"linear_gelu: {name} has dtype {t.dtype} but input has {input.dtype}; "
+                            f"all tensors must share one dtype (use torch.autocast to mix)")
+        if t.device != input.device:
+            raise RuntimeError(f"linear_gelu: {name} is on {t.device} but input is on {input.device}")
+
+
+def _choose_backend(mode: str, like: Tensor, M: int, N: int, K: int, approximate: str) -> str:
+    """The backend to run on tensors like ``like`` for a GEMM of M x N x K."""
+    name = selected_backend()
+    device, dtype = like.device, like.dtype
+    if name == "auto":
+        if device.type != "cuda" or dtype == torch.float64:
+            return "reference"
+        shape = dict(dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+        gpu = torch.cuda.get_device_name(device)
+        choice = (_policy.choose("linear_gelu", mode, gpu, approximate=approximate, **shape)
+                  or _policy.choose("linear_gelu", mode, gpu, **shape))
+        for candidate in (choice, "cuda", "triton"):
+            if candidate and backend_available(candidate, device)[0]:
+                return candidate
+        return "reference"
+    require(name, device, "linear_gelu")
+    # The C++ CPU kernel also takes float64; the GPU kernels and Triton's do not.
+    if dtype not in KERNEL_DTYPES.get(name, DTYPES) and (name == "triton" or device.type == "cuda"):
+        raise TypeError(f"linear_gelu: backend {name!r} supports float16, bfloat16 and float32 on "
+                        f"{device.type} tensors, got {dtype}")
+    return name
+
+
+def _describe_auto(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "reference (auto on CPU)"
+    gpu = torch.cuda.get_device_name(device)
+    if _policy._entries("linear_gelu", gpu):
+        return f"per shape from effkern/policies/linear_gelu.json (measured on {gpu})"
+    fallback = next((b for b in ("cuda", "triton") if backend_available(b, device)[0]), "reference")
+    return f"{fallback} (no measurements recorded for {gpu})"
+
+
+register_family("linear_gelu", _describe_auto)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------- forward
+
+def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
+                store_out: bool, store_preact: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if backend == "reference":
+        z = F.linear(x2d, weight, bias)
+        return (F.gelu(z, approximate=approximate) if store_out else None), (z if store_preact else None)
+    if backend == "triton":
+        from .kernels import linear_gelu as kernels
+
+        return kernels.linear_gelu_fwd(x2d, weight, bias, approximate, store_out, store_preact)
+    out, preact = torch.ops.effkern_C.linear_gelu_fwd(x2d, weight, bias, approximate == "tanh", store_preact)
+    return out, (preact if store_preact else None)
+
+
+@torch.library.custom_op("effkern::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
+                    save_preact: bool) -> tuple[Tensor, Tensor]:
+    check_args(input, weight, bias, approximate)
+    x2d = input.reshape(-1, input.shape[-1])
+    backend = _choose_backend("fwd", x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
+    out, preact = _forward_2d(backend, x2d, weight, bias, approximate, True, save_preact)
+    out = out.reshape(*input.shape[:-1], weight.shape[0])
+    return out, (preact if save_preact else _empty(input))
+
+
+@linear_gelu_fwd.register_fake
+def _(input, weight, bias, approximate, save_preact):
+    check_args(input, weight, bias, approximate)
+    N = weight.shape[0]
+    M = math.prod(input.shape[:-1])
+    return input.new_empty((*input.shape[:-1], N)), (input.new_empty((M, N)) if save_preact else _empty(input))
+
+
+# ---------------------------------------------------------------------------- backward
+
+def _reference_backward_2d(g, x, w, z, approximate, output_mask):
+    gz = torch.ops.aten.gelu_backward(g, z, approximate=approximate)
+    return (gz @ w if output_mask[0] else None,
+            gz.t() @ x if output_mask[1] else None,
+            gz.sum(0) if output_mask[2] else None)
+
+
+@torch.library.custom_op("effkern::linear_gelu_bwd", mutates_args=())
+def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                    preact: Optional[Tensor], approximate: str,
+                    output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    N = grad_out.shape[-1]
+    g2d = grad_out.reshape(-1, N)
+    x2d = input.reshape(-1, input.shape[-1]) if input is not None else None
+    # Only what the requested gradients need was saved: K comes from whichever is present.
+    K = weight.shape[1] if weight is not None else input.shape[-1] if input is not None else 0
+    backend = _choose_backend("fwd_bwd", g2d, g2d.shape[0], N, K, approximate)
+    if preact is None:  # recompute_preact: z was not kept, compute it again (one extra GEMM)
+        _, preact = _forward_2d(backend, x2d, weight, bias, approximate, False, True)
+    if backend == "reference":
+        grads = _reference_backward_2d(g2d, x2d, weight, preact, approximate, output_mask)
+    elif backend == "triton":
+        from .kernels import linear_gelu as kernels
+
+        grads = kernels.linear_gelu_bwd(g2d, x2d, weight, preact, approximate, output_mask)
+    else:
+        # The C++ op takes tensors, not None: stand in for the unsaved ones with zero-stride
+        # views of the right shape, which allocate nothing and are never read.
+        M = g2d.shape[0]
+        grads = torch.ops.effkern_C.linear_gelu_bwd(
+            g2d, x2d if x2d is not None else g2d.new_empty(()).expand(M, K),
+            weight if weight is not None else g2d.new_empty(()).expand(N, K), preact,
+            approximate == "tanh", list(output_mask))
+    grad_input, grad_weight, grad_bias = (
+        g if wanted else _empty(grad_out) for g, wanted in zip(grads, output_mask))
+    if output_mask[0]:
+        grad_input = grad_input.reshape(*grad_out.shape[:-1], weight.shape[1])
+    return grad_input, grad_weight, grad_bias
+
+
+@linear_gelu_bwd.register_fake
+def _(grad_out, input, weight, bias, preact, approximate, output_mask):
+    N = grad_out.shape[-1]
+    need_input, need_weight, need_bias = output_mask
+    return (grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_input else _empty(grad_out),
+            grad_out.new_empty((N, input.shape[-1])) if need_weight else _empty(grad_out),
+            grad_out.new_empty((N,)) if need_bias else _empty(grad_out))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, approximate, save_preact = inputs
+    need_input, need_weight, _ = ctx.needs_input_grad[:3]
+    recompute = not save_preact
+    # Keep only what the requested gradients need: x for grad_weight, w for grad_input,
+    # and all three when z must be recomputed.
+    ctx.save_for_backward(
+        input if (need_weight or recompute) else None,
+        weight if (need_input or recompute) else None,
+        bias if recompute else None,
+        output[1] if save_preact else None,
+    )
+    ctx.approximate = approximate
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_preact):
+    input, weight, bias, preact = ctx.saved_tensors
+    mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+    grad_input, grad_weight, grad_bias = torch.ops.effkern.linear_gelu_bwd(
+        grad_out, input, weight, bias, preact, ctx.approximate, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, None, None)
+
+
+linear_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("linear_gelu_fwd")
+
+
+# ---------------------------------------------------------------------------- public op
+
+LIB.define("linear_gelu(Tensor input, Tensor weight, Tensor? bias=None, str approximate=\"none\", *, "
+           "bool recompute_preact=False) -> Tensor")
+
+
+def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, recompute_preact=False):
+    check_args(input, weight, bias, approximate)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
+                                             needs_grad and not recompute_preact)[0]
+
+
+LIB.impl("linear_gelu", _linear_gelu_composite, "CompositeImplicitAutograd")
+
+
+def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
+                recompute_preact: bool = False) -> Tensor:
+    """``F.gelu(F.linear(input, weight, bias), approximate=approximate)`` in one fused kernel.
+
+    input [..., K] (any leading dims, any strides), weight [N, K], bias [N] or None; float16,
+    bfloat16 or float32, all one dtype. ``approximate`` is "none" (exact erf) or "tanh".
+    ``recompute_preact=True`` saves activation memory in training: the pre-activation
+    (M*N elements) is recomputed in the backward instead of kept.
+    """
+    check_args(input, weight, bias, approximate)  # before the dispatcher's own, less clear, type errors
+    return torch.ops.effkern.linear_gelu(input, weight, bias, approximate, recompute_preact=recompute_preact)

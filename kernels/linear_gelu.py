@@ -1,0 +1,332 @@
+"""Fused linear + bias + GELU in Triton: one forward GEMM kernel, one backward GEMM kernel.
+
+Forward, ``linear_gelu_fwd_kernel`` (weight in nn.Linear layout [N, K]):
+    z[m, n] = sum_k x[m, k] * w[n, k] + b[n]        fp32 accumulation
+    y[m, n] = gelu(z[m, n])                          in the epilogue, on the fp32 accumulator
+    z is written too when the backward will need it.
+
+Backward, ``linear_gelu_bwd_kernel``: both weight-side GEMMs have the form
+    C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * gelu'(z)
+with gz formed from tiles of dy and z inside the K loop (a prologue), never stored:
+    grad_input  [M, K]: p = m, r = n, B = w            C = gz @ w
+    grad_weight [N, K]: p = n, r = m, B = x            C = gz^T @ x  (dy, z read transposed)
+and, in the grad_weight launch, grad_bias[n] = sum_m gz[m, n] from the same tiles.
+
+GELU (approximate="none"):  gelu(z) = z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2))
+                            gelu'(z) = Phi(z) + z * phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+GELU (approximate="tanh"):  u = sqrt(2/pi) (z + 0.044715 z^3),  t = tanh(u)
+                            gelu(z) = 0.5 z (1 + t)
+                            gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
+# in a constexpr under the interpreter.
+SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+INV_SQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates to +-1 for large |u| instead of producing inf/inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu(z, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI)
+        return 0.5 * z * (1.0 + t)
+    else:
+        return 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT_2))
+
+
+@triton.jit
+def gelu_grad(z, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2))
+        return cdf + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+
+
+@triton.jit
+def _grouped_tile(pid, num_p, num_q, GROUP: tl.constexpr):
+    # Visit output tiles in groups of GROUP tile-rows, column by column inside a group, so
+    # programs running together reuse the same B column tiles and A row tiles from L2.
+    per_group = GROUP * num_q
+    first_p = (pid // per_group) * GROUP
+    rows = tl.minimum(num_p - first_p, GROUP)
+    pid_p = first_p + (pid % per_group) % rows
+    pid_q = (pid % per_group) // rows
+    return pid_p, pid_q
+
+
+@triton.jit
+def linear_gelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_ym, stride_yn, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_Z: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge wrap onto valid ones, so only K needs load masks; the
+    # duplicated results are dropped by the masked stores.
+    rm = (offs_m % M).to(tl.int64)
+    rn = offs_n % N
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] tile of w^T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    om = offs_m.to(tl.int64)[:, None]
+    if STORE_Z:
+        tl.store(z_ptr + om * stride_zm + offs_n[None, :] * stride_zn, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        y = gelu(acc, APPROX_TANH)
+        tl.store(y_ptr + om * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def linear_gelu_bwd_kernel(
+    dy_ptr, z_ptr, b_ptr, c_ptr, rowsum_ptr,
+    P, Q, R,
+    stride_dyp, stride_dyr, stride_zp, stride_zr,
+    stride_br, stride_bq, stride_cp, stride_cq,
+    APPROX_TANH: tl.constexpr, ROWSUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
+):
+    pid_p, pid_q = _grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_r = tl.arange(0, BLOCK_R)
+    rp = (offs_p % P).to(tl.int64)
+    rq = offs_q % Q
+    dy_ptrs = dy_ptr + rp[:, None] * stride_dyp + offs_r[None, :] * stride_dyr
+    z_ptrs = z_ptr + rp[:, None] * stride_zp + offs_r[None, :] * stride_zr
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + rq[None, :] * stride_bq
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for r in range(0, tl.cdiv(R, BLOCK_R)):
+        if EVEN_R:
+            dy = tl.load(dy_ptrs)
+            z = tl.load(z_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            r_left = R - r * BLOCK_R
+            dy = tl.load(dy_ptrs, mask=offs_r[None, :] < r_left, other=0.0)  # dy = 0 makes gz = 0 there
+            z = tl.load(z_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        gz = dy.to(tl.float32) * gelu_grad(z.to(tl.float32), APPROX_TANH)
+        if ROWSUM:
+            rowsum += tl.sum(gz, axis=1)
+        # Round gz to the operand dtype like eager's gelu_backward output, then use the tensor cores.
+        acc = tl.dot(gz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_R * stride_dyr
+        z_ptrs += BLOCK_R * stride_zr
+        b_ptrs += BLOCK_R * stride_br
+
+    mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
+    op = offs_p.to(tl.int64)[:, None]
+    tl.store(c_ptr + op * stride_cp + offs_q[None, :] * stride_cq, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if ROWSUM:
+        # Every column of tiles has the row sums; only the first writes them.
+        tl.store(rowsum_ptr + offs_p, rowsum.to(rowsum_ptr.dtype.element_ty), mask=(offs_p < P) & (pid_q == 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations. On a GPU the kernels are autotuned over configs picked for H100
+# (large 128x256 / 256x128 tiles for big GEMMs, narrow BLOCK_M for decode-sized M); under
+# Triton's interpreter (CPU tensors) one small fixed config keeps tests fast.
+
+def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")):
+    return triton.Config(dict(zip(names, (bm, bn, bk, group))), num_stages=stages, num_warps=warps)
+
+
+_GEMM_SHAPES = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): large tiles for large M ...
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    # ... and narrow row blocks with deep K steps for decode-sized M, where the weight read dominates
+    (32, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+]
+
+
+def _prune_by_rows(rows_arg: str, block_arg: str):
+    # Keep row blocks between min(64, R) and R, R = the row count rounded up to a power of two
+    # (16 at least, the smallest tl.dot tile): taller tiles only add idle rows, and thin tiles
+    # re-read the weight too often once there are many rows. Autotuning stays short.
+    def prune(configs, named_args, **_):
+        limit = max(16, triton.next_power_of_2(named_args[rows_arg]))
+        kept = [c for c in configs if min(limit, 64) <= c.kwargs[block_arg] <= limit]
+        return kept or [min(configs, key=lambda c: c.kwargs[block_arg])]
+
+    return prune
+
+
+_FWD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_BWD_NAMES = ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P")
+
+_fwd = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
+_bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
+_fwd_tuned = triton.autotune(
+    configs=[_cfg(*s, names=_FWD_NAMES) for s in _GEMM_SHAPES],
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_by_rows("M", "BLOCK_M")},
+)(_fwd)
+_bwd_tuned = triton.autotune(
+    configs=[_cfg(*s, names=_BWD_NAMES) for s in _GEMM_SHAPES],
+    # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one.
+    key=["P", "Q", "R", "stride_dyp"],
+    prune_configs_by={"early_config_prune": _prune_by_rows("P", "BLOCK_P")},
+)(_bwd)
+
+# One config for the interpreter (small tiles: quick, and odd test sizes cross tile edges),
+# and one for GPUs with EFFKERN_TRITON_AUTOTUNE=0 (GPU tests: no autotuning per test shape).
+_FIXED = {
+    "interpreter": (32, 32, 32, 1, 4, 4),
+    "gpu": (64, 128, 64, 3, 4, 8),
+}
+
+
+def _fixed_config(names: tuple[str, ...]) -> dict:
+    bm, bn, bk, stages, warps, group = _FIXED["interpreter" if _interpreted() else "gpu"]
+    return dict(zip(names, (bm, bn, bk, group)), num_stages=stages, num_warps=warps)
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).lower() in ("1", "true", "on", "yes")
+
+
+def _interpreted() -> bool:
+    return _flag("TRITON_INTERPRET", "0")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch(tuned, plain, names, grid, args, kwargs):
+    if _interpreted():
+        plain[grid](*args, **kwargs, **_fixed_config(names))
+        return
+    with torch.cuda.device(args[0].device):
+        if _flag("EFFKERN_TRITON_AUTOTUNE", "1"):
+            tuned[grid](*args, **kwargs)
+        else:
+            plain[grid](*args, **kwargs, **_fixed_config(names))
+
+
+def _tiles(rows, cols, rows_block, cols_block):
+    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]),)
+
+
+def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                    store_out: bool = True, store_preact: bool = False):
+    """x [M, K] (any strides), weight [N, K], bias [N] or None -> (y [M, N] or None, z [M, N] or None)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = x.new_empty((M, N)) if store_out else None
+    z = x.new_empty((M, N)) if store_preact else None
+    if M == 0 or N == 0:
+        return y, z
+    y_arg = y if y is not None else z
+    z_arg = z if z is not None else y_arg
+    args = (
+        x, weight, bias if bias is not None else x, y_arg, z_arg,
+        M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        y_arg.stride(0), y_arg.stride(1), z_arg.stride(0), z_arg.stride(1),
+    )
+    kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=_dot_precision(x.dtype))
+    _launch(_fwd_tuned, _fwd, _FWD_NAMES, _tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs)
+    return y, z
+
+
+def _bwd_gemm(dy, z, b, out, rowsum, approximate):
+    """out[p, q] = sum_r (dy * gelu'(z))[p, r] * b[r, q]; rowsum[p] = sum_r (dy * gelu'(z))[p, r]."""
+    P, R = dy.shape
+    Q = b.shape[1]
+    args = (
+        dy, z, b, out, rowsum if rowsum is not None else out,
+        P, Q, R,
+        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1),
+        b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+    )
+    kwargs = dict(APPROX_TANH=approximate == "tanh", ROWSUM=rowsum is not None,
+                  DOT_PRECISION=_dot_precision(b.dtype))
+    _launch(_bwd_tuned, _bwd, _BWD_NAMES, _tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs)
+
+
+def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
+                    preact: torch.Tensor, approximate: str, output_mask):
+    """Gradients of y = gelu(x @ w^T + b) given dy [M, N] and the saved z [M, N].
+
+    Returns (grad_input [M, K], grad_weight [N, K], grad_bias [N]); entries not asked for in
+    ``output_mask`` are None.
+    """
+    M, N = grad_out.shape
+    need_input, need_weight, need_bias = output_mask
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        grad_input = grad_out.new_empty((M, weight.shape[1]))
+        if grad_input.numel():
+            _bwd_gemm(grad_out, preact, weight, grad_input, None, approximate)
+        else:
+            grad_input.zero_()
+    if need_bias:
+        grad_bias = grad_out.new_empty((N,))
+    if need_weight or need_bias:
+        # grad_weight = gz^T @ x: p = n, r = m, so dy and z are read through transposed strides.
+        # Without a weight gradient (bias only), a [M, 1] zero B gives the row sums alone.
+        b = x if need_weight else grad_out.new_zeros((M, 1))
+        c = grad_out.new_empty((N, b.shape[1]))
+        if M == 0 or N == 0:
+            c.zero_()
+            if grad_bias is not None:
+                grad_bias.zero_()
+        else:
+            _bwd_gemm(grad_out.t(), preact.t(), b, c, grad_bias, approximate)
+        grad_weight = c if need_weight else None
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,44 @@
+"""Test setup shared by every op family.
+
+Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors; it must be
+switched on before effkern's kernels are first imported, hence here. Tests marked ``gpu``
+run only where CUDA is available (bench/gpu_check.sh runs them) and are skipped with that
+reason elsewhere.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, test the kernels at one fixed tile config instead of autotuning every test shape
+# (minutes of compiles); tests that cover the autotuned configs switch it back on.
+os.environ.setdefault("EFFKERN_TRITON_AUTOTUNE", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by bench/gpu_check.sh")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `bash bench/gpu_check.sh` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_empty():
+    """Fill every torch.empty allocation with NaN, so an output element a kernel forgot
+    to write shows up as NaN instead of as plausible leftover memory."""
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])

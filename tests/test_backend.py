@@ -1,0 +1,97 @@
+"""Backend selection, the auto policy, the extension and effkern.info()."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import effkern as ek
+from effkern import _backend, _ext, _policy
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("EFFKERN_BACKEND", raising=False)
+    assert _backend.selected_backend() == "auto"
+    with ek.use_backend("triton"):
+        assert _backend.selected_backend() == "triton"
+        with ek.use_backend("reference"):
+            assert _backend.selected_backend() == "reference"
+        assert _backend.selected_backend() == "triton"
+    assert _backend.selected_backend() == "auto"
+
+
+def test_environment_variable_and_bad_names(monkeypatch):
+    monkeypatch.setenv("EFFKERN_BACKEND", "reference")
+    assert _backend.selected_backend() == "reference"
+    with ek.use_backend("triton"):
+        assert _backend.selected_backend() == "triton"
+    monkeypatch.setenv("EFFKERN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="EFFKERN_BACKEND: unknown effkern backend 'fast'"):
+        _backend.selected_backend()
+    with pytest.raises(ValueError, match="use_backend: unknown effkern backend"):
+        with ek.use_backend("cublas"):
+            pass
+
+
+def test_env_backend_reaches_the_op(monkeypatch):
+    monkeypatch.setenv("EFFKERN_BACKEND", "triton")
+    # Patch the check, not TRITON_INTERPRET: triton fixes interpreter mode when it is first imported.
+    monkeypatch.setattr(_backend, "triton_interpreter_on", lambda: False)
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu"):
+        ek.linear_gelu(x, w)
+
+
+def test_policy_picks_the_nearest_measured_shape(tmp_path, monkeypatch):
+    entries = [
+        {"dtype": "bfloat16", "approximate": "none", "M": 16, "N": 4096, "K": 4096, "fwd": "cuda", "fwd_bwd": "cuda"},
+        {"dtype": "bfloat16", "approximate": "none", "M": 8192, "N": 4096, "K": 4096, "fwd": "triton", "fwd_bwd": "cuda"},
+        {"dtype": "float16", "approximate": "none", "M": 8192, "N": 4096, "K": 4096, "fwd": "cuda"},
+    ]
+    (tmp_path / "linear_gelu.json").write_text(json.dumps({"version": 1, "devices": {"GPU X": {"entries": entries}}}))
+    monkeypatch.setattr(_policy, "POLICY_DIR", tmp_path)
+    _policy._entries.cache_clear()
+    try:
+        assert _policy.choose("linear_gelu", "fwd", "GPU X", "bfloat16", 4096, 4096, 4096) == "triton"
+        assert _policy.choose("linear_gelu", "fwd", "GPU X", "bfloat16", 32, 4096, 4096) == "cuda"
+        assert _policy.choose("linear_gelu", "fwd_bwd", "GPU X", "bfloat16", 4096, 4096, 4096) == "cuda"
+        assert _policy.choose("linear_gelu", "fwd", "GPU X", "float16", 1, 1, 1) == "cuda"
+        assert _policy.choose("linear_gelu", "fwd_bwd", "GPU X", "float16", 1, 1, 1) is None
+        assert _policy.choose("linear_gelu", "fwd", "GPU Y", "bfloat16", 1, 1, 1) is None
+        assert _policy.choose("linear_gelu", "fwd", "GPU X", "bfloat16", 1, 1, 1, approximate="tanh") is None
+    finally:
+        _policy._entries.cache_clear()
+
+
+def test_shipped_policy_files_are_well_formed():
+    for path in _policy.POLICY_DIR.glob("*.json"):
+        data = json.loads(path.read_text())
+        for device, record in data["devices"].items():
+            for entry in record["entries"]:
+                assert {"dtype", "M", "N", "K"} <= entry.keys(), (path, device)
+                assert entry.get("fwd", "triton") in ("triton", "cuda")
+                assert entry.get("fwd_bwd", "triton") in ("triton", "cuda")
+
+
+def test_extension_is_built_where_ci_requires_it():
+    """.ci/run sets EFFKERN_REQUIRE_EXT=1: there the C++ extension must load and register ops."""
+    if os.environ.get("EFFKERN_REQUIRE_EXT") != "1":
+        pytest.skip("EFFKERN_REQUIRE_EXT is not set (only .ci/run requires the built extension)")
+    assert _ext.available(), _ext.load_error()
+    info = _ext.build_info()
+    assert info["cuda"] is True, info  # CI compiles and links the CUDA extension with nvcc
+    assert "8.0" in info["archs"] and "9.0a" in info["archs"], info
+    assert hasattr(torch.ops.effkern_C, "linear_gelu_fwd") and hasattr(torch.ops.effkern_C, "linear_gelu_bwd")
+
+
+def test_info_reports_versions_extension_and_backends(capsys):
+    report = ek.info()
+    printed = capsys.readouterr().out
+    assert report["torch"] == torch.__version__ and torch.__version__ in printed
+    assert "effkern._C:" in printed
+    assert set(report["backends"]["cpu"]) == {"triton", "cuda", "reference"}
+    assert report["auto"]["linear_gelu"]["cpu"].startswith("reference")
+    assert "linear_gelu: auto on cpu -> reference" in printed
+    if not report["extension"]["built"]:
+        assert report["extension"]["error"]

@@ -1,0 +1,415 @@
+"""linear_gelu: reference, registration, Triton kernels (interpreter on CPU), C++ kernels, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern import _ext
+from effkern.linear_gelu import linear_gelu_reference
+
+from helpers import assert_within_tolerance, max_error, within_tolerance
+
+KERNEL_BACKENDS = ["triton", "cuda"]  # the reference backend is the oracle, tested separately
+
+
+def needs_backend(backend: str, device: str = "cpu"):
+    ok, why = ek.backend_available(backend, device)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
+
+
+def make_inputs(M, N, K, dtype, device="cpu", bias=True, lead=()):
+    """Random inputs scaled like a real layer (weights ~ 1/sqrt(K)), never zeros."""
+    x = torch.randn(*lead, M, K, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    return x, w, b
+
+
+def forward_backward(fn, x, w, b, grad):
+    """Run fn(x, w, b) on fresh leaf copies; return (y, grad_x, grad_w, grad_b)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    y.backward(grad)
+    return (y.detach(), *(t.grad if t is not None else None for t in leaves))
+
+
+def check_against_float64(fn, x, w, b, approximate, factor=2.0):
+    """fn's output and all three grads vs float64, within `factor` x PyTorch's own error."""
+    grad = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+    ref = forward_backward(lambda *a: linear_gelu_reference(*a, approximate),
+                           *(t.double() if t is not None else None for t in (x, w, b)), grad.double())
+    torch_same = forward_backward(lambda *a: linear_gelu_reference(*a, approximate), x, w, b, grad)
+    ours = forward_backward(fn, x, w, b, grad)
+    for name, o, r, t in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, ref, torch_same):
+        if r is not None:
+            assert o.dtype == x.dtype and o.shape == r.shape, name
+            assert_within_tolerance(o.cpu(), r.cpu(), t.cpu(), name, factor)
+
+
+# ---------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_reference_matches_the_gelu_formulas(approximate):
+    x, w, b = make_inputs(7, 9, 11, torch.float64)
+    z = x @ w.t() + b
+    if approximate == "none":
+        expected = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    else:
+        expected = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    torch.testing.assert_close(linear_gelu_reference(x, w, b, approximate), expected, rtol=1e-12, atol=1e-12)
+    with ek.use_backend("reference"):
+        torch.testing.assert_close(ek.linear_gelu(x, w, b, approximate), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_reference_backward_gradcheck(approximate, recompute):
+    x, w, b = (t.requires_grad_() for t in make_inputs(4, 5, 6, torch.float64))
+    with ek.use_backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: ek.linear_gelu(x, w, b, approximate, recompute_preact=recompute), (x, w, b))
+
+
+# ---------------------------------------------------------------------------- kernels
+
+ODD_SHAPES = [(1, 17, 33), (3, 33, 200), (127, 200, 17)]  # (M, N, K): no multiples of any block size
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("M,N,K", ODD_SHAPES)
+def test_kernel_matches_float64(backend, dtype, approximate, M, N, K, poison_empty):
+    needs_backend(backend)
+    x, w, b = make_inputs(M, N, K, dtype)
+    with ek.use_backend(backend):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_without_bias(backend, poison_empty):
+    needs_backend(backend)
+    x, w, _ = make_inputs(19, 33, 40, torch.float32, bias=False)
+    with ek.use_backend(backend):
+        check_against_float64(lambda x, w, b: ek.linear_gelu(x, w, None), x, w, None, "none")
+
+
+def _non_contiguous_cases():
+    """(name, x, w, b): transposed, strided, sliced and expanded views, 1-D to 4-D inputs."""
+    torch.manual_seed(1)
+    w = (torch.randn(29, 24) / 5).t()  # [N=24, K=29] as a transposed view
+    b = torch.randn(48)[::2]  # strided bias
+    return [
+        ("x transposed", torch.randn(29, 21).t(), w, b),
+        ("x column slice", torch.randn(21, 58)[:, ::2], w, b),
+        ("3-D x, permuted", torch.randn(29, 5, 3).permute(1, 2, 0), w, b),
+        ("1-D x", torch.randn(29), w, b),
+        ("4-D x", torch.randn(2, 3, 2, 29), w, b),
+        ("zero-stride x", torch.randn(1, 29).expand(6, 29), w, b),
+    ]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("case", range(len(_non_contiguous_cases())),
+                         ids=[c[0] for c in _non_contiguous_cases()])
+def test_any_strides_and_ranks(backend, case, poison_empty):
+    needs_backend(backend)
+    _, x, w, b = _non_contiguous_cases()[case]
+    with ek.use_backend(backend):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_grad_out(backend, poison_empty):
+    needs_backend(backend)
+    x, w, b = (t.requires_grad_() for t in make_inputs(13, 21, 30, torch.float32))
+    with ek.use_backend(backend):
+        y = ek.linear_gelu(x, w, b)
+        grad = torch.randn(21, 13).t()
+        y.backward(grad)
+    ref = forward_backward(linear_gelu_reference, x.double(), w.double(), b.double(), grad.double())
+    for ours, r in zip((y, x.grad, w.grad, b.grad), ref):
+        torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_recompute_preact_gives_the_same_gradients(backend, approximate):
+    needs_backend(backend)
+    x, w, b = make_inputs(9, 20, 24, torch.float32)
+    grad = torch.randn(9, 20)
+    with ek.use_backend(backend):
+        saved = forward_backward(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, grad)
+        recomputed = forward_backward(lambda *a: ek.linear_gelu(*a, approximate, recompute_preact=True),
+                                      x, w, b, grad)
+    for s, r in zip(saved, recomputed):
+        torch.testing.assert_close(s, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (True, True, True)])
+def test_only_requested_gradients(backend, needs):
+    needs_backend(backend)
+    x, w, b = make_inputs(6, 10, 12, torch.float32)
+    leaves = [t.detach().clone().requires_grad_(n) for t, n in zip((x, w, b), needs)]
+    with ek.use_backend(backend):
+        ek.linear_gelu(*leaves).backward(torch.ones(6, 10))
+    ref = forward_backward(linear_gelu_reference, x.double(), w.double(), b.double(), torch.ones(6, 10).double())
+    for leaf, r, n in zip(leaves, ref[1:], needs):
+        if n:
+            torch.testing.assert_close(leaf.grad.double(), r, rtol=1e-4, atol=1e-5)
+        else:
+            assert leaf.grad is None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_empty_batch(backend):
+    needs_backend(backend)
+    x, w, b = (t.requires_grad_() for t in make_inputs(0, 8, 5, torch.float32))
+    with ek.use_backend(backend):
+        y = ek.linear_gelu(x, w, b)
+        y.sum().backward()
+    assert y.shape == (0, 8)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# ---------------------------------------------------------------------------- the checker itself
+
+def test_checker_rejects_wrong_kernels():
+    """The tolerance check must fail for plausible bugs, or the kernel tests prove nothing."""
+    x, w, b = make_inputs(33, 40, 50, torch.float32)
+    ref = linear_gelu_reference(x.double(), w.double(), b.double())
+    torch_same = linear_gelu_reference(x, w, b)
+    assert within_tolerance(torch_same, ref, torch_same)[0]
+    one_bad = torch_same.clone()
+    one_bad[17, 3] += 1e-3
+    unwritten = torch_same.clone()
+    unwritten[-1, -1] = float("nan")
+    wrong = {
+        "bias dropped": linear_gelu_reference(x, w, None),
+        "tanh instead of erf": linear_gelu_reference(x, w, b, "tanh"),
+        "last K column ignored": linear_gelu_reference(x[:, :-1], w[:, :-1], b),
+        "fp16 rounding in an fp32 op": linear_gelu_reference(x.half(), w.half(), b.half()).float(),
+        "one element off": one_bad,
+        "one element unwritten": unwritten,
+    }
+    for name, out in wrong.items():
+        assert not within_tolerance(out, ref, torch_same)[0], name
+    with pytest.raises(AssertionError):
+        max_error(torch_same[:-1], ref)
+
+
+# ---------------------------------------------------------------------------- registration
+
+def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
+    """(args, kwargs) for effkern::linear_gelu: ranks 1-4, with/without bias, both GELUs."""
+    torch.manual_seed(0)
+    cases = [((), 7, 5), ((3,), 6, 4), ((2, 3), 5, 8), ((2, 1, 3), 3, 3)]
+    for (lead, N, K), bias, approximate in zip(cases, [True, False, True, False], ["none", "tanh", "tanh", "none"]):
+        x = torch.randn(*lead, K, device=device, dtype=dtype, requires_grad=requires_grad)
+        w = torch.randn(N, K, device=device, dtype=dtype, requires_grad=requires_grad)
+        b = torch.randn(N, device=device, dtype=dtype, requires_grad=requires_grad) if bias else None
+        yield (x, w, b, approximate), {}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    needs_backend(backend)
+    with ek.use_backend(backend):
+        for args, kwargs in sample_inputs(requires_grad=requires_grad):
+            torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args, kwargs)
+            save = requires_grad
+            torch.library.opcheck(torch.ops.effkern.linear_gelu_fwd.default, (*args, save), kwargs)
+            x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            grad = torch.randn(*x.shape[:-1], w.shape[0])
+            preact = (x @ w.t()).reshape(-1, w.shape[0]) if save else None
+            mask = [True, True, b is not None]
+            torch.library.opcheck(torch.ops.effkern.linear_gelu_bwd.default,
+                                  (grad, x, w, b, preact, approximate, mask))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_forward_backward(backend):
+    needs_backend(backend)
+    torch._dynamo.reset()
+    layer = ek.nn.LinearGELU(24, 40)
+
+    def step(x):
+        return layer(x).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with ek.use_backend(backend):
+        for tokens in (5, 9):  # a second length must reuse the dynamic graph
+            x = torch.randn(tokens, 24, requires_grad=True)
+            loss = compiled(x)
+            loss.backward()
+            grads = x.grad, layer.weight.grad
+            x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+            x_eager = x.detach().requires_grad_()
+            expected = step(x_eager)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(grads[0], x_eager.grad)
+            torch.testing.assert_close(grads[1], layer.weight.grad)
+            layer.zero_grad(set_to_none=True)
+
+
+def test_torch_compile_inductor_has_no_graph_break():
+    torch._dynamo.reset()
+    x, w, b = make_inputs(6, 10, 12, torch.float32)
+    explanation = torch._dynamo.explain(lambda x: ek.linear_gelu(x, w, b, "tanh") * 2)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(lambda x: ek.linear_gelu(x, w, b, "tanh") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), linear_gelu_reference(x, w, b, "tanh") * 2)
+
+
+def test_autocast_casts_to_the_active_dtype():
+    x, w, b = make_inputs(4, 6, 8, torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y = ek.linear_gelu(x, w, b)
+        assert y.dtype == dtype
+        expected = linear_gelu_reference(x.to(dtype), w.to(dtype), b.to(dtype))
+        torch.testing.assert_close(y, expected)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _bad_calls():
+    x, w, b = make_inputs(4, 6, 8, torch.float32)
+    return [
+        ("K mismatch", (torch.randn(4, 7), w, b, "none"), ValueError, "K=7"),
+        ("weight rank", (x, w[0], b, "none"), ValueError, "weight must be 2-D"),
+        ("scalar input", (torch.tensor(1.0), w, b, "none"), ValueError, "input must have shape"),
+        ("bias length", (x, w, torch.randn(5), "none"), ValueError, "bias must have shape"),
+        ("bias rank", (x, w, torch.randn(1, 6), "none"), ValueError, "bias must have shape"),
+        ("mixed dtypes", (x, w.half(), b, "none"), TypeError, "weight has dtype torch.float16"),
+        ("integer input", (x.int(), w.int(), b.int(), "none"), TypeError, "input has dtype torch.int32"),
+        ("approximate", (x, w, b, "sigmoid"), ValueError, "approximate must be one of"),
+        ("not a tensor", (x.tolist(), w, b, "none"), TypeError, "input must be a torch.Tensor"),
+        ("devices", (x, w.to("meta"), b, "none"), RuntimeError, "weight is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_clear_errors(backend, case):
+    _, args, exc, message = _bad_calls()[case]
+    with ek.use_backend(backend), pytest.raises(exc, match=message):
+        ek.linear_gelu(*args)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ek._backend, "triton_interpreter_on", lambda: False)
+    x, w, b = make_inputs(2, 3, 4, torch.float32)
+    with ek.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ek.linear_gelu(x, w, b)
+
+
+def test_float64_is_reference_only_on_triton():
+    x, w, b = make_inputs(2, 3, 4, torch.float64)
+    with ek.use_backend("triton"), pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        ek.linear_gelu(x, w, b)
+
+
+# ---------------------------------------------------------------------------- C++ CPU kernel
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpp_cpu_kernel_through_the_dispatcher(dtype, approximate):
+    """The C++ extension's CPU kernels, called as effkern_C ops and as the 'cuda' backend."""
+    needs_backend("cuda")
+    x, w, b = make_inputs(11, 13, 17, dtype)
+    out, preact = torch.ops.effkern_C.linear_gelu_fwd(x, w, b, approximate == "tanh", True)
+    ref = linear_gelu_reference(x.double(), w.double(), b.double(), approximate)
+    assert_within_tolerance(out, ref, linear_gelu_reference(x, w, b, approximate))
+    assert_within_tolerance(preact, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b), "preact")
+    with ek.use_backend("cuda"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+
+
+# ---------------------------------------------------------------------------- nn module
+
+def test_linear_gelu_module_shares_linear_parameters():
+    linear = torch.nn.Linear(12, 20)
+    layer = ek.nn.LinearGELU.from_linear(linear, approximate="tanh")
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(layer(x), F.gelu(linear(x), approximate="tanh"))
+    assert layer.state_dict().keys() == linear.state_dict().keys()
+    fresh = ek.nn.LinearGELU(12, 20, bias=True, approximate="tanh")
+    fresh.load_state_dict(linear.state_dict())
+    torch.testing.assert_close(fresh(x), layer(x))
+    with pytest.raises(ValueError, match="approximate"):
+        ek.nn.LinearGELU(4, 4, approximate="exact")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        ek.nn.LinearGELU.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+# ---------------------------------------------------------------------------- GPU
+
+GPU_BACKENDS = ["triton", "cuda", "reference"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("M,N,K", ODD_SHAPES + [(256, 384, 512), (2048, 1024, 768)])
+def test_gpu_kernel_matches_float64(backend, dtype, approximate, M, N, K, poison_empty):
+    needs_backend(backend, "cuda")
+    x, w, b = make_inputs(M, N, K, dtype, device="cuda")
+    with ek.use_backend(backend):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", range(len(_non_contiguous_cases())),
+                         ids=[c[0] for c in _non_contiguous_cases()])
+def test_gpu_any_strides_and_ranks(backend, case, poison_empty):
+    needs_backend(backend, "cuda")
+    _, x, w, b = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _non_contiguous_cases()[case])
+    with ek.use_backend(backend):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, "none"), x, w, b, "none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_opcheck_compile_and_autocast(backend):
+    needs_backend(backend, "cuda")
+    with ek.use_backend(backend):
+        for requires_grad in (False, True):
+            for args, kwargs in sample_inputs("cuda", torch.bfloat16, requires_grad):
+                torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args, kwargs)
+        layer = ek.nn.LinearGELU(256, 512, device="cuda", dtype=torch.bfloat16)
+        compiled = torch.compile(layer, fullgraph=True)
+        x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        compiled(x).float().square().mean().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = ek.linear_gelu(x.float(), layer.weight.float(), layer.bias.float())
+        assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(16, 1000, 1536), (300, 500, 700), (1024, 2048, 1024)])
+def test_gpu_autotuned_triton_configs_match_float64(M, N, K, monkeypatch):
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "1")
+    x, w, b = make_inputs(M, N, K, torch.bfloat16, device="cuda")
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_runs():
+    x, w, b = make_inputs(300, 500, 700, torch.bfloat16, device="cuda")
+    check_against_float64(lambda *a: ek.linear_gelu(*a), x, w, b, "none")
