@@ -12,13 +12,14 @@ Backends:
 
 The choice comes from, in order: the innermost ``use_backend(...)`` block, the
 ``EFFKERN_BACKEND`` environment variable, then "auto". It is read when the op runs
-(inside the op's implementation), so it also applies to ops in compiled graphs.
+(inside the op's implementation), so it also applies to ops in compiled graphs. Like
+torch's own ``sdpa_kernel`` it is process-wide, not per thread: the autograd engine runs
+CUDA backward ops on its own worker thread, which must see the same choice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 
@@ -28,7 +29,7 @@ from . import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
-_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("effkern_backend", default=None)
+_stack: list[str] = []  # names of the open use_backend blocks, innermost last
 
 
 def _check_name(name: str, origin: str) -> str:
@@ -39,20 +40,19 @@ def _check_name(name: str, origin: str) -> str:
 
 def selected_backend() -> str:
     """The backend asked for right now (may be "auto")."""
-    name = _selected.get()
-    if name is not None:
-        return name
+    if _stack:
+        return _stack[-1]
     return _check_name(os.environ.get("EFFKERN_BACKEND", "auto") or "auto", "EFFKERN_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run effkern ops inside this block with backend ``name`` (auto|triton|cuda|reference)."""
-    token = _selected.set(_check_name(name, "use_backend"))
+    _stack.append(_check_name(name, "use_backend"))
     try:
         yield
     finally:
-        _selected.reset(token)
+        _stack.pop()
 
 
 def triton_interpreter_on() -> bool:

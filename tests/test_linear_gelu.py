@@ -410,6 +410,20 @@ def test_gpu_autotuned_triton_configs_match_float64(M, N, K, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_backward_runs_on_the_selected_backend(monkeypatch):
+    """The autograd engine runs CUDA backward ops on its own thread: the choice must reach it."""
+    from effkern.kernels import linear_gelu as kernels
+
+    calls = []
+    real = kernels.linear_gelu_bwd
+    monkeypatch.setattr(kernels, "linear_gelu_bwd", lambda *a: calls.append(1) or real(*a))
+    x, w, b = (t.requires_grad_() for t in make_inputs(64, 128, 96, torch.bfloat16, device="cuda"))
+    with ek.use_backend("triton"):
+        ek.linear_gelu(x, w, b).sum().backward()
+    assert calls == [1]
+
+
+@pytest.mark.gpu
 def test_gpu_auto_backend_runs():
     x, w, b = make_inputs(300, 500, 700, torch.bfloat16, device="cuda")
     check_against_float64(lambda *a: ek.linear_gelu(*a), x, w, b, "none")

@@ -1,0 +1,1 @@
+"""effkern benchmark harness: `python -m bench --help`; method and results in bench/NOTES.md."""

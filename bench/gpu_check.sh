@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU validation in one go (DESIGN.md "GPU validation"): versions, in-place build of effkern._C,
+# pytest -m gpu, the quick benchmark (+ policy). For a machine with a preinstalled torch and no
+# network; under 8 minutes on an H100. Every step has a time limit and a failed step does not
+# stop the next one (without _C the Triton rows still run). The summary comes last.
+#
+#   bench/gpu_check.sh                 logs in bench/results/gpu_check/, results in bench/results/<gpu>/
+#   OUT=/some/dir bench/gpu_check.sh   logs, results.tgz and the policy file in /some/dir
+# Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+export PY=${PY:-python3}  # the GPU machines' python3 is the one with torch
+OUT=${OUT:-bench/results/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+START=$SECONDS
+SUMMARY=()
+
+# step NAME LIMIT LOG CMD...: run CMD with a time limit, log to LOG, record status and duration
+step() {
+    local name=$1 limit=$2 log=$3 t0=$SECONDS rc=0 status=ok
+    shift 3
+    echo "== $name (limit ${limit}s) -> $log"
+    timeout -k 15 "$limit" "$@" > "$log" 2>&1 || rc=$?
+    if ((rc == 124 || rc == 137)); then status="TIMEOUT ${limit}s"; elif ((rc != 0)); then status="FAILED rc=$rc"; fi
+    SUMMARY+=("$(printf '%-8s %-16s %5ss' "$name" "$status" $((SECONDS - t0)))")
+    if ((rc != 0)); then
+        echo "== $name: $status; last lines of $log:"
+        tail -n 30 "$log"
+    fi
+}
+
+env_info() {
+    nvidia-smi || true
+    $PY --version
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+    nvcc --version || true
+    git rev-parse HEAD 2>/dev/null || true
+}
+
+build() {  # the build's status; effkern.info() after it either way, to show what loads
+    local rc=0
+    MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e . || rc=$?
+    $PY -c "import effkern; effkern.info()" || true
+    return $rc
+}
+
+export -f env_info build  # timeout runs programs, not shell functions: run them in a child bash
+step env 60 "$OUT/env.txt" bash -c env_info
+step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -c build
+# pytest-xdist, where installed, spreads the Triton compiles of the GPU tests over the cores
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST tests
+SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || echo unknown-device)
+RES=bench/results/$SLUG
+step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench --quick --write-policy --out "$RES"
+
+# the device tool returns few files: one tarball with the card's results and the policies
+tar -czf "$OUT/results.tgz" "$RES" effkern/policies 2>/dev/null || echo "tar: nothing to pack"
+cp effkern/policies/linear_gelu.json "$OUT/" 2>/dev/null || echo "no effkern/policies/linear_gelu.json"
+
+{
+    echo
+    echo "================ gpu_check summary ($((SECONDS - START)) s, $(head -c 80 < <(grep -m1 '^device' "$OUT/env.txt" || echo 'device ?')))"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo "pytest: $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$OUT/pytest_gpu.log" | tail -n 1 || echo 'no summary line')"
+    echo "bench:  $(grep -E 'FAIL or ERROR|^skipped' "$OUT/bench.log" | tr '\n' ';' || true)"
+    echo
+    cat "$RES"/*.md 2>/dev/null || echo "no benchmark tables in $RES"
+} | tee "$OUT/summary.txt"

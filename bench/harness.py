@@ -1,0 +1,433 @@
+"""The op-independent half of the benchmark: timers, ceilings, the run loop, result writers.
+
+An op's benchmark module (bench/<family>.py) supplies:
+  OP              op name, e.g. "linear_gelu"
+  BASELINES       {provider: speedup column label}: "x eager" = that provider's ms / this row's ms
+  ERROR_BASELINE  provider whose error vs float64 sets the tolerance (the DESIGN's "2x PyTorch")
+  POLICY_BACKENDS {provider: effkern backend name} compared for --write-policy
+  providers()     {name: Provider}
+  cases(device, quick, shapes, dtypes) -> [Case]
+  inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in fwd_bwd)
+  reference(case, *args) -> Tensor  (run on float64 copies)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+MODES = ("fwd", "fwd_bwd")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class Case:
+    """One measured configuration of an op."""
+
+    params: dict  # shown as columns, e.g. {"dtype": "bfloat16", "approximate": "none", "M": .., "N": .., "K": ..}
+    dtype: torch.dtype
+    flops: dict  # {mode: FLOPs by the DESIGN's convention}
+    bytes: dict  # {mode: minimum bytes moved to and from device memory}
+    providers: frozenset | None = None  # restricts which providers run here (None: all)
+
+
+@dataclass
+class Provider:
+    build: Callable[[Case], Callable]  # -> fn(*inputs) returning the op's output
+    available: Callable[[Case, str, str], tuple[bool, str]] = lambda case, device, mode: (True, "")
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    backward: bool = True  # False: forward only (no autograd formula)
+
+
+# ---------------------------------------------------------------- device and timing
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    if device_type() == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu ({model})"
+
+
+def device_slug() -> str:
+    """Results folder name; CPU runs all go to "cpu" (git-ignored: interpreter timings mean nothing)."""
+    if device_type() == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+
+
+def _l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def input_sets(tensors: list[torch.Tensor], device: str) -> int:
+    """How many copies of the inputs to rotate through so that, on a GPU, one call's inputs
+    have left L2 by the time they are used again (2x the L2 size in total)."""
+    if device != "cuda":
+        return 1
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return max(1, min(64, math.ceil(2 * _l2_bytes() / max(nbytes, 1))))
+
+
+def measure(call: Callable[[int], None], reset: Callable[[int], None], device: str,
+            budget_ms: float = 100.0) -> float:
+    """Median milliseconds of call(i) for i = 0, 1, 2, ... (the input set to use, modulo the
+    caller's set count). reset(i) runs before each call, outside the timed region.
+    The caller has run call() at least once already (compilation, autotuning)."""
+    if device == "cuda":
+        return _measure_cuda(call, reset, budget_ms)
+    return _measure_cpu(call, reset, budget_ms * 3)
+
+
+def _measure_cuda(call, reset, budget_ms):
+    # estimate, so that warm-up and measurement each take about budget_ms
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(5):
+        reset(i)
+        call(i)
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for i in range(max(1, min(200, int(budget_ms / 4 / estimate)))):
+        reset(i)
+        call(i)
+    reps = max(10, min(1000, int(budget_ms / estimate)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (s, e) in enumerate(events):
+        reset(i)
+        s.record()
+        call(i)
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def _measure_cpu(call, reset, budget_ms):
+    # the Triton interpreter takes seconds per call: stop after the time budget, at least 1, at most 20 reps
+    samples: list[float] = []
+    while len(samples) < 20 and (not samples or sum(samples) < budget_ms):
+        reset(len(samples))
+        t0 = time.perf_counter()
+        call(len(samples))
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def ceilings(device: str) -> dict:
+    """The card's measured matmul rate and copy bandwidth: the denominators of "% GEMM" and the floor."""
+    if device == "cuda":
+        n, dtype, copy_elems = 8192, torch.bfloat16, 2**28  # 1 GiB of float32 per copy side
+    else:
+        n, dtype, copy_elems = 512, torch.float32, 2**24  # small: a 2-core machine, seconds matter
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    mm_ms = measure(lambda i: torch.matmul(a, b), lambda i: None, device)
+    del a, b
+    src = torch.randn(copy_elems, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy_ms = measure(lambda i: dst.copy_(src), lambda i: None, device)
+    nbytes = 2 * src.numel() * src.element_size()  # read + write
+    del src, dst
+    dname = str(dtype).removeprefix("torch.")
+    return {
+        "gemm_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "gemm_method": f"torch.matmul {dname} {n}x{n}x{n}, random data, median",
+        "copy_gbps": nbytes / (copy_ms * 1e-3) / 1e9,
+        "copy_method": f"Tensor.copy_ of {nbytes // 2 // 2**20} MiB, counting read + write, median",
+    }
+
+
+# ---------------------------------------------------------------- the run loop
+
+@dataclass
+class Run:
+    op: str
+    device: str
+    ceil: dict
+    baselines: dict
+    rows: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # (provider, reason) -> count
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b).abs().max().item()
+
+
+def _errors(fn, args, g, ref, ref_grad, mode) -> dict:
+    """Max abs error of the output (and, for fwd_bwd, of the first argument's gradient)."""
+    for t in args:
+        t.grad = None  # an earlier provider's timing loop leaves its last gradients here
+    out = fn(*args)
+    errs = {"out": _max_err(out, ref)}
+    if mode == "fwd_bwd":
+        out.backward(g)
+        errs["grad"] = _max_err(args[0].grad, ref_grad)
+    return errs
+
+
+def _tolerance(base: dict, ref: torch.Tensor, ref_grad) -> dict:
+    # DESIGN: at most ~2x PyTorch's own error in the same precision; the atol term covers
+    # fp32, where PyTorch's error can be a few ulps and any reordering doubles it
+    scale = {"out": ref.abs().max().item(), "grad": 0.0 if ref_grad is None else ref_grad.abs().max().item()}
+    eps = torch.finfo(torch.float32).eps
+    return {k: 2 * v + 16 * eps * max(scale[k], 1.0) for k, v in base.items()}
+
+
+def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
+    device = run.device
+    wants_grad = mode == "fwd_bwd"
+    base = [t.requires_grad_(wants_grad and t.is_floating_point()) for t in mod.inputs(case, device)]
+    # float64 reference: output, and the first argument's gradient for a fixed random output gradient
+    ref_args = [t.detach().double() if t.is_floating_point() else t for t in base]
+    ref_args[0].requires_grad_(wants_grad)  # only its gradient is checked: skip the other float64 GEMMs
+    ref = mod.reference(case, *ref_args)
+    g = torch.randn(ref.shape, device=device, dtype=case.dtype)
+    ref_grad = None
+    if wants_grad:
+        ref.backward(g.double())
+        ref_grad = ref_args[0].grad
+    ref = ref.detach()
+    del ref_args
+
+    n_sets = input_sets(base + ([g] if wants_grad else []), device)
+    sets = [base] + [[t.detach().clone().requires_grad_(t.requires_grad) for t in base] for _ in range(n_sets - 1)]
+    grads = [g] + [g.clone() for _ in range(n_sets - 1)]
+
+    baseline = mod.providers()[mod.ERROR_BASELINE].build(case)  # even when it is not among those timed
+    tol = _tolerance(_errors(baseline, base, g, ref, ref_grad, mode), ref, ref_grad)
+
+    ms_by_provider = {}
+    case_rows = []
+    for name, prov in providers.items():
+        if case.providers is not None and name not in case.providers:
+            continue
+        ok, why = prov.available(case, device, mode)
+        if ok and wants_grad and not prov.backward:
+            ok, why = False, "no autograd formula: forward only"
+        if not ok:
+            run.skipped[(name, why)] = run.skipped.get((name, why), 0) + 1
+            continue
+        row = {"op": run.op, "mode": mode, "params": case.params, "provider": name}
+        try:
+            with prov.context():
+                fn = prov.build(case)
+                errs = _errors(fn, base, g, ref, ref_grad, mode)  # also the warm-up (compile, autotune)
+
+                def call(i):
+                    args = sets[i % n_sets]
+                    out = fn(*args)
+                    if wants_grad:
+                        out.backward(grads[i % n_sets])
+
+                def reset(i):
+                    for t in sets[i % n_sets]:
+                        t.grad = None
+
+                ms = measure(call, reset, device)
+        except Exception as exc:  # a provider failing is a result to report, not a reason to stop
+            row.update(status="ERROR", note=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+            print(f"  ERROR {name} {mode} {case.params}: {row['note']}", flush=True)
+            case_rows.append(row)
+            continue
+        tflops = case.flops[mode] / (ms * 1e-3) / 1e12
+        floor_ms = 1e3 * max(case.flops[mode] / (run.ceil["gemm_tflops"] * 1e12),
+                             case.bytes[mode] / (run.ceil["copy_gbps"] * 1e9))
+        row.update(
+            ms=ms,
+            tflops=tflops,
+            pct_gemm=100 * tflops / run.ceil["gemm_tflops"],
+            floor_ms=floor_ms,
+            pct_floor=100 * floor_ms / ms,
+            err=max(errs.values()),
+            errors=errs,
+            tolerance=tol,
+            status="ok" if all(errs[k] <= tol[k] for k in errs) else "FAIL",
+            input_sets=n_sets,
+        )
+        ms_by_provider[name] = ms
+        case_rows.append(row)
+    for row in case_rows:
+        if "ms" in row:
+            row["speedup"] = {label: ms_by_provider[b] / row["ms"] for b, label in run.baselines.items()
+                              if b in ms_by_provider}
+    run.rows.extend(case_rows)
+
+
+def run_op(mod, cases: list[Case], device: str, ceil: dict, providers, modes,
+           checkpoint: Callable[[Run], None]) -> Run:
+    """Run every case; checkpoint(run) after each, so a run cut short by a time limit leaves its rows."""
+    run = Run(op=mod.OP, device=device, ceil=ceil, baselines=mod.BASELINES)
+    chosen = {k: v for k, v in mod.providers().items() if providers is None or k in providers}
+    for case in cases:
+        for mode in modes:
+            t0 = time.perf_counter()
+            run_case(run, mod, case, mode, chosen)
+            print(f"{run.op} {mode} {case.params}: {time.perf_counter() - t0:.1f} s", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            checkpoint(run)
+    return run
+
+
+# ---------------------------------------------------------------- writers
+
+def fmt(x, digits=3) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
+    return str(x)
+
+
+def table_rows(rows: list, labels: list) -> tuple[list, list]:
+    """Header and string cells for the human-readable tables (markdown, stdout)."""
+    params = list(rows[0]["params"]) if rows else []
+    header = ["op", "mode", *params, "provider", "ms", "TFLOP/s", "% GEMM", "% floor", *labels, "max err", "ok"]
+    body = []
+    for r in rows:
+        sp = r.get("speedup", {})
+        body.append([r["op"], r["mode"], *(fmt(r["params"][p]) for p in params), r["provider"],
+                     fmt(r.get("ms"), 4), fmt(r.get("tflops")), fmt(r.get("pct_gemm"), 2),
+                     fmt(r.get("pct_floor"), 2), *(fmt(sp.get(lb)) for lb in labels),
+                     fmt(r.get("err"), 2), r["status"] if r["status"] != "ERROR" else f"ERROR: {r['note']}"])
+    return header, body
+
+
+def markdown(header: list, body: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def run_meta(run: Run, command: str) -> dict:
+    import triton  # noqa: PLC0415  (only for its version; the bench runs without effkern's Triton path too)
+
+    return {
+        "op": run.op,
+        "device": device_name(),
+        "device_type": run.device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": command,
+        "ceilings": run.ceil,
+        "baselines": run.baselines,
+    }
+
+
+def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
+    """Write <op>.json/.csv/.md (and .png) under out; return the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = run_meta(run, command)
+    skipped = [{"provider": p, "reason": r, "count": n} for (p, r), n in run.skipped.items()]
+    (out / f"{run.op}.json").write_text(json.dumps({**meta, "rows": run.rows, "skipped": skipped}, indent=1) + "\n")
+
+    labels = list(run.baselines.values())
+    with open(out / f"{run.op}.csv", "w", newline="") as f:
+        params = list(run.rows[0]["params"]) if run.rows else []
+        w = csv.writer(f)
+        w.writerow(["op", "mode", *params, "provider", "ms", "tflops", "pct_gemm", "floor_ms", "pct_floor",
+                    *labels, "err_out", "err_grad", "tol_out", "tol_grad", "status", "note"])
+        for r in run.rows:
+            e, t, sp = r.get("errors", {}), r.get("tolerance", {}), r.get("speedup", {})
+            w.writerow([r["op"], r["mode"], *(r["params"][p] for p in params), r["provider"], r.get("ms"),
+                        r.get("tflops"), r.get("pct_gemm"), r.get("floor_ms"), r.get("pct_floor"),
+                        *(sp.get(lb) for lb in labels), e.get("out"), e.get("grad"), t.get("out"), t.get("grad"),
+                        r["status"], r.get("note", "")])
+
+    c = run.ceil
+    table = markdown(*table_rows(run.rows, labels))
+    head = (f"{run.op} on {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}\n"
+            f"ceilings: GEMM {fmt(c['gemm_tflops'])} TFLOP/s ({c['gemm_method']}); "
+            f"copy {fmt(c['copy_gbps'])} GB/s ({c['copy_method']})\n`{command}`\n\n")
+    (out / f"{run.op}.md").write_text(head + table)
+    if plot:
+        _plot(run, out / f"{run.op}.png")
+    return head + table
+
+
+def _plot(run: Run, path: Path) -> None:
+    try:
+        import matplotlib  # noqa: PLC0415  (optional: the PNG is a convenience)
+    except ImportError:
+        print(f"note: matplotlib is not installed, {path.name} not written")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    modes = [m for m in MODES if any(r["mode"] == m and "ms" in r for r in run.rows)]
+    if not modes:
+        return
+    fig, axes = plt.subplots(len(modes), 1, figsize=(14, 4.5 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = [r for r in run.rows if r["mode"] == mode and "ms" in r]
+        cases = list(dict.fromkeys(" ".join(map(str, r["params"].values())) for r in rows))
+        provs = list(dict.fromkeys(r["provider"] for r in rows))
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            val = {" ".join(map(str, r["params"].values())): r["tflops"] for r in rows if r["provider"] == p}
+            ax.bar([i + j * width for i in range(len(cases))], [val.get(c, 0) for c in cases], width, label=p)
+        ax.axhline(run.ceil["gemm_tflops"], color="k", ls="--", lw=1, label="GEMM ceiling")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")  # M spans 1..8192: rates span four orders of magnitude
+        ax.set_xlabel(" ".join(rows[0]["params"]), fontsize=8)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"{run.op} {mode} ({device_name()})")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_policy(run: Run, backends: dict, command: str) -> Path | None:
+    """Record, per measured shape, the faster effkern backend for each mode (read by backend "auto").
+    Only this card's entry in effkern/policies/<op>.json is replaced."""
+    if run.device != "cuda":
+        print("--write-policy: skipped, policies are per GPU and this run is on the CPU")
+        return None
+    best: dict = {}
+    for r in run.rows:
+        if r["provider"] in backends and r["status"] == "ok":
+            key = tuple(r["params"].items())
+            cur = best.setdefault(key, {}).get(r["mode"])
+            if cur is None or r["ms"] < cur[1]:
+                best[key][r["mode"]] = (backends[r["provider"]], r["ms"])
+    entries = [{**dict(k), **{m: v[0] for m, v in modes.items()}} for k, modes in best.items()]
+    path = REPO / "effkern" / "policies" / f"{run.op}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc = {"version": 1, "op": run.op, "devices": doc.get("devices", {})}
+    meta = run_meta(run, command)
+    doc["devices"][meta["device"]] = {
+        "generated": meta["date"], "torch": meta["torch"], "triton": meta["triton"],
+        "command": command, "entries": entries,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
