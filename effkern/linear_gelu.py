@@ -18,6 +18,7 @@ forward GEMM (2*M*N*K FLOPs, +50% backward work) — for when activation memory 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -72,21 +73,28 @@ def check_args(input, weight, bias, approximate) -> None:
             raise RuntimeError(f"linear_gelu: {name} is on {t.device} but input is on {input.device}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _auto_backend(mode: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int,
+                  approximate: str) -> str:
+    # Cached: on a small decode-sized GEMM the lookup would otherwise cost as much as the GPU work.
+    if device.type != "cuda" or dtype == torch.float64:
+        return "reference"
+    shape = dict(dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+    gpu = torch.cuda.get_device_name(device)
+    choice = (_policy.choose("linear_gelu", mode, gpu, approximate=approximate, **shape)
+              or _policy.choose("linear_gelu", mode, gpu, **shape))
+    for candidate in (choice, "cuda", "triton"):
+        if candidate and backend_available(candidate, device)[0]:
+            return candidate
+    return "reference"
+
+
 def _choose_backend(mode: str, like: Tensor, M: int, N: int, K: int, approximate: str) -> str:
     """The backend to run on tensors like ``like`` for a GEMM of M x N x K."""
     name = selected_backend()
     device, dtype = like.device, like.dtype
     if name == "auto":
-        if device.type != "cuda" or dtype == torch.float64:
-            return "reference"
-        shape = dict(dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
-        gpu = torch.cuda.get_device_name(device)
-        choice = (_policy.choose("linear_gelu", mode, gpu, approximate=approximate, **shape)
-                  or _policy.choose("linear_gelu", mode, gpu, **shape))
-        for candidate in (choice, "cuda", "triton"):
-            if candidate and backend_available(candidate, device)[0]:
-                return candidate
-        return "reference"
+        return _auto_backend(mode, device, dtype, M, N, K, approximate)
     require(name, device, "linear_gelu")
     # The C++ CPU kernel also takes float64; the GPU kernels and Triton's do not.
     if dtype not in KERNEL_DTYPES.get(name, DTYPES) and (name == "triton" or device.type == "cuda"):
@@ -232,12 +240,15 @@ LIB.define("linear_gelu(Tensor input, Tensor weight, Tensor? bias=None, str appr
            "bool recompute_preact=False) -> Tensor")
 
 
+def _needs_preact(input, weight, bias, recompute_preact: bool) -> bool:
+    """Whether the forward must return z for the backward."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    return needs_grad and not recompute_preact
+
+
 def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, recompute_preact=False):
-    check_args(input, weight, bias, approximate)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
-                                             needs_grad and not recompute_preact)[0]
+                                             _needs_preact(input, weight, bias, recompute_preact))[0]
 
 
 LIB.impl("linear_gelu", _linear_gelu_composite, "CompositeImplicitAutograd")
@@ -252,5 +263,8 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     ``recompute_preact=True`` saves activation memory in training: the pre-activation
     (M*N elements) is recomputed in the backward instead of kept.
     """
-    check_args(input, weight, bias, approximate)  # before the dispatcher's own, less clear, type errors
-    return torch.ops.effkern.linear_gelu(input, weight, bias, approximate, recompute_preact=recompute_preact)
+    # The same as torch.ops.effkern.linear_gelu, minus one dispatch: this checks first (before the
+    # dispatcher's own, less clear, type errors) and calls the differentiable op directly.
+    check_args(input, weight, bias, approximate)
+    return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
+                                             _needs_preact(input, weight, bias, recompute_preact))[0]

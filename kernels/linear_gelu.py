@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
@@ -35,29 +36,43 @@ INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
 TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
 
 
+# PRECISE (fp32 on a GPU): libdevice's exp/tanh instead of tl.exp, which compiles to the
+# approximate ex2.approx; its error shows in fp32 gradients. Not for the interpreter, which
+# cannot call libdevice and computes tl.exp exactly anyway.
 @triton.jit
-def _tanh(u):
-    # 1 - 2 / (exp(2u) + 1): saturates to +-1 for large |u| instead of producing inf/inf.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def _exp(x, PRECISE: tl.constexpr):
+    if PRECISE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
 
 
 @triton.jit
-def gelu(z, APPROX_TANH: tl.constexpr):
+def _tanh(u, PRECISE: tl.constexpr):
+    if PRECISE:
+        return libdevice.tanh(u)
+    else:
+        # 1 - 2 / (exp(2u) + 1): saturates to +-1 for large |u| instead of producing inf/inf.
+        return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI)
+        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI, PRECISE)
         return 0.5 * z * (1.0 + t)
     else:
         return 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT_2))
 
 
 @triton.jit
-def gelu_grad(z, APPROX_TANH: tl.constexpr):
+def gelu_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI)
+        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI, PRECISE)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2))
-        return cdf + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+        return cdf + z * _exp(-0.5 * z * z, PRECISE) * INV_SQRT_2PI
 
 
 @triton.jit
@@ -78,7 +93,7 @@ def linear_gelu_fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_ym, stride_yn, stride_zm, stride_zn,
-    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -114,7 +129,7 @@ def linear_gelu_fwd_kernel(
     if STORE_Z:
         tl.store(z_ptr + om * stride_zm + offs_n[None, :] * stride_zn, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if STORE_Y:
-        y = gelu(acc, APPROX_TANH)
+        y = gelu(acc, APPROX_TANH, PRECISE)
         tl.store(y_ptr + om * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -124,7 +139,7 @@ def linear_gelu_bwd_kernel(
     P, Q, R,
     stride_dyp, stride_dyr, stride_zp, stride_zr,
     stride_br, stride_bq, stride_cp, stride_cq,
-    APPROX_TANH: tl.constexpr, ROWSUM: tl.constexpr,
+    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, ROWSUM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
 ):
@@ -150,7 +165,7 @@ def linear_gelu_bwd_kernel(
             dy = tl.load(dy_ptrs, mask=offs_r[None, :] < r_left, other=0.0)  # dy = 0 makes gz = 0 there
             z = tl.load(z_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        gz = dy.to(tl.float32) * gelu_grad(z.to(tl.float32), APPROX_TANH)
+        gz = dy.to(tl.float32) * gelu_grad(z.to(tl.float32), APPROX_TANH, PRECISE)
         if ROWSUM:
             rowsum += tl.sum(gz, axis=1)
         # Round gz to the operand dtype like eager's gelu_backward output, then use the tensor cores.
@@ -239,6 +254,10 @@ def _interpreted() -> bool:
     return _flag("TRITON_INTERPRET", "0")
 
 
+def _precise(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not _interpreted()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -278,7 +297,7 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         y_arg.stride(0), y_arg.stride(1), z_arg.stride(0), z_arg.stride(1),
     )
-    kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+    kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
                   STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=_dot_precision(x.dtype))
     _launch(_fwd_tuned, _fwd, _FWD_NAMES, _tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs)
     return y, z
@@ -294,7 +313,7 @@ def _bwd_gemm(dy, z, b, out, rowsum, approximate):
         dy.stride(0), dy.stride(1), z.stride(0), z.stride(1),
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
-    kwargs = dict(APPROX_TANH=approximate == "tanh", ROWSUM=rowsum is not None,
+    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype), ROWSUM=rowsum is not None,
                   DOT_PRECISION=_dot_precision(b.dtype))
     _launch(_bwd_tuned, _bwd, _BWD_NAMES, _tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs)
 
