@@ -338,6 +338,20 @@ def test_cpp_cpu_kernel_through_the_dispatcher(dtype, approximate):
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
+def test_cpp_ops_check_their_arguments():
+    """Called directly, bypassing the Python checks, the C++ ops still refuse bad shapes."""
+    needs_backend("cuda")
+    x, w, b = make_inputs(4, 6, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.effkern_C.linear_gelu_fwd(x, w[:, :5], b, False, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.effkern_C.linear_gelu_fwd(x, w, b[:5], False, False)
+    with pytest.raises(RuntimeError, match="has dtype"):
+        torch.ops.effkern_C.linear_gelu_fwd(x, w.double(), b, False, False)
+    with pytest.raises(RuntimeError, match="preact must be"):
+        torch.ops.effkern_C.linear_gelu_bwd(torch.randn(4, 6), x, w, torch.randn(4, 5), False, [True] * 3)
+
+
 # ---------------------------------------------------------------------------- nn module
 
 def test_linear_gelu_module_shares_linear_parameters():

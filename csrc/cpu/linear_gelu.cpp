@@ -12,6 +12,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "linear_gelu_checks.h"
+
 #include <array>
 #include <cmath>
 #include <optional>
@@ -100,14 +102,6 @@ void column_sums(const acc_t* gz, scalar_t* grad_bias, int64_t m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) grad_bias[j] = static_cast<scalar_t>(sums[j]);
 }
 
-void check_cpu_matrix(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device().is_cpu(), "effkern_C: ", name, " must be a CPU tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.dim() == 2, "effkern_C: ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "effkern_C: ", name, " has dtype ",
-              t.scalar_type(), " but input has dtype ", ref.scalar_type());
-}
-
 void check_floating(at::ScalarType t) {
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
               "effkern_C (CPU): unsupported dtype ", t,
@@ -122,21 +116,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
                                                        const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
                                                        bool tanh_approx, bool save_preact) {
-  check_cpu_matrix(input, "input", input);
-  check_cpu_matrix(weight, "weight", input);
+  const LinearGeluShape shape = check_fwd_args(input, weight, bias, c10::DeviceType::CPU);
+  const int64_t M = shape.m, N = shape.n, K = shape.k;
+  const bool has_bias = shape.has_bias;
   check_floating(input.scalar_type());
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "effkern_C: weight must be [N, ", K, "], got ",
-              weight.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device().is_cpu(), "effkern_C: bias must be a CPU tensor, got device ",
-                bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "effkern_C: bias must be [", N,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "effkern_C: bias has dtype ",
-                bias->scalar_type(), " but input has dtype ", input.scalar_type());
-  }
 
   at::Tensor out = input.new_empty({M, N});
   at::Tensor preact = save_preact ? input.new_empty({M, N}) : input.new_empty({0});
@@ -167,18 +150,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& preact, bool tanh_approx, std::array<bool, 3> output_mask) {
-  check_cpu_matrix(input, "input", input);
-  check_cpu_matrix(weight, "weight", input);
-  check_cpu_matrix(grad_out, "grad_out", input);
-  check_cpu_matrix(preact, "preact", input);
+  const LinearGeluShape shape =
+      check_bwd_args(grad_out, input, weight, preact, c10::DeviceType::CPU);
+  const int64_t M = shape.m, N = shape.n, K = shape.k;
   check_floating(input.scalar_type());
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "effkern_C: weight must be [N, ", K, "], got ",
-              weight.sizes());
-  TORCH_CHECK(grad_out.size(0) == M && grad_out.size(1) == N, "effkern_C: grad_out must be [",
-              M, ", ", N, "], got ", grad_out.sizes());
-  TORCH_CHECK(preact.size(0) == M && preact.size(1) == N, "effkern_C: preact must be [", M,
-              ", ", N, "], got ", preact.sizes());
 
   const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gb = output_mask[2];
   const at::Tensor empty = input.new_empty({0});

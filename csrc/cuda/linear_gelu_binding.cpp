@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "linear_gelu.h"
+#include "linear_gelu_checks.h"
 
 namespace effkern_C {
 namespace {
@@ -37,16 +38,6 @@ DType to_dtype(at::ScalarType t) {
 void check_status(int status, const char* op) {
   TORCH_CHECK(status == effkern_cuda::kOk, "effkern_C::", op, " (CUDA): ",
               effkern_cuda::status_name(status), ": ", effkern_cuda::last_error_message());
-}
-
-void check_cuda_matrix(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), "effkern_C: ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.device() == ref.device(), "effkern_C: ", name, " is on ", t.device(),
-              " but input is on ", ref.device());
-  TORCH_CHECK(t.dim() == 2, "effkern_C: ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "effkern_C: ", name, " has dtype ",
-              t.scalar_type(), " but input has dtype ", ref.scalar_type());
 }
 
 // Describes a 2-D tensor as a cuBLASLt-compatible matrix view (row- or column-major with a
@@ -93,21 +84,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
                                                         bool tanh_approx, bool save_preact) {
-  check_cuda_matrix(input, "input", input);
-  check_cuda_matrix(weight, "weight", input);
+  const LinearGeluShape shape = check_fwd_args(input, weight, bias, c10::DeviceType::CUDA);
+  const int64_t M = shape.m, N = shape.n, K = shape.k;
+  const bool has_bias = shape.has_bias;
   const DType dtype = to_dtype(input.scalar_type());
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "effkern_C: weight must be [N, ", K, "], got ",
-              weight.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device() == input.device(), "effkern_C: bias is on ", bias->device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "effkern_C: bias must be [", N,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "effkern_C: bias has dtype ",
-                bias->scalar_type(), " but input has dtype ", input.scalar_type());
-  }
 
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = input.new_empty({M, N});
@@ -155,18 +135,10 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& preact, bool tanh_approx, std::array<bool, 3> output_mask) {
-  check_cuda_matrix(input, "input", input);
-  check_cuda_matrix(weight, "weight", input);
-  check_cuda_matrix(grad_out, "grad_out", input);
-  check_cuda_matrix(preact, "preact", input);
+  const LinearGeluShape shape =
+      check_bwd_args(grad_out, input, weight, preact, c10::DeviceType::CUDA);
+  const int64_t M = shape.m, N = shape.n, K = shape.k;
   const DType dtype = to_dtype(input.scalar_type());
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "effkern_C: weight must be [N, ", K, "], got ",
-              weight.sizes());
-  TORCH_CHECK(grad_out.size(0) == M && grad_out.size(1) == N, "effkern_C: grad_out must be [",
-              M, ", ", N, "], got ", grad_out.sizes());
-  TORCH_CHECK(preact.size(0) == M && preact.size(1) == N, "effkern_C: preact must be [", M,
-              ", ", N, "], got ", preact.sizes());
 
   c10::cuda::CUDAGuard guard(input.device());
   const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gb = output_mask[2];
