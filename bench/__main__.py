@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
         for (provider, reason), n in run.skipped.items():
             print(f"skipped {provider} ({n} case{'s' * (n > 1)}): {reason}")
         tables.append(harness.write_results(run, out, command))
-        bad += sum(r["status"] != "ok" for r in run.rows)
+        bad += sum(r["status"] in ("FAIL", "ERROR") for r in run.rows)
         if args.write_policy:
             path = harness.write_policy(run, mod.POLICY_BACKENDS, command)
             if path:

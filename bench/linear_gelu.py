@@ -17,7 +17,8 @@ from effkern.linear_gelu import linear_gelu_reference
 from .harness import Case, Provider
 
 OP = "linear_gelu"
-BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-compile": "x compile"}
+BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-compile": "x compile",
+             "torch-linear": "x gemm"}
 ERROR_BASELINE = "torch-eager"
 POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
 
@@ -28,7 +29,7 @@ GPU_M = (1, 16, 128, 2048, 8192)
 GPU_KN = ((4096, 16384), (16384, 4096), (1024, 4096), (768, 3072))
 GPU_QUICK_M = (16, 2048, 8192)
 GPU_QUICK_KN = ((4096, 16384), (16384, 4096))
-EFFKERN_AND_EAGER = frozenset({"effkern-triton", "effkern-cuda", "torch-eager"})
+EFFKERN_AND_EAGER = frozenset({"effkern-triton", "effkern-cuda", "torch-eager", "torch-linear"})
 CPU_M, CPU_KN = (1, 3, 64, 128), ((96, 80), (256, 512))
 CPU_QUICK_M, CPU_QUICK_KN = (3, 64), ((96, 80),)
 
@@ -143,4 +144,7 @@ def providers() -> dict[str, Provider]:
         # aten defines no derivative for _addmm_activation: forward only
         "torch-addmm-act": Provider(build=_addmm_act, available=_addmm_act_available, backward=False),
         "torch-compile": Provider(build=_compile, available=_gpu_only),
+        # the GEMM alone (cuBLAS, bias in its epilogue): the yardstick for "% of cuBLAS GEMM for
+        # the same shape" (column "x gemm"); not GELU, so timed but not checked
+        "torch-linear": Provider(build=lambda case: F.linear, checked=False),
     }

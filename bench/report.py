@@ -34,7 +34,7 @@ def section(doc: dict, path) -> str:
     body = [[r["mode"], *(fmt(r["params"][p]) for p in params), r["provider"].removeprefix("effkern-"),
              fmt(r["ms"], 4), fmt(r["tflops"]), fmt(r["pct_gemm"], 2), fmt(r["pct_floor"], 2),
              *(fmt(r["speedup"].get(lb)) for lb in labels), r["status"]] for r in rows]
-    failed = sum(r["status"] != "ok" for r in doc["rows"])
+    failed = sum(r["status"] in ("FAIL", "ERROR") for r in doc["rows"])
     return (f"#### `{doc['op']}` on {doc['device']}\n\n"
             f"{doc['date'][:10]}, torch {doc['torch']}, triton {doc['triton']}; measured ceilings: "
             f"GEMM {fmt(c['gemm_tflops'])} TFLOP/s, copy {fmt(c['copy_gbps'])} GB/s. "

@@ -154,6 +154,32 @@ def test_recompute_preact_gives_the_same_gradients(backend, approximate):
         torch.testing.assert_close(s, r, rtol=0, atol=0)
 
 
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of distinct tensors autograd keeps for the backward of fn(*args)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_saved_activation_memory_is_at_most_eager(backend):
+    needs_backend(backend)
+    x, w, b = (t.requires_grad_() for t in make_inputs(64, 48, 32, torch.float32))
+    eager = _saved_bytes(lambda *a: F.gelu(F.linear(*a)), x, w, b)
+    with ek.use_backend(backend):
+        ours = _saved_bytes(ek.linear_gelu, x, w, b)
+        recomputed = _saved_bytes(lambda *a: ek.linear_gelu(*a, recompute_preact=True), x, w, b)
+    z_bytes = 64 * 48 * 4
+    assert ours <= eager
+    assert recomputed <= eager - z_bytes + b.numel() * 4  # no z; keeps the bias to recompute it
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True), (True, True, True)])
