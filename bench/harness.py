@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from effkern.testing import max_error, tolerance
+
 MODES = ("fwd", "fwd_bwd")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "bench" / "results"
@@ -42,6 +44,7 @@ class Case:
     flops: dict  # {mode: FLOPs by the DESIGN's convention}
     bytes: dict  # {mode: minimum bytes moved to and from device memory}
     providers: frozenset | None = None  # restricts which providers run here (None: all)
+    reductions: dict = field(default_factory=dict)  # {"out"/"grad": length of the sums behind an element}
 
 
 @dataclass
@@ -175,28 +178,22 @@ class Run:
     skipped: dict = field(default_factory=dict)  # (provider, reason) -> count
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().double() - b).abs().max().item()
-
-
 def _errors(fn, args, g, ref, ref_grad, mode) -> dict:
     """Max abs error of the output (and, for fwd_bwd, of the first argument's gradient)."""
     for t in args:
         t.grad = None  # an earlier provider's timing loop leaves its last gradients here
     out = fn(*args)
-    errs = {"out": _max_err(out, ref)}
+    errs = {"out": max_error(out, ref)}
     if mode == "fwd_bwd":
         out.backward(g)
-        errs["grad"] = _max_err(args[0].grad, ref_grad)
+        errs["grad"] = max_error(args[0].grad, ref_grad)
     return errs
 
 
-def _tolerance(base: dict, ref: torch.Tensor, ref_grad) -> dict:
-    # DESIGN: at most ~2x PyTorch's own error in the same precision; the atol term covers
-    # fp32, where PyTorch's error can be a few ulps and any reordering doubles it
+def _tolerance(case: Case, base: dict, ref: torch.Tensor, ref_grad) -> dict:
+    # effkern.testing's rule, the tests' own: ~2x PyTorch's error in the same precision + a floor
     scale = {"out": ref.abs().max().item(), "grad": 0.0 if ref_grad is None else ref_grad.abs().max().item()}
-    eps = torch.finfo(torch.float32).eps
-    return {k: 2 * v + 16 * eps * max(scale[k], 1.0) for k, v in base.items()}
+    return {k: tolerance(v, scale[k], case.dtype, case.reductions.get(k, 1)) for k, v in base.items()}
 
 
 def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
@@ -220,7 +217,7 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     grads = [g] + [g.clone() for _ in range(n_sets - 1)]
 
     baseline = mod.providers()[mod.ERROR_BASELINE].build(case)  # even when it is not among those timed
-    tol = _tolerance(_errors(baseline, base, g, ref, ref_grad, mode), ref, ref_grad)
+    tol = _tolerance(case, _errors(baseline, base, g, ref, ref_grad, mode), ref, ref_grad)
 
     ms_by_provider = {}
     case_rows = []

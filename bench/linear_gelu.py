@@ -42,7 +42,8 @@ def _case(dtype: torch.dtype, approximate: str, M: int, N: int, K: int, provider
     bwd = s * (2 * M * N + 2 * (M * K + N * K) + N)
     return Case(params={"dtype": str(dtype).removeprefix("torch."), "approximate": approximate, "M": M, "N": N, "K": K},
                 dtype=dtype, flops={"fwd": 2 * M * N * K, "fwd_bwd": 3 * 2 * M * N * K},  # + grad_input, grad_weight
-                bytes={"fwd": fwd, "fwd_bwd": fwd + bwd}, providers=providers)
+                bytes={"fwd": fwd, "fwd_bwd": fwd + bwd}, providers=providers,
+                reductions={"out": K, "grad": N})  # y sums over K; grad_input sums over N
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:

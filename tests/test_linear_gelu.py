@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern import _ext
 from effkern.linear_gelu import linear_gelu_reference
-
-from helpers import assert_within_tolerance, max_error, within_tolerance
+from effkern.testing import assert_within_tolerance, max_error, within_tolerance
 
 KERNEL_BACKENDS = ["triton", "cuda"]  # the reference backend is the oracle, tested separately
 

@@ -1,4 +1,4 @@
-"""Accuracy checks shared by the op tests (and imported by the benchmarks).
+"""Accuracy checks for effkern's kernels, shared by the tests and the benchmarks.
 
 The convention of the FlashAttention tests: compare against a float64 reference, and allow
 a kernel an error of at most ``factor`` times the error that PyTorch itself makes computing
@@ -21,18 +21,24 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
 
 
+def tolerance(baseline_error: float, scale: float, dtype: torch.dtype, reduction: int = 1,
+              factor: float = 2.0) -> float:
+    """The largest error allowed for an output of ``dtype`` and largest magnitude ``scale``,
+    each element a sum of ``reduction`` terms, when PyTorch's own error is ``baseline_error``."""
+    floor = (2 * torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * reduction ** 0.5) * scale
+    return factor * baseline_error + floor
+
+
 def within_tolerance(out, ref, baseline, factor: float = 2.0, reduction: int = 1) -> tuple[bool, str]:
     """out: the kernel's result; ref: float64 reference; baseline: PyTorch in out's precision;
     reduction: the length of the sums behind each element (K for a GEMM output)."""
     err, base = max_error(out, ref), max_error(baseline, ref)
     scale = ref.abs().max().item() if ref.numel() else 0.0
-    # Two ulps of the output dtype, plus the fp32 rounding noise of a length-`reduction` sum
-    # (eps * sqrt(n)): summed in another order, the kernel lands elsewhere in that noise.
-    floor = (2 * torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * reduction ** 0.5) * scale
-    limit = factor * base + floor
+    limit = tolerance(base, scale, out.dtype, reduction, factor)
     return err <= limit, f"error {err:.3g} vs PyTorch's {base:.3g} in {out.dtype} (limit {limit:.3g})"
 
 
-def assert_within_tolerance(out, ref, baseline, what: str = "output", factor: float = 2.0, reduction: int = 1) -> None:
+def assert_within_tolerance(out, ref, baseline, what: str = "output", factor: float = 2.0,
+                            reduction: int = 1) -> None:
     ok, msg = within_tolerance(out, ref, baseline, factor, reduction)
     assert ok, f"{what}: {msg}"
