@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from effkern._backend import triton_interpreter_on as _interpreted
+
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
 SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
@@ -246,12 +248,8 @@ def _fixed_config(names: tuple[str, ...]) -> dict:
     return dict(zip(names, (bm, bn, bk, group)), num_stages=stages, num_warps=warps)
 
 
-def _flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).lower() in ("1", "true", "on", "yes")
-
-
-def _interpreted() -> bool:
-    return _flag("TRITON_INTERPRET", "0")
+def _autotune_on() -> bool:
+    return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
 
 
 def _precise(dtype: torch.dtype) -> bool:
@@ -270,7 +268,7 @@ def _launch(tuned, plain, names, grid, args, kwargs):
         plain[grid](*args, **kwargs, **_fixed_config(names))
         return
     with torch.cuda.device(args[0].device):
-        if _flag("EFFKERN_TRITON_AUTOTUNE", "1"):
+        if _autotune_on():
             tuned[grid](*args, **kwargs)
         else:
             plain[grid](*args, **kwargs, **_fixed_config(names))
