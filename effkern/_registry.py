@@ -19,11 +19,12 @@ def register_family(name: str, describe_auto: Callable[[torch.device], str]) -> 
     FAMILIES[name] = describe_auto
 
 
-def register_autocast(op_name: str, device_types=("cuda", "cpu")) -> None:
+def register_autocast(op_name: str, device_types=("cuda", "cpu"), cast_args: tuple[int, ...] | None = None) -> None:
     """Autocast rule for a matmul-like op: inside ``torch.autocast(device, dtype)`` its
     floating-point tensor arguments on that device are cast to the autocast dtype that is
     active at call time (bf16 or fp16, as the user chose), like torch's own F.linear;
-    float64 tensors are left alone, as torch's autocast does."""
+    float64 tensors are left alone, as torch's autocast does. ``cast_args``: the positions
+    of the arguments to cast (default all), e.g. not a quantized weight's float32 scales."""
     op = getattr(torch.ops.effkern, op_name).default
     for device_type in device_types:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
@@ -38,6 +39,7 @@ def register_autocast(op_name: str, device_types=("cuda", "cpu")) -> None:
         def kernel(*args, device_type=device_type, keyset=keyset, cast=cast):
             dtype = torch.get_autocast_dtype(device_type)
             with torch._C._ExcludeDispatchKeyGuard(keyset):
-                return op(*(cast(a, dtype) for a in args))
+                return op(*(cast(a, dtype) if cast_args is None or i in cast_args else a
+                        for i, a in enumerate(args)))
 
         LIB.impl(op_name, kernel, key_name)

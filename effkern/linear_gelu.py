@@ -124,6 +124,8 @@ def _empty(like: Tensor) -> Tensor:
 
 def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
                 store_out: bool, store_preact: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels (Triton, cuBLASLt epilogue) read it with unit stride
     if backend == "reference":
         z = F.linear(x2d, weight, bias)
         return (F.gelu(z, approximate=approximate) if store_out else None), (z if store_preact else None)

@@ -21,14 +21,12 @@ GELU (approximate="tanh"):  u = sqrt(2/pi) (z + 0.044715 z^3),  t = tanh(u)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from effkern._backend import triton_interpreter_on as _interpreted
+from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
@@ -78,18 +76,6 @@ def gelu_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _grouped_tile(pid, num_p, num_q, GROUP: tl.constexpr):
-    # Visit output tiles in groups of GROUP tile-rows, column by column inside a group, so
-    # programs running together reuse the same B column tiles and A row tiles from L2.
-    per_group = GROUP * num_q
-    first_p = (pid // per_group) * GROUP
-    rows = tl.minimum(num_p - first_p, GROUP)
-    pid_p = first_p + (pid % per_group) % rows
-    pid_q = (pid % per_group) // rows
-    return pid_p, pid_q
-
-
-@triton.jit
 def linear_gelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
@@ -100,7 +86,7 @@ def linear_gelu_fwd_kernel(
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -145,7 +131,7 @@ def linear_gelu_bwd_kernel(
     DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
 ):
-    pid_p, pid_q = _grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
+    pid_p, pid_q = grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_r = tl.arange(0, BLOCK_R)
@@ -189,10 +175,6 @@ def linear_gelu_bwd_kernel(
 # (large 128x256 / 256x128 tiles for big GEMMs, narrow BLOCK_M for decode-sized M); under
 # Triton's interpreter (CPU tensors) one small fixed config keeps tests fast.
 
-def _cfg(bm, bn, bk, stages, warps, group=8, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")):
-    return triton.Config(dict(zip(names, (bm, bn, bk, group))), num_stages=stages, num_warps=warps)
-
-
 _GEMM_SHAPES = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): large tiles for large M ...
     (128, 256, 64, 3, 8),
@@ -204,18 +186,7 @@ _GEMM_SHAPES = [
     (16, 128, 128, 4, 4),
     (16, 64, 256, 3, 4),
 ]
-
-
-def _prune_by_rows(rows_arg: str, block_arg: str):
-    # Keep row blocks between min(64, R) and R, R = the row count rounded up to a power of two
-    # (16 at least, the smallest tl.dot tile): taller tiles only add idle rows, and thin tiles
-    # re-read the weight too often once there are many rows. Autotuning stays short.
-    def prune(configs, named_args, **_):
-        limit = max(16, triton.next_power_of_2(named_args[rows_arg]))
-        kept = [c for c in configs if min(limit, 64) <= c.kwargs[block_arg] <= limit]
-        return kept or [min(configs, key=lambda c: c.kwargs[block_arg])]
-
-    return prune
+GROUP = 8
 
 
 _FWD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
@@ -224,58 +195,29 @@ _BWD_NAMES = ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P")
 _fwd = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
 _bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
 _fwd_tuned = triton.autotune(
-    configs=[_cfg(*s, names=_FWD_NAMES) for s in _GEMM_SHAPES],
+    configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune_by_rows("M", "BLOCK_M")},
+    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
 )(_fwd)
 _bwd_tuned = triton.autotune(
-    configs=[_cfg(*s, names=_BWD_NAMES) for s in _GEMM_SHAPES],
+    configs=[config(_BWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one.
     key=["P", "Q", "R", "stride_dyp"],
-    prune_configs_by={"early_config_prune": _prune_by_rows("P", "BLOCK_P")},
+    prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
 # One config for the interpreter (small tiles: quick, and odd test sizes cross tile edges),
 # and one for GPUs with EFFKERN_TRITON_AUTOTUNE=0 (GPU tests: no autotuning per test shape).
-_FIXED = {
-    "interpreter": (32, 32, 32, 1, 4, 4),
-    "gpu": (64, 128, 64, 3, 4, 8),
-}
+_FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 
 
-def _fixed_config(names: tuple[str, ...]) -> dict:
-    bm, bn, bk, stages, warps, group = _FIXED["interpreter" if _interpreted() else "gpu"]
-    return dict(zip(names, (bm, bn, bk, group)), num_stages=stages, num_warps=warps)
-
-
-def _autotune_on() -> bool:
-    return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
+def _fixed(names: tuple[str, ...]) -> dict:
+    return {where: dict(zip(names, blocks), num_stages=stages, num_warps=warps)
+            for where, (blocks, stages, warps) in _FIXED.items()}
 
 
 def _precise(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not _interpreted()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _launch(tuned, plain, names, grid, args, kwargs):
-    if _interpreted():
-        plain[grid](*args, **kwargs, **_fixed_config(names))
-        return
-    with torch.cuda.device(args[0].device):
-        if _autotune_on():
-            tuned[grid](*args, **kwargs)
-        else:
-            plain[grid](*args, **kwargs, **_fixed_config(names))
-
-
-def _tiles(rows, cols, rows_block, cols_block):
-    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]),)
+    return dtype == torch.float32 and not interpreted()
 
 
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
@@ -296,8 +238,8 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         y_arg.stride(0), y_arg.stride(1), z_arg.stride(0), z_arg.stride(1),
     )
     kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
-                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=_dot_precision(x.dtype))
-    _launch(_fwd_tuned, _fwd, _FWD_NAMES, _tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs)
+                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=dot_precision(x.dtype))
+    launch(_fwd_tuned, _fwd, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs, _fixed(_FWD_NAMES))
     return y, z
 
 
@@ -312,8 +254,8 @@ def _bwd_gemm(dy, z, b, out, rowsum, approximate):
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
     kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype), ROWSUM=rowsum is not None,
-                  DOT_PRECISION=_dot_precision(b.dtype))
-    _launch(_bwd_tuned, _bwd, _BWD_NAMES, _tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs)
+                  DOT_PRECISION=dot_precision(b.dtype))
+    launch(_bwd_tuned, _bwd, tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs, _fixed(_BWD_NAMES))
 
 
 def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,

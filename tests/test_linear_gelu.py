@@ -127,6 +127,18 @@ def test_any_strides_and_ranks(backend, case, poison_empty):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_bias_passed_as_is(backend):
+    """A strided bias view reaches the op uncopied (check_against_float64 clones its inputs,
+    and clone() makes a strided vector contiguous)."""
+    needs_backend(backend)
+    x, w, _ = make_inputs(5, 24, 29, torch.float32)
+    b = torch.randn(48)[::2]
+    with ek.use_backend(backend):
+        y = ek.linear_gelu(x, w, b)
+    torch.testing.assert_close(y, linear_gelu_reference(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_non_contiguous_grad_out(backend, poison_empty):
     needs_backend(backend)
     x, w, b = (t.requires_grad_() for t in make_inputs(13, 21, 30, torch.float32))

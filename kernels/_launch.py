@@ -1,0 +1,76 @@
+"""What every Triton GEMM in effkern shares: the grouped tile order, the autotuning configs'
+plumbing, and the launcher that picks autotuned, fixed or interpreter configs.
+
+On a GPU a kernel is autotuned over its family's configs (or, with EFFKERN_TRITON_AUTOTUNE=0,
+run at one fixed config, as the GPU tests do); under Triton's interpreter (CPU tensors) one
+small fixed config keeps the tests quick and makes odd test sizes cross tile edges.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from effkern._backend import triton_interpreter_on as interpreted
+
+
+@triton.jit
+def grouped_tile(pid, num_p, num_q, GROUP: tl.constexpr):
+    # Visit output tiles in groups of GROUP tile-rows, column by column inside a group, so
+    # programs running together reuse the same B column tiles and A row tiles from L2.
+    per_group = GROUP * num_q
+    first_p = (pid // per_group) * GROUP
+    rows = tl.minimum(num_p - first_p, GROUP)
+    pid_p = first_p + (pid % per_group) % rows
+    pid_q = (pid % per_group) // rows
+    return pid_p, pid_q
+
+
+def config(names: tuple[str, ...], values: tuple[int, ...], stages: int, warps: int) -> triton.Config:
+    return triton.Config(dict(zip(names, values)), num_stages=stages, num_warps=warps)
+
+
+def prune_by_rows(rows_arg: str, block_arg: str):
+    # Keep row blocks between min(64, R) and R, R = the row count rounded up to a power of two
+    # (16 at least, the smallest tl.dot tile): taller tiles only add idle rows, and thin tiles
+    # re-read the weight too often once there are many rows. Autotuning stays short. (Configs
+    # that do not fit the shared memory are skipped by the autotuner itself.)
+    def prune(configs, named_args, **_):
+        limit = max(16, triton.next_power_of_2(named_args[rows_arg]))
+        kept = [c for c in configs if min(limit, 64) <= c.kwargs[block_arg] <= limit]
+        return kept or [min(configs, key=lambda c: c.kwargs[block_arg])]
+
+    return prune
+
+
+def autotune_on() -> bool:
+    return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def launch(tuned, plain, grid, args, kwargs, fixed: dict) -> None:
+    """Run ``plain`` at ``fixed[\"interpreter\"]`` under the interpreter, else ``tuned``
+    (autotuned) or ``plain`` at ``fixed[\"gpu\"]`` when autotuning is off. ``fixed`` maps
+    those two names to config kwargs (block sizes, num_stages, num_warps)."""
+    if interpreted():
+        plain[grid](*args, **kwargs, **fixed["interpreter"])
+        return
+    with torch.cuda.device(args[0].device):
+        if autotune_on():
+            tuned[grid](*args, **kwargs)
+        else:
+            plain[grid](*args, **kwargs, **fixed["gpu"])
+
+
+def tiles(rows: int, cols: int, rows_block: str, cols_block: str, *more: int):
+    """Grid of one program per output tile (times ``more``, e.g. split-K slices)."""
+    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]), *more)
