@@ -3,6 +3,8 @@
     import effkern as ek
     y = ek.linear_gelu(x, weight, bias)          # == F.gelu(F.linear(x, weight, bias))
     layer = ek.nn.LinearGELU.from_linear(linear)
+    qw, w_scale = ek.quantize_int8(linear.weight)
+    y = ek.int8_linear(x, qw, w_scale, bias)     # W8A8; ek.int8_weight_only_linear for W8A16
     with ek.use_backend("triton"): ...           # auto | triton | cuda | reference
     ek.info()
 """
@@ -10,7 +12,11 @@
 from . import nn
 from ._backend import BACKENDS, backend_available, use_backend
 from ._info import info
+from .int8 import (int8_linear, int8_matmul, int8_mm, int8_weight_only_linear, quantize_int8,
+                   quantize_per_token_int8)
 from .linear_gelu import linear_gelu
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "backend_available", "info", "linear_gelu", "nn", "use_backend"]
+__all__ = ["BACKENDS", "backend_available", "info", "int8_linear", "int8_matmul", "int8_mm",
+           "int8_weight_only_linear", "linear_gelu", "nn", "quantize_int8", "quantize_per_token_int8",
+           "use_backend"]

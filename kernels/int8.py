@@ -1,0 +1,313 @@
+"""INT8 matmul in Triton: per-row int8 quantization, and one GEMM kernel for W8A8 and W8A16.
+
+Quantization, ``quantize_rows_int8_kernel`` (symmetric, one scale per row; used for the
+activations' rows = tokens and for the weight's rows = output channels):
+    s[r] = max_k |x[r, k]| / 127                        fp32, correctly rounded
+    q[r, k] = clamp(round_half_even(x[r, k] / s[r]), -127, 127),   q = 0 where s = 0
+
+GEMM, ``int8_matmul_kernel``, C[m, n] = epilogue(sum_k A[m, k] * B[k, n]), B an int8 weight
+read through strides (W^T for the forward, W itself for the backward):
+    W8A8   (A int8):   acc = sum_k A * B in int32 (exact), then
+                       C = acc * a_scale[m] * b_scale[n] + bias[n]       fp32, cast to C's dtype
+    W8A16  (A float):  B converted to A's dtype inside the K loop (exact: |B| <= 127),
+                       fp32 accumulation on the 16-bit tensor cores, C = acc * b_scale[n] + bias[n]
+    backward (A = grad_out, B = W, scales along the reduction): B dequantized in the loop,
+                       b[k, n] * b_scale[k] rounded to A's dtype, C = acc
+    int8_mm (A int8, no epilogue): C = acc, int32
+
+Split-K, for few rows (decoding), where one program per output tile leaves most SMs idle and
+the op is bound by reading the weight: program (tile, s) sums K-slice s into a partial of
+the accumulator's dtype, and ``int8_splitk_reduce_kernel`` adds the slices in a fixed order
+(deterministic, no atomics) and applies the epilogue. Int32 partials are added in int64 when
+the output is dequantized, so K is not limited by int32 range (each slice is kept short
+enough that its own int32 sum is exact: |a*b| <= 2^14, 2^17 terms).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+
+# 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
+# even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+INT8_MAX: tl.constexpr = tl.constexpr(127.0)
+# Longest K slice whose int32 sum of int8 products cannot overflow: 2^31 / 128^2.
+MAX_EXACT_K = 131072
+
+
+@triton.jit
+def round_half_even(v):
+    return (v + ROUND_MAGIC) - ROUND_MAGIC
+
+
+@triton.jit
+def quantize_rows_int8_kernel(
+    x_ptr, q_ptr, scale_ptr,
+    R, K,
+    stride_xr, stride_xk, stride_qr, stride_qk,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_K)[None, :]
+    # Pass 1: row absmax. Pass 2 reads the row again (from L2) to scale, round and store.
+    amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        m = row_ok[:, None] & (cols < K - k)
+        x = tl.load(x_ptr + rows64 * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.math.div_rn(tl.max(amax, axis=1), INT8_MAX)
+    has_scale = scale > 0.0
+    divisor = tl.where(has_scale, scale, 1.0)[:, None]  # all-zero rows: q = 0, no 0/0
+    for k in range(0, K, BLOCK_K):
+        m = row_ok[:, None] & (cols < K - k)
+        x = tl.load(x_ptr + rows64 * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
+        v = round_half_even(tl.math.div_rn(x.to(tl.float32), divisor))
+        v = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)
+        tl.store(q_ptr + rows64 * stride_qr + (cols + k) * stride_qk, v.to(tl.int8), mask=m)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+@triton.jit
+def dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                     SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # (acc * a_scale[m]) * b_scale[n] + bias[n], in fp32, in that order (as the reference does).
+    out = acc.to(tl.float32)
+    if SCALE_ROWS:
+        out = out * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if SCALE_COLS:
+        out = out * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return out
+
+
+@triton.jit
+def int8_matmul_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+    A_INT8: tl.constexpr, SCALE_K: tl.constexpr, DEQUANT: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge wrap onto valid ones, so only K needs load masks; the
+    # duplicated results are dropped by the masked stores.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + rn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 else tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = k_end - k
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if A_INT8:
+            acc = tl.dot(a, b, acc)
+        else:
+            if SCALE_K:
+                s = tl.load(b_scale_ptr + k + offs_k, mask=offs_k < k_end - k, other=0.0)
+                b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+            else:
+                b = b.to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if DEQUANT:
+        acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                               SCALE_ROWS, SCALE_COLS, HAS_BIAS)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def int8_splitk_reduce_kernel(
+    part_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+    M, N, SPLITS,
+    stride_ps, stride_pm, stride_cm, stride_cn,
+    WIDE: tl.constexpr, DEQUANT: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # part is [SPLITS, M, N] with unit stride along N; slices are added in order 0, 1, ...
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0)
+    if WIDE:
+        acc = acc.to(tl.int64)
+    for s in range(1, SPLITS):
+        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0).to(acc.dtype)
+    if DEQUANT:
+        acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                               SCALE_ROWS, SCALE_COLS, HAS_BIAS)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations. Large M: autotuned over tiles picked for H100 (int8 tiles 128 deep
+# in K, 16-bit ones 64 deep; configs that do not fit shared memory are skipped by the
+# autotuner). Few rows: a split-K launch at one narrow config, the split count sized to the
+# SM count. Under the interpreter: small fixed tiles, and a pretend SM count small enough that
+# the tests' shapes take the split-K path too.
+
+_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_GEMM_SHAPES = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    (128, 256, 128, 3, 8),
+    (256, 128, 128, 3, 8),
+    (128, 128, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 256, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (32, 64, 256, 4, 4),
+    (16, 128, 256, 4, 4),
+    (16, 64, 256, 3, 4),
+]
+GROUP = 8
+_FIXED = {"interpreter": ((32, 32, 64, 4), 1, 4), "gpu": ((64, 128, 128, 8), 3, 4)}
+# The split-K launch: 16 rows (the smallest tl.dot tile) by 64 columns, 256 deep.
+_SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4)}
+_INTERPRETER_SMS = 4
+# Up to this many rows the split-K launch is considered; beyond, tiles fill the GPU anyway.
+SPLIT_MAX_ROWS = 64
+
+_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
+                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(int8_matmul_kernel)
+_gemm_tuned = triton.autotune(
+    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
+    # stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W).
+    key=["M", "N", "K", "stride_bk"],
+    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
+)(_gemm)
+
+
+def _kwargs(setting) -> dict:
+    blocks, stages, warps = setting
+    return dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
+
+
+def _where() -> str:
+    return "interpreter" if interpreted() else "gpu"
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if interpreted():
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """Slices of K for the split-K launch: enough programs for two per SM, each slice at least
+    four K blocks long; 1 (no split) when the rows or the output tiles already fill the GPU."""
+    (bm, bn, bk, _), _, _ = _SPLIT[_where()]
+    if M > SPLIT_MAX_ROWS:
+        return 1
+    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    return max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), triton.cdiv(K, 4 * bk)))
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] float (any strides) -> (q int8 [R, K], scale float32 [R])."""
+    R, K = x.shape
+    q = torch.empty((R, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((R,), dtype=torch.float32, device=x.device)
+    if R == 0:
+        return q, scale
+    if K == 0:
+        return q, scale.zero_()
+    block_k = min(triton.next_power_of_2(K), 1024)
+    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_k))
+    grid = (triton.cdiv(R, block_r),)
+    args = (x, q, scale, R, K, x.stride(0), x.stride(1), q.stride(0), q.stride(1))
+    if interpreted():
+        quantize_rows_int8_kernel[grid](*args, BLOCK_R=block_r, BLOCK_K=block_k)
+    else:
+        with torch.cuda.device(x.device):
+            quantize_rows_int8_kernel[grid](*args, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    return q, scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
+                bias: torch.Tensor | None, out_dtype: torch.dtype, scale_k: bool = False,
+                split_k: int | None = None) -> torch.Tensor:
+    """C [M, N] = epilogue(a @ b) for a [M, K] (int8 or float), b [K, N] int8, both any strides.
+
+    a int8: int32 accumulation; with ``out_dtype`` int32 the raw accumulator is returned (no
+    scales, no bias), otherwise C = acc * a_scale[:, None] * b_scale[None, :] + bias.
+    a float: C = (a @ b) * b_scale[None, :] + bias, or with ``scale_k`` (b_scale of length K)
+    C = a @ (b * b_scale[:, None]), b dequantized to a's dtype in the loop.
+    ``split_k`` forces a number of K slices (tests); None chooses by shape.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    a_int8 = a.dtype == torch.int8
+    dequant = out_dtype != torch.int32
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    # The kernels index the per-row/per-column vectors with unit stride.
+    a_scale, b_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, b_scale, bias))
+    splits = (split_k or choose_split_k(M, N, K, a.device)) if K else 1
+    if a_int8 and dequant:
+        splits = max(splits, triton.cdiv(K, MAX_EXACT_K))  # each slice's int32 sum stays exact
+    flags = dict(A_INT8=a_int8, SCALE_K=scale_k, DEQUANT=dequant,
+                 SCALE_ROWS=a_scale is not None, SCALE_COLS=b_scale is not None and not scale_k,
+                 HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
+    scales_and_bias = (a_scale if a_scale is not None else c, b_scale if b_scale is not None else c,
+                       bias if bias is not None else c)
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    if splits == 1:
+        args = (a, b, *scales_and_bias, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
+        fixed = {where: _kwargs(setting) for where, setting in _FIXED.items()}
+        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
+        return c
+
+    setting = _kwargs(_SPLIT[_where()])
+    bm, bn, bk = setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    if a_int8 and dequant:
+        k_per_split = min(k_per_split, MAX_EXACT_K)
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty((splits, M, N), dtype=torch.int32 if a_int8 else torch.float32, device=a.device)
+    gemm_flags = dict(flags, DEQUANT=False)
+    args = (a, b, *scales_and_bias, part, M, N, K, k_per_split, *strides, part.stride(0), part.stride(1), 1)
+    reduce_args = (part, *scales_and_bias, c, M, N, splits, part.stride(0), part.stride(1), c.stride(0), c.stride(1))
+    reduce_flags = dict(WIDE=a_int8 and dequant, DEQUANT=dequant, SCALE_ROWS=flags["SCALE_ROWS"],
+                        SCALE_COLS=flags["SCALE_COLS"], HAS_BIAS=flags["HAS_BIAS"], BLOCK_M=bm, BLOCK_N=bn)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)
+    reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    if interpreted():
+        _gemm[grid](*args, **gemm_flags, **setting)
+        int8_splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
+    else:
+        with torch.cuda.device(a.device):
+            _gemm[grid](*args, **gemm_flags, **setting)
+            int8_splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
+    return c

@@ -1,0 +1,602 @@
+"""INT8 matmul: quantization, exact int32 accumulation, W8A8 and W8A16 linear layers, autograd,
+registration, Int8Linear, errors. Triton kernels run through the interpreter on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_reference,
+                          int8_weight_only_linear_reference, quantize_rows_reference)
+from effkern.testing import max_error, tolerance
+
+BACKENDS = ["triton", "reference"]
+LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
+ODD_M = (1, 5, 17, 129)
+ODD_K = (24, 100, 4100)
+
+
+def needs_backend(backend: str, device: str = "cpu"):
+    ok, why = ek.backend_available(backend, device)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
+
+
+def kernels():
+    from effkern.kernels import int8
+
+    return int8
+
+
+def outlier_weight(N, K, device="cpu", seed=0):
+    """A layer-like weight [N, K] (~1/sqrt(K)) with outliers: a few input channels 20x larger
+    (they stretch every row's scale) and one output channel 50x larger (its own scale)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / math.sqrt(K)
+    w[:, torch.randperm(K, generator=g)[: max(1, K // 50)]] *= 20
+    w[N // 2] *= 50
+    return w.to(device)
+
+
+def int8_pair(M, N, K, device="cpu", seed=0):
+    """Random int8 operands over the whole range, -128 included."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8).to(device),
+            torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(device))
+
+
+def assert_rounded_from(out, exact32):
+    """out == exact32 rounded to out's dtype. Triton's interpreter rounds fp32 -> bf16 toward
+    zero (GPUs round to nearest), so for bf16 either neighbour of exact32 is accepted."""
+    expected = exact32.to(out.dtype)
+    if out.dtype != torch.bfloat16:
+        assert torch.equal(out, expected)
+        return
+    ulp = torch.finfo(torch.bfloat16).eps * exact32.abs()
+    assert ((out.float() - exact32).abs() <= ulp).all()
+
+
+# ---------------------------------------------------------------------------- quantization
+
+def test_reference_quantization_rounds_half_to_even_and_handles_zero_rows():
+    # absmax 127 makes the scale exactly 1, so x / scale = x: ties show directly.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49],
+                      [0.0] * 8,
+                      [-254.0, 1.0, 3.0, -5.0, 0.0, 254.0, 2.9, -1.0]])
+    q, scale = quantize_rows_reference(x)
+    assert scale.tolist() == [1.0, 0.0, 2.0]
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3], [0] * 8, [-127, 0, 2, -2, 0, 127, 1, 0]]
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 24), (5, 100), (17, 4100), (3, 7, 33), (129, 1)])
+def test_quantize_per_token_is_bit_exact(backend, dtype, shape):
+    needs_backend(backend)
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * torch.rand(*shape[:-1], 1) * 10).to(dtype)
+    x.view(-1, shape[-1])[0] = 0  # an all-zero token
+    with ek.use_backend(backend):
+        q, scale = ek.quantize_per_token_int8(x)
+    # independent formulation: divide by absmax/127, round half to even, clamp
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127
+    expected = torch.where(s[..., None] > 0, torch.round(xf / s[..., None]), torch.zeros_like(xf))
+    assert q.shape == x.shape and scale.shape == x.shape[:-1]
+    assert torch.equal(scale, s)
+    assert torch.equal(q, expected.clamp(-127, 127).to(torch.int8))
+    assert not torch.isnan(scale).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_int8_weight_per_channel(backend):
+    needs_backend(backend)
+    w = outlier_weight(40, 100)
+    w[3] = 0
+    with ek.use_backend(backend):
+        qw, scale = ek.quantize_int8(w.t().contiguous().t())  # non-contiguous weight
+    assert qw.shape == (40, 100) and qw.dtype == torch.int8 and scale.shape == (40,)
+    assert scale[3] == 0 and (qw[3] == 0).all()
+    assert qw.abs().amax(1)[scale > 0].eq(127).all()  # every nonzero row uses the full range
+    err = (dequantize_int8(qw, scale, torch.float64) - w.double()).abs()
+    assert (err <= scale.double()[:, None] / 2 + 1e-12).all()  # within half a step
+
+
+def test_quantize_does_not_take_gradients():
+    w = torch.randn(8, 16, requires_grad=True)
+    qw, scale = ek.quantize_int8(w)
+    assert not qw.requires_grad and not scale.requires_grad
+
+
+# ---------------------------------------------------------------------------- int32 accumulation
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", ODD_M)
+@pytest.mark.parametrize("K", ODD_K)
+def test_int8_mm_is_exact(backend, M, K):
+    needs_backend(backend)
+    a, b = int8_pair(M, 40, K)
+    with ek.use_backend(backend):
+        c = ek.int8_mm(a, b)
+    assert c.dtype == torch.int32
+    assert torch.equal(c, a.int() @ b.int().t())
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 7])
+def test_int8_mm_split_k_is_exact(split_k):
+    needs_backend("triton")
+    a, b = int8_pair(3, 33, 1000, seed=split_k)
+    assert torch.equal(kernels().int8_matmul(a, b.t(), None, None, None, torch.int32, split_k=split_k),
+                       a.int() @ b.int().t())
+
+
+def test_split_k_is_chosen_for_few_rows_only():
+    needs_backend("triton")
+    k = kernels()
+    assert k.choose_split_k(1, 40, 4100, torch.device("cpu")) > 1
+    assert k.choose_split_k(k.SPLIT_MAX_ROWS + 1, 40, 4100, torch.device("cpu")) == 1
+    assert k.choose_split_k(1, 40, 64, torch.device("cpu")) == 1  # too short to split
+
+
+def test_int8_matmul_accumulates_past_the_int32_range():
+    """K = 140,000 rows of 127 * 127 sum to 2.26e9 > 2^31: the dequantized result stays exact
+    (int32 slices added in int64) instead of wrapping."""
+    needs_backend("triton")
+    K = 140_000
+    a = torch.full((1, K), 127, dtype=torch.int8)
+    b = torch.full((16, K), 127, dtype=torch.int8)
+    b[1] = -127
+    ones = torch.ones(1), torch.ones(16)
+    with ek.use_backend("triton"):
+        out = ek.int8_matmul(a, b, *ones, out_dtype=torch.float32)
+    expected = torch.full((1, 16), 127.0 * 127 * K, dtype=torch.float64)
+    expected[0, 1] *= -1
+    assert torch.equal(out, expected.float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 100), (17, 33, 24), (129, 20, 4100)])
+def test_int8_matmul_dequantizes_in_fp32(backend, out_dtype, M, N, K, poison_empty):
+    needs_backend(backend)
+    a, b = int8_pair(M, N, K)
+    a_scale, b_scale = torch.rand(M) / 100, torch.rand(N) / 100
+    a_scale[0] = 0  # a zero row scale, as quantization gives for an all-zero token
+    bias = torch.randn(N, dtype=torch.float16)
+    with ek.use_backend(backend):
+        out = ek.int8_matmul(a, b, a_scale, b_scale, bias, out_dtype=out_dtype)
+    acc = (a.int() @ b.int().t()).double()
+    exact32 = (acc.float() * a_scale[:, None]) * b_scale[None, :] + bias.float()
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    assert_rounded_from(out, exact32)  # the same fp32 operations in the same order
+
+
+def test_int8_matmul_leading_dims_and_default_dtype():
+    a, b = int8_pair(6, 10, 24)
+    a3 = a.view(2, 3, 24)
+    a_scale = torch.rand(2, 3)
+    b_scale = torch.rand(10)
+    out = ek.int8_matmul(a3, b, a_scale, b_scale)
+    assert out.shape == (2, 3, 10) and out.dtype == torch.bfloat16
+    assert torch.equal(out.view(6, 10), int8_matmul_reference(a, b, a_scale.view(6), b_scale, None, torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------- linear layers
+
+def plain_pytorch_w8a8(x, w, b):
+    """What a PyTorch user writes for the same quantization: per-channel weight and per-token
+    activation scales, fp32 matmul of the integer values, dequantize, add bias."""
+    ws = w.float().abs().amax(1) / 127
+    qw = torch.round(w.float() / ws[:, None]).clamp(-127, 127)
+    xs = x.float().abs().amax(-1, keepdim=True) / 127
+    qx = torch.round(x.float() / xs).clamp(-127, 127)
+    return ((qx @ qw.t()) * xs * ws + b.float()).to(x.dtype)
+
+
+def plain_pytorch_w8a16(x, w, b):
+    ws = w.float().abs().amax(1) / 127
+    w_dq = (torch.round(w.float() / ws[:, None]).clamp(-127, 127) * ws[:, None]).to(x.dtype)
+    return F.linear(x, w_dq, b)
+
+
+PLAIN = {"w8a8": plain_pytorch_w8a8, "w8a16": plain_pytorch_w8a16}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", ODD_M)
+@pytest.mark.parametrize("K", ODD_K)
+def test_linear_error_is_that_of_the_quantization(backend, mode, dtype, M, K, poison_empty):
+    """Against the float linear (float64) on outlier weights, effkern's error exceeds that of
+    a plain PyTorch implementation of the same quantization by at most rounding."""
+    needs_backend(backend)
+    N = 40
+    torch.manual_seed(M + K)
+    w = outlier_weight(N, K).to(dtype)  # the layer's weight, in the activations' dtype
+    x = torch.randn(M, K).to(dtype)
+    b = torch.randn(N).to(dtype)
+    qw, scale = ek.quantize_int8(w)
+    with ek.use_backend(backend):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+    exact = F.linear(x.double(), w.double(), b.double())
+    plain = PLAIN[mode](x, w, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    limit = tolerance(max_error(plain, exact), exact.abs().max().item(), dtype, K, factor=1.0)
+    assert max_error(y, exact) <= limit, (max_error(y, exact), max_error(plain, exact))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,K", [(1, 4100), (17, 100), (129, 24)])
+def test_w8a16_matches_float64_on_the_dequantized_weight(backend, M, K, poison_empty):
+    """W8A16 computes x @ (q * s)^T + b: within 2x PyTorch's error in the same precision."""
+    needs_backend(backend)
+    N = 33
+    qw, scale = ek.quantize_int8(outlier_weight(N, K))
+    x, b = torch.randn(M, K).half(), torch.randn(N).half()
+    with ek.use_backend(backend):
+        y = ek.int8_weight_only_linear(x, qw, scale, b)
+    exact = F.linear(x.double(), dequantize_int8(qw, scale, torch.float64), b.double())
+    torch_same = F.linear(x, dequantize_int8(qw, scale, torch.float16), b)
+    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), torch.float16, K)
+    assert max_error(y, exact) <= limit
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_triton_matches_reference_backend(mode):
+    """Same quantization and accumulation: the two backends agree to fp32 rounding."""
+    needs_backend("triton")
+    torch.manual_seed(3)
+    qw, scale = ek.quantize_int8(outlier_weight(24, 56))
+    x, b = torch.randn(2, 9, 56), torch.randn(24)
+    with ek.use_backend("triton"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+    with ek.use_backend("reference"):
+        expected = LINEAR_OPS[mode](x, qw, scale, b)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    if mode == "w8a8":
+        assert torch.equal(y, int8_linear_reference(x, qw, scale, b))
+
+
+def test_w8a8_in_bfloat16_through_the_interpreter():
+    """bf16 activations on the int8 path (no bf16 tl.dot involved, so the interpreter runs it)."""
+    needs_backend("triton")
+    qw, scale = ek.quantize_int8(outlier_weight(20, 48))
+    x, b = torch.randn(7, 48).bfloat16(), torch.randn(20).bfloat16()
+    with ek.use_backend("triton"):
+        y = ek.int8_linear(x, qw, scale, b)
+    assert y.dtype == torch.bfloat16
+    xq, xs = quantize_rows_reference(x)
+    exact32 = (xq.int() @ qw.int().t()).float() * xs[:, None] * scale + b.float()
+    assert_rounded_from(y, exact32)
+
+
+def _strided_inputs():
+    torch.manual_seed(5)
+    return [
+        ("x transposed", torch.randn(30, 7).t()),
+        ("x column slice", torch.randn(7, 60)[:, ::2]),
+        ("3-D x, permuted", torch.randn(30, 2, 3).permute(1, 2, 0)),
+        ("1-D x", torch.randn(30)),
+        ("zero-stride x", torch.randn(1, 30).expand(4, 30)),
+        ("empty batch", torch.randn(0, 30)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("case", range(len(_strided_inputs())), ids=[c[0] for c in _strided_inputs()])
+def test_any_strides_and_ranks(backend, mode, case, poison_empty):
+    needs_backend(backend)
+    x = _strided_inputs()[case][1]
+    qw, scale = ek.quantize_int8(outlier_weight(12, 30))
+    qw_t = qw.t().contiguous().t()  # a non-contiguous int8 weight too
+    b = torch.randn(24)[::2]
+    with ek.use_backend(backend):
+        y = LINEAR_OPS[mode](x, qw_t, scale, b)
+    reference = int8_linear_reference if mode == "w8a8" else int8_weight_only_linear_reference
+    assert y.shape == (*x.shape[:-1], 12)
+    torch.testing.assert_close(y, reference(x.contiguous(), qw, scale, b.contiguous()), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- autograd
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_goes_through_the_dequantized_weight(backend, mode, dtype, poison_empty):
+    needs_backend(backend)
+    K, N = 100, 40
+    qw, scale = ek.quantize_int8(outlier_weight(N, K))
+    x = torch.randn(3, 5, K).to(dtype).requires_grad_()
+    b = torch.randn(N).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, N).to(dtype)
+    with ek.use_backend(backend):
+        LINEAR_OPS[mode](x, qw, scale, b).backward(grad)
+    w_dq = dequantize_int8(qw, scale, torch.float64)
+    exact = grad.double() @ w_dq
+    torch_same = grad @ dequantize_int8(qw, scale, dtype)
+    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, N)
+    assert x.grad.dtype == dtype and max_error(x.grad, exact) <= limit
+    torch.testing.assert_close(b.grad.double(), grad.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
+
+
+def test_w8a16_reference_gradcheck():
+    qw, scale = ek.quantize_int8(torch.randn(5, 7))
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with ek.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda x, b: ek.int8_weight_only_linear(x, qw, scale, b), (x, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_requested_gradients(backend):
+    needs_backend(backend)
+    qw, scale = ek.quantize_int8(torch.randn(6, 8))
+    x, b = torch.randn(4, 8), torch.randn(6, requires_grad=True)
+    with ek.use_backend(backend):
+        ek.int8_linear(x, qw, scale, b).sum().backward()
+    assert x.grad is None and torch.equal(b.grad, torch.full((6,), 4.0))
+
+
+def test_weight_gradient_is_a_clear_error():
+    qw, scale = ek.quantize_int8(torch.randn(6, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    for op in LINEAR_OPS.values():
+        with pytest.raises(RuntimeError, match="quantized weight is frozen"):
+            op(x, qw, scale.clone().requires_grad_())
+    with pytest.raises(RuntimeError, match="only Tensors of floating point"):
+        qw.float().to(torch.int8).requires_grad_()  # an int8 weight cannot ask for a gradient at all
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_backward_kernel_split_k(split_k):
+    """grad_input = g @ (q * s): the kernel with scales along the reduction, split or not."""
+    needs_backend("triton")
+    qw, scale = ek.quantize_int8(outlier_weight(70, 30))
+    g = torch.randn(2, 70)
+    out = kernels().int8_matmul(g, qw, None, scale, None, torch.float32, scale_k=True, split_k=split_k)
+    torch.testing.assert_close(out, g @ dequantize_int8(qw, scale, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- registration
+
+def sample_inputs(requires_grad=False):
+    """(op, args) for every int8 op: ranks 1-3, with and without bias."""
+    torch.manual_seed(0)
+    for lead, N, K, bias in [((), 5, 7, True), ((3,), 6, 4, False), ((2, 3), 5, 9, True)]:
+        x = torch.randn(*lead, K, requires_grad=requires_grad)
+        qw, scale = ek.quantize_int8(torch.randn(N, K))
+        b = torch.randn(N, requires_grad=requires_grad) if bias else None
+        yield torch.ops.effkern.int8_linear.default, (x, qw, scale, b)
+        yield torch.ops.effkern.int8_weight_only_linear.default, (x, qw, scale, b)
+        if not requires_grad:
+            xq, xs = ek.quantize_per_token_int8(x)
+            yield torch.ops.effkern.quantize_per_token_int8.default, (x,)
+            yield torch.ops.effkern.int8_matmul.default, (xq, qw, xs, scale, b, torch.float16)
+            yield torch.ops.effkern.int8_mm.default, (xq.reshape(-1, K), qw)
+            grad = torch.randn(*lead, N)
+            yield torch.ops.effkern.int8_linear_bwd.default, (grad, qw, scale, [True, bias])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    needs_backend(backend)
+    with ek.use_backend(backend):
+        for op, args in sample_inputs(requires_grad):
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_torch_compile_fullgraph_forward_backward(backend, mode):
+    needs_backend(backend)
+    torch._dynamo.reset()
+    layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(24, 40), mode=mode)
+
+    def step(x):
+        return layer(x).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with ek.use_backend(backend):
+        for tokens in (5, 9):
+            x = torch.randn(tokens, 24, requires_grad=True)
+            loss = compiled(x)
+            loss.backward()
+            grads = x.grad, layer.bias.grad
+            layer.bias.grad = None
+            x_eager = x.detach().requires_grad_()
+            expected = step(x_eager)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(grads[0], x_eager.grad)
+            torch.testing.assert_close(grads[1], layer.bias.grad)
+            layer.bias.grad = None
+
+
+def test_torch_compile_quantize_and_matmul_have_no_graph_break():
+    torch._dynamo.reset()
+    qw, scale = ek.quantize_int8(torch.randn(10, 12))
+
+    def fn(x):
+        xq, xs = ek.quantize_per_token_int8(x)
+        return ek.int8_matmul(xq, qw, xs, scale, out_dtype=torch.float32) * 2
+
+    x = torch.randn(6, 12)
+    explanation = torch._dynamo.explain(fn)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))
+
+
+def test_autocast_casts_input_and_bias_not_the_scales():
+    qw, scale = ek.quantize_int8(torch.randn(6, 8))
+    x, b = torch.randn(4, 8), torch.randn(6)
+    for op, reference in ((ek.int8_linear, int8_linear_reference),
+                          (ek.int8_weight_only_linear, int8_weight_only_linear_reference)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = op(x, qw, scale, b)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, reference(x.bfloat16(), qw, scale, b.bfloat16()))
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _bad_calls():
+    qw, scale = ek.quantize_int8(torch.randn(6, 8))
+    x = torch.randn(4, 8)
+    return [
+        ("scale shape", (x, qw, scale[:5], None), ValueError, r"weight_scale must have shape \[N\] = \[6\]"),
+        ("scale dtype", (x, qw, scale.half(), None), TypeError, "weight_scale must be float32"),
+        ("float weight as qweight", (x, torch.randn(6, 8), scale, None), TypeError, "must be int8 .*quantize_int8"),
+        ("K mismatch", (torch.randn(4, 9), qw, scale, None), ValueError, "K=9 does not match qweight's K=8"),
+        ("qweight rank", (x, qw[0], scale, None), ValueError, r"qweight must be 2-D"),
+        ("bias shape", (x, qw, scale, torch.randn(5)), ValueError, r"bias must have shape \[N\] = \[6\]"),
+        ("bias dtype", (x, qw, scale, torch.randn(6).half()), TypeError, "bias has dtype torch.float16"),
+        ("int input", (x.int(), qw, scale, None), TypeError, "input must be float16, bfloat16 or float32"),
+        ("scalar input", (torch.tensor(1.0), qw, scale, None), ValueError, "input must have shape"),
+        ("devices", (x, qw.to("meta"), scale, None), RuntimeError, "qweight is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_clear_errors(backend, mode, case):
+    _, args, exc, message = _bad_calls()[case]
+    with ek.use_backend(backend), pytest.raises(exc, match=message):
+        LINEAR_OPS[mode](*args)
+
+
+def test_bad_matmul_and_quantize_inputs():
+    a, b = int8_pair(4, 6, 8)
+    with pytest.raises(ValueError, match="K must match"):
+        ek.int8_mm(a, b[:, :7])
+    with pytest.raises(TypeError, match="b must be int8"):
+        ek.int8_mm(a, b.float())
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(4,\)"):
+        ek.int8_matmul(a, b, torch.ones(3), torch.ones(6))
+    with pytest.raises(TypeError, match="out_dtype"):
+        ek.int8_matmul(a, b, torch.ones(4), torch.ones(6), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"2-D \[N, K\] weight"):
+        ek.quantize_int8(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="input must be float16"):
+        ek.quantize_per_token_int8(a)
+
+
+def test_backends_without_int8_kernels_are_clear_errors():
+    qw, scale = ek.quantize_int8(torch.randn(6, 8))
+    with ek.use_backend("cuda"), pytest.raises(RuntimeError, match="no C\\+\\+ ones"):
+        ek.int8_linear(torch.randn(2, 8), qw, scale)
+    needs_backend("triton")
+    with ek.use_backend("triton"), pytest.raises(TypeError, match="float64 runs on the reference"):
+        ek.int8_weight_only_linear(torch.randn(2, 8, dtype=torch.float64), qw, scale)
+
+
+# ---------------------------------------------------------------------------- nn module
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_int8_linear_module_and_state_dict_round_trip(mode):
+    linear = torch.nn.Linear(32, 24)
+    layer = ek.nn.Int8Linear.from_linear(linear, mode=mode)
+    assert layer.bias is linear.bias and layer.qweight.dtype == torch.int8
+    x = torch.randn(2, 5, 32)
+    y = layer(x)
+    op = LINEAR_OPS[mode]
+    assert torch.equal(y, op(x, *ek.quantize_int8(linear.weight), linear.bias))
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "weight_scale", "bias"}
+    fresh = ek.nn.Int8Linear(32, 24, mode=mode)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), y)
+    assert torch.equal(fresh.dequantized_weight(torch.float64),
+                       layer.qweight.double() * layer.weight_scale.double()[:, None])
+    assert mode in repr(fresh)
+    no_bias = ek.nn.Int8Linear.from_linear(torch.nn.Linear(32, 24, bias=False), mode=mode)
+    assert no_bias.bias is None and no_bias(x).shape == (2, 5, 24)
+    with pytest.raises(ValueError, match="mode"):
+        ek.nn.Int8Linear(4, 4, mode="w4a16")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        ek.nn.Int8Linear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+def test_int8_linear_module_fine_tunes_the_bias_only():
+    torch.manual_seed(0)
+    layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(16, 8), mode="w8a16")
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["bias"]
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, target = torch.randn(32, 16), torch.randn(32, 8)
+    before = F.mse_loss(layer(x), target).item()
+    for _ in range(20):
+        opt.zero_grad()
+        F.mse_loss(layer(x), target).backward()
+        opt.step()
+    assert F.mse_loss(layer(x), target).item() < before
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096), (5, 100), (129, 4100), (4096, 1024)])
+def test_gpu_quantize_per_token_matches_reference(dtype, shape):
+    x = torch.randn(*shape, device="cuda").to(dtype)
+    with ek.use_backend("triton"):
+        q, scale = ek.quantize_per_token_int8(x)
+    q_ref, scale_ref = quantize_rows_reference(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", ODD_M + (1024,))
+@pytest.mark.parametrize("K", ODD_K)
+def test_gpu_int8_mm_is_exact(M, K):
+    a, b = int8_pair(M, 520, K, device="cuda")
+    with ek.use_backend("triton"):
+        c = ek.int8_mm(a, b)
+    assert torch.equal(c.cpu(), a.cpu().int() @ b.cpu().int().t())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", ODD_M + (2048,))
+@pytest.mark.parametrize("K", ODD_K)
+def test_gpu_linear_error_is_that_of_the_quantization(mode, dtype, M, K, poison_empty):
+    N = 264
+    w = outlier_weight(N, K, device="cuda").to(dtype)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    qw, scale = ek.quantize_int8(w)
+    with ek.use_backend("triton"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+    exact = F.linear(x.double(), w.double(), b.double())
+    plain = PLAIN[mode](x, w, b)
+    limit = tolerance(max_error(plain, exact), exact.abs().max().item(), dtype, K, factor=1.0)
+    assert max_error(y, exact) <= limit, (max_error(y, exact), max_error(plain, exact))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "1")
+    K, N = 1024, 768
+    qw, scale = ek.quantize_int8(outlier_weight(N, K, device="cuda"))
+    for M in (1, 16, 512):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        with ek.use_backend("triton"):
+            y = LINEAR_OPS[mode](x, qw, scale)
+            y.backward(grad)
+        with ek.use_backend("reference"):
+            expected = LINEAR_OPS[mode](x.detach(), qw, scale)
+        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+        exact = grad.double() @ dequantize_int8(qw, scale, torch.float64)
+        torch_same = grad @ dequantize_int8(qw, scale, torch.bfloat16)
+        limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), torch.bfloat16, N)
+        assert max_error(x.grad, exact) <= limit
