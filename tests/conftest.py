@@ -42,3 +42,32 @@ def poison_empty():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+
+@pytest.fixture(scope="module")
+def compile_for_gpu():
+    """compile(requests) -> results: Triton kernels compiled ahead of time for CUDA GPUs, here,
+    without one (tests/aot_compile.py, in a child process: this one runs the interpreter).
+    ``requests`` maps names to dicts with "kernel" ("module:function"), "types" (runtime
+    arguments -> Triton types such as "*bf16", "i32"), "constexprs", "cc", "num_warps" and
+    "num_stages"; each result has the PTX ("ptx") and the shared memory in bytes ("shared")."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"Triton's NVIDIA backend is needed to compile for a GPU: {exc}")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def compile(requests: dict) -> dict:
+        done = subprocess.run([sys.executable, str(root / "tests" / "aot_compile.py")], input=json.dumps(requests),
+                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert done.returncode == 0, f"compiling for a GPU failed:\n{done.stderr[-4000:]}"
+        return json.loads(done.stdout)
+
+    return compile

@@ -539,6 +539,114 @@ def test_int8_linear_module_fine_tunes_the_bias_only():
     assert F.mse_loss(layer(x), target).item() < before
 
 
+# ---------------------------------------------------------------------------- GPU code, compiled here
+# The interpreter runs the kernels' logic; these compile them for sm_80 and sm_90 without a GPU
+# and check what the GPU would run: tensor-core instructions of the right type, rounding that
+# the compiler kept, tiles that fit in shared memory.
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 / H100 opt-in maximum
+GEMM_TYPES = dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32", stride_am="i32", stride_ak="i32",
+                  stride_bk="i32", stride_bn="i32", stride_cs="i32", stride_cm="i32", stride_cn="i32",
+                  b_ptr="*i8", a_scale_ptr="*fp32", b_scale_ptr="*fp32")
+
+
+def _gemm_variant(a, out, bias="*bf16", **flags):
+    types = dict(GEMM_TYPES, a_ptr=a, c_ptr=out, bias_ptr=bias)
+    constexprs = dict(A_INT8=a == "*i8", SCALE_K=False, DEQUANT=True, SCALE_ROWS=a == "*i8", SCALE_COLS=True,
+                      HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=False, GROUP_M=8)
+    constexprs.update(flags)
+    return types, constexprs
+
+
+GEMM_VARIANTS = {
+    # name: (types, constexprs, PTX tensor-core instruction expected on sm_80 / sm_90)
+    "w8a8 bf16": (*_gemm_variant("*i8", "*bf16"), r"mma.*s32\.s8\.s8"),
+    "int8_mm int32": (*_gemm_variant("*i8", "*i32", DEQUANT=False, SCALE_ROWS=False, SCALE_COLS=False,
+                                     HAS_BIAS=False), r"mma.*s32\.s8\.s8"),
+    "w8a16 bf16": (*_gemm_variant("*bf16", "*bf16"), r"mma.*f32\.bf16\.bf16"),
+    "w8a16 fp16": (*_gemm_variant("*fp16", "*fp16", bias="*fp16"), r"mma.*f32\.f16\.f16"),
+    "backward bf16": (*_gemm_variant("*bf16", "*bf16", SCALE_K=True, SCALE_COLS=False, HAS_BIAS=False),
+                      r"mma.*f32\.bf16\.bf16"),
+}
+
+
+def _launch_configs():
+    """The tile configs the launcher uses on a GPU: the fixed one, the split-K one, and the
+    largest autotuning candidate."""
+    k = kernels()
+    return {"fixed": k._kwargs(k._FIXED["gpu"]), "split-k": k._kwargs(k._SPLIT["gpu"]),
+            "autotune 128x256": k._kwargs(((128, 256, 128, 8), 3, 8))}
+
+
+def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3):
+    return dict(kernel=f"effkern.kernels.int8:{kernel}", types=types, constexprs=constexprs, cc=cc,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _gemm_requests():
+    """(variant, cc, config name) -> request: every variant on both GPUs at the fixed config,
+    and W8A8 on sm_90 at every config the launcher uses."""
+    configs = _launch_configs()
+    out = {}
+    for variant, (types, constexprs, _) in GEMM_VARIANTS.items():
+        for cc in (80, 90):
+            for name, cfg in configs.items():
+                if name == "fixed" or (cc, variant) == (90, "w8a8 bf16"):
+                    blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+                    out[f"{variant}|{cc}|{name}"] = _request("int8_matmul_kernel", types, {**constexprs, **blocks},
+                                                             cc, cfg["num_warps"], cfg["num_stages"])
+    return out
+
+
+QUANTIZE_TYPES = dict(q_ptr="*i8", scale_ptr="*fp32", R="i32", K="i32",
+                      stride_xr="i32", stride_xk="i32", stride_qr="i32", stride_qk="i32")
+REDUCE_TYPES = dict(part_ptr="*i32", a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16", c_ptr="*bf16",
+                    M="i32", N="i32", SPLITS="i32", stride_ps="i32", stride_pm="i32", stride_cm="i32", stride_cn="i32")
+
+
+@pytest.fixture(scope="module")
+def compiled_for_gpus(compile_for_gpu):
+    needs_backend("triton")
+    requests = _gemm_requests()
+    for dtype in ("*bf16", "*fp32"):
+        requests[f"quantize {dtype}"] = _request("quantize_rows_int8_kernel", dict(QUANTIZE_TYPES, x_ptr=dtype),
+                                                 dict(BLOCK_R=4, BLOCK_K=1024))
+    requests["reduce"] = _request("int8_splitk_reduce_kernel", REDUCE_TYPES,
+                                  dict(WIDE=True, DEQUANT=True, SCALE_ROWS=True, SCALE_COLS=True, HAS_BIAS=True,
+                                       BLOCK_M=16, BLOCK_N=64))
+    return compile_for_gpu(requests)
+
+
+@pytest.mark.parametrize("key", list(_gemm_requests()) if ek.backend_available("triton", "cpu")[0] else [])
+def test_gemm_compiles_for_gpus_onto_tensor_cores(compiled_for_gpus, key):
+    import re
+
+    variant, cc, config_name = key.split("|")
+    compiled = compiled_for_gpus[key]
+    mma = GEMM_VARIANTS[variant][2]
+    assert re.search(mma, compiled["ptx"]), f"{key}: no {mma} in the PTX"
+    if cc == "90" and _launch_configs()[config_name]["BLOCK_M"] >= 64:
+        assert "wgmma" in compiled["ptx"], f"{key}: Hopper's wgmma not used"
+    assert compiled["shared"] <= SHARED_LIMIT[int(cc)], (key, compiled["shared"])
+
+
+def test_splitk_reduce_adds_in_int64_on_a_gpu(compiled_for_gpus):
+    assert "add.s64" in compiled_for_gpus["reduce"]["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
+def test_quantize_kernel_keeps_its_rounding_on_a_gpu(compiled_for_gpus, dtype):
+    """The GPU code divides correctly rounded (div.rn, not the approximate division) and keeps
+    both halves of the round-half-even trick (v + 1.5 * 2^23) - 1.5 * 2^23."""
+    lines = compiled_for_gpus[f"quantize {dtype}"]["ptx"].upper().splitlines()
+    assert any("DIV.RN.F32" in line for line in lines)
+    assert not any("DIV.APPROX" in line or "DIV.FULL" in line for line in lines)
+    added = sum("ADD.F32" in line and "0F4B400000" in line for line in lines)
+    subtracted = sum(("ADD.F32" in line and "0FCB400000" in line) or ("SUB.F32" in line and "0F4B400000" in line)
+                     for line in lines)
+    assert added and added == subtracted, (added, subtracted)
+
+
 # ---------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -553,7 +661,7 @@ def test_gpu_quantize_per_token_matches_reference(dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", ODD_M + (1024,))
+@pytest.mark.parametrize("M", ODD_M + (256,))
 @pytest.mark.parametrize("K", ODD_K)
 def test_gpu_int8_mm_is_exact(M, K):
     a, b = int8_pair(M, 520, K, device="cuda")
