@@ -6,6 +6,8 @@
 #
 #   bench/gpu_check.sh                 logs in bench/results/gpu_check/, results in bench/results/<gpu>/
 #   OUT=/some/dir bench/gpu_check.sh   logs, results.tgz and the policy file in /some/dir
+#   OPS="int8" bench/gpu_check.sh      only these op families' GPU tests (tests/test_<op>.py) and
+#                                      benchmarks (default: all)
 # Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,9 @@ OUT=${OUT:-bench/results/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
+OPS=${OPS:-}
+TEST_PATHS=tests
+if [[ -n $OPS ]]; then TEST_PATHS=$(printf 'tests/test_%s.py ' $OPS); fi
 SUMMARY=()
 
 # step NAME LIMIT LOG CMD...: run CMD with a time limit, log to LOG, record status and duration
@@ -51,10 +56,10 @@ step env 60 "$OUT/env.txt" bash -c env_info
 step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -c build
 # pytest-xdist, where installed, spreads the Triton compiles of the GPU tests over the cores
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST tests
+step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST $TEST_PATHS
 SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || echo unknown-device)
 RES=bench/results/$SLUG
-step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench --quick --write-policy --out "$RES"
+step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench $OPS --quick --write-policy --out "$RES"
 
 # the device tool returns few files: one tarball with the card's results and the policies
 tar -czf "$OUT/results.tgz" "$RES" effkern/policies 2>/dev/null || echo "tar: nothing to pack"
