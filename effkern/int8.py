@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._backend import backend_available, require, selected_backend
 from ._registry import register_autocast, register_family
+from ._tensors import empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # float64 activations run on the reference backend only (tests, gradcheck).
@@ -214,10 +215,6 @@ def _kernels():
     return int8
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 # ---------------------------------------------------------------------------- quantization
 
 @torch.library.custom_op("effkern::quantize_per_token_int8", mutates_args=())
@@ -225,7 +222,7 @@ def _quantize_per_token_int8(input: Tensor) -> tuple[Tensor, Tensor]:
     check_quantize_args("quantize_per_token_int8", input)
     if choose_backend("quantize_per_token_int8", input.device, input.dtype) == "reference":
         return quantize_rows_reference(input)
-    q, scale = _kernels().quantize_rows_int8(input.reshape(-1, input.shape[-1]))
+    q, scale = _kernels().quantize_rows_int8(rows(input))
     return q.view(input.shape), scale.view(input.shape[:-1])
 
 
@@ -279,7 +276,7 @@ def _int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor, b_scale: Tensor, bia
     if choose_backend("int8_matmul", a_q.device) == "reference":
         return int8_matmul_reference(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     K, N = a_q.shape[-1], b_q.shape[0]
-    out = _kernels().int8_matmul(a_q.reshape(-1, K), b_q.t(), a_scale.reshape(-1), b_scale, bias, out_dtype)
+    out = _kernels().int8_matmul(rows(a_q), b_q.t(), a_scale.reshape(-1), b_scale, bias, out_dtype)
     return out.view(*a_q.shape[:-1], N)
 
 
@@ -301,7 +298,7 @@ def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor, b_scale: Tensor, bias
 # ---------------------------------------------------------------------------- linear layers
 
 def _linear_2d(op: str, input: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = rows(input)
     kernels = _kernels()
     if op == "int8_linear":
         xq, xs = kernels.quantize_rows_int8(x2d)
@@ -332,8 +329,8 @@ def _int8_weight_only_linear(input: Tensor, qweight: Tensor, weight_scale: Tenso
 def _int8_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], weight_scale: Optional[Tensor],
                      output_mask: list[bool]) -> tuple[Tensor, Tensor]:
     need_input, need_bias = output_mask
-    g2d = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_input = grad_bias = _empty(grad_out)
+    g2d = rows(grad_out)
+    grad_input = grad_bias = empty(grad_out)
     if need_input:
         if choose_backend("int8_linear_bwd", grad_out.device, grad_out.dtype) == "reference":
             grad_input = g2d @ dequantize_int8(qweight, weight_scale, grad_out.dtype)
@@ -348,8 +345,8 @@ def _int8_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], weight_scale: 
 @_int8_linear_bwd.register_fake
 def _(grad_out, qweight, weight_scale, output_mask):
     need_input, need_bias = output_mask
-    return (grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1])) if need_input else _empty(grad_out),
-            grad_out.new_empty(grad_out.shape[-1:]) if need_bias else _empty(grad_out))
+    return (grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1])) if need_input else empty(grad_out),
+            grad_out.new_empty(grad_out.shape[-1:]) if need_bias else empty(grad_out))
 
 
 def _linear_fake(input, qweight, weight_scale, bias=None):

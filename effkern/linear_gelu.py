@@ -29,6 +29,7 @@ from torch import Tensor
 from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._registry import LIB, register_autocast, register_family
+from ._tensors import empty, rows
 
 APPROXIMATIONS = ("none", "tanh")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -116,10 +117,6 @@ def _describe_auto(device: torch.device) -> str:
 register_family("linear_gelu", _describe_auto)
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 # ---------------------------------------------------------------------------- forward
 
 def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
@@ -141,11 +138,11 @@ def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor
 def linear_gelu_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
                     save_preact: bool) -> tuple[Tensor, Tensor]:
     check_args(input, weight, bias, approximate)
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = rows(input)
     backend = _choose_backend("fwd", x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
     out, preact = _forward_2d(backend, x2d, weight, bias, approximate, True, save_preact)
     out = out.reshape(*input.shape[:-1], weight.shape[0])
-    return out, (preact if save_preact else _empty(input))
+    return out, (preact if save_preact else empty(input))
 
 
 @linear_gelu_fwd.register_fake
@@ -153,7 +150,7 @@ def _(input, weight, bias, approximate, save_preact):
     check_args(input, weight, bias, approximate)
     N = weight.shape[0]
     M = math.prod(input.shape[:-1])
-    return input.new_empty((*input.shape[:-1], N)), (input.new_empty((M, N)) if save_preact else _empty(input))
+    return input.new_empty((*input.shape[:-1], N)), (input.new_empty((M, N)) if save_preact else empty(input))
 
 
 # ---------------------------------------------------------------------------- backward
@@ -170,8 +167,8 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
                     preact: Optional[Tensor], approximate: str,
                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     N = grad_out.shape[-1]
-    g2d = grad_out.reshape(-1, N)
-    x2d = input.reshape(-1, input.shape[-1]) if input is not None else None
+    g2d = rows(grad_out)
+    x2d = rows(input) if input is not None else None
     # Only what the requested gradients need was saved: K comes from whichever is present.
     K = weight.shape[1] if weight is not None else input.shape[-1] if input is not None else 0
     backend = _choose_backend("fwd_bwd", g2d, g2d.shape[0], N, K, approximate)
@@ -192,7 +189,7 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
             weight if weight is not None else g2d.new_empty(()).expand(N, K), preact,
             approximate == "tanh", list(output_mask))
     grad_input, grad_weight, grad_bias = (
-        g if wanted else _empty(grad_out) for g, wanted in zip(grads, output_mask))
+        g if wanted else empty(grad_out) for g, wanted in zip(grads, output_mask))
     if output_mask[0]:
         grad_input = grad_input.reshape(*grad_out.shape[:-1], weight.shape[1])
     return grad_input, grad_weight, grad_bias
@@ -202,9 +199,9 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
 def _(grad_out, input, weight, bias, preact, approximate, output_mask):
     N = grad_out.shape[-1]
     need_input, need_weight, need_bias = output_mask
-    return (grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_input else _empty(grad_out),
-            grad_out.new_empty((N, input.shape[-1])) if need_weight else _empty(grad_out),
-            grad_out.new_empty((N,)) if need_bias else _empty(grad_out))
+    return (grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_input else empty(grad_out),
+            grad_out.new_empty((N, input.shape[-1])) if need_weight else empty(grad_out),
+            grad_out.new_empty((N,)) if need_bias else empty(grad_out))
 
 
 def _setup_context(ctx, inputs, output):

@@ -304,6 +304,22 @@ def test_any_strides_and_ranks(backend, mode, case, poison_empty):
     torch.testing.assert_close(y, reference(x.contiguous(), qw, scale, b.contiguous()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M,N,K", [(0, 4, 5), (3, 0, 5), (3, 4, 0)])
+def test_empty_dimensions_like_f_linear(backend, mode, M, N, K, poison_empty):
+    """Sizes F.linear accepts: no tokens, no outputs, or K = 0 (the output is the bias)."""
+    needs_backend(backend)
+    qw, scale = ek.quantize_int8(torch.randn(N, K))
+    x, b = torch.randn(M, K, requires_grad=True), torch.randn(N, requires_grad=True)
+    with ek.use_backend(backend):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+        y.sum().backward()
+    assert torch.equal(y, b.detach().expand(M, N)) if K == 0 else y.shape == (M, N)
+    assert torch.equal(x.grad, torch.zeros(M, K)) if N == 0 else x.grad.shape == (M, K)
+    assert torch.equal(b.grad, torch.full((N,), float(M)))
+
+
 # ---------------------------------------------------------------------------- autograd
 
 @pytest.mark.parametrize("backend", BACKENDS)

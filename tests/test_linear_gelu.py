@@ -209,6 +209,18 @@ def test_only_requested_gradients(backend, needs):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_zero_input_features(backend, poison_empty):
+    """K = 0, which F.linear accepts: z = bias, no gradient for the (empty) input and weight."""
+    needs_backend(backend)
+    x, w, b = (t.requires_grad_() for t in make_inputs(3, 4, 0, torch.float32))
+    with ek.use_backend(backend):
+        y = ek.linear_gelu(x, w, b)
+        y.sum().backward()
+    torch.testing.assert_close(y, F.gelu(b.detach()).expand(3, 4))
+    assert x.grad.shape == (3, 0) and w.grad.shape == (4, 0) and b.grad.shape == (4,)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_empty_batch(backend):
     needs_backend(backend)
     x, w, b = (t.requires_grad_() for t in make_inputs(0, 8, 5, torch.float32))

@@ -1,0 +1,19 @@
+"""Small tensor helpers shared by the op families."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+
+def rows(t: Tensor) -> Tensor:
+    """t [..., K] as [M, K], M the product of the leading dims (explicit: reshape(-1, 0) is
+    ambiguous when K = 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def empty(like: Tensor) -> Tensor:
+    """A 0-element tensor of like's dtype and device: what an op returns for an output that
+    was not asked for (custom ops cannot return None)."""
+    return like.new_empty((0,))
