@@ -4,7 +4,8 @@ An op's benchmark module (bench/<family>.py) supplies:
   OP              op name, e.g. "linear_gelu"
   BASELINES       {provider: speedup column label}: "x eager" = that provider's ms / this row's ms
   ERROR_BASELINE  provider whose error vs float64 sets the tolerance (the DESIGN's "2x PyTorch")
-  POLICY_BACKENDS {provider: effkern backend name} compared for --write-policy
+  POLICY_BACKENDS {provider: effkern backend name} compared for --write-policy ({}: one backend, no policy)
+  MODES           (optional) the modes the op is measured in, default both
   providers()     {name: Provider}
   cases(device, quick, shapes, dtypes) -> [Case]
   inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in fwd_bwd)
@@ -45,6 +46,10 @@ class Case:
     bytes: dict  # {mode: minimum bytes moved to and from device memory}
     providers: frozenset | None = None  # restricts which providers run here (None: all)
     reductions: dict = field(default_factory=dict)  # {"out"/"grad": length of the sums behind an element}
+    flop_ceiling: str = "gemm_tflops"  # the ceiling its FLOPs are held against ("int8_tops": int8 tensor cores)
+    # bytes of the inputs that the leanest provider reads, where providers read different subsets
+    # of them (None: all); what the rotation of input copies is sized by
+    input_bytes: int | None = None
 
 
 @dataclass
@@ -85,12 +90,13 @@ def _l2_bytes() -> int:
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
 
 
-def input_sets(tensors: list[torch.Tensor], device: str) -> int:
+def input_sets(tensors: list[torch.Tensor], device: str, nbytes: int | None = None) -> int:
     """How many copies of the inputs to rotate through so that, on a GPU, one call's inputs
-    have left L2 by the time they are used again (2x the L2 size in total)."""
+    have left L2 by the time they are used again (2x the L2 size in total). nbytes: what one
+    call reads of them, if less than all."""
     if device != "cuda":
         return 1
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    nbytes = nbytes or sum(t.numel() * t.element_size() for t in tensors)
     return max(1, min(64, math.ceil(2 * _l2_bytes() / max(nbytes, 1))))
 
 
@@ -141,7 +147,8 @@ def _measure_cpu(call, reset, budget_ms):
 
 
 def ceilings(device: str) -> dict:
-    """The card's measured matmul rate and copy bandwidth: the denominators of "% GEMM" and the floor."""
+    """The card's measured matmul rates (float and int8) and copy bandwidth: the denominators of
+    "% GEMM" and the floor."""
     if device == "cuda":
         n, dtype, copy_elems = 8192, torch.bfloat16, 2**28  # 1 GiB of float32 per copy side
     else:
@@ -151,6 +158,11 @@ def ceilings(device: str) -> dict:
     torch.matmul(a, b)
     mm_ms = measure(lambda i: torch.matmul(a, b), lambda i: None, device)
     del a, b
+    qa = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    qb = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    torch._int_mm(qa, qb)
+    int8_ms = measure(lambda i: torch._int_mm(qa, qb), lambda i: None, device)
+    del qa, qb
     src = torch.randn(copy_elems, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -161,6 +173,8 @@ def ceilings(device: str) -> dict:
     return {
         "gemm_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
         "gemm_method": f"torch.matmul {dname} {n}x{n}x{n}, random data, median",
+        "int8_tops": 2 * n**3 / (int8_ms * 1e-3) / 1e12,
+        "int8_method": f"torch._int_mm int8 {n}x{n}x{n}, random data, median",
         "copy_gbps": nbytes / (copy_ms * 1e-3) / 1e9,
         "copy_method": f"Tensor.copy_ of {nbytes // 2 // 2**20} MiB, counting read + write, median",
     }
@@ -212,12 +226,13 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     ref = ref.detach()
     del ref_args
 
-    n_sets = input_sets(base + ([g] if wants_grad else []), device)
+    n_sets = input_sets(base + ([g] if wants_grad else []), device, case.input_bytes)
     sets = [base] + [[t.detach().clone().requires_grad_(t.requires_grad) for t in base] for _ in range(n_sets - 1)]
     grads = [g] + [g.clone() for _ in range(n_sets - 1)]
 
-    baseline = mod.providers()[mod.ERROR_BASELINE].build(case)  # even when it is not among those timed
-    tol = _tolerance(case, _errors(baseline, base, g, ref, ref_grad, mode), ref, ref_grad)
+    baseline = mod.providers()[mod.ERROR_BASELINE]  # even when it is not among those timed
+    with baseline.context():
+        tol = _tolerance(case, _errors(baseline.build(case), base, g, ref, ref_grad, mode), ref, ref_grad)
 
     ms_by_provider = {}
     case_rows = []
@@ -258,12 +273,12 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
             case_rows.append(row)
             continue
         tflops = case.flops[mode] / (ms * 1e-3) / 1e12
-        floor_ms = 1e3 * max(case.flops[mode] / (run.ceil["gemm_tflops"] * 1e12),
-                             case.bytes[mode] / (run.ceil["copy_gbps"] * 1e9))
+        rate = run.ceil[case.flop_ceiling]
+        floor_ms = 1e3 * max(case.flops[mode] / (rate * 1e12), case.bytes[mode] / (run.ceil["copy_gbps"] * 1e9))
         row.update(
             ms=ms,
             tflops=tflops,
-            pct_gemm=100 * tflops / run.ceil["gemm_tflops"],
+            pct_gemm=100 * tflops / rate,
             floor_ms=floor_ms,
             pct_floor=100 * floor_ms / ms,
             err=max(errs.values()) if errs else None,
@@ -286,8 +301,12 @@ def run_op(mod, cases: list[Case], device: str, ceil: dict, providers, modes,
     """Run every case; checkpoint(run) after each, so a run cut short by a time limit leaves its rows."""
     run = Run(op=mod.OP, device=device, ceil=ceil, baselines=mod.BASELINES)
     chosen = {k: v for k, v in mod.providers().items() if providers is None or k in providers}
+    op_modes = getattr(mod, "MODES", MODES)
+    for mode in modes:
+        if mode not in op_modes:
+            print(f"{run.op}: {mode} not measured (this op's modes: {', '.join(op_modes)})", flush=True)
     for case in cases:
-        for mode in modes:
+        for mode in (m for m in modes if m in op_modes):
             t0 = time.perf_counter()
             run_case(run, mod, case, mode, chosen)
             print(f"{run.op} {mode} {case.params}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -368,6 +387,7 @@ def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
     table = markdown(*table_rows(run.rows, labels))
     head = (f"{run.op} on {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}\n"
             f"ceilings: GEMM {fmt(c['gemm_tflops'])} TFLOP/s ({c['gemm_method']}); "
+            f"int8 GEMM {fmt(c['int8_tops'])} TOPS ({c['int8_method']}); "
             f"copy {fmt(c['copy_gbps'])} GB/s ({c['copy_method']})\n`{command}`\n\n")
     (out / f"{run.op}.md").write_text(head + table)
     if plot:
@@ -412,6 +432,8 @@ def _plot(run: Run, path: Path) -> None:
 def write_policy(run: Run, backends: dict, command: str) -> Path | None:
     """Record, per measured shape, the faster effkern backend for each mode (read by backend "auto").
     Only this card's entry in effkern/policies/<op>.json is replaced."""
+    if not backends:  # one effkern backend: nothing to choose
+        return None
     if run.device != "cuda":
         print("--write-policy: skipped, policies are per GPU and this run is on the CPU")
         return None

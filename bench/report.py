@@ -35,9 +35,10 @@ def section(doc: dict, path) -> str:
              fmt(r["ms"], 4), fmt(r["tflops"]), fmt(r["pct_gemm"], 2), fmt(r["pct_floor"], 2),
              *(fmt(r["speedup"].get(lb)) for lb in labels), r["status"]] for r in rows]
     failed = sum(r["status"] in ("FAIL", "ERROR") for r in doc["rows"])
+    int8 = f"int8 GEMM {fmt(c['int8_tops'])} TOPS, " if "int8_tops" in c else ""  # older results lack it
     return (f"#### `{doc['op']}` on {doc['device']}\n\n"
             f"{doc['date'][:10]}, torch {doc['torch']}, triton {doc['triton']}; measured ceilings: "
-            f"GEMM {fmt(c['gemm_tflops'])} TFLOP/s, copy {fmt(c['copy_gbps'])} GB/s. "
+            f"GEMM {fmt(c['gemm_tflops'])} TFLOP/s, {int8}copy {fmt(c['copy_gbps'])} GB/s. "
             f"Command: `{doc['command']}`. All rows: `{path.relative_to(REPO)}`"
             f"{f' ({failed} rows FAIL or ERROR)' if failed else ''}.\n\n" + markdown(header, body))
 

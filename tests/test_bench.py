@@ -6,14 +6,19 @@ import json
 import torch
 import torch.nn.functional as F
 
+import effkern as ek
 from bench import harness
+from bench import int8 as bench_int8
 from bench import linear_gelu as bench_linear_gelu
+from effkern.int8 import dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference
+
+CEIL = {"gemm_tflops": 1.0, "int8_tops": 2.0, "copy_gbps": 1.0, "gemm_method": "test", "int8_method": "test",
+        "copy_method": "test"}
 
 
 def _run(providers: dict, tmp_path):
     case = bench_linear_gelu._case(torch.float32, "none", 5, 12, 16)
-    ceil = {"gemm_tflops": 1.0, "copy_gbps": 1.0, "gemm_method": "test", "copy_method": "test"}
-    run = harness.run_op(bench_linear_gelu, [case], "cpu", ceil, list(providers), ["fwd", "fwd_bwd"],
+    run = harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(providers), ["fwd", "fwd_bwd"],
                          checkpoint=lambda r: None)
     table = harness.write_results(run, tmp_path, "test", plot=False)
     return run, table
@@ -51,3 +56,52 @@ def test_policy_records_the_faster_backend(tmp_path, monkeypatch):
     entry = json.loads(path.read_text())["devices"]["GPU X"]["entries"][0]
     # a failing row never wins, however fast
     assert entry == {**params, "fwd": "triton", "fwd_bwd": "cuda"}
+
+
+def _only(quant: str, fn) -> harness.Provider:
+    """A provider of one of the int8 functions, run on the cases of that quantization only."""
+    return harness.Provider(build=lambda case: fn,
+                            available=lambda case, device, mode: (case.params["quant"] == quant, f"{quant} only"))
+
+
+def _per_tensor_w8a8(x, w, qw, scale, b):
+    x_scale = x.abs().max() / 127  # one scale for all of x instead of one per token
+    xq = torch.round(x / x_scale).clamp(-127, 127)
+    return (xq @ qw.float().t()) * x_scale * scale + b  # integer sums below 2^24: exact in fp32
+
+
+def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
+    # fp32, where the tolerance is far below a quantization step: the W8A8 and W8A16 functions differ
+    wrong = {
+        "bias-dropped": _only("w8a8", lambda x, w, qw, scale, b: int8_linear_reference(x, qw, scale)),
+        "per-tensor": _only("w8a8", _per_tensor_w8a8),
+        "x-unquantized": _only("w8a8", lambda x, w, qw, scale, b: int8_weight_only_linear_reference(x, qw, scale, b)),
+        "fp16-weight": _only("w8a16", lambda x, w, qw, scale, b: F.linear(
+            x, dequantize_int8(qw, scale, torch.float16).float(), b)),
+    }
+    provs = {**bench_int8.providers(), **wrong}
+    monkeypatch.setattr(bench_int8, "providers", lambda: provs)
+    cases = [bench_int8._case(torch.float32, q, 5, 24, 40) for q in ("w8a8", "w8a16")]
+    run = harness.run_op(bench_int8, cases, "cpu", CEIL, list(provs), ["fwd", "fwd_bwd"], checkpoint=lambda r: None)
+    status = {(r["provider"], r["params"]["quant"], r["mode"]): r["status"] for r in run.rows}
+    assert {mode for _, _, mode in status} == {"fwd"}  # forward only
+    assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
+    expected = {("effkern-triton", "w8a8"): "ok", ("reference", "w8a8"): "ok", ("torch-int-mm", "w8a8"): "ok",
+                ("effkern-triton", "w8a16"): "ok", ("reference", "w8a16"): "ok",
+                ("torch-linear", "w8a8"): "timing only", ("torch-linear", "w8a16"): "timing only",
+                ("bias-dropped", "w8a8"): "FAIL", ("per-tensor", "w8a8"): "FAIL",
+                ("x-unquantized", "w8a8"): "FAIL", ("fp16-weight", "w8a16"): "FAIL"}
+    assert {(p, q): s for (p, q, _), s in status.items()} == expected
+    for r in run.rows:  # W8A8 runs on int8 tensor cores: held against that ceiling
+        rate = CEIL["int8_tops" if r["params"]["quant"] == "w8a8" else "gemm_tflops"]
+        assert r["pct_gemm"] == 100 * r["tflops"] / rate
+
+
+def test_int8_writes_no_policy(tmp_path, monkeypatch):
+    # one effkern backend (triton): --write-policy has nothing to choose between
+    run = harness.Run(op="int8", device="cuda", ceil={}, baselines={})
+    run.rows.append({"provider": "effkern-triton", "mode": "fwd", "ms": 1.0, "status": "ok",
+                     "params": {"dtype": "bfloat16", "quant": "w8a8", "M": 16, "N": 64, "K": 64}})
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    assert harness.write_policy(run, bench_int8.POLICY_BACKENDS, "test") is None
+    assert not (tmp_path / "effkern").exists()

@@ -1,0 +1,150 @@
+"""int8 benchmark: effkern's W8A8 and W8A16 linear layers against bf16 cuBLAS and PyTorch's int8 GEMM.
+
+Shapes are (M, N, K): input x [M, K] in the activation dtype, weight [N, K] quantized to int8 per
+output channel (scale float32 [N]) once per case, offline and untimed; bias [N]; output [M, N].
+Param "quant": "w8a8" times ek.int8_linear, whose per-token quantization of x is part of the call;
+"w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
+
+TFLOP/s counts 2*M*N*K for both (int8 TOPS for w8a8). % GEMM and the FLOP side of the floor are
+against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16. Bytes
+count x, the int8 weight (1 byte per element), the scales, the bias and the output (not w8a8's
+int8 copy of x, which a fused kernel would not write): at small M the weight is nearly all of
+them, and % floor is the share of the copy bandwidth that the weight reads reach.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.int8 import int8_linear_reference, int8_weight_only_linear_reference, quantize_rows_reference
+
+from .harness import Case, Provider
+
+OP = "int8"
+BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
+# The op's own definition in PyTorch (effkern's reference backend: the exact int32 accumulator,
+# then fp32, then the activation dtype) sets "PyTorch's error". torch-int-mm would for w8a8, but
+# cuBLAS refuses M <= 16, and W8A16 has no other PyTorch form that computes the same function.
+ERROR_BASELINE = "reference"
+POLICY_BACKENDS: dict = {}  # triton is the int8 ops' only GPU backend: no policy
+MODES = ("fwd",)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+QUANTS = ("w8a8", "w8a16")
+LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
+REFERENCES = {"w8a8": int8_linear_reference, "w8a16": int8_weight_only_linear_reference}
+
+GPU_M = (1, 16, 64, 256, 1024, 4096, 16384)
+GPU_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672))
+GPU_QUICK_M = (1, 16, 4096)
+GPU_QUICK_KN = ((4096, 14336), (8192, 8192))
+CPU_M, CPU_KN = (1, 3, 64, 128), ((96, 80), (256, 512))
+CPU_QUICK_M, CPU_QUICK_KN = (3, 64), ((96, 80),)
+
+
+def _case(dtype: torch.dtype, quant: str, M: int, N: int, K: int, providers=None) -> Case:
+    s = torch.empty((), dtype=dtype).element_size()
+    int8_inputs = s * (M * K + N) + N * K + 4 * N  # x, bias, int8 weight, float32 scales
+    return Case(params={"dtype": str(dtype).removeprefix("torch."), "quant": quant, "M": M, "N": N, "K": K},
+                dtype=dtype, flops={"fwd": 2 * M * N * K}, bytes={"fwd": int8_inputs + s * M * N},
+                providers=providers, reductions={"out": K},
+                flop_ceiling="int8_tops" if quant == "w8a8" else "gemm_tflops",
+                # the int8 providers leave the float weight (torch-linear's) unread: rotate enough
+                # copies that their own inputs leave L2
+                input_bytes=int8_inputs)
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        M, N, K = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not MxNxK (e.g. 16x14336x4096)") from None
+    return M, N, K
+
+
+def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
+    try:
+        dts = [DTYPES[d.lower()] for d in dtypes] if dtypes else None
+    except KeyError as exc:
+        raise SystemExit(f"--dtypes: unknown dtype {exc.args[0]!r}; one of {sorted(DTYPES)}") from None
+    if shapes:  # explicit shapes: every provider, both quantizations
+        mnk = [_parse_shape(s) for s in shapes]
+        dts = dts or ([torch.bfloat16] if device == "cuda" else [torch.float32])
+        return [_case(d, q, *s) for d in dts for q in QUANTS for s in mnk]
+    if device == "cpu":  # the interpreter is slow: tiny shapes, fp32 and fp16
+        ms, kns = (CPU_QUICK_M, CPU_QUICK_KN) if quick else (CPU_M, CPU_KN)
+        dts = dts or [torch.float32, torch.float16]
+        return [_case(d, q, M, N, K) for d in dts for q in QUANTS for (K, N) in kns for M in ms]
+    dts = dts or [torch.bfloat16]
+    if not quick:
+        return [_case(d, q, M, N, K) for d in dts for q in QUANTS for (K, N) in GPU_KN for M in GPU_M]
+    # quick: no reference timings (its float64 GEMM on a GPU says nothing about effkern)
+    no_reference = frozenset(providers()) - {"reference"}
+    return [_case(d, q, M, N, K, no_reference)
+            for d in dts for q in QUANTS for (K, N) in GPU_QUICK_KN for M in GPU_QUICK_M]
+
+
+def inputs(case: Case, device: str) -> list[torch.Tensor]:
+    p, dt = case.params, case.dtype
+    x = torch.randn(p["M"], p["K"], device=device, dtype=dt)
+    w = torch.randn(p["N"], p["K"], device=device, dtype=dt) * p["K"] ** -0.5  # nn.Linear-like
+    qw, scale = quantize_rows_reference(w)  # offline, as a model is quantized once: not timed
+    b = torch.randn(p["N"], device=device, dtype=dt)
+    # every provider gets all five and uses its own: the float weight for torch-linear, the int8 one else
+    return [x, w, qw, scale, b]
+
+
+def reference(case: Case, x, w, qw, scale, b):
+    # on float64 inputs: w8a8 quantizes x per token in fp32 as the op defines, then everything
+    # (dequantization, GEMM, bias) is float64; w8a16 is float64 throughout
+    return REFERENCES[case.params["quant"]](x, qw, scale, b)
+
+
+def _quantized(case: Case):
+    op = LINEAR_OPS[case.params["quant"]]
+    return lambda x, w, qw, scale, b: op(x, qw, scale, b)
+
+
+def _effkern(backend: str) -> Provider:
+    def available(case, device, mode):
+        if (backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16
+                and case.params["quant"] == "w8a16"):
+            return False, "Triton's interpreter cannot do bf16 tl.dot (w8a8's int8 dot it can)"
+        return ek.backend_available(backend, device)
+
+    return Provider(build=_quantized, available=available, context=functools.partial(ek.use_backend, backend))
+
+
+def _int_mm_w8a8(x, w, qw, scale, b):
+    # W8A8 as a PyTorch user writes it (torchao's dynamic int8 does the same): per-token absmax
+    # scales, round, int8 GEMM with an int32 result, dequantize in fp32
+    xf = x.float()
+    x_scale = xf.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(xf / x_scale.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-127, 127).to(torch.int8)
+    return (torch._int_mm(xq, qw.t()).float() * x_scale * scale + b.float()).to(x.dtype)
+
+
+def _int_mm_available(case, device, mode):
+    p = case.params
+    if p["quant"] != "w8a8":
+        return False, "computes W8A8 only"
+    if device == "cuda" and not (p["M"] > 16 and p["K"] % 8 == 0 and p["N"] % 8 == 0):
+        return False, "torch._int_mm on CUDA needs M > 16 and K, N multiples of 8"
+    return True, ""
+
+
+def providers() -> dict[str, Provider]:
+    return {
+        "effkern-triton": _effkern("triton"),
+        "reference": _effkern("reference"),
+        # bf16 cuBLAS on the unquantized weight: what int8 has to beat, column "x linear"; another
+        # function (no quantization), so timed but not checked
+        "torch-linear": Provider(build=lambda case: lambda x, w, qw, scale, b: F.linear(x, w, b), checked=False),
+        "torch-int-mm": Provider(build=lambda case: _int_mm_w8a8, available=_int_mm_available),
+    }
+
