@@ -17,7 +17,7 @@ read through strides (W^T for the forward, W itself for the backward):
 
 Split-K, for few rows (decoding), where one program per output tile leaves most SMs idle and
 the op is bound by reading the weight: program (tile, s) sums K-slice s into a partial of
-the accumulator's dtype, and ``int8_splitk_reduce_kernel`` adds the slices in a fixed order
+the accumulator's dtype, and ``splitk_reduce_kernel`` adds the slices in a fixed order
 (deterministic, no atomics) and applies the epilogue. Int32 partials are added in int64 when
 the output is dequantized, so K is not limited by int32 range (each slice is kept short
 enough that its own int32 sum is exact: |a*b| <= 2^14, 2^17 terms).
@@ -143,7 +143,7 @@ def int8_matmul_kernel(
 
 
 @triton.jit
-def int8_splitk_reduce_kernel(
+def splitk_reduce_kernel(
     part_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
     M, N, SPLITS,
     stride_ps, stride_pm, stride_cm, stride_cn,
@@ -305,9 +305,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
     reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     if interpreted():
         _gemm[grid](*args, **gemm_flags, **setting)
-        int8_splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
+        splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
     else:
         with torch.cuda.device(a.device):
             _gemm[grid](*args, **gemm_flags, **setting)
-            int8_splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
+            splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
     return c

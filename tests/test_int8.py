@@ -627,7 +627,7 @@ def compiled_for_gpus(compile_for_gpu):
     for dtype in ("*bf16", "*fp32"):
         requests[f"quantize {dtype}"] = _request("quantize_rows_int8_kernel", dict(QUANTIZE_TYPES, x_ptr=dtype),
                                                  dict(BLOCK_R=4, BLOCK_K=1024))
-    requests["reduce"] = _request("int8_splitk_reduce_kernel", REDUCE_TYPES,
+    requests["reduce"] = _request("splitk_reduce_kernel", REDUCE_TYPES,
                                   dict(WIDE=True, DEQUANT=True, SCALE_ROWS=True, SCALE_COLS=True, HAS_BIAS=True,
                                        BLOCK_M=16, BLOCK_N=64))
     return compile_for_gpu(requests)

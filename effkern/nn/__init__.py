@@ -1,6 +1,7 @@
 """effkern's nn modules: drop-in replacements for torch.nn building blocks."""
 
+from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .linear_gelu import LinearGELU
 
-__all__ = ["Int8Linear", "LinearGELU"]
+__all__ = ["Int4Linear", "Int8Linear", "LinearGELU"]

@@ -1,0 +1,367 @@
+"""INT4 weight-only matmul (W4A16) with group-wise scales and zeros, and GPTQ/AWQ importers.
+
+Quantization, per group of ``group_size`` consecutive input features (along K) of each
+output row n, j = k // group_size (group_size -1: one group per row):
+    W[n, k] ~= (q[n, k] - zeros[n, j]) * scales[n, j],   q in [0, 15]
+asymmetric: the range [min(w, 0), max(w, 0)] of the group in 15 steps, scale = range / 15,
+    zero = round(-min / scale) (an integer in [0, 15]; 0 is exactly representable);
+symmetric: zero = 8, scale = 2 * absmax / 15 (q - 8 in [-8, 7]).
+q = clamp(round(w / scale) + zero, 0, 15), divided by the scale *as stored* (rounded up to the
+storage dtype, so the levels still span the group), so every weight is within half a step of
+its dequantized value. Scales and zeros are stored in the
+weight's dtype (zeros hold integers); a group of zeros gets scale 1, zero 8 (q = 8, w = 0).
+
+effkern's packed layout, ``qweight`` int32 [N, K / 8], eight 4-bit values along K per word:
+
+    q[n, 8w + 0] .. q[n, 8w + 7]  ->  qweight[n, w] = q0 | q1 << 4 | q2 << 8 | ... | q7 << 28
+    bits:  31..28  27..24  23..20  19..16  15..12  11..8  7..4  3..0
+           q[8w+7] q[8w+6] q[8w+5] q[8w+4] q[8w+3] q[8w+2] q[8w+1] q[8w+0]
+
+A row of W is a row of qweight, like nn.Linear.weight; ``scales``/``zeros`` are [N, K / group].
+
+Ops (schemas defined here and nowhere else):
+  effkern::int4_linear(input, qweight, scales, zeros, group_size, bias=None) -> Tensor
+      y = input @ dequantize_int4(qweight, scales, zeros, group_size).T + bias, differentiable
+      in input and bias (the weight is frozen)
+  effkern::int4_linear_bwd(grad_out, qweight, scales, zeros, group_size, output_mask)
+      -> (grad_input, grad_bias); grad_input = grad_out @ W, W dequantized to grad_out's dtype
+Python functions: pack_int4, unpack_int4, quantize_int4, dequantize_int4, gptq_to_int4, awq_to_int4.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import backend_available, require, selected_backend
+from ._registry import register_autocast, register_family
+from ._tensors import empty, rows
+
+GROUP_SIZES = (32, 64, 128, 256, -1)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = ACTIVATION_DTYPES + (torch.float64,)
+BACKENDS = ("triton", "cuda", "reference")
+_SHIFTS = tuple(range(0, 32, 4))
+
+
+# ---------------------------------------------------------------------------- packing
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q [..., K] with integers in [0, 15] (any integer dtype), K % 8 == 0 -> int32 [..., K / 8],
+    eight values per word, the lowest k in the lowest bits."""
+    if q.shape[-1] % 8:
+        raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
+    words = (q.to(torch.int64).unflatten(-1, (-1, 8)) << shifts).sum(-1)  # disjoint bits: sum == or
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 is the sign bit
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)
+    return ((qweight.unsqueeze(-1) >> shifts) & 0xF).flatten(-2).to(torch.uint8)
+
+
+def _group(group_size: int, K: int) -> int:
+    return K if group_size == -1 else group_size
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W [N, K] = (q - zeros) * scales, computed in fp32 (float64 for float64 scales) and rounded
+    once to ``dtype`` (default: the scales' dtype); the exact inverse of the packing."""
+    check_weight("dequantize_int4", qweight, scales, zeros, group_size)
+    dtype = dtype or scales.dtype
+    ct = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
+    G = _group(group_size, qweight.shape[1] * 8)
+    q = unpack_int4(qweight).to(ct)
+    w = (q - zeros.to(ct).repeat_interleave(G, dim=1)) * scales.to(ct).repeat_interleave(G, dim=1)
+    return w.to(dtype)
+
+
+def _store_rounding_up(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """scale (fp32, positive) in ``dtype``, rounded up where rounding to nearest went down: a
+    stored scale no smaller than the exact one keeps every weight within half a step of a level."""
+    stored = scale.to(dtype)
+    if dtype == torch.float64:
+        return stored
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    next_up = (stored.view(bits) + 1).view(dtype)  # positive floats: the next bit pattern is the next value
+    return torch.where(stored.float() < scale, next_up, stored)
+
+
+def quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """weight [N, K] (nn.Linear layout) -> (qweight int32 [N, K / 8], scales [N, K / G], zeros [N, K / G]),
+    scales and zeros in weight's dtype. See the module docstring for the rule and the layout."""
+    _check_tensor("quantize_int4", "weight", weight, REFERENCE_DTYPES, "a float tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"effkern.quantize_int4: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    _check_sizes("quantize_int4", N, K, group_size)
+    G = _group(group_size, K)
+    w = weight.detach().float().view(N, K // G, G)
+    if symmetric:
+        scale = w.abs().amax(-1) * (2 / 15)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = (hi - lo) / 15
+    scale = _store_rounding_up(torch.where(scale > 0, scale, torch.ones_like(scale)), weight.dtype)
+    if not symmetric:
+        zero = torch.round(-lo / scale.float()).clamp(0, 15)
+    q = (torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15)
+    return pack_int4(q.view(N, K).to(torch.uint8)), scale, zero.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------- checkpoint importers
+
+def _unpack_along_columns(packed: Tensor, order=range(8)) -> Tensor:
+    """int32 [R, C / 8] with eight values along C per word, value ``order[j]`` of each eight in
+    nibble j -> int64 [R, C]."""
+    nibbles = unpack_int4(packed).to(torch.int64).unflatten(-1, (-1, 8))
+    inverse = [list(order).index(i) for i in range(8)]
+    return nibbles[..., inverse].flatten(-2)
+
+
+def gptq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optional[Tensor] = None,
+                 zero_offset: int = 1) -> tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
+    """A GPTQ 4-bit checkpoint's tensors -> (qweight, scales, zeros, group_size, perm) in effkern's layout.
+
+    GPTQ (AutoGPTQ / GPTQ-for-LLaMa): qweight int32 [K / 8, N], eight values along K per word
+    (lowest k lowest); qzeros int32 [K / G, N / 8], eight values along N per word, each stored
+    minus ``zero_offset`` (1 in the classic format, 0 in "gptq_v2"); scales [K / G, N]; g_idx [K]
+    the group of each input feature. Dequantized: W^T[k, n] = scales[g_idx[k], n] *
+    (q[k, n] - (qzeros[g_idx[k], n] + zero_offset)).
+    With act-order (g_idx not k // G) the input features are permuted so that groups are
+    contiguous: the layer must read ``input[..., perm]`` (Int4Linear does); perm is None otherwise.
+    """
+    K = qweight.shape[0] * 8
+    n_groups, N = scales.shape
+    if K % n_groups:
+        raise ValueError(f"gptq_to_int4: K={K} (from qweight) is not a multiple of the {n_groups} groups of scales")
+    G = K // n_groups
+    q = unpack_int4(qweight.t()).t()  # [K, N]: GPTQ packs along K, like effkern, but transposed
+    z = _unpack_along_columns(qzeros) + zero_offset  # [K / G, N]
+    if z.min() < 0 or z.max() > 15:
+        raise ValueError(f"gptq_to_int4: zeros + zero_offset={zero_offset} fall outside [0, 15]; "
+                         f"is zero_offset right for this checkpoint format?")
+    perm = None
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64)
+        if not torch.equal(g_idx, torch.arange(K, device=g_idx.device) // G):
+            counts = torch.bincount(g_idx, minlength=n_groups)
+            if not bool((counts == G).all()):
+                raise ValueError(f"gptq_to_int4: g_idx must put exactly {G} input features in each group")
+            perm = torch.argsort(g_idx, stable=True)
+            q = q[perm]
+    return (pack_int4(q.t().contiguous().to(torch.uint8)), scales.t().contiguous(),
+            z.t().to(scales.dtype).contiguous(), G if G != K else -1, perm)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # value AWQ_ORDER[j] of each eight columns sits in nibble j
+
+
+def awq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """An AWQ (AutoAWQ "GEMM" format) 4-bit checkpoint's tensors -> (qweight, scales, zeros,
+    group_size) in effkern's layout.
+
+    AWQ: qweight int32 [K, N / 8] and qzeros int32 [K / G, N / 8], eight values along N per word
+    in the interleaved order AWQ_ORDER; scales [K / G, N]. Dequantized:
+    W^T[k, n] = (q[k, n] - z[k // G, n]) * scales[k // G, n].
+    """
+    K = qweight.shape[0]
+    n_groups = scales.shape[0]
+    if K % n_groups:
+        raise ValueError(f"awq_to_int4: K={K} (from qweight) is not a multiple of the {n_groups} groups of scales")
+    G = K // n_groups
+    q = _unpack_along_columns(qweight, AWQ_ORDER)  # [K, N]
+    z = _unpack_along_columns(qzeros, AWQ_ORDER)  # [K / G, N]
+    return (pack_int4(q.t().contiguous().to(torch.uint8)), scales.t().contiguous(),
+            z.t().to(scales.dtype).contiguous(), G if G != K else -1)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _check_tensor(op: str, name: str, t, dtypes: tuple, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"effkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"effkern.{op}: {name} must be {what}, got dtype {t.dtype}")
+
+
+def _check_sizes(op: str, N: int, K: int, group_size) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"effkern.{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if N % 8 or K % 8:
+        raise ValueError(f"effkern.{op}: N={N} and K={K} must be multiples of 8 (eight 4-bit values per "
+                         f"32-bit word, and the CUDA kernel's tiles)")
+    if K % _group(group_size, K):
+        raise ValueError(f"effkern.{op}: K={K} is not divisible by group_size={group_size}")
+
+
+def check_weight(op: str, qweight, scales, zeros, group_size) -> None:
+    if isinstance(qweight, Tensor) and qweight.is_floating_point():
+        raise TypeError(f"effkern.{op}: qweight must be the packed int32 tensor from effkern.quantize_int4, "
+                        f"got a {qweight.dtype} tensor")
+    _check_tensor(op, "qweight", qweight, (torch.int32,), "int32 (eight packed 4-bit values per word)")
+    if qweight.dim() != 2:
+        raise ValueError(f"effkern.{op}: qweight must be 2-D [N, K / 8], got shape {tuple(qweight.shape)}")
+    N, K = qweight.shape[0], qweight.shape[1] * 8
+    _check_sizes(op, N, K, group_size)
+    shape = (N, K // _group(group_size, K))
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        _check_tensor(op, name, t, REFERENCE_DTYPES, "a float tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"effkern.{op}: {name} must have shape [N, K / group_size] = {list(shape)} for "
+                             f"qweight {list(qweight.shape)} and group_size={group_size}, got {list(t.shape)}")
+        if t.device != qweight.device:
+            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but qweight is on {qweight.device}")
+
+
+def check_linear_args(op: str, input, qweight, scales, zeros, group_size, bias) -> None:
+    _check_tensor(op, "input", input, REFERENCE_DTYPES, "float16, bfloat16 or float32")
+    if input.dim() < 1:
+        raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
+    check_weight(op, qweight, scales, zeros, group_size)
+    N, K = qweight.shape[0], qweight.shape[1] * 8
+    if input.shape[-1] != K:
+        raise ValueError(f"effkern.{op}: input's last dimension K={input.shape[-1]} does not match the "
+                         f"weight's K={K} (qweight is [N, K / 8] = {list(qweight.shape)})")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, REFERENCE_DTYPES, "a float tensor")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"effkern.{op}: bias has dtype {bias.dtype} but input has {input.dtype}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
+    for name, t in (("qweight", qweight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but input is on {input.device}")
+
+
+# ---------------------------------------------------------------------------- backends
+
+def _cuda_layout():
+    from . import int4_cuda_layout  # the CUDA kernel's pre-shuffled weight layout
+
+    return int4_cuda_layout
+
+
+def choose_backend(op: str, input: Tensor, group_size: int, N: int) -> str:
+    """triton, cuda or reference for int4_linear on ``input``."""
+    name = selected_backend()
+    device, dtype = input.device, input.dtype
+    M, K = rows(input).shape
+    if name == "auto":
+        if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
+            return "reference"
+        return "triton"
+    require(name, device, op)
+    if name != "reference" and dtype == torch.float64:
+        raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got float64 "
+                        f"(float64 runs on the reference backend)")
+    if name == "cuda" and not (device.type == "cuda" and _cuda_layout().cuda_kernel_supports(M, N, K, group_size,
+                                                                                               dtype)):
+        raise RuntimeError(f"effkern.{op}: the CUDA int4 kernel runs on CUDA tensors of float16/bfloat16 for the "
+                           f"shapes effkern.int4_cuda_layout.cuda_kernel_supports accepts; got {device.type} "
+                           f"{dtype}, M={M}, N={N}, K={K}, group_size={group_size}. Use triton or auto.")
+    return name
+
+
+def _describe_auto(device: torch.device) -> str:
+    if device.type == "cuda" and backend_available("triton", device)[0]:
+        return "triton (the CUDA kernel is used only when asked for, until it is measured)"
+    return "reference" + (" (auto on CPU)" if device.type == "cpu" else "")
+
+
+register_family("int4", _describe_auto)
+
+
+# ---------------------------------------------------------------------------- ops
+
+def int4_linear_reference(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                          bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear on the weight dequantized (fp32) and rounded once to the input's dtype."""
+    return F.linear(input, dequantize_int4(qweight, scales, zeros, group_size, input.dtype), bias)
+
+
+@torch.library.custom_op("effkern::int4_linear", mutates_args=())
+def _int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias)
+    N = qweight.shape[0]
+    backend = choose_backend("int4_linear", input, group_size, N)
+    if backend == "reference":
+        return int4_linear_reference(input, qweight, scales, zeros, group_size, bias)
+    x2d = rows(input)
+    if backend == "triton":
+        from .kernels import int4 as kernels
+
+        out = kernels.int4_matmul(x2d, qweight, scales, zeros, _group(group_size, x2d.shape[1]), bias)
+    else:
+        layout = _cuda_layout()
+        shuffled = layout.shuffle_for_cuda(qweight, scales, zeros, group_size)
+        out = torch.ops.effkern_C.int4_linear(x2d.contiguous(), *shuffled, group_size, bias)
+    return out.view(*input.shape[:-1], N)
+
+
+@_int4_linear.register_fake
+def _(input, qweight, scales, zeros, group_size, bias=None):
+    check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias)
+    return input.new_empty((*input.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("effkern::int4_linear_bwd", mutates_args=())
+def _int4_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], scales: Optional[Tensor], zeros: Optional[Tensor],
+                     group_size: int, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    need_input, need_bias = output_mask
+    g2d = rows(grad_out)
+    grad_input = grad_bias = empty(grad_out)
+    if need_input:
+        # Training through a frozen int4 layer (adapters): the weight dequantized once per
+        # backward, then one GEMM; K x N x 2 bytes of scratch in grad_out's dtype.
+        weight = dequantize_int4(qweight, scales, zeros, group_size, grad_out.dtype)
+        grad_input = (g2d @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+    if need_bias:
+        grad_bias = g2d.sum(0)
+    return grad_input, grad_bias
+
+
+@_int4_linear_bwd.register_fake
+def _(grad_out, qweight, scales, zeros, group_size, output_mask):
+    need_input, need_bias = output_mask
+    return (grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1] * 8)) if need_input else empty(grad_out),
+            grad_out.new_empty(grad_out.shape[-1:]) if need_bias else empty(grad_out))
+
+
+def _setup_context(ctx, inputs, output):
+    input, qweight, scales, zeros, group_size, bias = inputs
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError("effkern.int4_linear: scales or zeros require grad, but the quantized weight is frozen: "
+                           "int4_linear gives gradients for the input and the bias only. Call requires_grad_(False) "
+                           "on them, and train adapters (e.g. LoRA) instead of the weight")
+    ctx.needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[5])]
+    ctx.group_size = group_size
+    ctx.save_for_backward(*((qweight, scales, zeros) if ctx.needs[0] else (None, None, None)))
+
+
+def _backward(ctx, grad_out):
+    grad_input, grad_bias = torch.ops.effkern.int4_linear_bwd(grad_out, *ctx.saved_tensors, ctx.group_size,
+                                                              ctx.needs)
+    return (grad_input if ctx.needs[0] else None, None, None, None, None, grad_bias if ctx.needs[1] else None)
+
+
+_int4_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("int4_linear", cast_args=(0, 5))  # input and bias; scales/zeros keep their stored precision
+
+
+def int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int = 128,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """W4A16 ``F.linear``: input [..., K] (float16, bfloat16 or float32) times the int4 weight
+    (qweight int32 [N, K / 8], scales and zeros [N, K / group_size], from quantize_int4 or the
+    GPTQ/AWQ importers) dequantized inside the kernel, fp32 accumulation, + bias [N] (input's
+    dtype). Differentiable in input and bias."""
+    check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias)
+    return torch.ops.effkern.int4_linear(input, qweight, scales, zeros, group_size, bias)

@@ -1,0 +1,164 @@
+"""W4A16 matmul in Triton: the int4 weight unpacked and dequantized inside the K loop.
+
+``int4_matmul_kernel``, C[m, n] = sum_k A[m, k] * W[n, k] + bias[n], with W in effkern's packed
+layout (effkern/int4.py): qweight int32 [N, K / 8], value k of row n in bits 4 (k % 8) .. +3 of
+word qweight[n, k // 8], and per group j = k // GROUP of each row a scale and a zero:
+    W[n, k] = (q[n, k] - zeros[n, j]) * scales[n, j]     fp32, rounded to A's dtype
+then a 16-bit (or fp32) tensor-core dot with fp32 accumulation. The tile's K range lies in one
+group (BLOCK_K divides GROUP, or there is one group per row), so each K step loads one scale and
+one zero per column.
+
+Few rows (decoding, where the op only reads the weight): the split-K launch of kernels/int8.py,
+K spread over two programs per SM, the slices added in a fixed order by its reduce kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from .int8 import choose_split_k, splitk_reduce_kernel
+
+
+@triton.jit
+def int4_matmul_kernel(
+    a_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, c_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_qn, stride_qw, stride_sn, stride_sg, stride_zn, stride_zg,
+    stride_cs, stride_cm, stride_cn,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    # [BLOCK_K, BLOCK_N] tile of W^T: each word is read by the 8 k's it holds (L1 serves the repeats)
+    q_ptrs = q_ptr + rn[None, :] * stride_qn + ((k_start + offs_k) // 8)[:, None] * stride_qw
+    shifts = ((offs_k % 8) * 4)[:, None]  # k_start and BLOCK_K are multiples of 8
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            words = tl.load(q_ptrs)
+        else:
+            k_left = k_end - k
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            words = tl.load(q_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        group = k // GROUP
+        scale = tl.load(s_ptr + rn * stride_sn + group * stride_sg).to(tl.float32)
+        zero = tl.load(z_ptr + rn * stride_zn + group * stride_zg).to(tl.float32)
+        q = ((words >> shifts) & 0xF).to(tl.float32)
+        w = ((q - zero[None, :]) * scale[None, :]).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        q_ptrs += (BLOCK_K // 8) * stride_qw
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations: as for the int8 GEMMs (kernels/int8.py), autotuned for large M over
+# tiles whose K depth divides the group size; split-K for few rows at one narrow config.
+
+_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_GEMM_SHAPES = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (32, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+]
+GROUP = 8
+_FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 32, 8), 3, 4)}
+_SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
+
+
+def _depth_fits(cfg, group: int, K: int) -> bool:
+    # every K step inside one group: the depth divides the group size, or one group per row
+    return group == K or group % cfg["BLOCK_K"] == 0
+
+
+def _prune(configs, named_args, **kwargs):
+    fitting = [c for c in configs if _depth_fits(c.kwargs, named_args["GROUP"], named_args["K"])]
+    return prune_by_rows("M", "BLOCK_M")(fitting, named_args, **kwargs)
+
+
+_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
+                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(int4_matmul_kernel)
+_gemm_tuned = triton.autotune(
+    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
+    key=["M", "N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_gemm)
+
+
+def _kwargs(setting, group: int, K: int) -> dict:
+    blocks, stages, warps = setting
+    kwargs = dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
+    if not _depth_fits(kwargs, group, K):
+        kwargs["BLOCK_K"] = group  # group sizes are powers of two >= 32: still a valid tl.dot depth
+    return kwargs
+
+
+def int4_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                bias: torch.Tensor | None, split_k: int | None = None) -> torch.Tensor:
+    """C [M, N] = a @ W.T + bias for a [M, K] float (any strides) and W in effkern's int4 layout
+    (qweight [N, K / 8], scales/zeros [N, K / group]; group = K for one group per row).
+    ``split_k`` forces a number of K slices (tests); None chooses by shape."""
+    M, K = a.shape
+    N = qweight.shape[0]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    bias = bias.contiguous() if bias is not None else None
+    splits = (split_k or choose_split_k(M, N, K, a.device)) if K else 1
+    flags = dict(GROUP=group, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
+    weights = (qweight, scales, zeros, bias if bias is not None else c)
+    strides = (a.stride(0), a.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+               zeros.stride(0), zeros.stride(1))
+    where = "interpreter" if interpreted() else "gpu"
+    if splits == 1:
+        args = (a, *weights, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
+        fixed = {w: _kwargs(setting, group, K) for w, setting in _FIXED.items()}
+        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
+        return c
+
+    setting = _kwargs(_SPLIT[where], group, K)
+    bm, bn, bk = setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
+    args = (a, *weights, part, M, N, K, k_per_split, *strides, part.stride(0), part.stride(1), 1)
+    reduce_args = (part, c, c, bias if bias is not None else c, c, M, N, splits,
+                   part.stride(0), part.stride(1), c.stride(0), c.stride(1))
+    reduce_flags = dict(WIDE=False, DEQUANT=True, SCALE_ROWS=False, SCALE_COLS=False, HAS_BIAS=bias is not None,
+                        BLOCK_M=bm, BLOCK_N=bn)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)
+    reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    gemm_flags = dict(flags, HAS_BIAS=False)  # the bias is added once, by the reduction
+    if interpreted():
+        _gemm[grid](*args, **gemm_flags, **setting)
+        splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
+    else:
+        with torch.cuda.device(a.device):
+            _gemm[grid](*args, **gemm_flags, **setting)
+            splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
+    return c

@@ -1,0 +1,439 @@
+"""INT4 weight-only matmul: packing, quantization, GPTQ/AWQ importers, the Triton kernel (through
+the interpreter on CPU), autograd, registration, Int4Linear, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.int4 import AWQ_ORDER, int4_linear_reference
+from effkern.testing import max_error, tolerance
+
+BACKENDS = ["triton", "reference"]
+ODD_M = (1, 3, 17, 100)
+
+
+def needs_backend(backend: str, device: str = "cpu"):
+    ok, why = ek.backend_available(backend, device)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
+
+
+def kernels():
+    from effkern.kernels import int4
+
+    return int4
+
+
+def layer_weight(N, K, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / math.sqrt(K)
+    w[:, torch.randperm(K, generator=g)[: max(1, K // 64)]] *= 10  # outlier input features
+    return w.to(device)
+
+
+def quantized(N, K, group_size, dtype=torch.float16, symmetric=False, seed=0, device="cpu"):
+    return ek.quantize_int4(layer_weight(N, K, seed, device).to(dtype), group_size, symmetric)
+
+
+# ---------------------------------------------------------------------------- packing
+
+def test_pack_int4_nibble_order():
+    q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 15, 0, 0, 0, 0, 0, 0, 15]], dtype=torch.uint8)
+    packed = ek.pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    assert packed[0, 0].item() == 0x87654321 - 2**32  # q[7] = 8 sets bit 31: a negative int32
+    assert packed[0, 1].item() == 0xF000000F - 2**32
+    assert torch.equal(ek.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 64), (3, 4, 24)])
+def test_pack_unpack_round_trip(shape):
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    assert torch.equal(ek.unpack_int4(ek.pack_int4(q)), q)
+    words = torch.randint(-2**31, 2**31, (*shape[:-1], shape[-1] // 8), dtype=torch.int64).to(torch.int32)
+    assert torch.equal(ek.pack_int4(ek.unpack_int4(words)), words)  # every bit pattern
+
+
+# ---------------------------------------------------------------------------- quantization
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_dequantize(group_size, symmetric, dtype):
+    N, K = 24, 512
+    w = layer_weight(N, K).to(dtype)
+    w[3] = 0  # an all-zero row
+    w[5, :K // 2] = 0  # zeros inside groups
+    qw, scales, zeros = ek.quantize_int4(w, group_size, symmetric)
+    G = K if group_size == -1 else group_size
+    assert qw.shape == (N, K // 8) and scales.shape == zeros.shape == (N, K // G)
+    assert scales.dtype == zeros.dtype == dtype
+    assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15
+    if symmetric:
+        assert (zeros == 8).all()
+    back = ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64)
+    step = scales.double().repeat_interleave(G, dim=1)
+    assert ((back - w.double()).abs() <= step / 2 * (1 + 1e-6)).all()  # within half a step
+    assert (back[3] == 0).all() and (back[5, :K // 2] == 0).all()  # zero is exactly representable
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_round_trips_a_representable_weight_bit_exactly(group_size, dtype):
+    """W = (q - z) * s with power-of-two scales and each group spanning q = 0..15: quantize_int4
+    gives back exactly q, s and z, and dequantize_int4 exactly W."""
+    N, K = 16, 256
+    G = K if group_size == -1 else group_size
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (N, K // G, G), generator=g)
+    q[..., 0], q[..., -1] = 0, 15
+    z = torch.randint(0, 16, (N, K // G), generator=g).double()
+    s = 2.0 ** -torch.randint(2, 8, (N, K // G), generator=g).double()
+    w = ((q - z[..., None]) * s[..., None]).view(N, K).to(dtype)
+    qw, scales, zeros = ek.quantize_int4(w, group_size)
+    assert torch.equal(ek.unpack_int4(qw), q.view(N, K).to(torch.uint8))
+    assert torch.equal(scales, s.to(dtype)) and torch.equal(zeros, z.to(dtype))
+    assert torch.equal(ek.dequantize_int4(qw, scales, zeros, group_size), w)
+
+
+def test_dequantize_is_the_formula():
+    qw, scales, zeros = quantized(16, 64, 32)
+    q = ek.unpack_int4(qw).double()
+    expected = (q - zeros.double().repeat_interleave(32, 1)) * scales.double().repeat_interleave(32, 1)
+    assert torch.equal(ek.dequantize_int4(qw, scales, zeros, 32, torch.float64), expected)
+    assert torch.equal(ek.dequantize_int4(qw, scales, zeros, 32), expected.to(torch.float16))
+
+
+# ---------------------------------------------------------------------------- GPTQ / AWQ
+
+def _pack_words(values: torch.Tensor, order=range(8)) -> torch.Tensor:
+    """Test-side packer: eight values along the last dim per int32 word, value order[j] in nibble j."""
+    v = values.to(torch.int64).unflatten(-1, (-1, 8))[..., list(order)]
+    words = sum(v[..., j] << (4 * j) for j in range(8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def gptq_checkpoint(N, K, G, act_order: bool, seed=0):
+    """Synthetic GPTQ tensors (classic format: zeros stored minus one) and the weight the
+    format's published dequantization gives: W^T[k, n] = scales[g_idx[k], n] * (q[k, n] - (z + 1))."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=g)
+    z = torch.randint(1, 16, (K // G, N), generator=g)  # stored as z - 1 in [0, 14]
+    scales = (torch.rand(K // G, N, generator=g) / 10 + 0.01).half()
+    g_idx = torch.arange(K) // G
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    qweight = _pack_words(q.t()).t().contiguous()  # [K / 8, N], packed along K
+    qzeros = _pack_words(z - 1)  # [K / G, N / 8], packed along N
+    weight_t = scales.double()[g_idx] * (q.double() - z.double()[g_idx])
+    return (qweight, qzeros, scales, g_idx), weight_t.t()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("G", [32, 128])
+def test_gptq_import_is_exact(act_order, G):
+    N, K = 24, 256
+    (qweight, qzeros, scales, g_idx), weight = gptq_checkpoint(N, K, G, act_order)
+    layer = ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx if act_order else None)
+    assert (layer.perm is not None) == act_order
+    assert torch.equal(layer.dequantized_weight(torch.float64), weight)
+    x = torch.randn(5, K).half()
+    torch.testing.assert_close(layer(x).double(), x.double() @ weight.t(), rtol=2e-3, atol=2e-3)
+    if not act_order:  # g_idx equal to k // G is not act-order
+        assert ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx).perm is None
+
+
+def test_gptq_v2_zero_offset_and_bad_zeros():
+    (qweight, qzeros, scales, _), weight = gptq_checkpoint(16, 64, 32, False)
+    qw, s, z, G, perm = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=1)
+    qw2, _, z2, _, _ = ek.gptq_to_int4(qweight, _pack_words(ek.unpack_int4(qzeros).long() + 1), scales, zero_offset=0)
+    assert torch.equal(qw, qw2) and torch.equal(z, z2) and G == 32 and perm is None
+    with pytest.raises(ValueError, match="zero_offset"):
+        ek.gptq_to_int4(qweight, _pack_words(torch.full((2, 16), 15)), scales, zero_offset=1)
+
+
+def test_awq_import_is_exact():
+    N, K, G = 32, 256, 64
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (K, N), generator=g)
+    z = torch.randint(0, 16, (K // G, N), generator=g)
+    scales = (torch.rand(K // G, N, generator=g) / 10 + 0.01).half()
+    qweight, qzeros = _pack_words(q, AWQ_ORDER), _pack_words(z, AWQ_ORDER)  # [K, N / 8], [K / G, N / 8]
+    # AutoAWQ's dequantization: unpack the nibbles in order, undo the interleave, (q - z) * s per group
+    nibbles = ek.unpack_int4(qweight).long()
+    reverse = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+    unshuffled = nibbles.unflatten(-1, (-1, 8))[..., reverse].flatten(-2)
+    assert torch.equal(unshuffled, q)  # the test's packer matches the published order
+    weight = ((q - z.repeat_interleave(G, 0)).double() * scales.double().repeat_interleave(G, 0)).t()
+    bias = torch.randn(N).half()
+    layer = ek.nn.Int4Linear.from_awq(qweight, qzeros, scales, bias)
+    assert layer.group_size == G and torch.equal(layer.dequantized_weight(torch.float64), weight)
+    x = torch.randn(3, K).half()
+    torch.testing.assert_close(layer(x).double(), x.double() @ weight.t() + bias.double(), rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------- the kernel
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("M", ODD_M)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_int4_linear_matches_float64(backend, group_size, M, dtype, poison_empty):
+    """Against float64 on the dequantized weight: within 2x PyTorch's error in the same precision."""
+    needs_backend(backend)
+    N, K = 40, 512
+    qw, scales, zeros = quantized(N, K, group_size, dtype, seed=M)
+    x, b = torch.randn(M, K).to(dtype), torch.randn(N).to(dtype)
+    with ek.use_backend(backend):
+        y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
+    exact = F.linear(x.double(), ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64), b.double())
+    torch_same = F.linear(x, ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
+    assert max_error(y, exact) <= limit
+
+
+@pytest.mark.parametrize("split_k", [2, 5])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_split_k(split_k, group_size, poison_empty):
+    needs_backend("triton")
+    N, K = 24, 640
+    qw, scales, zeros = quantized(N, K, group_size, torch.float32)
+    x, b = torch.randn(2, K), torch.randn(N)
+    out = kernels().int4_matmul(x, qw, scales, zeros, K if group_size == -1 else group_size, b, split_k=split_k)
+    torch.testing.assert_close(out, int4_linear_reference(x, qw, scales, zeros, group_size, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_strides_and_scale_dtype(backend):
+    """3-D and transposed inputs; scales/zeros kept in float32 with float16 activations."""
+    needs_backend(backend)
+    qw, scales, zeros = quantized(16, 64, 32, torch.float32)
+    b = torch.randn(32).half()[::2]
+    for x in (torch.randn(2, 3, 64).half(), torch.randn(64, 5).half().t()):
+        with ek.use_backend(backend):
+            y = ek.int4_linear(x, qw, scales, zeros, 32, b)
+        expected = int4_linear_reference(x.contiguous(), qw, scales, zeros, 32, b.contiguous())
+        assert y.shape == (*x.shape[:-1], 16)
+        torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    needs_backend(backend)
+    qw, scales, zeros = quantized(16, 64, 32)
+    x = torch.randn(0, 64).half().requires_grad_()
+    with ek.use_backend(backend):
+        y = ek.int4_linear(x, qw, scales, zeros, 32)
+        y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 64)
+
+
+# ---------------------------------------------------------------------------- autograd
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_through_the_dequantized_weight(backend, dtype):
+    needs_backend(backend)
+    N, K = 32, 128
+    qw, scales, zeros = quantized(N, K, 64, dtype)
+    x = torch.randn(2, 3, K).to(dtype).requires_grad_()
+    b = torch.randn(N).to(dtype).requires_grad_()
+    grad = torch.randn(2, 3, N).to(dtype)
+    with ek.use_backend(backend):
+        ek.int4_linear(x, qw, scales, zeros, 64, b).backward(grad)
+    exact = grad.double() @ ek.dequantize_int4(qw, scales, zeros, 64, torch.float64)
+    torch_same = grad @ ek.dequantize_int4(qw, scales, zeros, 64, dtype)
+    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, N)
+    assert max_error(x.grad, exact) <= limit
+    torch.testing.assert_close(b.grad.double(), grad.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
+
+
+def test_reference_gradcheck():
+    qw, scales, zeros = quantized(8, 32, 32, torch.float64)
+    x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: ek.int4_linear(x, qw, scales, zeros, 32, b), (x, b))
+
+
+def test_weight_gradient_is_a_clear_error():
+    qw, scales, zeros = quantized(8, 32, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="quantized weight is frozen"):
+        ek.int4_linear(torch.randn(2, 32), qw, scales.requires_grad_(), zeros, 32)
+
+
+# ---------------------------------------------------------------------------- registration
+
+def sample_inputs(requires_grad=False):
+    torch.manual_seed(0)
+    for lead, N, K, G, bias in [((), 8, 64, 32, True), ((3,), 16, 32, -1, False), ((2, 3), 8, 128, 64, True)]:
+        qw, scales, zeros = quantized(N, K, G, torch.float32)
+        x = torch.randn(*lead, K, requires_grad=requires_grad)
+        b = torch.randn(N, requires_grad=requires_grad) if bias else None
+        yield torch.ops.effkern.int4_linear.default, (x, qw, scales, zeros, G, b)
+        if not requires_grad:
+            grad = torch.randn(*lead, N)
+            yield torch.ops.effkern.int4_linear_bwd.default, (grad, qw, scales, zeros, G, [True, bias])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    needs_backend(backend)
+    with ek.use_backend(backend):
+        for op, args in sample_inputs(requires_grad):
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_forward_backward(backend):
+    needs_backend(backend)
+    torch._dynamo.reset()
+    layer = ek.nn.Int4Linear.from_linear(torch.nn.Linear(64, 32), group_size=32)
+
+    def step(x):
+        return layer(x).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with ek.use_backend(backend):
+        for tokens in (5, 9):
+            x = torch.randn(tokens, 64, requires_grad=True)
+            loss = compiled(x)
+            loss.backward()
+            grads = x.grad, layer.bias.grad
+            layer.bias.grad = None
+            x_eager = x.detach().requires_grad_()
+            expected = step(x_eager)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            torch.testing.assert_close(grads[0], x_eager.grad)
+            torch.testing.assert_close(grads[1], layer.bias.grad)
+            layer.bias.grad = None
+
+
+def test_autocast_casts_input_and_bias_only():
+    qw, scales, zeros = quantized(16, 64, 32, torch.float32)
+    x, b = torch.randn(4, 64), torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ek.int4_linear(x, qw, scales, zeros, 32, b)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, int4_linear_reference(x.bfloat16(), qw, scales, zeros, 32, b.bfloat16()))
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _bad_calls():
+    qw, scales, zeros = quantized(16, 64, 32, torch.float32)
+    x = torch.randn(3, 64)
+    return [
+        ("K not divisible by group", (torch.randn(3, 96), *quantized(16, 96, -1, torch.float32), 64),
+         ValueError, "K=96 is not divisible by group_size=64"),
+        ("wrong scale shape", (x, qw, scales[:, :1], zeros, 32), ValueError, r"scales must have shape \[N, K / group_size\]"),
+        ("wrong zero shape", (x, qw, scales, zeros.t(), 32), ValueError, r"zeros must have shape"),
+        ("odd N", (x, qw[:12], scales[:12], zeros[:12], 32), ValueError, "N=12 and K=64 must be multiples of 8"),
+        ("float weight", (x, torch.randn(16, 64), scales, zeros, 32), TypeError, "packed int32 tensor"),
+        ("K mismatch", (torch.randn(3, 72), qw, scales, zeros, 32), ValueError, "K=72 does not match the weight's K=64"),
+        ("group size", (x, qw, scales, zeros, 48), ValueError, "group_size must be one of"),
+        ("int input", (x.int(), qw, scales, zeros, 32), TypeError, "input must be float16, bfloat16 or float32"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_clear_errors(backend, case):
+    _, args, exc, message = _bad_calls()[case]
+    with ek.use_backend(backend), pytest.raises(exc, match=message):
+        ek.int4_linear(*args)
+
+
+def test_bad_quantize_inputs():
+    with pytest.raises(ValueError, match="not divisible by group_size=128"):
+        ek.quantize_int4(torch.randn(8, 192), 128)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ek.quantize_int4(torch.randn(12, 64), 32)
+    with pytest.raises(ValueError, match="2-D"):
+        ek.quantize_int4(torch.randn(64), 32)
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    qw, scales, zeros = quantized(16, 64, 32)
+    with ek.use_backend("cuda"), pytest.raises(RuntimeError, match="CUDA int4 kernel runs on CUDA tensors"):
+        ek.int4_linear(torch.randn(2, 64).half(), qw, scales, zeros, 32)
+
+
+# ---------------------------------------------------------------------------- nn module
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_int4_linear_module_and_state_dict(group_size):
+    linear = torch.nn.Linear(64, 24)
+    layer = ek.nn.Int4Linear.from_linear(linear, group_size=group_size)
+    assert layer.bias is linear.bias
+    x = torch.randn(2, 5, 64)
+    y = layer(x)
+    err = (layer.dequantized_weight() - linear.weight).abs().max()
+    assert err <= layer.scales.max() / 2 + 1e-6
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "scales", "zeros", "bias"}
+    fresh = ek.nn.Int4Linear(64, 24, group_size=group_size)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), y) and f"group_size={group_size}" in repr(fresh)
+    with pytest.raises(ValueError, match="group_size"):
+        ek.nn.Int4Linear(64, 24, group_size=100)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        ek.nn.Int4Linear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+def test_act_order_layer_state_dict_round_trip():
+    (qweight, qzeros, scales, g_idx), weight = gptq_checkpoint(16, 128, 32, act_order=True)
+    layer = ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx)
+    fresh = ek.nn.Int4Linear(128, 16, bias=False, group_size=32, dtype=torch.float16, act_order=True)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 128).half()
+    assert torch.equal(fresh(x), layer(x)) and "perm" in layer.state_dict()
+
+
+# ---------------------------------------------------------------------------- GPU code, compiled here
+
+INT4_TYPES = dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16", a_ptr="*bf16",
+                  M="i32", N="i32", K="i32", K_PER_SPLIT="i32", stride_am="i32", stride_ak="i32", stride_qn="i32",
+                  stride_qw="i32", stride_sn="i32", stride_sg="i32", stride_zn="i32", stride_zg="i32",
+                  stride_cs="i32", stride_cm="i32", stride_cn="i32")
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
+    needs_backend("triton")
+    k = kernels()
+    requests = {}
+    for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"])):
+        cfg = k._kwargs(setting, 128, 4096)
+        blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        requests[name] = dict(kernel="effkern.kernels.int4:int4_matmul_kernel", types=INT4_TYPES,
+                              constexprs=dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True, **blocks),
+                              cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for name, compiled in compile_for_gpu(requests).items():
+        assert "bf16.bf16" in compiled["ptx"] and "mma" in compiled["ptx"], name
+        assert compiled["shared"] <= (227 if cc == 90 else 163) * 1024, name
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("M", ODD_M + (1024,))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_matches_float64(group_size, M, dtype, poison_empty):
+    N, K = 520, 4096
+    qw, scales, zeros = quantized(N, K, group_size, dtype, device="cuda")
+    x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
+    with ek.use_backend("triton"):
+        y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
+    exact = F.linear(x.double(), ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64), b.double())
+    torch_same = F.linear(x, ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
+    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
+    assert max_error(y, exact) <= limit
