@@ -41,9 +41,11 @@ def int4_matmul_kernel(
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    # [BLOCK_K, BLOCK_N] tile of W^T: each word is read by the 8 k's it holds (L1 serves the repeats)
-    q_ptrs = q_ptr + rn[None, :] * stride_qn + ((k_start + offs_k) // 8)[:, None] * stride_qw
-    shifts = ((offs_k % 8) * 4)[:, None]  # k_start and BLOCK_K are multiples of 8
+    # [BLOCK_K / 8, BLOCK_N] words of W^T (k_start and BLOCK_K are multiples of 8), each word
+    # loaded once and expanded to its 8 values: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N]
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = q_ptr + rn[None, :] * stride_qn + (k_start // 8 + offs_w)[:, None] * stride_qw
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
@@ -53,11 +55,11 @@ def int4_matmul_kernel(
         else:
             k_left = k_end - k
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            words = tl.load(q_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            words = tl.load(q_ptrs, mask=offs_w[:, None] * 8 < k_left, other=0)
         group = k // GROUP
         scale = tl.load(s_ptr + rn * stride_sn + group * stride_sg).to(tl.float32)
         zero = tl.load(z_ptr + rn * stride_zn + group * stride_zg).to(tl.float32)
-        q = ((words >> shifts) & 0xF).to(tl.float32)
+        q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
         w = ((q - zero[None, :]) * scale[None, :]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
