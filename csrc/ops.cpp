@@ -2,6 +2,7 @@
 // Kernels are registered per dispatch key next to their code:
 //   csrc/cpu/linear_gelu.cpp            TORCH_LIBRARY_IMPL(effkern_C, CPU, m)
 //   csrc/cuda/linear_gelu_binding.cpp   TORCH_LIBRARY_IMPL(effkern_C, CUDA, m)
+//   csrc/cuda/int4_binding.cpp          TORCH_LIBRARY_IMPL(effkern_C, CUDA / CPU, m)
 //
 // Importing the Python module effkern._C (or torch.ops.load_library on the .so) runs the
 // static registrations below; the ops are then torch.ops.effkern_C.<name>.
@@ -57,6 +58,12 @@ TORCH_LIBRARY(effkern_C, m) {
   m.def(
       "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor preact, "
       "bool tanh_approx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // W4A16: input [M, K] @ W^T (+ bias), W dequantized from the pre-shuffled int4 weight
+  // (effkern/int4_cuda_layout.py: qweight int32 [N / 64, 8 K], prepared scales/zeros [K / G, N]).
+  // CUDA kernel: csrc/cuda/int4.cu; the CPU registration only validates and raises.
+  m.def(
+      "int4_linear(Tensor input, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
+      "Tensor? bias) -> Tensor");
   // JSON: {"cuda": bool, "archs": "8.0;9.0a", "cuda_version": "13.0" | null}.
   // Registered as a catch-all kernel (it takes no tensors).
   m.def("build_info() -> str", &build_info);

@@ -1,0 +1,416 @@
+"""The CUDA W4A16 kernel (csrc/cuda/int4.cu) and its pre-shuffled weight (effkern/int4_cuda_layout.py).
+
+CPU: the shuffle's round trip is bit-exact; the emulation of how the kernel reads the shuffled
+tensor (stage, warp, lane, 16-byte load, word, nibble -> mma B-fragment register half -> (k, n)
+by the PTX ISA) rebuilds q bit for bit, and fails for deliberately wrong layouts; the emulated
+exponent-trick dequantization equals (q - z) * s rounded once; the C++ op is registered and its
+argument checks raise clear errors. GPU (``-m gpu``): the kernel against a float64 reference.
+
+Inputs come from the small quantizer below (random q, integer zeros, positive scales, packed by
+hand in effkern's layout), independent of effkern.int4.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern import _ext
+from effkern import int4_cuda_layout as L
+from effkern.testing import max_error, tolerance
+
+DTYPES = (torch.float16, torch.bfloat16)
+GROUPS = (32, 64, 128, 256, -1)
+# (N, K, group_size): every group size, one and several blocks of 64 columns, K from one
+# pipeline stage (128) up; 256 needs K % 256 == 0.
+LAYOUT_CASES = [(64, 128, 32), (64, 128, -1), (128, 256, 64), (192, 512, 128), (64, 512, 256),
+                (128, 384, -1), (256, 1024, 32), (64, 768, 256)]
+
+
+# ---------------------------------------------------------------------------- test inputs
+
+def pack_effkern(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [0, 15] -> int32 [N, K / 8]: nibble j of word w is q[n, 8 w + j]."""
+    N, K = q.shape
+    words = torch.zeros(N, K // 8, dtype=torch.int64)
+    for j in range(8):
+        words |= q[:, j::8].to(torch.int64) << (4 * j)
+    words[words >= 2**31] -= 2**32  # bit 31 is int32's sign bit
+    return words.to(torch.int32)
+
+
+def make_int4(N, K, group_size, dtype, seed=0):
+    """(q int64 [N, K], qweight, scales, zeros) in effkern's layout, scales/zeros in ``dtype``."""
+    G = K if group_size == -1 else group_size
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    zeros = torch.randint(0, 16, (N, K // G), generator=g).to(dtype)
+    scales = ((torch.rand(N, K // G, generator=g) + 0.25) / 16).to(dtype)
+    return q, pack_effkern(q), scales, zeros
+
+
+def dequantized(q, scales, zeros, group_size):
+    """W = (q - z) * s, computed in float64 (exact) and rounded once to the scales' dtype."""
+    K = q.shape[1]
+    G = K if group_size == -1 else group_size
+    s = scales.double().repeat_interleave(G, dim=1)
+    z = zeros.double().repeat_interleave(G, dim=1)
+    return ((q.double() - z) * s).to(scales.dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype in DTYPES else t
+
+
+def assert_bit_equal(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    assert torch.equal(bits(a), bits(b)), f"{what} differs"
+
+
+# ---------------------------------------------------------------------------- the layout (CPU)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, group_size", LAYOUT_CASES)
+def test_shuffle_then_unshuffle_is_the_identity(N, K, group_size, dtype):
+    q, qweight, scales, zeros = make_int4(N, K, group_size, dtype)
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    G = K if group_size == -1 else group_size
+    assert qs.dtype == torch.int32 and tuple(qs.shape) == (N // 64, 8 * K) and qs.is_contiguous()
+    assert sp.dtype == zp.dtype == dtype and tuple(sp.shape) == tuple(zp.shape) == (K // G, N)
+    back = L.unshuffle_from_cuda(qs, sp, zp, group_size)
+    for name, got, want in zip(("qweight", "scales", "zeros"), back, (qweight, scales, zeros)):
+        assert_bit_equal(got, want, name)
+    # the shuffle moves bits only: same multiset of nibbles, and not the identity
+    assert torch.equal(ek.unpack_int4(qs).long().flatten().sort().values, q.flatten().sort().values)
+    assert not torch.equal(qs.flatten(), qweight.flatten())
+
+
+@pytest.mark.parametrize("N, K, group_size", LAYOUT_CASES)
+def test_kernel_reads_of_the_shuffled_weight_rebuild_q(N, K, group_size):
+    q, qweight, scales, zeros = make_int4(N, K, group_size, torch.float16, seed=1)
+    qs, _, _ = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    assert torch.equal(L.emulate_fragments(qs), q)
+
+
+def test_ptx_b_fragment_layout():
+    """mma.m16n8k16 .f16/.bf16 B fragment (PTX ISA): b0, b1 at k = 2t, 2t + 1, b2, b3 at
+    k = 2t + 8, 2t + 9, n = groupID; the 32 lanes x 4 elements cover the 16 x 8 tile once."""
+    lanes = torch.arange(32).view(-1, 1)
+    idx = torch.arange(4).view(1, -1)
+    row, col = L.mma_b_fragment_coords(lanes, idx)
+    seen = torch.zeros(16, 8, dtype=torch.int64)
+    seen.index_put_((row.flatten(), col.expand(32, 4).flatten()), torch.ones(128, dtype=torch.int64), accumulate=True)
+    assert (seen == 1).all()
+    assert L.mma_b_fragment_coords(0, 0) == (0, 0)
+    assert L.mma_b_fragment_coords(1, 1) == (3, 0)
+    assert L.mma_b_fragment_coords(6, 2) == (12, 1)
+    assert L.mma_b_fragment_coords(31, 3) == (15, 7)
+
+
+def test_layout_diagram_example():
+    """The worked example of the module docstring: lane 5 (groupID 1, threadID_in_group 1),
+    word 0, nibble 4 (p = 0, h = 1) of tile kt is b1 of subtile 0: q[64 nb + 1, 16 kt + 3]."""
+    N, K = 128, 256
+    q, qweight, scales, zeros = make_int4(N, K, 128, torch.float16, seed=2)
+    qs, _, _ = L.shuffle_for_cuda(qweight, scales, zeros, 128)
+    for nb, kt in ((0, 0), (1, 5), (1, 15)):
+        word = int(qs[nb, 128 * kt + 4 * 5 + 0]) & 0xFFFFFFFF
+        assert (word >> 16) & 0xF == q[64 * nb + 1, 16 * kt + 3]
+        # word 3, nibble 3 (p = 3, h = 0): b2 of subtile 7 -> n = 8 * 7 + 1, k = 2 + 8
+        word = int(qs[nb, 128 * kt + 4 * 5 + 3]) & 0xFFFFFFFF
+        assert (word >> 12) & 0xF == q[64 * nb + 57, 16 * kt + 10]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, group_size", LAYOUT_CASES)
+def test_emulated_dequantization_is_q_minus_z_times_s_rounded_once(N, K, group_size, dtype):
+    q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=3)
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    assert_bit_equal(L.emulate_scale_reads(sp, K, group_size), scales, "scales as the lanes read them")
+    assert_bit_equal(L.emulate_scale_reads(zp, K, group_size), (zeros.float() + L.ZERO_OFFSET[dtype]).to(dtype),
+                     "prepared zeros as the lanes read them")
+    assert_bit_equal(L.emulate_dequantize(qs, sp, zp, group_size), dequantized(q, scales, zeros, group_size),
+                     "dequantized weight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exponent_trick_over_every_q_z_and_extreme_scales(dtype):
+    """All 16 x 16 (q, z) pairs with scales from tiny (subnormal products) to large."""
+    N, K, G = 64, 256, 32
+    q = (torch.arange(N * K) % 16).view(N, K)
+    zeros = (torch.arange(N * K // G) // 3 % 16).view(N, K // G).to(dtype)
+    info = torch.finfo(dtype)
+    scale_values = torch.tensor([info.tiny, info.tiny * 3, 1e-3, 0.1, 1.0, 1.5, 7.0, 100.0,
+                                 info.max / 16, info.eps, 1 / 3, 2.0 ** -20])
+    scales = scale_values[torch.arange(N * K // G) % len(scale_values)].view(N, K // G).to(dtype)
+    qs, sp, zp = L.shuffle_for_cuda(pack_effkern(q), scales, zeros, G)
+    assert_bit_equal(L.emulate_dequantize(qs, sp, zp, G), dequantized(q, scales, zeros, G), "dequantized weight")
+
+
+# ---------------------------------------------------------------------------- the checker fails wrong layouts
+
+def _map_nibbles(qs: torch.Tensor, fn) -> torch.Tensor:
+    """Applies fn to the nibble axis of every word ([..., 8] int64) and repacks."""
+    nib = ek.unpack_int4(qs).long().unflatten(-1, (-1, 8))
+    return ek.pack_int4(fn(nib).flatten(-2)).view_as(qs)
+
+
+def _wrong_layouts(qs: torch.Tensor) -> dict:
+    rows = qs.shape[0]
+    tiles = qs.view(rows, -1, 32, 4)  # (nb, kt, lane, word)
+    one = qs.clone()
+    w = int(one[0, 0]) & 0xFFFFFFFF
+    w = (w & ~0xFF) | ((w & 0xF) << 4) | ((w >> 4) & 0xF)  # swap nibbles 0 and 1 of a single word
+    one[0, 0] = w - 2**32 if w >= 2**31 else w
+    return {
+        "low and high halves swapped (k rows 2t and 2t+1)": _map_nibbles(qs, lambda n: n[..., [4, 5, 6, 7, 0, 1, 2, 3]]),
+        "registers swapped ({b0,b1} <-> {b2,b3})": _map_nibbles(qs, lambda n: n[..., [1, 0, 3, 2, 5, 4, 7, 6]]),
+        "two nibbles of one word swapped": one,
+        "groupID and threadID_in_group mixed (lane l <-> l ^ 4)": tiles[:, :, torch.arange(32) ^ 4].reshape_as(qs),
+        "words of a lane reversed (subtiles 2i <-> 6-2i)": tiles.flip(-1).reshape_as(qs),
+        "k16 tiles in the wrong order": tiles.flip(1).reshape_as(qs),
+    }
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_checker_rejects_a_wrong_layout(case):
+    q, qweight, scales, zeros = make_int4(128, 256, 64, torch.float16, seed=4)
+    qs, _, _ = L.shuffle_for_cuda(qweight, scales, zeros, 64)
+    name, wrong = list(_wrong_layouts(qs).items())[case]
+    assert not torch.equal(L.emulate_fragments(wrong), q), name
+
+
+def test_checker_rejects_a_wrong_fragment_map(monkeypatch):
+    """An emulation built on a wrong B-fragment layout (b2, b3 without the + 8 rows) maps two
+    register halves onto one (k, n): the coverage check raises instead of returning q."""
+    q, qweight, scales, zeros = make_int4(64, 128, 32, torch.float16, seed=5)
+    qs, _, _ = L.shuffle_for_cuda(qweight, scales, zeros, 32)
+    monkeypatch.setattr(L, "mma_b_fragment_coords", lambda lane, i: ((lane % 4) * 2 + (i & 1), lane >> 2))
+    with pytest.raises(AssertionError, match="never"):
+        L.emulate_fragments(qs)
+
+
+def test_checker_rejects_wrongly_permuted_scales():
+    q, qweight, scales, zeros = make_int4(128, 256, 32, torch.float16, seed=6)
+    _, sp, _ = L.shuffle_for_cuda(qweight, scales, zeros, 32)
+    plain = scales.t().contiguous()  # transposed but not permuted within the 64 columns
+    assert torch.equal(L.emulate_scale_reads(sp, 256, 32), scales)
+    assert not torch.equal(L.emulate_scale_reads(plain, 256, 32), scales)
+
+
+# ---------------------------------------------------------------------------- predicate and validation
+
+def test_cuda_kernel_supports():
+    ok = L.cuda_kernel_supports
+    for G in GROUPS:
+        assert ok(1, 4096, 4096, G, torch.float16) and ok(16, 4096, 4096, G, torch.bfloat16)
+    assert ok(64, 64, 128, -1, torch.float16) and ok(0, 64, 128, 32, torch.float16)
+    assert not ok(65, 4096, 4096, 128, torch.float16)  # a prefill: the GEMM-shaped kernel
+    assert not ok(1, 4096, 4096, 128, torch.float32)
+    assert not ok(1, 4000, 4096, 128, torch.float16)  # N % 64
+    assert not ok(1, 4096, 4000, 32, torch.float16)   # K % 128
+    assert not ok(1, 4096, 128 * 3, 256, torch.float16)  # K % 256 for group 256
+    assert ok(1, 4096, 128 * 3, -1, torch.float16)
+    assert not ok(1, 4096, 4096, 16, torch.float16) and not ok(1, 4096, 4096, 96, torch.float16)
+    assert not ok(1, 0, 128, 32, torch.float16) and not ok(1, 64, 0, -1, torch.float16)
+
+
+def test_shuffle_validates_its_input():
+    q, qweight, scales, zeros = make_int4(128, 256, 32, torch.float16)
+    with pytest.raises(ValueError, match="N % 64"):
+        L.shuffle_for_cuda(qweight[:96], scales[:96], zeros[:96], 32)
+    with pytest.raises(ValueError, match="group_size"):
+        L.shuffle_for_cuda(qweight, scales, zeros, 48)
+    with pytest.raises(ValueError, match=r"\[128, 4\]"):
+        L.shuffle_for_cuda(qweight, scales[:, :4], zeros[:, :4], 32)
+    with pytest.raises(ValueError, match="integers in"):
+        L.shuffle_for_cuda(qweight, scales, zeros + 0.5, 32)
+    with pytest.raises(ValueError, match="integers in"):
+        L.shuffle_for_cuda(qweight, scales, zeros + 16, 32)
+    with pytest.raises(TypeError, match="dtype="):
+        L.shuffle_for_cuda(qweight, scales.float(), zeros.float(), 32)
+    with pytest.raises(TypeError, match="int32"):
+        L.shuffle_for_cuda(qweight.to(torch.int64), scales, zeros, 32)
+    # float32 scales with an explicit activation dtype: rounded once to it
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales.float(), zeros.float(), 32, dtype=torch.bfloat16)
+    assert sp.dtype == zp.dtype == torch.bfloat16
+    back = L.unshuffle_from_cuda(qs, sp, zp, 32)
+    assert torch.equal(back[1], scales.float().to(torch.bfloat16)) and torch.equal(back[2].float(), zeros.float())
+
+
+# ---------------------------------------------------------------------------- the C++ op (CPU side)
+
+def needs_cuda_extension():
+    if not _ext.available():
+        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
+    if not _ext.built_with_cuda():
+        pytest.skip("effkern._C was built without CUDA: effkern_C::int4_linear has no kernels (CPU-only build)")
+
+
+def test_op_is_registered_with_its_schema():
+    if not _ext.available():
+        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
+    schema = str(torch.ops.effkern_C.int4_linear.default._schema)
+    assert schema == ("effkern_C::int4_linear(Tensor input, Tensor qweight, Tensor scales, Tensor zeros, "
+                      "int group_size, Tensor? bias) -> Tensor")
+
+
+def _op_args(M=2, N=128, K=256, group_size=32, dtype=torch.float16):
+    q, qweight, scales, zeros = make_int4(N, K, group_size, dtype)
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    x = torch.randn(M, K).to(dtype)
+    return dict(input=x, qweight=qs, scales=sp, zeros=zp, group_size=group_size, bias=torch.randn(N).to(dtype)), qweight
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    out = buf[1:1 + t.numel()].view_as(t)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+def _bad_cases():
+    good, unshuffled = _op_args()
+    cases = {
+        "effkern's unshuffled layout": (dict(good, qweight=unshuffled), r"shuffled weight \[N / 64, 8 \* K\]"),
+        "float32 input": (dict(good, input=good["input"].float()), "float16 or bfloat16"),
+        "3-D input": (dict(good, input=good["input"][None]), "2-D"),
+        "scales of the other dtype": (dict(good, scales=good["scales"].bfloat16()), "scales has dtype"),
+        "group size of another layout": (dict(good, group_size=64), r"scales must be the prepared \[K / group_size, N\] = \[4, 128\]"),
+        "unsupported group size": (dict(good, group_size=48), "G % 32 == 0"),
+        "zero group size": (dict(good, group_size=0), "positive or -1"),
+        "K of another layout": (dict(good, input=good["input"][:, :128].contiguous()), r"8 \* K"),
+        "int64 qweight": (dict(good, qweight=good["qweight"].long()), "must be int32"),
+        "non-contiguous scales": (dict(good, scales=good["scales"].t().contiguous().t()), "contiguous"),
+        "misaligned zeros": (dict(good, zeros=misaligned(good["zeros"])), "16-byte aligned"),
+        "bias of the wrong length": (dict(good, bias=good["bias"][:5]), r"bias must be \[128\]"),
+        "bias of the other dtype": (dict(good, bias=good["bias"].float()), "bias has dtype"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_op_argument_checks_raise_clear_errors(case):
+    needs_cuda_extension()
+    kwargs, message = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.effkern_C.int4_linear(**kwargs)
+
+
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_op_on_cpu_tensors_passes_the_checks_then_says_there_is_no_cpu_kernel(group_size):
+    needs_cuda_extension()
+    kwargs, _ = _op_args(K=512, group_size=group_size, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no CPU kernel"):
+        torch.ops.effkern_C.int4_linear(**kwargs)
+
+
+def test_cpp_shape_rule_is_the_python_predicate():
+    """The C++ check (csrc/cuda/int4.h supports()) accepts exactly what shape_supported does."""
+    needs_cuda_extension()
+    for K in (128, 256, 384, 640, 1024):
+        for G in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, -1, K):
+            Ge = K if G == -1 else G
+            if K % Ge or K // Ge == 0:
+                continue
+            qs = torch.zeros(1, 8 * K, dtype=torch.int32)
+            table = torch.zeros(K // Ge, 64, dtype=torch.float16)
+            accepted = None
+            try:
+                torch.ops.effkern_C.int4_linear(torch.zeros(1, K, dtype=torch.float16), qs, table, table, G, None)
+            except RuntimeError as exc:
+                accepted = "no CPU kernel" in str(exc)
+                assert accepted or "the CUDA kernel needs" in str(exc), str(exc)
+            assert accepted == L.shape_supported(64, K, G), (K, G)
+
+
+# ---------------------------------------------------------------------------- the kernel (GPU)
+
+def run_kernel(x, qweight, scales, zeros, group_size, bias):
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    return torch.ops.effkern_C.int4_linear(x, qs.cuda(), sp.cuda(), zp.cuda(), group_size, bias)
+
+
+def check_against_float64(M, N, K, group_size, dtype, with_bias, seed=0):
+    q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(M, K, generator=g).to(dtype).cuda()
+    bias = torch.randn(N, generator=g).to(dtype).cuda() if with_bias else None
+    out = run_kernel(x, qweight, scales, zeros, group_size, bias)
+    w = dequantized(q, scales, zeros, group_size).cuda()  # what the kernel multiplies by, exactly
+    ref = x.double() @ w.double().t() + (bias.double() if with_bias else 0)
+    baseline = F.linear(x, w, bias)
+    err, base = max_error(out, ref), max_error(baseline, ref)
+    limit = tolerance(base, ref.abs().max().item(), dtype, reduction=K)
+    assert out.dtype == dtype and tuple(out.shape) == (M, N)
+    assert err <= limit, f"M={M} N={N} K={K} G={group_size} {dtype}: error {err:.3g} vs PyTorch's {base:.3g} (limit {limit:.3g})"
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize("N, K", [(256, 512), (192, 2048)])  # one K slice / split-K over blocks
+def test_gpu_kernel_matches_float64(N, K, M, dtype, group_size, with_bias, poison_empty):
+    check_against_float64(M, N, K, group_size, dtype, with_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K, group_size", [(1, 4096, 4096, 128), (16, 4096, 4096, -1), (4, 11008, 4096, 64),
+                                                  (8, 4096, 11008, 128), (2, 21504, 1024, 32)])
+def test_gpu_kernel_decode_shapes(M, N, K, group_size, dtype, poison_empty):
+    check_against_float64(M, N, K, group_size, dtype, with_bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, group_size", [(128, 256, 32), (64, 512, 256), (192, 2048, -1)])
+def test_gpu_dequantization_is_bit_exact(N, K, group_size, dtype, poison_empty):
+    """x = one-hot rows e_k: y[m, n] = W[n, k_m], one exact term in the fp32 sum, so the output is
+    the kernel's dequantized weight itself; it must equal (q - z) * s rounded once, bit for bit,
+    also for scales that make subnormal or huge products."""
+    q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=7)
+    info = torch.finfo(dtype)
+    extreme = torch.tensor([info.tiny, 1e-3, 1 / 3, 100.0, info.max / 16]).to(dtype)
+    scales[:, 0] = extreme[torch.arange(N) % len(extreme)]  # first group of every row
+    w = dequantized(q, scales, zeros, group_size)
+    qs, sp, zp = (t.cuda() for t in L.shuffle_for_cuda(qweight, scales, zeros, group_size))
+    for k0 in range(0, K, 64):
+        x = torch.zeros(64, K, dtype=dtype, device="cuda")
+        x[torch.arange(64), k0 + torch.arange(64)] = 1
+        out = torch.ops.effkern_C.int4_linear(x, qs, sp, zp, group_size, None)
+        assert_bit_equal(out.cpu(), w[:, k0:k0 + 64].t().contiguous(), f"W[:, {k0}:{k0 + 64}] from the kernel")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_is_deterministic_and_takes_any_input_strides(poison_empty):
+    N, K, G = 256, 2048, 128
+    q, qweight, scales, zeros = make_int4(N, K, G, torch.bfloat16)
+    x = torch.randn(K, 5, dtype=torch.bfloat16, device="cuda").t()  # not contiguous
+    a = run_kernel(x, qweight, scales, zeros, G, None)
+    b = run_kernel(x.contiguous(), qweight, scales, zeros, G, None)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_empty_m():
+    q, qweight, scales, zeros = make_int4(128, 256, 32, torch.float16)
+    out = run_kernel(torch.empty(0, 256, dtype=torch.float16, device="cuda"), qweight, scales, zeros, 32, None)
+    assert tuple(out.shape) == (0, 128)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_rejects_tensors_on_another_device():
+    kwargs, _ = _op_args()
+    kwargs["input"] = kwargs["input"].cuda()
+    with pytest.raises(RuntimeError, match=re.escape("qweight is on cpu but input is on cuda")):
+        torch.ops.effkern_C.int4_linear(**kwargs)
