@@ -30,12 +30,15 @@ Python functions: pack_int4, unpack_int4, quantize_int4, dequantize_int4, gptq_t
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._registry import register_autocast, register_family
 from ._tensors import empty, rows
@@ -249,31 +252,71 @@ def _cuda_layout():
     return int4_cuda_layout
 
 
-def choose_backend(op: str, input: Tensor, group_size: int, N: int) -> str:
-    """triton, cuda or reference for int4_linear on ``input``."""
+def _cuda_kernel_runs(device: torch.device, dtype: torch.dtype, scales_dtype: torch.dtype, M: int, N: int, K: int,
+                      group_size: int) -> bool:
+    # scales in the activation dtype: the kernel multiplies in that dtype, and other scales would
+    # be rounded once more than the reference does
+    return (device.type == "cuda" and scales_dtype == dtype and backend_available("cuda", device)[0]
+            and hasattr(torch.ops.effkern_C, "int4_linear")
+            and _cuda_layout().cuda_kernel_supports(M, N, K, group_size, dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_backend(device: torch.device, dtype: torch.dtype, scales_dtype: torch.dtype, M: int, N: int, K: int,
+                  group_size: int) -> str:
+    # Cached: at decoding sizes the lookup would cost as much as the GPU work.
+    if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
+        return "reference"
+    choice = _policy.choose("int4", "fwd", torch.cuda.get_device_name(device), dtype=str(dtype).removeprefix("torch."),
+                            M=M, N=N, K=K, group_size=group_size)
+    if choice == "cuda" and _cuda_kernel_runs(device, dtype, scales_dtype, M, N, K, group_size):
+        return "cuda"
+    return "triton"
+
+
+def choose_backend(op: str, input: Tensor, scales: Tensor, group_size: int, N: int) -> str:
+    """triton, cuda or reference for int4_linear on ``input``: ``auto`` follows the measurements
+    in effkern/policies/int4.json (per GPU, nearest measured shape), triton where there are none."""
     name = selected_backend()
     device, dtype = input.device, input.dtype
     M, K = rows(input).shape
     if name == "auto":
-        if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
-            return "reference"
-        return "triton"
+        return _auto_backend(device, dtype, scales.dtype, M, N, K, group_size)
     require(name, device, op)
     if name != "reference" and dtype == torch.float64:
         raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got float64 "
                         f"(float64 runs on the reference backend)")
-    if name == "cuda" and not (device.type == "cuda" and _cuda_layout().cuda_kernel_supports(M, N, K, group_size,
-                                                                                               dtype)):
-        raise RuntimeError(f"effkern.{op}: the CUDA int4 kernel runs on CUDA tensors of float16/bfloat16 for the "
-                           f"shapes effkern.int4_cuda_layout.cuda_kernel_supports accepts; got {device.type} "
-                           f"{dtype}, M={M}, N={N}, K={K}, group_size={group_size}. Use triton or auto.")
+    if name == "cuda" and not _cuda_kernel_runs(device, dtype, scales.dtype, M, N, K, group_size):
+        raise RuntimeError(f"effkern.{op}: the CUDA int4 kernel runs on CUDA tensors of float16/bfloat16, with scales "
+                           f"and zeros in that dtype, for the shapes effkern.int4_cuda_layout.cuda_kernel_supports "
+                           f"accepts (M <= 64, N % 64 == 0, K % 128 == 0); got {device.type} {dtype} (scales "
+                           f"{scales.dtype}), M={M}, N={N}, K={K}, group_size={group_size}. Use triton or auto.")
     return name
 
 
 def _describe_auto(device: torch.device) -> str:
-    if device.type == "cuda" and backend_available("triton", device)[0]:
-        return "triton (the CUDA kernel is used only when asked for, until it is measured)"
-    return "reference" + (" (auto on CPU)" if device.type == "cpu" else "")
+    if device.type != "cuda" or not backend_available("triton", device)[0]:
+        return "reference" + (" (auto on CPU)" if device.type == "cpu" else "")
+    gpu = torch.cuda.get_device_name(device)
+    if _policy._entries("int4", gpu):
+        return f"per shape from effkern/policies/int4.json (measured on {gpu}), triton elsewhere"
+    return f"triton (no measurements recorded for {gpu})"
+
+
+_SHUFFLED: dict = {}  # id(qweight) -> (weakref to it, versions of the three tensors, the shuffled tensors)
+
+
+def _shuffled_for_cuda(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> tuple:
+    """The CUDA kernel's pre-shuffled copy of the weight, made once per weight (and again only
+    if one of its tensors is modified in place), dropped with the weight."""
+    key = id(qweight)
+    versions = (qweight._version, scales._version, zeros._version, id(scales), id(zeros))
+    hit = _SHUFFLED.get(key)
+    if hit is not None and hit[0]() is qweight and hit[1] == versions:
+        return hit[2]
+    shuffled = _cuda_layout().shuffle_for_cuda(qweight, scales, zeros, group_size)
+    _SHUFFLED[key] = (weakref.ref(qweight, lambda _: _SHUFFLED.pop(key, None)), versions, shuffled)
+    return shuffled
 
 
 register_family("int4", _describe_auto)
@@ -292,7 +335,7 @@ def _int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
                  bias: Optional[Tensor] = None) -> Tensor:
     check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias)
     N = qweight.shape[0]
-    backend = choose_backend("int4_linear", input, group_size, N)
+    backend = choose_backend("int4_linear", input, scales, group_size, N)
     if backend == "reference":
         return int4_linear_reference(input, qweight, scales, zeros, group_size, bias)
     x2d = rows(input)
@@ -301,8 +344,7 @@ def _int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
 
         out = kernels.int4_matmul(x2d, qweight, scales, zeros, _group(group_size, x2d.shape[1]), bias)
     else:
-        layout = _cuda_layout()
-        shuffled = layout.shuffle_for_cuda(qweight, scales, zeros, group_size)
+        shuffled = _shuffled_for_cuda(qweight, scales, zeros, group_size)
         out = torch.ops.effkern_C.int4_linear(x2d.contiguous(), *shuffled, group_size, bias)
     return out.view(*input.shape[:-1], N)
 

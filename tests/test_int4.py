@@ -372,6 +372,22 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         ek.int4_linear(torch.randn(2, 64).half(), qw, scales, zeros, 32)
 
 
+def test_cuda_layout_is_made_once_per_weight():
+    """The CUDA backend's pre-shuffled weight is cached per weight tensor, made again after an
+    in-place change, and dropped with the weight."""
+    from effkern import int4 as int4_module
+
+    qw, scales, zeros = quantized(64, 256, 128)
+    first = int4_module._shuffled_for_cuda(qw, scales, zeros, 128)
+    assert int4_module._shuffled_for_cuda(qw, scales, zeros, 128) is first
+    scales.mul_(2)
+    again = int4_module._shuffled_for_cuda(qw, scales, zeros, 128)
+    assert again is not first and torch.equal(again[1], first[1] * 2)
+    key = id(qw)
+    del qw, first, again
+    assert key not in int4_module._SHUFFLED
+
+
 # ---------------------------------------------------------------------------- nn module
 
 @pytest.mark.parametrize("group_size", [32, -1])
@@ -430,14 +446,20 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
 # ---------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
-@pytest.mark.parametrize("M", ODD_M + (1024,))
+@pytest.mark.parametrize("M", ODD_M + (64, 1024))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_triton_matches_float64(group_size, M, dtype, poison_empty):
-    N, K = 520, 4096
+def test_gpu_matches_float64(backend, group_size, M, dtype, poison_empty):
+    """Through the op: Triton on an N that is no multiple of a tile; the Marlin-style CUDA kernel
+    (pre-shuffled weight; the kernel alone: tests/test_int4_cuda.py) on the decoding sizes it takes."""
+    needs_backend(backend, "cuda")
+    if backend == "cuda" and M > 64:
+        pytest.skip("the CUDA kernel is for M <= 64 (decoding)")
+    N, K = (520 if backend == "triton" else 512), 4096
     qw, scales, zeros = quantized(N, K, group_size, dtype, device="cuda")
     x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
-    with ek.use_backend("triton"):
+    with ek.use_backend(backend):
         y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
     exact = F.linear(x.double(), ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64), b.double())
     torch_same = F.linear(x, ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
