@@ -6,8 +6,8 @@
 #
 #   bench/gpu_check.sh                 logs in bench/results/gpu_check/, results in bench/results/<gpu>/
 #   OUT=/some/dir bench/gpu_check.sh   logs, results.tgz and the policy file in /some/dir
-#   OPS="int8" bench/gpu_check.sh      only these op families' GPU tests (tests/test_<op>.py) and
-#                                      benchmarks (default: all)
+#   OPS="int8 int4" bench/gpu_check.sh only these op families' GPU tests (tests/test_<op>.py and
+#                                      tests/test_<op>_*.py) and benchmarks (default: all)
 # Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
 OPS=${OPS:-}
 TEST_PATHS=tests
-if [[ -n $OPS ]]; then TEST_PATHS=$(printf 'tests/test_%s.py ' $OPS); fi
+if [[ -n $OPS ]]; then TEST_PATHS=$(for op in $OPS; do ls tests/test_"$op".py tests/test_"$op"_*.py 2>/dev/null; done); fi
 SUMMARY=()
 
 # step NAME LIMIT LOG CMD...: run CMD with a time limit, log to LOG, record status and duration
@@ -63,7 +63,7 @@ step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench $OPS --quick --
 
 # the device tool returns few files: one tarball with the card's results and the policies
 tar -czf "$OUT/results.tgz" "$RES" effkern/policies 2>/dev/null || echo "tar: nothing to pack"
-cp effkern/policies/linear_gelu.json "$OUT/" 2>/dev/null || echo "no effkern/policies/linear_gelu.json"
+cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.json"
 
 {
     echo

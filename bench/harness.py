@@ -61,6 +61,29 @@ class Provider:
     checked: bool = True  # False: a yardstick computing another function (timed, not compared)
 
 
+# ---------------------------------------------------------------- command-line values
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtypes(names: list[str] | None) -> list[torch.dtype] | None:
+    """--dtypes values (bf16, fp16, fp32 and their long names) as torch dtypes; None if not given."""
+    try:
+        return [DTYPES[d.lower()] for d in names] if names else None
+    except KeyError as exc:
+        raise SystemExit(f"--dtypes: unknown dtype {exc.args[0]!r}; one of {sorted(DTYPES)}") from None
+
+
+def parse_mnk(text: str) -> tuple[int, int, int]:
+    """A --shapes value MxNxK (GEMM-shaped ops: input [M, K], weight [N, K])."""
+    try:
+        M, N, K = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not MxNxK (e.g. 2048x16384x4096)") from None
+    return M, N, K
+
+
 # ---------------------------------------------------------------- device and timing
 
 def device_type() -> str:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int8 import int8_linear_reference, int8_weight_only_linear_reference, quantize_rows_reference
 
-from .harness import Case, Provider
+from .harness import Case, Provider, parse_dtypes, parse_mnk
 
 OP = "int8"
 BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
@@ -33,8 +33,6 @@ ERROR_BASELINE = "reference"
 POLICY_BACKENDS: dict = {}  # triton is the int8 ops' only GPU backend: no policy
 MODES = ("fwd",)
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 QUANTS = ("w8a8", "w8a16")
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
 REFERENCES = {"w8a8": int8_linear_reference, "w8a16": int8_weight_only_linear_reference}
@@ -59,21 +57,10 @@ def _case(dtype: torch.dtype, quant: str, M: int, N: int, K: int, providers=None
                 input_bytes=int8_inputs)
 
 
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        M, N, K = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--shapes: {text!r} is not MxNxK (e.g. 16x14336x4096)") from None
-    return M, N, K
-
-
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
-    try:
-        dts = [DTYPES[d.lower()] for d in dtypes] if dtypes else None
-    except KeyError as exc:
-        raise SystemExit(f"--dtypes: unknown dtype {exc.args[0]!r}; one of {sorted(DTYPES)}") from None
+    dts = parse_dtypes(dtypes)
     if shapes:  # explicit shapes: every provider, both quantizations
-        mnk = [_parse_shape(s) for s in shapes]
+        mnk = [parse_mnk(s) for s in shapes]
         dts = dts or ([torch.bfloat16] if device == "cuda" else [torch.float32])
         return [_case(d, q, *s) for d in dts for q in QUANTS for s in mnk]
     if device == "cpu":  # the interpreter is slow: tiny shapes, fp32 and fp16

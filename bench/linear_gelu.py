@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.linear_gelu import linear_gelu_reference
 
-from .harness import Case, Provider
+from .harness import Case, Provider, parse_dtypes, parse_mnk
 
 OP = "linear_gelu"
 BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-compile": "x compile",
@@ -22,8 +22,6 @@ BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-
 ERROR_BASELINE = "torch-eager"
 POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 
 GPU_M = (1, 16, 128, 2048, 8192)
 GPU_KN = ((4096, 16384), (16384, 4096), (1024, 4096), (768, 3072))
@@ -46,21 +44,10 @@ def _case(dtype: torch.dtype, approximate: str, M: int, N: int, K: int, provider
                 reductions={"out": K, "grad": N})  # y sums over K; grad_input sums over N
 
 
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        M, N, K = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--shapes: {text!r} is not MxNxK (e.g. 2048x16384x4096)") from None
-    return M, N, K
-
-
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
-    try:
-        dts = [DTYPES[d.lower()] for d in dtypes] if dtypes else None
-    except KeyError as exc:
-        raise SystemExit(f"--dtypes: unknown dtype {exc.args[0]!r}; one of {sorted(DTYPES)}") from None
+    dts = parse_dtypes(dtypes)
     if shapes:  # explicit shapes: every provider, both approximations
-        mnk = [_parse_shape(s) for s in shapes]
+        mnk = [parse_mnk(s) for s in shapes]
         dts = dts or ([torch.bfloat16] if device == "cuda" else [torch.float32])
         return [_case(d, a, *s) for d in dts for a in ("none", "tanh") for s in mnk]
     if device == "cpu":  # the interpreter has no bf16 tl.dot: fp32 and fp16 only

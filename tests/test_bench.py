@@ -8,8 +8,11 @@ import torch.nn.functional as F
 
 import effkern as ek
 from bench import harness
+from bench import int4 as bench_int4
 from bench import int8 as bench_int8
 from bench import linear_gelu as bench_linear_gelu
+from effkern import _policy
+from effkern.int4 import dequantize_int4, int4_linear_reference
 from effkern.int8 import dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference
 
 CEIL = {"gemm_tflops": 1.0, "int8_tops": 2.0, "copy_gbps": 1.0, "gemm_method": "test", "int8_method": "test",
@@ -105,3 +108,56 @@ def test_int8_writes_no_policy(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "REPO", tmp_path)
     assert harness.write_policy(run, bench_int8.POLICY_BACKENDS, "test") is None
     assert not (tmp_path / "effkern").exists()
+
+
+def _int4_wrong(dequantize) -> harness.Provider:
+    """A provider computing F.linear on a wrongly dequantized weight (``dequantize(qweight, scales, zeros)``)."""
+    return harness.Provider(build=lambda case: lambda x, w, qweight, scales, zeros, b, *_: F.linear(
+        x, dequantize(qweight, scales, zeros).to(x.dtype), b))
+
+
+def test_int4_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
+    # fp32, four groups per row (group 32, K 128): per-row and per-group scales differ
+    G = 32
+    wrong = {
+        "zeros-ignored": _int4_wrong(lambda q, s, z: dequantize_int4(q, s, torch.zeros_like(z), G)),
+        "per-row-scales": _int4_wrong(lambda q, s, z: dequantize_int4(q, s[:, :1].expand_as(s), z, G)),
+        "bias-dropped": harness.Provider(build=lambda case: lambda x, w, qweight, scales, zeros, b, *_:
+                                         int4_linear_reference(x, qweight, scales, zeros, G)),
+    }
+    provs = {**bench_int4.providers(), **wrong}
+    monkeypatch.setattr(bench_int4, "providers", lambda: provs)
+    case = bench_int4._case(torch.float32, 5, 32, 128, group_size=G)
+    run = harness.run_op(bench_int4, [case], "cpu", CEIL, list(provs), ["fwd", "fwd_bwd"], checkpoint=lambda r: None)
+    status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
+    assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
+    # forward only; torch-int4pack is torch's CPU int4 GEMM on its own packing of the same q, scales, zeros
+    assert status == {("effkern-triton", "fwd"): "ok", ("reference", "fwd"): "ok", ("torch-int4pack", "fwd"): "ok",
+                      ("torch-linear", "fwd"): "timing only", ("zeros-ignored", "fwd"): "FAIL",
+                      ("per-row-scales", "fwd"): "FAIL", ("bias-dropped", "fwd"): "FAIL"}
+    assert [p for p, _ in run.skipped] == ["effkern-cuda"]
+    # bytes: x, bias, output in fp32, the weight at half a byte per value, a scale and a zero per group
+    assert case.bytes["fwd"] == 4 * (5 * 128 + 32 + 5 * 32) + 32 * 128 // 2 + 2 * 4 * 32 * (128 // G)
+
+
+def test_int4_policy_is_read_by_shape_and_group_size(tmp_path, monkeypatch):
+    run = harness.Run(op="int4", device="cuda", ceil={}, baselines={})
+    for M, triton_ms, cuda_ms in [(1, 2.0, 1.0), (4096, 1.0, 2.0)]:
+        params = {"dtype": "bfloat16", "group_size": 128, "M": M, "N": 4096, "K": 4096}
+        run.rows += [{"provider": "effkern-triton", "mode": "fwd", "params": params, "ms": triton_ms, "status": "ok"},
+                     {"provider": "effkern-cuda", "mode": "fwd", "params": params, "ms": cuda_ms, "status": "ok"},
+                     {"provider": "torch-int4pack", "mode": "fwd", "params": params, "ms": 0.1, "status": "ok"}]
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
+    path = harness.write_policy(run, bench_int4.POLICY_BACKENDS, "test")
+    assert path == tmp_path / "effkern" / "policies" / "int4.json"
+    monkeypatch.setattr(_policy, "POLICY_DIR", path.parent)
+    _policy._entries.cache_clear()
+    try:  # what effkern.int4's auto would ask; a baseline never wins
+        def choose(M, **match):
+            return _policy.choose("int4", "fwd", "GPU X", dtype="bfloat16", M=M, N=4096, K=4096, **match)
+
+        assert choose(2, group_size=128) == "cuda" and choose(2048, group_size=128) == "triton"
+        assert choose(2, group_size=64) is None  # no measurement for that group size
+    finally:
+        _policy._entries.cache_clear()
