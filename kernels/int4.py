@@ -8,7 +8,7 @@ then a 16-bit (or fp32) tensor-core dot with fp32 accumulation. The tile's K ran
 group (BLOCK_K divides GROUP, or there is one group per row), so each K step loads one scale and
 one zero per column.
 
-Few rows (decoding, where the op only reads the weight): the split-K launch of kernels/int8.py,
+Few rows (decoding, where the op only reads the weight): the split-K launch of kernels/_splitk.py,
 K spread over two programs per SM, the slices added in a fixed order by its reduce kernel.
 """
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
-from .int8 import choose_split_k, splitk_reduce_kernel
+from ._splitk import choose_split_k, run_split_k
 
 
 @triton.jit
@@ -131,36 +131,21 @@ def int4_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if M == 0 or N == 0:
         return c
     bias = bias.contiguous() if bias is not None else None
-    splits = (split_k or choose_split_k(M, N, K, a.device)) if K else 1
+    where = "interpreter" if interpreted() else "gpu"
+    split_setting = _kwargs(_SPLIT[where], group, K)
+    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
+    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
     weights = (qweight, scales, zeros, bias if bias is not None else c)
     strides = (a.stride(0), a.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
                zeros.stride(0), zeros.stride(1))
-    where = "interpreter" if interpreted() else "gpu"
     if splits == 1:
         args = (a, *weights, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
         fixed = {w: _kwargs(setting, group, K) for w, setting in _FIXED.items()}
         launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
         return c
-
-    setting = _kwargs(_SPLIT[where], group, K)
-    bm, bn, bk = setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    splits = triton.cdiv(K, k_per_split)
-    part = torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
-    args = (a, *weights, part, M, N, K, k_per_split, *strides, part.stride(0), part.stride(1), 1)
-    reduce_args = (part, c, c, bias if bias is not None else c, c, M, N, splits,
-                   part.stride(0), part.stride(1), c.stride(0), c.stride(1))
-    reduce_flags = dict(WIDE=False, DEQUANT=True, SCALE_ROWS=False, SCALE_COLS=False, HAS_BIAS=bias is not None,
-                        BLOCK_M=bm, BLOCK_N=bn)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)
-    reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    gemm_flags = dict(flags, HAS_BIAS=False)  # the bias is added once, by the reduction
-    if interpreted():
-        _gemm[grid](*args, **gemm_flags, **setting)
-        splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
-    else:
-        with torch.cuda.device(a.device):
-            _gemm[grid](*args, **gemm_flags, **setting)
-            splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
-    return c
+    # the bias is added once, by the reduction
+    return run_split_k(
+        _gemm, lambda part, k_per_split: (a, *weights, part, M, N, K, k_per_split, *strides,
+                                          part.stride(0), part.stride(1), 1),
+        dict(flags, HAS_BIAS=False), split_setting, splits, c, K, torch.float32, bias=bias)

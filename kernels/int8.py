@@ -15,23 +15,18 @@ read through strides (W^T for the forward, W itself for the backward):
                        b[k, n] * b_scale[k] rounded to A's dtype, C = acc
     int8_mm (A int8, no epilogue): C = acc, int32
 
-Split-K, for few rows (decoding), where one program per output tile leaves most SMs idle and
-the op is bound by reading the weight: program (tile, s) sums K-slice s into a partial of
-the accumulator's dtype, and ``splitk_reduce_kernel`` adds the slices in a fixed order
-(deterministic, no atomics) and applies the epilogue. Int32 partials are added in int64 when
-the output is dequantized, so K is not limited by int32 range (each slice is kept short
-enough that its own int32 sum is exact: |a*b| <= 2^14, 2^17 terms).
+Few rows (decoding): the split-K launch of kernels/_splitk.py; int32 partials are added in
+int64, each slice short enough that its own int32 sum is exact (|a*b| <= 2^14, 2^17 terms).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from ._splitk import choose_split_k, dequant_epilogue, run_split_k
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -73,20 +68,6 @@ def quantize_rows_int8_kernel(
         v = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)
         tl.store(q_ptr + rows64 * stride_qr + (cols + k) * stride_qk, v.to(tl.int8), mask=m)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
-
-
-@triton.jit
-def dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
-                     SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # (acc * a_scale[m]) * b_scale[n] + bias[n], in fp32, in that order (as the reference does).
-    out = acc.to(tl.float32)
-    if SCALE_ROWS:
-        out = out * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    if SCALE_COLS:
-        out = out * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return out
 
 
 @triton.jit
@@ -142,38 +123,12 @@ def int8_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def splitk_reduce_kernel(
-    part_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
-    M, N, SPLITS,
-    stride_ps, stride_pm, stride_cm, stride_cn,
-    WIDE: tl.constexpr, DEQUANT: tl.constexpr,
-    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # part is [SPLITS, M, N] with unit stride along N; slices are added in order 0, 1, ...
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0)
-    if WIDE:
-        acc = acc.to(tl.int64)
-    for s in range(1, SPLITS):
-        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0).to(acc.dtype)
-    if DEQUANT:
-        acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
-                               SCALE_ROWS, SCALE_COLS, HAS_BIAS)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------
 # Launch configurations. Large M: autotuned over tiles picked for H100 (int8 tiles 128 deep
 # in K, 16-bit ones 64 deep; configs that do not fit shared memory are skipped by the
 # autotuner). Few rows: a split-K launch at one narrow config, the split count sized to the
-# SM count. Under the interpreter: small fixed tiles, and a pretend SM count small enough that
-# the tests' shapes take the split-K path too.
+# SM count (kernels/_splitk.py). Under the interpreter: small fixed tiles, and a pretend SM
+# count small enough that the tests' shapes take the split-K path too.
 
 _NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _GEMM_SHAPES = [
@@ -193,9 +148,6 @@ GROUP = 8
 _FIXED = {"interpreter": ((32, 32, 64, 4), 1, 4), "gpu": ((64, 128, 128, 8), 3, 4)}
 # The split-K launch: 16 rows (the smallest tl.dot tile) by 64 columns, 256 deep.
 _SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4)}
-_INTERPRETER_SMS = 4
-# Up to this many rows the split-K launch is considered; beyond, tiles fill the GPU anyway.
-SPLIT_MAX_ROWS = 64
 
 _gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
                            and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(int8_matmul_kernel)
@@ -214,23 +166,6 @@ def _kwargs(setting) -> dict:
 
 def _where() -> str:
     return "interpreter" if interpreted() else "gpu"
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if interpreted():
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
-    """Slices of K for the split-K launch: enough programs for two per SM, each slice at least
-    four K blocks long; 1 (no split) when the rows or the output tiles already fill the GPU."""
-    (bm, bn, bk, _), _, _ = _SPLIT[_where()]
-    if M > SPLIT_MAX_ROWS:
-        return 1
-    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    return max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), triton.cdiv(K, 4 * bk)))
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +209,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
         return c
     # The kernels index the per-row/per-column vectors with unit stride.
     a_scale, b_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, b_scale, bias))
-    splits = (split_k or choose_split_k(M, N, K, a.device)) if K else 1
+    split_setting = _kwargs(_SPLIT[_where()])
+    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
+    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
     if a_int8 and dequant:
         splits = max(splits, triton.cdiv(K, MAX_EXACT_K))  # each slice's int32 sum stays exact
     flags = dict(A_INT8=a_int8, SCALE_K=scale_k, DEQUANT=dequant,
@@ -288,26 +225,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
         fixed = {where: _kwargs(setting) for where, setting in _FIXED.items()}
         launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
         return c
-
-    setting = _kwargs(_SPLIT[_where()])
-    bm, bn, bk = setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    if a_int8 and dequant:
-        k_per_split = min(k_per_split, MAX_EXACT_K)
-    splits = triton.cdiv(K, k_per_split)
-    part = torch.empty((splits, M, N), dtype=torch.int32 if a_int8 else torch.float32, device=a.device)
-    gemm_flags = dict(flags, DEQUANT=False)
-    args = (a, b, *scales_and_bias, part, M, N, K, k_per_split, *strides, part.stride(0), part.stride(1), 1)
-    reduce_args = (part, *scales_and_bias, c, M, N, splits, part.stride(0), part.stride(1), c.stride(0), c.stride(1))
-    reduce_flags = dict(WIDE=a_int8 and dequant, DEQUANT=dequant, SCALE_ROWS=flags["SCALE_ROWS"],
-                        SCALE_COLS=flags["SCALE_COLS"], HAS_BIAS=flags["HAS_BIAS"], BLOCK_M=bm, BLOCK_N=bn)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)
-    reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    if interpreted():
-        _gemm[grid](*args, **gemm_flags, **setting)
-        splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
-    else:
-        with torch.cuda.device(a.device):
-            _gemm[grid](*args, **gemm_flags, **setting)
-            splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
-    return c
+    return run_split_k(
+        _gemm, lambda part, k_per_split: (a, b, *scales_and_bias, part, M, N, K, k_per_split, *strides,
+                                          part.stride(0), part.stride(1), 1),
+        dict(flags, DEQUANT=False), split_setting, splits, c, K, torch.int32 if a_int8 else torch.float32,
+        a_scale=a_scale, b_scale=b_scale if flags["SCALE_COLS"] else None, bias=bias, wide=a_int8 and dequant,
+        dequant=dequant, max_k_per_split=MAX_EXACT_K if a_int8 and dequant else None)

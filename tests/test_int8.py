@@ -137,10 +137,12 @@ def test_int8_mm_split_k_is_exact(split_k):
 
 def test_split_k_is_chosen_for_few_rows_only():
     needs_backend("triton")
-    k = kernels()
-    assert k.choose_split_k(1, 40, 4100, torch.device("cpu")) > 1
-    assert k.choose_split_k(k.SPLIT_MAX_ROWS + 1, 40, 4100, torch.device("cpu")) == 1
-    assert k.choose_split_k(1, 40, 64, torch.device("cpu")) == 1  # too short to split
+    from effkern.kernels import _splitk
+
+    block, cpu = (16, 32, 64), torch.device("cpu")
+    assert _splitk.choose_split_k(1, 40, 4100, cpu, block) > 1
+    assert _splitk.choose_split_k(_splitk.SPLIT_MAX_ROWS + 1, 40, 4100, cpu, block) == 1
+    assert _splitk.choose_split_k(1, 40, 64, cpu, block) == 1  # too short to split
 
 
 def test_int8_matmul_accumulates_past_the_int32_range():
@@ -594,8 +596,8 @@ def _launch_configs():
             "autotune 128x256": k._kwargs(((128, 256, 128, 8), 3, 8))}
 
 
-def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3):
-    return dict(kernel=f"effkern.kernels.int8:{kernel}", types=types, constexprs=constexprs, cc=cc,
+def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3, module="int8"):
+    return dict(kernel=f"effkern.kernels.{module}:{kernel}", types=types, constexprs=constexprs, cc=cc,
                 num_warps=num_warps, num_stages=num_stages)
 
 
@@ -629,7 +631,7 @@ def compiled_for_gpus(compile_for_gpu):
                                                  dict(BLOCK_R=4, BLOCK_K=1024))
     requests["reduce"] = _request("splitk_reduce_kernel", REDUCE_TYPES,
                                   dict(WIDE=True, DEQUANT=True, SCALE_ROWS=True, SCALE_COLS=True, HAS_BIAS=True,
-                                       BLOCK_M=16, BLOCK_N=64))
+                                       BLOCK_M=16, BLOCK_N=64), module="_splitk")
     return compile_for_gpu(requests)
 
 
