@@ -31,7 +31,6 @@ Python functions: pack_int4, unpack_int4, quantize_int4, dequantize_int4, gptq_t
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional
 
 import torch
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _policy
+from ._cache import DerivedCache
 from ._backend import backend_available, require, selected_backend
 from ._registry import register_autocast, register_family
 from ._tensors import empty, rows
@@ -303,23 +303,7 @@ def _describe_auto(device: torch.device) -> str:
     return f"triton (no measurements recorded for {gpu})"
 
 
-_SHUFFLED: dict = {}  # id(qweight) -> (weakref to it, versions of the three tensors, the shuffled tensors)
-
-
-def _shuffled_for_cuda(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> tuple:
-    """The CUDA kernel's pre-shuffled copy of the weight, made once per weight (and again only
-    if one of its tensors is modified in place), dropped with the weight."""
-    key = id(qweight)
-    versions = (qweight._version, scales._version, zeros._version, id(scales), id(zeros))
-    hit = _SHUFFLED.get(key)
-    if hit is not None and hit[0]() is qweight and hit[1] == versions:
-        return hit[2]
-    shuffled = _cuda_layout().shuffle_for_cuda(qweight, scales, zeros, group_size)
-    _SHUFFLED[key] = (weakref.ref(qweight, lambda _: _SHUFFLED.pop(key, None)), versions, shuffled)
-    return shuffled
-
-
-register_family("int4", _describe_auto)
+_CUDA_LAYOUTS = DerivedCache()  # the CUDA kernel's pre-shuffled copy of each weight (same memory again)
 
 
 # ---------------------------------------------------------------------------- ops
@@ -344,7 +328,8 @@ def _int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
 
         out = kernels.int4_matmul(x2d, qweight, scales, zeros, _group(group_size, x2d.shape[1]), bias)
     else:
-        shuffled = _shuffled_for_cuda(qweight, scales, zeros, group_size)
+        shuffled = _CUDA_LAYOUTS.get((qweight, scales, zeros), lambda: _cuda_layout().shuffle_for_cuda(
+            qweight, scales, zeros, group_size))
         out = torch.ops.effkern_C.int4_linear(x2d.contiguous(), *shuffled, group_size, bias)
     return out.view(*input.shape[:-1], N)
 

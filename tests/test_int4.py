@@ -372,20 +372,27 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         ek.int4_linear(torch.randn(2, 64).half(), qw, scales, zeros, 32)
 
 
-def test_cuda_layout_is_made_once_per_weight():
-    """The CUDA backend's pre-shuffled weight is cached per weight tensor, made again after an
-    in-place change, and dropped with the weight."""
-    from effkern import int4 as int4_module
+def test_derived_values_are_made_once_per_weight():
+    """The CUDA backend's pre-shuffled weight (effkern._cache.DerivedCache) is made once per
+    weight, again after an in-place change, and dropped with the weight."""
+    from effkern._cache import DerivedCache
+    from effkern.int4_cuda_layout import shuffle_for_cuda
 
+    cache = DerivedCache()
     qw, scales, zeros = quantized(64, 256, 128)
-    first = int4_module._shuffled_for_cuda(qw, scales, zeros, 128)
-    assert int4_module._shuffled_for_cuda(qw, scales, zeros, 128) is first
+    calls = []
+
+    def make():
+        calls.append(1)
+        return shuffle_for_cuda(qw, scales, zeros, 128)
+
+    first = cache.get((qw, scales, zeros), make)
+    assert cache.get((qw, scales, zeros), make) is first and len(calls) == 1
     scales.mul_(2)
-    again = int4_module._shuffled_for_cuda(qw, scales, zeros, 128)
-    assert again is not first and torch.equal(again[1], first[1] * 2)
-    key = id(qw)
-    del qw, first, again
-    assert key not in int4_module._SHUFFLED
+    again = cache.get((qw, scales, zeros), make)
+    assert len(calls) == 2 and torch.equal(again[1], first[1] * 2)
+    del qw, make, first, again
+    assert not cache.entries
 
 
 # ---------------------------------------------------------------------------- nn module
