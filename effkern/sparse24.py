@@ -1,0 +1,400 @@
+"""2:4 semi-structured sparse linear layers: pruning, compression, and the sparse matmul.
+
+A weight W [N, K] (nn.Linear layout) is 2:4 sparse along K when every group of 4 consecutive
+input features, group g of row n = W[n, 4g : 4g + 4], has at most 2 nonzeros (as NVIDIA's ASP
+and torch's semi-structured sparsity prune it).
+
+effkern's compressed format (K % 4 == 0):
+    values [N, K / 2], W's dtype:  values[n, 2g] = W[n, 4g + i0], values[n, 2g + 1] = W[n, 4g + i1]
+    meta   uint8 [N, ceil(K / 8)]: group g's code i0 | i1 << 2 in byte g // 2, the low nibble for
+                                   even g, the high nibble for odd g (0 past the last group)
+with i0 < i1 the group's kept positions: its nonzeros, completed with its lowest-index zeros
+when it has fewer than two (so every code is one of 0b0100, 0b1000, 0b1100, 0b1001, 0b1101,
+0b1110). -0.0 counts as zero.
+
+Pruning keeps the two entries of largest magnitude of each group; between equal magnitudes
+the lower positions win; NaN counts as larger than any number.
+
+Ops (schemas defined here and nowhere else):
+  effkern::prune_24(weight) -> weight with the two smallest |w| of every group zeroed
+  effkern::compress_24(weight) -> (values, meta); an error naming the row and group if not 2:4
+  effkern::decompress_24(values, meta) -> weight, the exact inverse
+  effkern::sparse24_linear(input, values, meta, bias=None) -> input @ W.T + bias; differentiable
+      in input, values (the weight gradient at the kept positions: fine-tuning keeps the
+      pattern) and bias
+  effkern::sparse24_linear_bwd(grad_out, input, values, meta, output_mask)
+      -> (grad_input, grad_values, grad_bias), through the dense expansion of W
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _policy
+from ._backend import backend_available, require, selected_backend
+from ._cache import DerivedCache
+from ._registry import register_autocast, register_family
+from ._tensors import empty, rows
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: reference only
+_VALID_CODES = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)
+
+
+# ---------------------------------------------------------------------------- references
+
+def prune_24_reference(weight: Tensor) -> Tensor:
+    N, K = weight.shape
+    groups = weight.view(N, K // 4, 4)
+    magnitude = torch.where(groups.isnan(), torch.inf, groups.abs().float())
+    # stable descending sort: among equal magnitudes the lower positions come first
+    keep = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices[..., :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return torch.where(mask, groups, torch.zeros_like(groups)).view(N, K)
+
+
+def _kept_positions(groups: Tensor) -> Tensor:
+    """[..., 4] groups with at most 2 nonzeros -> int64 [..., 2], the kept positions ascending:
+    the nonzeros first, then the lowest-index zeros."""
+    rank = (groups == 0).to(torch.int64) * 4 + torch.arange(4, device=groups.device)
+    return torch.sort(torch.topk(rank, 2, dim=-1, largest=False).indices, dim=-1).values
+
+
+def compress_24_reference(weight: Tensor) -> tuple[Tensor, Tensor]:
+    N, K = weight.shape
+    groups = weight.view(N, K // 4, 4)
+    nonzeros = (groups != 0).sum(-1)
+    if bool((nonzeros > 2).any()):
+        n, g = (int(i) for i in (nonzeros > 2).nonzero()[0])
+        raise ValueError(f"effkern.compress_24: weight is not 2:4 sparse: row {n}, group {g} (k = {4 * g}..{4 * g + 3}) "
+                         f"has {int(nonzeros[n, g])} nonzeros (at most 2 of every 4 along K); prune it first "
+                         f"with effkern.prune_24")
+    kept = _kept_positions(groups)
+    values = groups.gather(-1, kept).reshape(N, K // 2)
+    codes = (kept[..., 0] | (kept[..., 1] << 2)).to(torch.uint8)
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))
+    return values, codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _codes(meta: Tensor, n_groups: int) -> Tensor:
+    """meta uint8 [N, ceil(G / 2)] -> int64 codes [N, G] (and checks them)."""
+    nibbles = torch.stack((meta & 0xF, meta >> 4), dim=-1).flatten(-2).to(torch.int64)
+    codes, rest = nibbles[:, :n_groups], nibbles[:, n_groups:]
+    valid = torch.zeros(16, dtype=torch.bool, device=meta.device)
+    valid[list(_VALID_CODES)] = True
+    bad = ~valid[codes]
+    if bool(bad.any()):
+        n, g = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"effkern.decompress_24: meta row {n}, group {g} holds the code {int(codes[n, g]):#06b}, "
+                         f"which is not two ascending positions i0 | i1 << 2")
+    if bool((rest != 0).any()):
+        raise ValueError("effkern.decompress_24: meta has a nonzero nibble past the last group")
+    return codes
+
+
+def kept_indices(meta: Tensor, K: int) -> Tensor:
+    """int64 [N, K / 2]: the dense column k of each entry of values."""
+    codes = _codes(meta, K // 4)
+    base = torch.arange(0, K, 4, device=meta.device)
+    return torch.stack((base + (codes & 3), base + (codes >> 2)), dim=-1).flatten(-2)
+
+
+def decompress_24_reference(values: Tensor, meta: Tensor) -> Tensor:
+    N, K = values.shape[0], values.shape[1] * 2
+    return values.new_zeros((N, K)).scatter_(1, kept_indices(meta, K), values)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _check_tensor(op: str, name: str, t, dtypes: tuple, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"effkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"effkern.{op}: {name} must be {what}, got dtype {t.dtype}")
+
+
+def check_weight(op: str, weight) -> None:
+    _check_tensor(op, "weight", weight, FLOAT_DTYPES, "a float tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"effkern.{op}: weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    if weight.shape[1] % 4:
+        raise ValueError(f"effkern.{op}: K={weight.shape[1]} must be a multiple of 4 (groups of 4 along K); "
+                         f"pad the weight's input features with zeros")
+
+
+def check_compressed(op: str, values, meta) -> None:
+    _check_tensor(op, "values", values, FLOAT_DTYPES, "a float tensor")
+    _check_tensor(op, "meta", meta, (torch.uint8,), "uint8 (from effkern.compress_24)")
+    if values.dim() != 2 or values.shape[1] % 2:
+        raise ValueError(f"effkern.{op}: values must be 2-D [N, K / 2] with K a multiple of 4, got "
+                         f"{list(values.shape)}")
+    N, K = values.shape[0], values.shape[1] * 2
+    expected = (N, -(-K // 8))
+    if tuple(meta.shape) != expected:
+        raise ValueError(f"effkern.{op}: meta must have shape [N, ceil(K / 8)] = {list(expected)} for values "
+                         f"{list(values.shape)}, got {list(meta.shape)}")
+    if meta.device != values.device:
+        raise RuntimeError(f"effkern.{op}: meta is on {meta.device} but values is on {values.device}")
+
+
+def check_linear_args(op: str, input, values, meta, bias) -> None:
+    _check_tensor(op, "input", input, FLOAT_DTYPES, "float16, bfloat16 or float32")
+    if input.dim() < 1:
+        raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
+    check_compressed(op, values, meta)
+    N, K = values.shape[0], values.shape[1] * 2
+    if input.shape[-1] != K:
+        raise ValueError(f"effkern.{op}: input's last dimension K={input.shape[-1]} does not match the weight's "
+                         f"K={K} (values is [N, K / 2] = {list(values.shape)})")
+    for name, t in (("values", values), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"effkern.{op}: {name} has dtype {t.dtype} but input has {input.dtype}; use one dtype "
+                            f"(or torch.autocast)")
+        if t.device != input.device:
+            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but input is on {input.device}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
+
+
+# ---------------------------------------------------------------------------- backends
+
+def _cuda_layout():
+    from . import sparse24_cuda_layout  # the mma.sp kernel's reordered values and metadata
+
+    return sparse24_cuda_layout
+
+
+def _cpp_op(name: str):
+    """effkern._C's C++ CPU kernel ``name`` if the extension has it, else None."""
+    if not backend_available("cuda", "cpu")[0]:
+        return None
+    return getattr(torch.ops.effkern_C, name, None)
+
+
+def format_backend(op: str, t: Tensor) -> str:
+    """prune/compress/decompress: "cuda" (effkern._C's C++ CPU kernels, for CPU tensors) or
+    "reference" (PyTorch ops, on any device). auto, and triton (no Triton kernels for these),
+    take the C++ kernels for CPU tensors when they are built, PyTorch ops otherwise."""
+    name = selected_backend()
+    if name in ("auto", "triton"):
+        return "cuda" if t.device.type == "cpu" and _cpp_op(op) is not None else "reference"
+    if name == "reference":
+        return name
+    if t.device.type != "cpu":
+        raise RuntimeError(f"effkern.{op}: backend 'cuda' runs {op} with effkern._C's C++ kernels, which are for CPU "
+                           f"tensors; on a GPU, auto and reference run it as PyTorch ops")
+    require(name, t.device, op)
+    if _cpp_op(op) is None:
+        raise RuntimeError(f"effkern.{op}: effkern._C was built without the 2:4 CPU kernels")
+    return name
+
+
+def _cuda_kernel_runs(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> bool:
+    return (device.type == "cuda" and backend_available("cuda", device)[0]
+            and hasattr(torch.ops.effkern_C, "sparse24_linear")
+            and _cuda_layout().cuda_kernel_supports(M, N, K, dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
+    # Cached: at decoding sizes the lookup would cost as much as the GPU work.
+    if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
+        return "reference"
+    choice = _policy.choose("sparse24", "fwd", torch.cuda.get_device_name(device),
+                            dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+    if choice == "cuda" and _cuda_kernel_runs(device, dtype, M, N, K):
+        return "cuda"
+    return "triton"
+
+
+def linear_backend(op: str, input: Tensor, N: int) -> str:
+    """triton, cuda or reference for sparse24_linear: auto follows effkern/policies/sparse24.json
+    (per GPU and shape), the Triton fallback where nothing is measured."""
+    name = selected_backend()
+    device, dtype = input.device, input.dtype
+    M, K = rows(input).shape
+    if name == "auto":
+        return _auto_backend(device, dtype, M, N, K)
+    require(name, device, op)
+    if name != "reference" and dtype not in KERNEL_DTYPES:
+        raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got {dtype} "
+                        f"(float64 runs on the reference backend)")
+    if name == "cuda" and not _cuda_kernel_runs(device, dtype, M, N, K):
+        raise RuntimeError(f"effkern.{op}: the mma.sp CUDA kernel runs on CUDA tensors of float16/bfloat16 for the "
+                           f"shapes effkern.sparse24_cuda_layout.cuda_kernel_supports accepts; got {device.type} "
+                           f"{dtype}, M={M}, N={N}, K={K}. Use triton (the fallback) or auto.")
+    return name
+
+
+def _describe_auto(device: torch.device) -> str:
+    if device.type != "cuda" or not backend_available("triton", device)[0]:
+        return "reference (auto on CPU; compress/decompress/prune: the C++ CPU kernels)"
+    gpu = torch.cuda.get_device_name(device)
+    if _policy._entries("sparse24", gpu):
+        return f"per shape from effkern/policies/sparse24.json (measured on {gpu}), triton elsewhere"
+    return f"triton fallback (no measurements recorded for {gpu})"
+
+
+register_family("sparse24", _describe_auto)
+_CUDA_LAYOUTS = DerivedCache()  # the mma.sp kernel's reordered copy of each compressed weight
+
+
+# ---------------------------------------------------------------------------- format ops
+
+@torch.library.custom_op("effkern::prune_24", mutates_args=())
+def _prune_24(weight: Tensor) -> Tensor:
+    check_weight("prune_24", weight)
+    if format_backend("prune_24", weight) == "cuda":
+        return torch.ops.effkern_C.prune_24(weight)
+    return prune_24_reference(weight)
+
+
+@_prune_24.register_fake
+def _(weight):
+    check_weight("prune_24", weight)
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("effkern::compress_24", mutates_args=())
+def _compress_24(weight: Tensor) -> tuple[Tensor, Tensor]:
+    check_weight("compress_24", weight)
+    if format_backend("compress_24", weight) == "cuda":
+        return torch.ops.effkern_C.compress_24(weight)
+    return compress_24_reference(weight)
+
+
+@_compress_24.register_fake
+def _(weight):
+    check_weight("compress_24", weight)
+    N, K = weight.shape
+    return weight.new_empty((N, K // 2)), weight.new_empty((N, -(-K // 8)), dtype=torch.uint8)
+
+
+@torch.library.custom_op("effkern::decompress_24", mutates_args=())
+def _decompress_24(values: Tensor, meta: Tensor) -> Tensor:
+    check_compressed("decompress_24", values, meta)
+    if format_backend("decompress_24", values) == "cuda":
+        return torch.ops.effkern_C.decompress_24(values, meta)
+    return decompress_24_reference(values, meta)
+
+
+@_decompress_24.register_fake
+def _(values, meta):
+    check_compressed("decompress_24", values, meta)
+    return values.new_empty((values.shape[0], values.shape[1] * 2))
+
+
+def prune_24(weight: Tensor) -> Tensor:
+    """weight [N, K] with the two smallest-magnitude entries of every 4 along K set to zero
+    (ties: the lower positions are kept; NaN counts as largest). Not differentiable."""
+    check_weight("prune_24", weight)
+    return torch.ops.effkern.prune_24(weight.detach())
+
+
+def compress_24(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A 2:4 sparse weight [N, K] -> (values [N, K / 2], meta uint8 [N, ceil(K / 8)]); a
+    ValueError naming the row and group if some group of 4 has more than 2 nonzeros."""
+    check_weight("compress_24", weight)
+    return torch.ops.effkern.compress_24(weight.detach())
+
+
+def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
+    """The dense weight [N, K] back from compress_24's output, exactly."""
+    check_compressed("decompress_24", values, meta)
+    return torch.ops.effkern.decompress_24(values.detach(), meta)
+
+
+# ---------------------------------------------------------------------------- sparse24_linear
+
+def sparse24_linear_reference(input: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return F.linear(input, decompress_24_reference(values, meta), bias)
+
+
+@torch.library.custom_op("effkern::sparse24_linear", mutates_args=())
+def _sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    check_linear_args("sparse24_linear", input, values, meta, bias)
+    N = values.shape[0]
+    backend = linear_backend("sparse24_linear", input, N)
+    if backend == "reference":
+        return sparse24_linear_reference(input, values, meta, bias)
+    x2d = rows(input)
+    if backend == "triton":
+        from .kernels import sparse24 as kernels
+
+        out = kernels.sparse24_matmul(x2d, values, meta, bias)
+    else:
+        reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))
+        out = torch.ops.effkern_C.sparse24_linear(x2d.contiguous(), *reordered, bias)
+    return out.view(*input.shape[:-1], N)
+
+
+@_sparse24_linear.register_fake
+def _(input, values, meta, bias=None):
+    check_linear_args("sparse24_linear", input, values, meta, bias)
+    return input.new_empty((*input.shape[:-1], values.shape[0]))
+
+
+@torch.library.custom_op("effkern::sparse24_linear_bwd", mutates_args=())
+def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Optional[Tensor], meta: Tensor,
+                         output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    need_input, need_values, need_bias = output_mask
+    g2d = rows(grad_out)
+    grad_input = grad_values = grad_bias = empty(grad_out)
+    if need_input:
+        # through the dense expansion of W (N x K scratch) and one GEMM
+        weight = decompress_24_reference(values, meta)
+        grad_input = (g2d @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+    if need_values:
+        # dL/dW = grad_out^T @ input, kept only where W has its values: the pattern stays 2:4
+        x2d = rows(input)
+        grad_values = (g2d.t() @ x2d).gather(1, kept_indices(meta, x2d.shape[1]))
+    if need_bias:
+        grad_bias = g2d.sum(0)
+    return grad_input, grad_values, grad_bias
+
+
+@_sparse24_linear_bwd.register_fake
+def _(grad_out, input, values, meta, output_mask):
+    need_input, need_values, need_bias = output_mask
+    N = grad_out.shape[-1]
+    K = input.shape[-1] if input is not None else values.shape[1] * 2
+    return (grad_out.new_empty((*grad_out.shape[:-1], K)) if need_input else empty(grad_out),
+            grad_out.new_empty((N, K // 2)) if need_values else empty(grad_out),
+            grad_out.new_empty((N,)) if need_bias else empty(grad_out))
+
+
+def _setup_context(ctx, inputs, output):
+    input, values, meta, bias = inputs
+    ctx.needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 3)]
+    need_input, need_values, _ = ctx.needs
+    ctx.save_for_backward(input if need_values else None, values if need_input else None, meta)
+
+
+def _backward(ctx, grad_out):
+    input, values, meta = ctx.saved_tensors
+    grad_input, grad_values, grad_bias = torch.ops.effkern.sparse24_linear_bwd(grad_out, input, values, meta,
+                                                                               ctx.needs)
+    need_input, need_values, need_bias = ctx.needs
+    return (grad_input if need_input else None, grad_values if need_values else None, None,
+            grad_bias if need_bias else None)
+
+
+_sparse24_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("sparse24_linear", cast_args=(0, 1, 3))  # input, values, bias; not the metadata
+
+
+def sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(input, decompress_24(values, meta), bias)`` with the 2:4 sparse weight kept
+    compressed: input [..., K] (float16, bfloat16 or float32; float64 on the reference backend),
+    values [N, K / 2] and bias [N] in input's dtype, meta from compress_24. Differentiable in
+    input, values and bias."""
+    check_linear_args("sparse24_linear", input, values, meta, bias)
+    return torch.ops.effkern.sparse24_linear(input, values, meta, bias)

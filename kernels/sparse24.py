@@ -1,0 +1,139 @@
+"""2:4 sparse matmul in Triton: the fallback for GPUs and shapes the mma.sp CUDA kernel does not
+take, and the kernel the interpreter tests on a CPU.
+
+``sparse24_matmul_kernel``, C[m, n] = sum_k A[m, k] * W[n, k] + bias[n], with W kept in effkern's
+compressed 2:4 format (effkern/sparse24.py): values [N, K / 2] and meta uint8 [N, ceil(K / 8)],
+group g = k // 4 of row n holding values[n, 2g] at position i0 and values[n, 2g + 1] at i1,
+code i0 | i1 << 2 in nibble g % 2 of byte meta[n, g // 2]. Each K step loads the tile's values
+and metadata compressed (9/16 of the dense bytes in 16 bits), expands them in registers to the
+dense [BLOCK_K, BLOCK_N] tile of W^T:
+    W^T[4g + p, n] = values[n, 2g] if p == i0, values[n, 2g + 1] if p == i1, else 0
+and runs a dense tl.dot with fp32 accumulation: memory saving, no compute saving.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from ._splitk import choose_split_k, run_split_k
+
+
+@triton.jit
+def sparse24_matmul_kernel(
+    a_ptr, v_ptr, meta_ptr, bias_ptr, c_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_vn, stride_vk, stride_metan, stride_metak,
+    stride_cs, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    # Per K step, BLOCK_K / 4 groups (k_start and BLOCK_K are multiples of 8, so whole meta bytes):
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    offs_b = tl.arange(0, BLOCK_K // 8)
+    v_ptrs = v_ptr + rn[None, :] * stride_vn + (k_start // 2 + 2 * offs_g)[:, None] * stride_vk
+    meta_ptrs = meta_ptr + rn[None, :] * stride_metan + (k_start // 8 + offs_b)[:, None] * stride_metak
+    nibble_shift = (tl.arange(0, 2) * 4)[None, :, None]
+    position = tl.arange(0, 4)[None, :, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            v0 = tl.load(v_ptrs)
+            v1 = tl.load(v_ptrs + stride_vk)
+            meta = tl.load(meta_ptrs)
+        else:
+            k_left = k_end - k
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            v0 = tl.load(v_ptrs, mask=offs_g[:, None] * 4 < k_left, other=0.0)
+            v1 = tl.load(v_ptrs + stride_vk, mask=offs_g[:, None] * 4 < k_left, other=0.0)
+            meta = tl.load(meta_ptrs, mask=offs_b[:, None] * 8 < k_left, other=0)
+        # [BLOCK_K / 8, BLOCK_N] bytes -> [BLOCK_K / 4, BLOCK_N] codes, group 2b in the low nibble
+        codes = tl.reshape((meta.to(tl.int32)[:, None, :] >> nibble_shift) & 0xF, (BLOCK_K // 4, BLOCK_N))
+        i0 = (codes & 3)[:, None, :]
+        i1 = (codes >> 2)[:, None, :]
+        w = tl.where(position == i0, v0[:, None, :], tl.where(position == i1, v1[:, None, :], 0.0))
+        acc = tl.dot(a, tl.reshape(w, (BLOCK_K, BLOCK_N)).to(a.dtype), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        v_ptrs += (BLOCK_K // 2) * stride_vk
+        meta_ptrs += (BLOCK_K // 8) * stride_metak
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations, as for the other weight-compressed GEMMs (kernels/int4.py): autotuned
+# for large M, split-K (kernels/_splitk.py) at one narrow config for few rows.
+
+_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_GEMM_SHAPES = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (32, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+]
+GROUP = 8
+_FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
+_SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
+
+_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
+                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(sparse24_matmul_kernel)
+_gemm_tuned = triton.autotune(
+    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
+)(_gemm)
+
+
+def _kwargs(setting) -> dict:
+    blocks, stages, warps = setting
+    return dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
+
+
+def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                    split_k: int | None = None) -> torch.Tensor:
+    """C [M, N] = a @ W.T + bias for a [M, K] (any strides) and W in effkern's compressed 2:4
+    format (values [N, K / 2], meta [N, ceil(K / 8)]). ``split_k`` forces K slices (tests)."""
+    M, K = a.shape
+    N = values.shape[0]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    bias = bias.contiguous() if bias is not None else None
+    split_setting = _kwargs(_SPLIT["interpreter" if interpreted() else "gpu"])
+    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
+    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
+    weight = (values, meta, bias if bias is not None else c)
+    strides = (a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
+    if splits == 1:
+        args = (a, *weight, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
+        fixed = {where: _kwargs(setting) for where, setting in _FIXED.items()}
+        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
+        return c
+    # the bias is added once, by the reduction
+    return run_split_k(
+        _gemm, lambda part, k_per_split: (a, *weight, part, M, N, K, k_per_split, *strides,
+                                          part.stride(0), part.stride(1), 1),
+        dict(flags, HAS_BIAS=False), split_setting, splits, c, K, torch.float32, bias=bias)
