@@ -11,9 +11,11 @@ from bench import harness
 from bench import int4 as bench_int4
 from bench import int8 as bench_int8
 from bench import linear_gelu as bench_linear_gelu
+from bench import sparse24 as bench_sparse24
 from effkern import _policy
 from effkern.int4 import dequantize_int4, int4_linear_reference
 from effkern.int8 import dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference
+from effkern.sparse24 import sparse24_linear_reference
 
 CEIL = {"gemm_tflops": 1.0, "int8_tops": 2.0, "copy_gbps": 1.0, "gemm_method": "test", "int8_method": "test",
         "copy_method": "test"}
@@ -159,5 +161,74 @@ def test_int4_policy_is_read_by_shape_and_group_size(tmp_path, monkeypatch):
 
         assert choose(2, group_size=128) == "cuda" and choose(2048, group_size=128) == "triton"
         assert choose(2, group_size=64) is None  # no measurement for that group size
+    finally:
+        _policy._entries.cache_clear()
+
+
+def _values_at_positions_0_1(x, w, values, meta, b, *_):
+    """F.linear with the metadata ignored: each group's two values at its positions 0 and 1."""
+    N, K = w.shape
+    dense = values.new_zeros(N, K // 4, 4)
+    dense[..., :2] = values.view(N, K // 4, 2)
+    return F.linear(x, dense.view(N, K), b)
+
+
+def test_sparse24_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
+    unpruned = {}  # id(pruned weight) -> the weight it was pruned from
+    prune = ek.prune_24
+
+    def prune_and_remember(weight):
+        pruned = prune(weight)
+        unpruned[id(pruned)] = weight
+        return pruned
+
+    monkeypatch.setattr(ek, "prune_24", prune_and_remember)
+    wrong = {
+        "metadata-ignored": harness.Provider(build=lambda case: _values_at_positions_0_1),
+        "bias-dropped": harness.Provider(build=lambda case: lambda x, w, values, meta, b, *_:
+                                         sparse24_linear_reference(x, values, meta)),
+        "unpruned": harness.Provider(build=lambda case: lambda x, w, values, meta, b, *_:
+                                     F.linear(x, unpruned[id(w)], b)),
+    }
+    provs = {**bench_sparse24.providers(), **wrong}
+    monkeypatch.setattr(bench_sparse24, "providers", lambda: provs)
+    case = bench_sparse24._case(torch.float32, 5, 32, 64)
+    run = harness.run_op(bench_sparse24, [case], "cpu", CEIL, list(provs), ["fwd", "fwd_bwd"],
+                         checkpoint=lambda r: None)
+    status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
+    assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
+    # forward only; torch-linear runs the same function on the pruned weight stored dense
+    assert status == {("effkern-triton", "fwd"): "ok", ("reference", "fwd"): "ok", ("torch-linear", "fwd"): "ok",
+                      ("metadata-ignored", "fwd"): "FAIL", ("bias-dropped", "fwd"): "FAIL",
+                      ("unpruned", "fwd"): "FAIL"}
+    skipped = {p: why for p, why in run.skipped}
+    assert set(skipped) == {"effkern-cuda", "torch-semi-cutlass", "torch-semi-cusparselt"}
+    assert "CUDA only" in skipped["torch-semi-cutlass"] and "CUDA only" in skipped["torch-semi-cusparselt"]
+    # bytes: x, bias, output in fp32, half the weight's values, 4 bits of metadata per group of 4
+    assert case.bytes["fwd"] == 4 * (5 * 64 + 32 * 64 // 2 + 32 + 5 * 32) + 32 * 64 // 8
+
+
+def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
+    run = harness.Run(op="sparse24", device="cuda", ceil={}, baselines={})
+    for M, triton_ms, cuda_ms in [(1, 2.0, 1.0), (4096, 1.0, 2.0)]:
+        params = {"dtype": "bfloat16", "M": M, "N": 4096, "K": 4096}
+        run.rows += [{"provider": "effkern-triton", "mode": "fwd", "params": params, "ms": triton_ms, "status": "ok"},
+                     {"provider": "effkern-cuda", "mode": "fwd", "params": params, "ms": cuda_ms, "status": "ok"},
+                     {"provider": "torch-semi-cusparselt", "mode": "fwd", "params": params, "ms": 0.1,
+                      "status": "ok"}]
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
+    path = harness.write_policy(run, bench_sparse24.POLICY_BACKENDS, "test")
+    assert path == tmp_path / "effkern" / "policies" / "sparse24.json"
+    entries = json.loads(path.read_text())["devices"]["GPU X"]["entries"]
+    assert [sorted(e) for e in entries] == [["K", "M", "N", "dtype", "fwd"]] * 2
+    monkeypatch.setattr(_policy, "POLICY_DIR", path.parent)
+    _policy._entries.cache_clear()
+    try:  # what effkern.sparse24's auto asks; a baseline never wins
+        def choose(M, dtype="bfloat16"):
+            return _policy.choose("sparse24", "fwd", "GPU X", dtype=dtype, M=M, N=4096, K=4096)
+
+        assert choose(2) == "cuda" and choose(2048) == "triton"
+        assert choose(2, dtype="float16") is None  # no measurement in that dtype
     finally:
         _policy._entries.cache_clear()
