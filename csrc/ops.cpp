@@ -3,6 +3,8 @@
 //   csrc/cpu/linear_gelu.cpp            TORCH_LIBRARY_IMPL(effkern_C, CPU, m)
 //   csrc/cuda/linear_gelu_binding.cpp   TORCH_LIBRARY_IMPL(effkern_C, CUDA, m)
 //   csrc/cuda/int4_binding.cpp          TORCH_LIBRARY_IMPL(effkern_C, CUDA / CPU, m)
+//   csrc/cpu/sparse24.cpp               TORCH_LIBRARY_IMPL(effkern_C, CPU, m)
+//   csrc/cuda/sparse24_binding.cpp      TORCH_LIBRARY_IMPL(effkern_C, CUDA / CPU, m)
 //
 // Importing the Python module effkern._C (or torch.ops.load_library on the .so) runs the
 // static registrations below; the ops are then torch.ops.effkern_C.<name>.
@@ -64,6 +66,18 @@ TORCH_LIBRARY(effkern_C, m) {
   m.def(
       "int4_linear(Tensor input, Tensor qweight, Tensor scales, Tensor zeros, int group_size, "
       "Tensor? bias) -> Tensor");
+  // 2:4 sparse: input [M, K] @ W^T (+ bias) on the sparse tensor cores (mma.sp), W given as the
+  // reordered values [N / 16, 8 K] and int32 meta [N / 16, K / 2] of
+  // effkern/sparse24_cuda_layout.py (reorder_for_mma_sp). CUDA kernel: csrc/cuda/sparse24.cu;
+  // the CPU registration only validates and raises.
+  m.def("sparse24_linear(Tensor input, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
+  // 2:4 semi-structured sparsity along K of a weight [N, K] (K % 4 == 0), CPU kernels in
+  // csrc/cpu/sparse24.cpp (format, tie and NaN rules there). prune_24 keeps the 2 largest |w|
+  // of every group of 4; compress_24 -> (values [N, K / 2], meta uint8 [N, ceil(K / 8)]) and
+  // raises on a group with more than 2 nonzeros; decompress_24 is its exact inverse.
+  m.def("prune_24(Tensor weight) -> Tensor");
+  m.def("compress_24(Tensor weight) -> (Tensor, Tensor)");
+  m.def("decompress_24(Tensor values, Tensor meta) -> Tensor");
   // JSON: {"cuda": bool, "archs": "8.0;9.0a", "cuda_version": "13.0" | null}.
   // Registered as a catch-all kernel (it takes no tensors).
   m.def("build_info() -> str", &build_info);

@@ -1,0 +1,730 @@
+// 2:4 semi-structured sparse GEMM on the sparse tensor cores: y[M, N] = x[M, K] @ W^T (+ bias),
+// W [N, K] 2:4 sparse along K, x/W/bias/y float16 or bfloat16, fp32 accumulation.
+//
+// CUDA headers only (no torch); the binding is sparse24_binding.cpp. W arrives reordered offline
+// by effkern/sparse24_cuda_layout.py (reorder_for_mma_sp; its header has the diagram and the PTX
+// ISA rules it follows, and the CPU tests emulate the reads below lane by lane).
+//
+// Operands of mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}: A = W (the
+// sparse operand: 16 rows of W x 32 dense k, stored as 16 x 16 kept values + 2-bit indices),
+// B = x^T (32 k x 8 rows of x; "col" B is x row-major, so ldmatrix of x rows gives B directly),
+// D = y^T (16 rows of W x 8 rows of x). The epilogue transposes D through shared memory into y.
+//
+// Block = 8 warps, tile = BN rows of W x BM rows of x, pipeline stage = BK dense k:
+//   config     BN   BM   BK  stages  warps (W rows x x rows x k)  warp tile     blocks/SM  for
+//   kDecode8   64    8  128     4    4 x 1 x 2                    16 x  8 x 64    >= 2     M <= 8
+//   kDecode16  64   16  128     4    4 x 1 x 2                    16 x 16 x 64    >= 2     M <= 16
+//   kMedium   128   64   64     4    4 x 2 x 1                    32 x 32 x 64    >= 2     M <= 64
+//   kLarge    128  128   64     4    2 x 4 x 1                    64 x 32 x 64       1     M > 64
+// (blocks/SM: the __launch_bounds__ minimum; kLarge's 64 fp32 accumulators per thread spill
+// under the 128-register cap of 2 blocks, so it takes 1 block of 8 warps and a 4-deep pipeline.)
+// Decode (M <= 16) reads the weight once per 16 rows of x: the 9/16 of the dense bytes (values +
+// metadata) dominate; its warps split each 128-deep stage in two k halves and add their sums in
+// shared memory at the end, and when the N / 64 blocks cannot fill the GPU, K is split over
+// blocks too (grid.z): fp32 partial sums to a workspace, added in split order by a second kernel
+// (deterministic, no atomics). The large tile is the compute-bound shape (16 mma.sp per k32 step
+// per warp, 64 fp32 accumulators per thread).
+//
+// One pipeline stage in shared memory (kLarge: 8 KiB + 1 KiB + 16 KiB, 100 KiB for 4 stages):
+//   [ values: BN / 16 m16 tiles x BK / 32 k32 steps x 512 B, exactly as in values_r            ]
+//   [ meta:   BN / 16 m16 tiles x BK / 64 k64 blocks x 128 B, exactly as in meta_r             ]
+//   [ x:      BM rows x BK k (2 B each); 16-byte chunk c of row r stored at chunk c ^ (r & 7)   ]
+// all filled by 16-byte cp.async (values and metadata: contiguous runs of BK * 16 and BK * 2
+// bytes per m16 tile; x: rows past M and k past K zero-filled). A warp then reads its A fragment
+// registers with one 16-byte LDS per m16 tile and k32 step (512 contiguous bytes per warp: no
+// bank conflict), its metadata with one 4-byte LDS per m16 tile and k64 block, and its B
+// fragments with one ldmatrix.x4 per n8 tile and k32 step (the four 8x8 matrices at k + 0, 8,
+// 16, 24 are b0..b3 of m16n8k32; the XOR swizzle puts the 8 rows of a matrix in 8 different
+// 16-byte bank groups).
+//
+// Rows of W past N (N % 16 == 0 but not a multiple of BN) read the last valid m16 tile again
+// (valid metadata: no undefined behavior) and their results are discarded; a warp whose k64
+// slice of a stage lies past the end of its K range (K % BK != 0 in the decode configs) skips
+// its mma (warp-uniform branch).
+
+#include "sparse24.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+
+namespace effkern_cuda {
+namespace sp24 {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+thread_local char g_message[512] = "";
+
+int fail(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(g_message, sizeof(g_message), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int fail_cuda(cudaError_t err, const char* where) {
+  return fail(kCudaError, "effkern sparse24: %s failed with %s (%d): %s", where,
+              cudaGetErrorName(err), static_cast<int>(err), cudaGetErrorString(err));
+}
+
+#define EFFKERN_SP24_CUDA_CHECK(expr)                                          \
+  do {                                                                         \
+    const cudaError_t effkern_sp24_err_ = (expr);                              \
+    if (effkern_sp24_err_ != cudaSuccess) return fail_cuda(effkern_sp24_err_, #expr); \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------
+// Tile configurations
+// ---------------------------------------------------------------------------------------
+
+constexpr int kValueStepBytes = 512;  // one m16 x k32 tile of values_r: 32 lanes x 16 B
+constexpr int kMetaBlockBytes = 128;  // one m16 x k64 block of meta_r: 32 lanes x 4 B
+
+template <int kWarpsN_, int kWarpsM_, int kWarpsK_, int kMI_, int kNI_, int kStages_,
+          int kMinBlocks_, bool kStreamWeights_>
+struct TileConfig {
+  static constexpr int kWarpsN = kWarpsN_;  // warps along the rows of W
+  static constexpr int kWarpsM = kWarpsM_;  // warps along the rows of x
+  static constexpr int kWarpsK = kWarpsK_;  // warps splitting each stage's k (64 each)
+  static constexpr int kMI = kMI_;          // m16 tiles (16 rows of W) per warp
+  static constexpr int kNI = kNI_;          // n8 tiles (8 rows of x) per warp
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM
+  // Weights read once per block (one row block of x): L2 evict-first for them.
+  static constexpr bool kStreamWeights = kStreamWeights_;
+
+  static constexpr int kBlockN = kWarpsN * kMI * kTileRows;
+  static constexpr int kBlockM = kWarpsM * kNI * 8;
+  static constexpr int kBlockK = kWarpsK * kMetaK;
+
+  static constexpr int kTileValueBytes = kBlockK / kKStep * kValueStepBytes;  // = 16 BK
+  static constexpr int kTileMetaBytes = kBlockK / kMetaK * kMetaBlockBytes;   // = 2 BK
+  static constexpr int kValueBytes = kBlockN / kTileRows * kTileValueBytes;
+  static constexpr int kMetaBytes = kBlockN / kTileRows * kTileMetaBytes;
+  static constexpr int kXRowBytes = kBlockK * 2;
+  static constexpr int kXChunksPerRow = kXRowBytes / 16;
+  static constexpr int kMetaOffset = kValueBytes;
+  static constexpr int kXOffset = kValueBytes + kMetaBytes;
+  static constexpr int kStageBytes = kXOffset + kBlockM * kXRowBytes;
+
+  // Epilogue: fp32 [kWarpsK][BM][BN + 4] (the +4 makes the fragment stores conflict-free).
+  static constexpr int kRedStride = kBlockN + 4;
+  static constexpr int kRedBytes = kWarpsK * kBlockM * kRedStride * 4;
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes > kRedBytes ? kStages * kStageBytes : kRedBytes;
+
+  // 16-byte chunks each stage copies
+  static constexpr int kValueChunks = kValueBytes / 16;
+  static constexpr int kMetaChunks = kMetaBytes / 16;
+  static constexpr int kXChunks = kBlockM * kXChunksPerRow;
+
+  static_assert(kWarpsN * kWarpsM * kWarpsK * 32 == kThreads, "8 warps per block");
+  static_assert(kStages >= 3, "the pipeline needs at least 3 stages");
+  static_assert(kXChunksPerRow >= 8 && (kXChunksPerRow & (kXChunksPerRow - 1)) == 0,
+                "the x swizzle needs >= 8 (a power of 2) 16-byte chunks per row");
+  static_assert(kBlockN % 32 == 0, "conflict-free epilogue stores need BN % 32 == 0");
+  static_assert(kStageBytes % 16 == 0 && kMetaOffset % 16 == 0 && kXOffset % 16 == 0,
+                "16-byte aligned stage parts");
+};
+
+using Decode8 = TileConfig<4, 1, 2, 1, 1, 4, 2, true>;
+using Decode16 = TileConfig<4, 1, 2, 1, 2, 4, 2, true>;
+using Medium = TileConfig<4, 2, 1, 2, 4, 4, 2, false>;
+using Large = TileConfig<2, 4, 1, 4, 4, 4, 1, false>;
+
+template <typename F>
+auto with_config(Config c, F&& f) -> decltype(f(Decode8{})) {
+  switch (c) {
+    case Config::kDecode8: return f(Decode8{});
+    case Config::kDecode16: return f(Decode16{});
+    case Config::kMedium: return f(Medium{});
+    case Config::kLarge: break;
+  }
+  return f(Large{});
+}
+
+// ---------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// 16 bytes global -> shared (L1 bypassed).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+// The same with an L2 cache policy.
+__device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(src), "l"(policy)
+               : "memory");
+}
+
+// 16 bytes, or 16 zero bytes when !valid (src-size 0: nothing is read).
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-dtype pieces
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<__half> {
+  using T2 = __half2;
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half2 make2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+};
+
+template <>
+struct Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat162 make2(float lo, float hi) {
+    return __floats2bfloat162_rn(lo, hi);
+  }
+};
+
+// d += A (16 x 32, 2:4 sparse: a = its 16 x 16 kept values, e = their indices) * B (32 x 8, b).
+// kSel: the sparsity selector, i.e. which thread pair of each quad supplies e (0: threads 0, 1;
+// 1: threads 2, 3). ordered_metadata: the two indices of every group are increasing from the LSB
+// (reorder_for_mma_sp checks it), which PTX advises over plain mma.sp for performance.
+template <typename T, int kSel>
+__device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[4], uint32_t e) {
+  static_assert(kSel == 0 || kSel == 1, "m16n8k32 with 16-bit types takes selector 0 or 1");
+  if constexpr (std::is_same<T, __half>::value) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e), "n"(kSel));
+  } else {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e), "n"(kSel));
+  }
+}
+
+template <typename To, typename From>
+__device__ __forceinline__ To bits_as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
+  To r;
+  memcpy(&r, &v, sizeof(To));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------
+
+// One k32 step of a warp: kSel 0 is the first 32 k of the warp's k64 slice, 1 the second; both
+// use the same metadata registers e (lane l's word of the k64 block), the selector choosing
+// which thread pair's word the hardware reads.
+template <typename T, typename Cfg, int kSel>
+__device__ __forceinline__ void k32_step(float (&acc)[Cfg::kMI][Cfg::kNI][4],
+                                         const uint8_t* values_lane, uint32_t x_base,
+                                         const uint32_t (&e)[Cfg::kMI], int x_row0, int x_chunk0,
+                                         int lane) {
+  uint32_t a[Cfg::kMI][4];
+#pragma unroll
+  for (int i = 0; i < Cfg::kMI; ++i) {
+    const uint4 v = *reinterpret_cast<const uint4*>(values_lane + i * Cfg::kTileValueBytes +
+                                                    kSel * kValueStepBytes);
+    a[i][0] = v.x;
+    a[i][1] = v.y;
+    a[i][2] = v.z;
+    a[i][3] = v.w;
+  }
+  // ldmatrix.x4: lanes 8q .. 8q + 7 address the rows of matrix q = rows x_row0 + 8j + 0..7 of
+  // x at chunk x_chunk0 + 4 kSel + q (k + 8q of the step); matrix q lands in b[q]. One n8 tile
+  // at a time keeps 4 B registers live instead of 4 kNI.
+  const int chunk = x_chunk0 + kSel * 4 + (lane >> 3);
+#pragma unroll
+  for (int j = 0; j < Cfg::kNI; ++j) {
+    uint32_t b[4];
+    const int r = x_row0 + j * 8 + (lane & 7);  // r & 7 == lane & 7
+    ldmatrix_x4(b, x_base + r * Cfg::kXRowBytes + ((chunk ^ (lane & 7)) << 4));
+#pragma unroll
+    for (int i = 0; i < Cfg::kMI; ++i) mma_sp<T, kSel>(acc[i][j], a[i], b, e[i]);
+  }
+}
+
+// grid = (ceil(N / BN), ceil(M / BM), splits). ws == nullptr: write out (+ bias) directly;
+// otherwise fp32 partial sums ws[split][M][N] for splitk_reduce_kernel.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
+    sparse24_kernel(const T* __restrict__ x, const uint8_t* __restrict__ values,
+                    const uint8_t* __restrict__ meta, const T* __restrict__ bias,
+                    T* __restrict__ out, float* __restrict__ ws, int M, int N, int K,
+                    int stages_per_split, int total_stages) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  constexpr int kBN = Cfg::kBlockN, kBM = Cfg::kBlockM, kBK = Cfg::kBlockK;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int wn = warp % Cfg::kWarpsN;
+  const int wm = (warp / Cfg::kWarpsN) % Cfg::kWarpsM;
+  const int wk = warp / (Cfg::kWarpsN * Cfg::kWarpsM);
+
+  const int n0 = blockIdx.x * kBN;
+  const int m0 = blockIdx.y * kBM;
+  const int split = blockIdx.z;
+  const int stage_begin = split * stages_per_split;
+  const int n_stages = min(stages_per_split, total_stages - stage_begin);
+  const int k_end = min(K, (stage_begin + n_stages) * kBK);
+
+  const int tile0 = n0 / kTileRows;
+  const int last_tile = N / kTileRows - 1;
+  const size_t value_row_bytes = static_cast<size_t>(K) * 16;  // values_r row: 8 K halves
+  const size_t meta_row_bytes = static_cast<size_t>(K) * 2;    // meta_r row: K / 2 words
+  uint64_t weight_policy = 0;
+  if constexpr (Cfg::kStreamWeights) weight_policy = l2_evict_first_policy();
+
+  auto load_stage = [&](int stage, int slot) {
+    uint8_t* dst = smem + slot * Cfg::kStageBytes;
+    const int k0 = stage * kBK;
+    // values: m16 tile `tile` of the block, bytes [16 k0, 16 (k0 + BK)) of its values_r row
+#pragma unroll
+    for (int i = 0; i < (Cfg::kValueChunks + kThreads - 1) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      if (Cfg::kValueChunks % kThreads == 0 || idx < Cfg::kValueChunks) {
+        const int tile = idx / kBK;  // BK chunks of 16 B per m16 tile
+        const int off = idx % kBK;
+        if (k0 + (off / 32) * kKStep < K) {  // 32 chunks per k32 step
+          const int trow = min(tile0 + tile, last_tile);
+          const uint8_t* src = values + static_cast<size_t>(trow) * value_row_bytes +
+                               static_cast<size_t>(k0) * 16 + off * 16;
+          if constexpr (Cfg::kStreamWeights)
+            cp_async16_policy(smem_u32(dst + idx * 16), src, weight_policy);
+          else
+            cp_async16(smem_u32(dst + idx * 16), src);
+        }
+      }
+    }
+    // metadata: m16 tile `tile`, bytes [2 k0, 2 (k0 + BK)) of its meta_r row
+#pragma unroll
+    for (int i = 0; i < (Cfg::kMetaChunks + kThreads - 1) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      if (Cfg::kMetaChunks % kThreads == 0 || idx < Cfg::kMetaChunks) {
+        const int tile = idx / (kBK / 8);  // BK / 8 chunks per m16 tile
+        const int off = idx % (kBK / 8);
+        if (k0 + (off / 8) * kMetaK < K) {  // 8 chunks per k64 block
+          const int trow = min(tile0 + tile, last_tile);
+          const uint8_t* src = meta + static_cast<size_t>(trow) * meta_row_bytes +
+                               static_cast<size_t>(k0) * 2 + off * 16;
+          cp_async16(smem_u32(dst + Cfg::kMetaOffset + idx * 16), src);
+        }
+      }
+    }
+    // x: row r, chunk c (8 values of k) -> chunk c ^ (r & 7) of row r; zeros past M or K
+#pragma unroll
+    for (int i = 0; i < (Cfg::kXChunks + kThreads - 1) / kThreads; ++i) {
+      const int idx = tid + i * kThreads;
+      if (Cfg::kXChunks % kThreads == 0 || idx < Cfg::kXChunks) {
+        const int r = idx / Cfg::kXChunksPerRow;
+        const int c = idx % Cfg::kXChunksPerRow;
+        const int row = m0 + r;
+        const int kk = k0 + c * 8;
+        const bool valid = row < M && kk < K;
+        const T* src = x + (valid ? static_cast<size_t>(row) * K + kk : 0);
+        cp_async16_zfill(
+            smem_u32(dst + Cfg::kXOffset + r * Cfg::kXRowBytes + ((c ^ (r & 7)) << 4)), src,
+            valid);
+      }
+    }
+  };
+
+  float acc[Cfg::kMI][Cfg::kNI][4];
+#pragma unroll
+  for (int i = 0; i < Cfg::kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kNI; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+  // Prologue: stages 0 .. kStages - 2 in flight, one commit group per stage (empty ones too,
+  // so that wait_group<kStages - 2> below always means "stage `it` has landed").
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < n_stages) load_stage(stage_begin + s, s);
+    cp_async_commit();
+  }
+
+  const int x_row0 = wm * Cfg::kNI * 8;
+  const int x_chunk0 = wk * (kMetaK / 8);
+  for (int it = 0; it < n_stages; ++it) {
+    cp_async_wait<Cfg::kStages - 2>();
+    __syncthreads();  // stage `it` visible to all; every warp is done with stage it - 1
+    {
+      const int next = it + Cfg::kStages - 1;  // refills the slot of stage it - 1
+      if (next < n_stages) load_stage(stage_begin + next, next % Cfg::kStages);
+      cp_async_commit();
+    }
+    const uint8_t* st = smem + (it % Cfg::kStages) * Cfg::kStageBytes;
+    const int k_warp = (stage_begin + it) * kBK + wk * kMetaK;
+    if (k_warp < k_end) {  // warp-uniform
+      // this lane's 16 bytes of the warp's first m16 tile, first k32 step of its k64 slice
+      const uint8_t* values_lane =
+          st + (wn * Cfg::kMI) * Cfg::kTileValueBytes + wk * 2 * kValueStepBytes + lane * 16;
+      const uint8_t* meta_lane = st + Cfg::kMetaOffset + (wn * Cfg::kMI) * Cfg::kTileMetaBytes +
+                                 wk * kMetaBlockBytes + lane * 4;
+      uint32_t e[Cfg::kMI];
+#pragma unroll
+      for (int i = 0; i < Cfg::kMI; ++i)
+        e[i] = *reinterpret_cast<const uint32_t*>(meta_lane + i * Cfg::kTileMetaBytes);
+      const uint32_t x_base = smem_u32(st + Cfg::kXOffset);
+      k32_step<T, Cfg, 0>(acc, values_lane, x_base, e, x_row0, x_chunk0, lane);
+      k32_step<T, Cfg, 1>(acc, values_lane, x_base, e, x_row0, x_chunk0, lane);
+    }
+  }
+
+  // Epilogue: D = y^T fragments -> shared memory as [k warp][row of x][row of W] (fp32), then
+  // every thread takes 4 consecutive columns of y, adds the k warps' sums in order (+ bias) and
+  // stores them (y rows are contiguous along N: coalesced).
+  cp_async_wait<0>();
+  __syncthreads();  // pipeline buffers free: every copy landed, every warp past its last stage
+  float* red = reinterpret_cast<float*>(smem);
+  {
+    const int g = lane >> 2;  // D row (row of W) within the m16 tile; +8 for d2, d3
+    const int t = lane & 3;   // D columns 2t, 2t + 1 (rows of x) within the n8 tile
+#pragma unroll
+    for (int i = 0; i < Cfg::kMI; ++i) {
+#pragma unroll
+      for (int j = 0; j < Cfg::kNI; ++j) {
+        const int n_local = (wn * Cfg::kMI + i) * kTileRows + g;
+        const int m_local = x_row0 + j * 8 + 2 * t;
+        float* p = red + (wk * kBM + m_local) * Cfg::kRedStride + n_local;
+        p[0] = acc[i][j][0];
+        p[Cfg::kRedStride] = acc[i][j][1];
+        p[8] = acc[i][j][2];
+        p[Cfg::kRedStride + 8] = acc[i][j][3];
+      }
+    }
+  }
+  __syncthreads();
+  constexpr int kQuadsPerRow = kBN / 4;
+  constexpr int kQuads = kBM * kQuadsPerRow;
+#pragma unroll
+  for (int i = 0; i < (kQuads + kThreads - 1) / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    if (kQuads % kThreads != 0 && idx >= kQuads) break;
+    const int m_local = idx / kQuadsPerRow;
+    const int n_local = (idx % kQuadsPerRow) * 4;
+    float4 sum = *reinterpret_cast<const float4*>(red + m_local * Cfg::kRedStride + n_local);
+#pragma unroll
+    for (int w = 1; w < Cfg::kWarpsK; ++w) {
+      const float4 v = *reinterpret_cast<const float4*>(
+          red + (w * kBM + m_local) * Cfg::kRedStride + n_local);
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const int row = m0 + m_local;
+    const int col = n0 + n_local;
+    if (row < M && col < N) {
+      if (ws != nullptr) {
+        *reinterpret_cast<float4*>(ws + (static_cast<size_t>(split) * M + row) * N + col) = sum;
+      } else {
+        if (bias != nullptr) {
+          sum.x += Traits<T>::to_float(bias[col]);
+          sum.y += Traits<T>::to_float(bias[col + 1]);
+          sum.z += Traits<T>::to_float(bias[col + 2]);
+          sum.w += Traits<T>::to_float(bias[col + 3]);
+        }
+        uint2 packed;
+        packed.x = bits_as<uint32_t>(Traits<T>::make2(sum.x, sum.y));
+        packed.y = bits_as<uint32_t>(Traits<T>::make2(sum.z, sum.w));
+        *reinterpret_cast<uint2*>(out + static_cast<size_t>(row) * N + col) = packed;
+      }
+    }
+  }
+}
+
+// out[m, n] = (sum over splits, in order, of ws[split][m][n]) + bias[n], rounded once.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    splitk_reduce_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
+                         T* __restrict__ out, int M, int N, int splits) {
+  const size_t quads = static_cast<size_t>(M) * N / 4;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t q = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads;
+       q += stride) {
+    const float4* src = reinterpret_cast<const float4*>(ws) + q;
+    float4 sum = src[0];
+    for (int s = 1; s < splits; ++s) {
+      const float4 v = src[static_cast<size_t>(s) * quads];
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    if (bias != nullptr) {
+      const int col = static_cast<int>((q * 4) % static_cast<size_t>(N));
+      sum.x += Traits<T>::to_float(bias[col]);
+      sum.y += Traits<T>::to_float(bias[col + 1]);
+      sum.z += Traits<T>::to_float(bias[col + 2]);
+      sum.w += Traits<T>::to_float(bias[col + 3]);
+    }
+    uint2 packed;
+    packed.x = bits_as<uint32_t>(Traits<T>::make2(sum.x, sum.y));
+    packed.y = bits_as<uint32_t>(Traits<T>::make2(sum.z, sum.w));
+    reinterpret_cast<uint2*>(out)[q] = packed;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------
+
+constexpr int kMaxDevices = 64;
+
+int current_device(int* device) {
+  EFFKERN_SP24_CUDA_CHECK(cudaGetDevice(device));
+  return kOk;
+}
+
+int device_sm_count(int* sms) {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  const int st = current_device(&device);
+  if (st != kOk) return st;
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *sms = cached;
+      return kOk;
+    }
+  }
+  int count = 0;
+  EFFKERN_SP24_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (count <= 0) return fail(kCudaError, "effkern sparse24: the device reports %d SMs", count);
+  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
+  *sms = count;
+  return kOk;
+}
+
+bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+template <typename T, typename Cfg>
+int launch(const LinearArgs& a) {
+  const Plan& p = a.plan;
+  auto kernel = sparse24_kernel<T, Cfg>;
+  constexpr int kSmem = Cfg::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    // Opt in to more than 48 KiB of dynamic shared memory, once per device and kernel.
+    static std::atomic<uint64_t> configured{0};
+    int device = 0;
+    const int st = current_device(&device);
+    if (st != kOk) return st;
+    const uint64_t bit = device >= 0 && device < 64 ? (uint64_t(1) << device) : 0;
+    if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
+      EFFKERN_SP24_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      configured.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+  const bool split = p.splits > 1;
+  const dim3 grid(static_cast<unsigned>(p.grid_n), static_cast<unsigned>(p.grid_m),
+                  static_cast<unsigned>(p.splits));
+  const int total_stages = static_cast<int>((a.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
+  kernel<<<grid, kThreads, kSmem, a.stream>>>(
+      static_cast<const T*>(a.x), static_cast<const uint8_t*>(a.values),
+      static_cast<const uint8_t*>(a.meta), split ? nullptr : static_cast<const T*>(a.bias),
+      static_cast<T*>(a.out), split ? static_cast<float*>(a.workspace) : nullptr,
+      static_cast<int>(a.m), static_cast<int>(a.n), static_cast<int>(a.k), p.stages_per_split,
+      total_stages);
+  EFFKERN_SP24_CUDA_CHECK(cudaGetLastError());
+  if (split) {
+    int sms = 0;
+    const int st = device_sm_count(&sms);
+    if (st != kOk) return st;
+    const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
+    const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
+    splitk_reduce_kernel<T><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
+                              a.stream>>>(static_cast<const float*>(a.workspace),
+                                          static_cast<const T*>(a.bias), static_cast<T*>(a.out),
+                                          static_cast<int>(a.m), static_cast<int>(a.n),
+                                          p.splits);
+    EFFKERN_SP24_CUDA_CHECK(cudaGetLastError());
+  }
+  return kOk;
+}
+
+Config config_for(int64_t m) {
+  if (m <= 8) return Config::kDecode8;
+  if (m <= 16) return Config::kDecode16;
+  if (m <= 64) return Config::kMedium;
+  return Config::kLarge;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------------------
+
+int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
+  if (m < 1 || m > kMaxM)
+    return fail(kInvalidArgument, "effkern sparse24: make_plan needs 1 <= M <= %lld (got %lld)",
+                static_cast<long long>(kMaxM), static_cast<long long>(m));
+  if (!supports(n, k))
+    return fail(kInvalidArgument,
+                "effkern sparse24: N must be a positive multiple of 16 and K of 64 (got N = "
+                "%lld, K = %lld)",
+                static_cast<long long>(n), static_cast<long long>(k));
+  if (m * n > (int64_t(1) << 40))
+    return fail(kInvalidArgument, "effkern sparse24: M * N = %lld is too large",
+                static_cast<long long>(m * n));
+  if (num_sms <= 0) {
+    const int st = device_sm_count(&num_sms);
+    if (st != kOk) return st;
+  }
+  Plan p{};
+  p.config = config_for(m);
+  int depth = 0;  // the config's pipeline depth
+  with_config(p.config, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    p.block_n = Cfg::kBlockN;
+    p.block_m = Cfg::kBlockM;
+    p.block_k = Cfg::kBlockK;
+    p.smem_bytes = static_cast<size_t>(Cfg::kSmemBytes);
+    depth = Cfg::kStages;
+    return 0;
+  });
+  p.grid_n = static_cast<int>((n + p.block_n - 1) / p.block_n);
+  const int64_t grid_m = (m + p.block_m - 1) / p.block_m;
+  if (grid_m > 65535)
+    return fail(kInvalidArgument, "effkern sparse24: M = %lld needs %lld row blocks (max 65535)",
+                static_cast<long long>(m), static_cast<long long>(grid_m));
+  p.grid_m = static_cast<int>(grid_m);
+  const int total_stages = static_cast<int>((k + p.block_k - 1) / p.block_k);
+  // Split K over blocks only when the output tiles alone leave the GPU short of ~2 blocks per
+  // SM; every slice keeps at least a pipeline's depth of stages.
+  const int64_t blocks = int64_t(p.grid_n) * p.grid_m;
+  const int64_t target = 2 * int64_t(num_sms);
+  int splits = 1;
+  if (blocks < target) {
+    const int64_t want = (target + blocks - 1) / blocks;
+    const int64_t most = std::max(1, total_stages / depth);
+    splits = static_cast<int>(std::min<int64_t>({want, most, 32}));
+  }
+  p.stages_per_split = (total_stages + splits - 1) / splits;
+  p.splits = (total_stages + p.stages_per_split - 1) / p.stages_per_split;  // none empty
+  p.workspace_bytes =
+      p.splits > 1 ? static_cast<size_t>(p.splits) * static_cast<size_t>(m * n) * sizeof(float)
+                   : 0;
+  *plan = p;
+  return kOk;
+}
+
+int linear(const LinearArgs& a) {
+  const Plan& p = a.plan;
+  if (!supports(a.n, a.k))
+    return fail(kInvalidArgument,
+                "effkern sparse24: unsupported shape N = %lld, K = %lld (needs N %% 16 == 0, "
+                "K %% 64 == 0)",
+                static_cast<long long>(a.n), static_cast<long long>(a.k));
+  if (a.m == 0) return kOk;
+  if (a.m < 0 || a.m > kMaxM)
+    return fail(kInvalidArgument, "effkern sparse24: M = %lld out of range",
+                static_cast<long long>(a.m));
+  Plan expected{};
+  {
+    // The plan must be the one make_plan gives for this problem's tile configuration.
+    const Config c = config_for(a.m);
+    int bn = 0, bm = 0, bk = 0;
+    with_config(c, [&](auto cfg) {
+      using Cfg = decltype(cfg);
+      bn = Cfg::kBlockN;
+      bm = Cfg::kBlockM;
+      bk = Cfg::kBlockK;
+      return 0;
+    });
+    expected.config = c;
+    expected.block_n = bn;
+    expected.block_m = bm;
+    expected.block_k = bk;
+  }
+  const int64_t total_stages = (a.k + expected.block_k - 1) / expected.block_k;
+  if (p.config != expected.config || p.block_n != expected.block_n ||
+      p.block_m != expected.block_m || p.block_k != expected.block_k ||
+      int64_t(p.grid_n) * p.block_n < a.n || int64_t(p.grid_n - 1) * p.block_n >= a.n ||
+      int64_t(p.grid_m) * p.block_m < a.m || p.splits < 1 || p.stages_per_split < 1 ||
+      int64_t(p.splits) * p.stages_per_split < total_stages ||
+      int64_t(p.splits - 1) * p.stages_per_split >= total_stages)
+    return fail(kInvalidArgument, "effkern sparse24: the plan does not match the problem "
+                                  "(make it with make_plan for the same M, N, K)");
+  if (p.splits > 1 && a.workspace == nullptr)
+    return fail(kInvalidArgument,
+                "effkern sparse24: a split-K plan needs a workspace of %zu bytes",
+                p.workspace_bytes);
+  if (!aligned(a.x, 16) || !aligned(a.values, 16) || !aligned(a.meta, 16) ||
+      !aligned(a.out, 8) || !aligned(a.workspace, 16) || !aligned(a.bias, 8))
+    return fail(kInvalidArgument,
+                "effkern sparse24: x, values, meta and the workspace must be 16-byte aligned, "
+                "out and bias 8-byte aligned");
+  auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    return with_config(p.config, [&](auto cfg) { return launch<T, decltype(cfg)>(a); });
+  };
+  switch (a.dtype) {
+    case DType::kFloat16: return run(__half{});
+    case DType::kBFloat16: return run(__nv_bfloat16{});
+  }
+  return fail(kInvalidArgument, "effkern sparse24: unsupported dtype %d",
+              static_cast<int>(a.dtype));
+}
+
+const char* message() { return g_message; }
+
+}  // namespace sp24
+}  // namespace effkern_cuda

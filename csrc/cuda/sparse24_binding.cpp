@@ -1,0 +1,88 @@
+// Dispatch-key implementations of effkern_C::sparse24_linear, the 2:4 sparse GEMM on the sparse
+// tensor cores (csrc/cuda/sparse24.cu) on the reordered weight of
+// effkern/sparse24_cuda_layout.py.
+//
+// CUDA: checks, output and workspace allocation on torch's caching allocator, the current
+// stream, the launch. CPU: the same checks, then an error that says where the CPU path is (there
+// is no CPU kernel for the reordered layout; effkern's CPU kernels take the compressed format).
+// The CPU registration makes the argument checks testable without a GPU.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cuda/sparse24.h"
+#include "sparse24_checks.h"
+
+namespace effkern_C {
+namespace {
+
+namespace sp = effkern_cuda::sp24;
+
+void check_sp24_status(int status) {
+  TORCH_CHECK(status == sp::kOk, "effkern_C::sparse24_linear (CUDA): ", sp::message());
+}
+
+// Dense and 16-byte aligned (the kernel's cp.async loads need both).
+at::Tensor dense_aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+at::Tensor sparse24_linear_cuda(const at::Tensor& input, const at::Tensor& values,
+                                const at::Tensor& meta, const std::optional<at::Tensor>& bias) {
+  const Sparse24LinearShape s =
+      check_sparse24_linear_args(input, values, meta, bias, c10::DeviceType::CUDA);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = input.new_empty({s.m, s.n});
+  if (s.m == 0) return out;
+
+  const at::Tensor x = dense_aligned16(input);
+  const at::Tensor b = s.has_bias ? dense_aligned16(*bias) : at::Tensor();
+
+  sp::Plan plan{};
+  check_sp24_status(sp::make_plan(s.m, s.n, s.k, /*num_sms=*/0, &plan));
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0)
+    workspace = input.new_empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
+                                input.options().dtype(at::kFloat));
+
+  sp::LinearArgs args{};
+  args.dtype = input.scalar_type() == at::kHalf ? sp::DType::kFloat16 : sp::DType::kBFloat16;
+  args.m = s.m;
+  args.n = s.n;
+  args.k = s.k;
+  args.x = x.data_ptr();
+  args.values = values.data_ptr();
+  args.meta = meta.data_ptr();
+  args.bias = s.has_bias ? b.data_ptr() : nullptr;
+  args.out = out.data_ptr();
+  args.workspace = plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr;
+  args.plan = plan;
+  args.stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  check_sp24_status(sp::linear(args));
+  return out;
+}
+
+at::Tensor sparse24_linear_cpu(const at::Tensor& input, const at::Tensor& values,
+                               const at::Tensor& meta, const std::optional<at::Tensor>& bias) {
+  check_sparse24_linear_args(input, values, meta, bias, c10::DeviceType::CPU);
+  TORCH_CHECK(false,
+              "effkern_C::sparse24_linear has no CPU kernel: it runs the CUDA kernel on the "
+              "reordered weight. On CPU use effkern.sparse24_linear, or "
+              "effkern.sparse24_cuda_layout.restore_from_mma_sp to get effkern's compressed "
+              "format back.");
+  return at::Tensor();  // unreachable
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effkern_C, CUDA, m) { m.impl("sparse24_linear", &sparse24_linear_cuda); }
+
+TORCH_LIBRARY_IMPL(effkern_C, CPU, m) { m.impl("sparse24_linear", &sparse24_linear_cpu); }
+
+}  // namespace effkern_C
