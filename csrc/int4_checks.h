@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "cuda/int4.h"
+#include "kernel_checks.h"
 
 namespace effkern_C {
 
@@ -30,21 +31,12 @@ inline Int4LinearShape check_int4_linear_args(const at::Tensor& input, const at:
                                               c10::DeviceType device_type) {
   namespace w4 = effkern_cuda::w4a16;
   const char* op = "effkern_C::int4_linear: ";
-  TORCH_CHECK(input.device().type() == device_type, op, "input must be a ",
-              c10::DeviceTypeName(device_type), " tensor, got device ", input.device());
-  TORCH_CHECK(input.dim() == 2, op, "input must be 2-D [M, K], got shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16, op,
-              "input must be float16 or bfloat16, got ", input.scalar_type());
-  const auto dtype = input.scalar_type();
+  check_gemm_input(input, device_type, op);
   const int64_t M = input.size(0), K = input.size(1);
 
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"qweight", &qweight},
-                                {"scales", &scales},
-                                {"zeros", &zeros}}) {
-    TORCH_CHECK(t->device() == input.device(), op, name, " is on ", t->device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(t->dim() == 2, op, name, " must be 2-D, got shape ", t->sizes());
-  }
+  check_2d_on_input_device(qweight, "qweight", input, op);
+  check_2d_on_input_device(scales, "scales", input, op);
+  check_2d_on_input_device(zeros, "zeros", input, op);
   TORCH_CHECK(qweight.scalar_type() == at::kInt, op,
               "qweight must be int32 (the output of effkern.int4_cuda_layout.shuffle_for_cuda), "
               "got ", qweight.scalar_type());
@@ -65,28 +57,16 @@ inline Int4LinearShape check_int4_linear_args(const at::Tensor& input, const at:
 
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"scales", &scales},
                                 {"zeros", &zeros}}) {
-    TORCH_CHECK(t->scalar_type() == dtype, op, name, " has dtype ", t->scalar_type(),
-                " but input has dtype ", dtype);
+    check_dtype_of_input(*t, name, input, op);
     TORCH_CHECK(t->size(0) == K / G && t->size(1) == N, op, name,
                 " must be the prepared [K / group_size, N] = [", K / G, ", ", N,
                 "] (from shuffle_for_cuda), got shape ", t->sizes());
   }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"qweight", &qweight},
-                                {"scales", &scales},
-                                {"zeros", &zeros}}) {
-    TORCH_CHECK(t->is_contiguous() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op,
-                name, " must be contiguous and 16-byte aligned (as shuffle_for_cuda returns it)");
-  }
+  check_dense_aligned16(qweight, "qweight", "shuffle_for_cuda", op);
+  check_dense_aligned16(scales, "scales", "shuffle_for_cuda", op);
+  check_dense_aligned16(zeros, "zeros", "shuffle_for_cuda", op);
 
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device() == input.device(), op, "bias is on ", bias->device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, "bias must be [", N, "], got ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dtype, op, "bias has dtype ", bias->scalar_type(),
-                " but input has dtype ", dtype);
-  }
+  const bool has_bias = check_bias(bias, N, input, op);
   return {M, N, K, G, has_bias};
 }
 

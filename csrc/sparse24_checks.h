@@ -10,9 +10,9 @@
 
 #include <cstdint>
 #include <optional>
-#include <utility>
 
 #include "cuda/sparse24.h"
+#include "kernel_checks.h"
 
 namespace effkern_C {
 
@@ -30,22 +30,12 @@ inline Sparse24LinearShape check_sparse24_linear_args(const at::Tensor& input,
                                                       c10::DeviceType device_type) {
   namespace sp = effkern_cuda::sp24;
   const char* op = "effkern_C::sparse24_linear: ";
-  TORCH_CHECK(input.device().type() == device_type, op, "input must be a ",
-              c10::DeviceTypeName(device_type), " tensor, got device ", input.device());
-  TORCH_CHECK(input.dim() == 2, op, "input must be 2-D [M, K], got shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16, op,
-              "input must be float16 or bfloat16, got ", input.scalar_type());
-  const auto dtype = input.scalar_type();
+  check_gemm_input(input, device_type, op);
   const int64_t M = input.size(0), K = input.size(1);
 
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
-                                {"meta", &meta}}) {
-    TORCH_CHECK(t->device() == input.device(), op, name, " is on ", t->device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(t->dim() == 2, op, name, " must be 2-D, got shape ", t->sizes());
-  }
-  TORCH_CHECK(values.scalar_type() == dtype, op, "values has dtype ", values.scalar_type(),
-              " but input has dtype ", dtype);
+  check_2d_on_input_device(values, "values", input, op);
+  check_2d_on_input_device(meta, "meta", input, op);
+  check_dtype_of_input(values, "values", input, op);
   TORCH_CHECK(values.size(1) == 8 * K, op,
               "values must be the reordered [N / 16, 8 * K] = [N / 16, ", 8 * K, "] for K = ", K,
               ", got shape ", values.sizes(),
@@ -63,21 +53,10 @@ inline Sparse24LinearShape check_sparse24_linear_args(const at::Tensor& input,
   TORCH_CHECK(meta.size(0) == N / sp::kTileRows && meta.size(1) == K / 2, op,
               "meta must be the reordered [N / 16, K / 2] = [", N / sp::kTileRows, ", ", K / 2,
               "], got shape ", meta.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
-                                {"meta", &meta}}) {
-    TORCH_CHECK(t->is_contiguous() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op,
-                name, " must be contiguous and 16-byte aligned (as reorder_for_mma_sp returns it)");
-  }
+  check_dense_aligned16(values, "values", "reorder_for_mma_sp", op);
+  check_dense_aligned16(meta, "meta", "reorder_for_mma_sp", op);
 
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device() == input.device(), op, "bias is on ", bias->device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, "bias must be [", N, "], got ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dtype, op, "bias has dtype ", bias->scalar_type(),
-                " but input has dtype ", dtype);
-  }
+  const bool has_bias = check_bias(bias, N, input, op);
   return {M, N, K, has_bias};
 }
 

@@ -12,18 +12,16 @@ hand in effkern's layout), independent of effkern.int4.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import effkern as ek
-from effkern import _ext
 from effkern import int4_cuda_layout as L
-from effkern.testing import max_error, tolerance
 
-DTYPES = (torch.float16, torch.bfloat16)
+from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_matches_float64, assert_op_raises,
+                                assert_rejects_tensors_on_another_device, cpp_checks_accept, misaligned,
+                                op_schema, random_input_and_bias)
+
 GROUPS = (32, 64, 128, 256, -1)
 # (N, K, group_size): every group size, one and several blocks of 64 columns, K from one
 # pipeline stage (128) up; 256 needs K % 256 == 0.
@@ -60,15 +58,6 @@ def dequantized(q, scales, zeros, group_size):
     s = scales.double().repeat_interleave(G, dim=1)
     z = zeros.double().repeat_interleave(G, dim=1)
     return ((q.double() - z) * s).to(scales.dtype)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype in DTYPES else t
-
-
-def assert_bit_equal(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-    assert torch.equal(bits(a), bits(b)), f"{what} differs"
 
 
 # ---------------------------------------------------------------------------- the layout (CPU)
@@ -244,18 +233,8 @@ def test_shuffle_validates_its_input():
 
 # ---------------------------------------------------------------------------- the C++ op (CPU side)
 
-def needs_cuda_extension():
-    if not _ext.available():
-        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
-    if not _ext.built_with_cuda():
-        pytest.skip("effkern._C was built without CUDA: effkern_C::int4_linear has no kernels (CPU-only build)")
-
-
 def test_op_is_registered_with_its_schema():
-    if not _ext.available():
-        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
-    schema = str(torch.ops.effkern_C.int4_linear.default._schema)
-    assert schema == ("effkern_C::int4_linear(Tensor input, Tensor qweight, Tensor scales, Tensor zeros, "
+    assert op_schema("int4_linear") == ("effkern_C::int4_linear(Tensor input, Tensor qweight, Tensor scales, Tensor zeros, "
                       "int group_size, Tensor? bias) -> Tensor")
 
 
@@ -264,15 +243,6 @@ def _op_args(M=2, N=128, K=256, group_size=32, dtype=torch.float16):
     qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
     x = torch.randn(M, K).to(dtype)
     return dict(input=x, qweight=qs, scales=sp, zeros=zp, group_size=group_size, bias=torch.randn(N).to(dtype)), qweight
-
-
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
-    out = buf[1:1 + t.numel()].view_as(t)
-    out.copy_(t)
-    assert out.is_contiguous() and out.data_ptr() % 16 != 0
-    return out
 
 
 def _bad_cases():
@@ -297,23 +267,18 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
 def test_op_argument_checks_raise_clear_errors(case):
-    needs_cuda_extension()
     kwargs, message = _bad_cases()[case]
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.effkern_C.int4_linear(**kwargs)
+    assert_op_raises("int4_linear", kwargs, message)
 
 
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_op_on_cpu_tensors_passes_the_checks_then_says_there_is_no_cpu_kernel(group_size):
-    needs_cuda_extension()
     kwargs, _ = _op_args(K=512, group_size=group_size, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="no CPU kernel"):
-        torch.ops.effkern_C.int4_linear(**kwargs)
+    assert_op_raises("int4_linear", kwargs, "no CPU kernel")
 
 
 def test_cpp_shape_rule_is_the_python_predicate():
     """The C++ check (csrc/cuda/int4.h supports()) accepts exactly what shape_supported does."""
-    needs_cuda_extension()
     for K in (128, 256, 384, 640, 1024):
         for G in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, -1, K):
             Ge = K if G == -1 else G
@@ -321,12 +286,7 @@ def test_cpp_shape_rule_is_the_python_predicate():
                 continue
             qs = torch.zeros(1, 8 * K, dtype=torch.int32)
             table = torch.zeros(K // Ge, 64, dtype=torch.float16)
-            accepted = None
-            try:
-                torch.ops.effkern_C.int4_linear(torch.zeros(1, K, dtype=torch.float16), qs, table, table, G, None)
-            except RuntimeError as exc:
-                accepted = "no CPU kernel" in str(exc)
-                assert accepted or "the CUDA kernel needs" in str(exc), str(exc)
+            accepted = cpp_checks_accept("int4_linear", torch.zeros(1, K, dtype=torch.float16), qs, table, table, G, None)
             assert accepted == L.shape_supported(64, K, G), (K, G)
 
 
@@ -339,17 +299,10 @@ def run_kernel(x, qweight, scales, zeros, group_size, bias):
 
 def check_against_float64(M, N, K, group_size, dtype, with_bias, seed=0):
     q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(M, K, generator=g).to(dtype).cuda()
-    bias = torch.randn(N, generator=g).to(dtype).cuda() if with_bias else None
+    x, bias = random_input_and_bias(M, N, K, dtype, with_bias, seed=seed + 100)
     out = run_kernel(x, qweight, scales, zeros, group_size, bias)
     w = dequantized(q, scales, zeros, group_size).cuda()  # what the kernel multiplies by, exactly
-    ref = x.double() @ w.double().t() + (bias.double() if with_bias else 0)
-    baseline = F.linear(x, w, bias)
-    err, base = max_error(out, ref), max_error(baseline, ref)
-    limit = tolerance(base, ref.abs().max().item(), dtype, reduction=K)
-    assert out.dtype == dtype and tuple(out.shape) == (M, N)
-    assert err <= limit, f"M={M} N={N} K={K} G={group_size} {dtype}: error {err:.3g} vs PyTorch's {base:.3g} (limit {limit:.3g})"
+    assert_matches_float64(out, x, w, bias, f"M={M} N={N} K={K} G={group_size} {dtype}")
     return out
 
 
@@ -410,7 +363,4 @@ def test_gpu_kernel_empty_m():
 
 @pytest.mark.gpu
 def test_gpu_kernel_rejects_tensors_on_another_device():
-    kwargs, _ = _op_args()
-    kwargs["input"] = kwargs["input"].cuda()
-    with pytest.raises(RuntimeError, match=re.escape("qweight is on cpu but input is on cuda")):
-        torch.ops.effkern_C.int4_linear(**kwargs)
+    assert_rejects_tensors_on_another_device("int4_linear", _op_args()[0], "qweight")

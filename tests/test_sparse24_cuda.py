@@ -14,17 +14,15 @@ effkern's format), independent of effkern.sparse24.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from effkern import _ext
 from effkern import sparse24_cuda_layout as L
-from effkern.testing import max_error, tolerance
 
-DTYPES = (torch.float16, torch.bfloat16)
+from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_matches_float64, assert_op_raises,
+                                assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
+                                op_schema, random_input_and_bias)
+
 # (N, K): one m16 tile and one k64 block up; N not a multiple of 64 / 128, K not of 128.
 LAYOUT_CASES = [(16, 64), (32, 128), (48, 192), (64, 256), (128, 64), (208, 320), (256, 512)]
 
@@ -59,15 +57,6 @@ def make_24(N, K, dtype, seed=0, empty_fraction=0.2):
     W = torch.where(mask, dense, torch.zeros((), dtype=dtype)).view(N, K)
     values, meta = compress_local(W)
     return W, values, meta
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype in DTYPES else t
-
-
-def assert_bit_equal(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-    assert torch.equal(bits(a), bits(b)), f"{what} differs"
 
 
 def rebuilds(values_r, meta_r, W) -> bool:
@@ -431,18 +420,8 @@ def test_model_of_the_kernel_computes_x_wt_exactly(config, M, N, K, splits):
 
 # ---------------------------------------------------------------------------- the C++ op (CPU side)
 
-def needs_cuda_extension():
-    if not _ext.available():
-        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
-    if not _ext.built_with_cuda():
-        pytest.skip("effkern._C was built without CUDA: effkern_C::sparse24_linear has no kernels (CPU-only build)")
-
-
 def test_op_is_registered_with_its_schema():
-    if not _ext.available():
-        pytest.skip(f"effkern._C is not built: {_ext.load_error()}")
-    schema = str(torch.ops.effkern_C.sparse24_linear.default._schema)
-    assert schema == "effkern_C::sparse24_linear(Tensor input, Tensor values, Tensor meta, Tensor? bias) -> Tensor"
+    assert op_schema("sparse24_linear") == "effkern_C::sparse24_linear(Tensor input, Tensor values, Tensor meta, Tensor? bias) -> Tensor"
 
 
 def _op_args(M=2, N=64, K=256, dtype=torch.float16):
@@ -450,15 +429,6 @@ def _op_args(M=2, N=64, K=256, dtype=torch.float16):
     values_r, meta_r = L.reorder_for_mma_sp(values, meta)
     x = torch.randn(M, K).to(dtype)
     return dict(input=x, values=values_r, meta=meta_r, bias=torch.randn(N).to(dtype)), (values, meta)
-
-
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
-    out = buf[1:1 + t.numel()].view_as(t)
-    out.copy_(t)
-    assert out.is_contiguous() and out.data_ptr() % 16 != 0
-    return out
 
 
 def _bad_cases():
@@ -482,35 +452,25 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
 def test_op_argument_checks_raise_clear_errors(case):
-    needs_cuda_extension()
     kwargs, message = _bad_cases()[case]
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.effkern_C.sparse24_linear(**kwargs)
+    assert_op_raises("sparse24_linear", kwargs, message)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_op_on_cpu_tensors_passes_the_checks_then_says_there_is_no_cpu_kernel(dtype):
-    needs_cuda_extension()
     kwargs, _ = _op_args(N=208, K=320, dtype=dtype)
-    with pytest.raises(RuntimeError, match="no CPU kernel"):
-        torch.ops.effkern_C.sparse24_linear(**kwargs)
-    with pytest.raises(RuntimeError, match="no CPU kernel"):
-        torch.ops.effkern_C.sparse24_linear(**dict(kwargs, bias=None))
+    assert_op_raises("sparse24_linear", kwargs, "no CPU kernel")
+    assert_op_raises("sparse24_linear", dict(kwargs, bias=None), "no CPU kernel")
 
 
 def test_cpp_shape_rule_is_the_python_predicate():
     """The C++ check (csrc/cuda/sparse24.h supports()) accepts exactly what the layout predicate
     does, for shapes the op can be given (values [N / 16, 8 K])."""
-    needs_cuda_extension()
     for N in (16, 48, 64, 208):
         for K in (8, 32, 64, 96, 128, 192, 320):
             values = torch.zeros(N // 16, 8 * K, dtype=torch.float16)
             meta = torch.zeros(N // 16, K // 2, dtype=torch.int32)
-            try:
-                torch.ops.effkern_C.sparse24_linear(torch.zeros(1, K, dtype=torch.float16), values, meta, None)
-            except RuntimeError as exc:
-                accepted = "no CPU kernel" in str(exc)
-                assert accepted or "the CUDA kernel needs" in str(exc), str(exc)
+            accepted = cpp_checks_accept("sparse24_linear", torch.zeros(1, K, dtype=torch.float16), values, meta, None)
             assert accepted == L.cuda_kernel_supports(1, N, K, torch.float16), (N, K)
 
 
@@ -523,17 +483,9 @@ def run_kernel(x, values, meta, bias):
 
 def check_against_float64(M, N, K, dtype, with_bias, seed=0):
     W, values, meta = make_24(N, K, dtype, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(M, K, generator=g).to(dtype).cuda()
-    bias = torch.randn(N, generator=g).to(dtype).cuda() if with_bias else None
+    x, bias = random_input_and_bias(M, N, K, dtype, with_bias, seed=seed + 100)
     out = run_kernel(x, values, meta, bias)
-    w = W.cuda()
-    ref = x.double() @ w.double().t() + (bias.double() if with_bias else 0)
-    baseline = F.linear(x, w, bias)
-    err, base = max_error(out, ref), max_error(baseline, ref)
-    limit = tolerance(base, ref.abs().max().item(), dtype, reduction=K)
-    assert out.dtype == dtype and tuple(out.shape) == (M, N)
-    assert err <= limit, f"M={M} N={N} K={K} {dtype}: error {err:.3g} vs PyTorch's {base:.3g} (limit {limit:.3g})"
+    assert_matches_float64(out, x, W.cuda(), bias, f"M={M} N={N} K={K} {dtype}")
     return out
 
 
@@ -590,10 +542,7 @@ def test_gpu_kernel_empty_m():
 
 @pytest.mark.gpu
 def test_gpu_kernel_rejects_tensors_on_another_device():
-    kwargs, _ = _op_args()
-    kwargs["input"] = kwargs["input"].cuda()
-    with pytest.raises(RuntimeError, match=re.escape("values is on cpu but input is on cuda")):
-        torch.ops.effkern_C.sparse24_linear(**kwargs)
+    assert_rejects_tensors_on_another_device("sparse24_linear", _op_args()[0], "values")
 
 
 @pytest.mark.gpu

@@ -132,6 +132,31 @@ void atomic_min(std::atomic<int64_t>& target, int64_t value) {
 
 constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
 
+// Runs process_row(n) over the rows 0..N-1 in parallel; it returns nonzero when row n has a bad
+// group. Returns n * G + g of the first bad group (group_bad(n, g)), or kNoError. Nothing throws
+// inside the parallel loop: the caller raises, naming that group.
+template <typename ProcessRow, typename GroupBad>
+int64_t first_bad_group(int64_t N, int64_t K, int64_t G, const ProcessRow& process_row,
+                        const GroupBad& group_bad) {
+  std::atomic<int64_t> first_bad{kNoError};
+  at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (process_row(n)) {
+        // Slow path, only on error: find the row's first bad group; later rows of this chunk
+        // cannot come first.
+        for (int64_t g = 0; g < G; ++g) {
+          if (group_bad(n, g)) {
+            atomic_min(first_bad, n * G + g);
+            break;
+          }
+        }
+        return;
+      }
+    }
+  });
+  return first_bad.load();
+}
+
 bool is_supported_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
@@ -249,30 +274,22 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& weight) {
   at::Tensor meta = w.new_empty({N, B}, w.options().dtype(at::kByte));
   if (N == 0 || K == 0) return {values, meta};
 
-  std::atomic<int64_t> first_bad{kNoError};  // n * G + g of the first group with > 2 nonzeros
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(),
                                   "effkern_compress_24_cpu", [&] {
     using T = typename Bits<scalar_t>::type;
     const T* in_ptr = reinterpret_cast<const T*>(w.const_data_ptr<scalar_t>());
     T* val_ptr = reinterpret_cast<T*>(values.mutable_data_ptr<scalar_t>());
     uint8_t* meta_ptr = meta.mutable_data_ptr<uint8_t>();
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const T* row = in_ptr + n * K;
-        if (compress_row<scalar_t>(row, val_ptr + n * (K / 2), meta_ptr + n * B, G)) {
-          // Slow path, only on error: find the row's first bad group; later rows of this
-          // chunk cannot come first.
-          for (int64_t g = 0; g < G; ++g) {
-            if (kCompress.too_many[nonzero_mask<scalar_t>(row + 4 * g)]) {
-              atomic_min(first_bad, n * G + g);
-              break;
-            }
-          }
-          return;
-        }
-      }
-    });
-    const int64_t bad = first_bad.load();
+    // n * G + g of the first group with more than 2 nonzeros
+    const int64_t bad = first_bad_group(
+        N, K, G,
+        [&](int64_t n) {
+          return compress_row<scalar_t>(in_ptr + n * K, val_ptr + n * (K / 2), meta_ptr + n * B,
+                                        G);
+        },
+        [&](int64_t n, int64_t g) {
+          return kCompress.too_many[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)] != 0;
+        });
     if (bad != kNoError) {
       const int64_t n = bad / G, g = bad % G;
       const int count = kCompress.count[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)];
@@ -352,30 +369,24 @@ at::Tensor decompress_24_cpu(const at::Tensor& values, const at::Tensor& meta) {
   at::Tensor out = v.new_empty({N, K});
   if (N == 0 || K == 0) return out;
 
-  std::atomic<int64_t> first_bad{kNoError};  // n * G + g of the first invalid code
+  int64_t bad = kNoError;  // n * G + g of the first invalid code
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
                                   "effkern_decompress_24_cpu", [&] {
     using T = typename Bits<scalar_t>::type;
     const T* val_ptr = reinterpret_cast<const T*>(v.const_data_ptr<scalar_t>());
     const uint8_t* meta_ptr = m.const_data_ptr<uint8_t>();
     T* out_ptr = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* meta_row = meta_ptr + n * B;
-        if (decompress_row<T>(val_ptr + n * (K / 2), meta_row, out_ptr + n * K, G)) {
-          for (int64_t g = 0; g < G; ++g) {
-            const bool unused_set = g == G - 1 && G % 2 && (meta_row[g / 2] >> 4) != 0;
-            if (kInvalidCode[meta_code(meta_row, g)] || unused_set) {
-              atomic_min(first_bad, n * G + g);
-              break;
-            }
-          }
-          return;
-        }
-      }
-    });
+    bad = first_bad_group(
+        N, K, G,
+        [&](int64_t n) {
+          return decompress_row<T>(val_ptr + n * (K / 2), meta_ptr + n * B, out_ptr + n * K, G);
+        },
+        [&](int64_t n, int64_t g) {
+          const uint8_t* meta_row = meta_ptr + n * B;
+          const bool unused_set = g == G - 1 && G % 2 && (meta_row[g / 2] >> 4) != 0;
+          return kInvalidCode[meta_code(meta_row, g)] || unused_set;
+        });
   });
-  const int64_t bad = first_bad.load();
   if (bad != kNoError) {
     const int64_t n = bad / G, g = bad % G;
     const uint8_t byte = m.const_data_ptr<uint8_t>()[n * B + g / 2];

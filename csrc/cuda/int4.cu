@@ -40,39 +40,17 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdarg>
-#include <cstdio>
-#include <cstring>
+
+#include "device_common.cuh"
 
 namespace effkern_cuda {
 namespace w4a16 {
+
+using namespace common;
+
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------
-
-thread_local char g_message[512] = "";
-
-int fail(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_message, sizeof(g_message), fmt, ap);
-  va_end(ap);
-  return code;
-}
-
-int fail_cuda(cudaError_t err, const char* where) {
-  return fail(kCudaError, "%s failed with %s (%d): %s", where, cudaGetErrorName(err),
-              static_cast<int>(err), cudaGetErrorString(err));
-}
-
-#define EFFKERN_W4_CUDA_CHECK(expr)                                \
-  do {                                                             \
-    cudaError_t effkern_err_ = (expr);                             \
-    if (effkern_err_ != cudaSuccess) return fail_cuda(effkern_err_, #expr); \
-  } while (0)
+thread_local ErrorLog g_errors{"effkern int4: "};
 
 // ---------------------------------------------------------------------------------------
 // Shared-memory geometry
@@ -104,52 +82,8 @@ __host__ __device__ constexpr int smem_bytes(int m_tiles) {
 }
 
 // ---------------------------------------------------------------------------------------
-// PTX wrappers
+// Per-dtype pieces: exponent-trick constant, 16-bit pair arithmetic, mma
 // ---------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// 16 bytes global -> shared, bypassing L1, with an L2 cache policy.
-__device__ __forceinline__ void cp_async16_hint(uint32_t dst, const void* src, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(src), "l"(policy)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-// 16 bytes, or 16 zero bytes when !valid (src-size 0: nothing is read from src).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
@@ -158,10 +92,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
-// ---------------------------------------------------------------------------------------
-// Per-dtype pieces: exponent-trick constant, 16-bit pair arithmetic, mma, conversions
-// ---------------------------------------------------------------------------------------
-
 template <typename T>
 struct Traits;
 
@@ -169,8 +99,6 @@ template <>
 struct Traits<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // (1024.0, 1024.0)
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half2 make2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -183,8 +111,6 @@ template <>
 struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // (128.0, 128.0)
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat162 make2(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -192,14 +118,6 @@ struct Traits<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-
-template <typename To, typename From>
-__device__ __forceinline__ To bits_as(const From& v) {
-  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
-  To r;
-  memcpy(&r, &v, sizeof(To));
-  return r;
-}
 
 // The pair (s, s) from the 16-bit value `half_index` (0 low, 1 high) of a 32-bit word.
 __device__ __forceinline__ uint32_t dup_half(uint32_t word, int half_index) {
@@ -261,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
     uint8_t* dst = smem + slot * kStageBytes;
     const int k0 = stage * kStageK;
     // Weights: 4096 contiguous bytes, thread tid copies bytes [16 tid, 16 tid + 16).
-    cp_async16_hint(smem_u32(dst + tid * 16),
+    cp_async16_policy(smem_u32(dst + tid * 16),
                     w_src + static_cast<size_t>(stage) * kStageWeightBytes + tid * 16,
                     evict_first);
     // x: row r, 16-byte chunk c of the stage stored at chunk c ^ (r & 7) (ldmatrix reads 8
@@ -384,64 +302,12 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     float4 sum = *reinterpret_cast<const float4*>(red + r_out * kRedStride + c_out);
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      const float4 v =
-          *reinterpret_cast<const float4*>(red + (w * kTileM + r_out) * kRedStride + c_out);
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
-    }
+    for (int w = 1; w < kWarps; ++w)
+      add_to(sum,
+             *reinterpret_cast<const float4*>(red + (w * kTileM + r_out) * kRedStride + c_out));
     const int row = m0 + j * kTileM + r_out;
-    if (row < M) {
-      if (ws != nullptr) {
-        *reinterpret_cast<float4*>(ws + (static_cast<size_t>(split) * M + row) * N + col) = sum;
-      } else {
-        if (bias != nullptr) {
-          sum.x += Traits<T>::to_float(bias[col]);
-          sum.y += Traits<T>::to_float(bias[col + 1]);
-          sum.z += Traits<T>::to_float(bias[col + 2]);
-          sum.w += Traits<T>::to_float(bias[col + 3]);
-        }
-        using T2 = typename Traits<T>::T2;
-        const T2 lo = Traits<T>::make2(sum.x, sum.y), hi = Traits<T>::make2(sum.z, sum.w);
-        uint2 packed;
-        packed.x = bits_as<uint32_t>(lo);
-        packed.y = bits_as<uint32_t>(hi);
-        *reinterpret_cast<uint2*>(out + static_cast<size_t>(row) * N + col) = packed;
-      }
-    }
+    if (row < M) write_output_quad(sum, ws, split, out, bias, row, col, M, N);
     if (j + 1 < MT) __syncthreads();  // `red` is rewritten for the next m-tile
-  }
-}
-
-// out[m, n] = sum over splits (in order) of ws[split][m][n] + bias[n], rounded once.
-template <typename T>
-__global__ void __launch_bounds__(256)
-    splitk_reduce_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
-                         T* __restrict__ out, int M, int N, int splits) {
-  const size_t quads = static_cast<size_t>(M) * N / 4;
-  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < quads;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float4 sum = reinterpret_cast<const float4*>(ws)[i];
-    for (int s = 1; s < splits; ++s) {
-      const float4 v = reinterpret_cast<const float4*>(ws)[static_cast<size_t>(s) * quads + i];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
-    }
-    if (bias != nullptr) {
-      const int col = static_cast<int>((i * 4) % static_cast<size_t>(N));
-      sum.x += Traits<T>::to_float(bias[col]);
-      sum.y += Traits<T>::to_float(bias[col + 1]);
-      sum.z += Traits<T>::to_float(bias[col + 2]);
-      sum.w += Traits<T>::to_float(bias[col + 3]);
-    }
-    uint2 packed;
-    packed.x = bits_as<uint32_t>(Traits<T>::make2(sum.x, sum.y));
-    packed.y = bits_as<uint32_t>(Traits<T>::make2(sum.z, sum.w));
-    reinterpret_cast<uint2*>(out)[i] = packed;
   }
 }
 
@@ -449,48 +315,13 @@ __global__ void __launch_bounds__(256)
 // Launchers
 // ---------------------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;
-
-int device_sm_count(int* sms) {
-  static std::atomic<int> cache[kMaxDevices];
-  int device = 0;
-  EFFKERN_W4_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      *sms = cached;
-      return kOk;
-    }
-  }
-  int count = 0;
-  EFFKERN_W4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (count <= 0) return fail(kCudaError, "effkern int4: the device reports %d SMs", count);
-  if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
-  *sms = count;
-  return kOk;
-}
-
-bool aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 template <typename T, int MT>
 int launch(const LinearArgs& a) {
   const Plan& p = a.plan;
   constexpr int kSmem = smem_bytes(MT);
-  auto kernel = w4a16_kernel<T, MT>;
-  if (kSmem > 48 * 1024) {
-    // Opt in to more than 48 KiB of dynamic shared memory, once per device.
-    static std::atomic<uint64_t> configured{0};
-    int device = 0;
-    EFFKERN_W4_CUDA_CHECK(cudaGetDevice(&device));
-    const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
-    if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-      EFFKERN_W4_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      configured.fetch_or(bit, std::memory_order_relaxed);
-    }
-  }
+  constexpr auto kernel = w4a16_kernel<T, MT>;
+  const int st = allow_dynamic_smem<kernel>(g_errors, kSmem);
+  if (st != kOk) return st;
   const bool split = p.splits > 1;
   const dim3 grid(static_cast<unsigned>(p.grid_n), static_cast<unsigned>(p.grid_m),
                   static_cast<unsigned>(p.splits));
@@ -501,21 +332,7 @@ int launch(const LinearArgs& a) {
       split ? static_cast<float*>(a.workspace) : nullptr, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.k), static_cast<int>(a.group_size),
       p.stages_per_split, static_cast<int>(a.k / kStageK));
-  EFFKERN_W4_CUDA_CHECK(cudaGetLastError());
-  if (split) {
-    int sms = 0;
-    const int st = device_sm_count(&sms);
-    if (st != kOk) return st;
-    const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
-    const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
-    splitk_reduce_kernel<T><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
-                              a.stream>>>(static_cast<const float*>(a.workspace),
-                                          static_cast<const T*>(a.bias), static_cast<T*>(a.out),
-                                          static_cast<int>(a.m), static_cast<int>(a.n),
-                                          p.splits);
-    EFFKERN_W4_CUDA_CHECK(cudaGetLastError());
-  }
-  return kOk;
+  return finish_gemm_launch<T>(g_errors, a);
 }
 
 template <typename T>
@@ -527,8 +344,7 @@ int launch_typed(const LinearArgs& a) {
     case 4: return launch<T, 4>(a);
     default: break;
   }
-  return fail(kInvalidArgument, "effkern int4: plan.m_tiles = %d is not in 1..4",
-              a.plan.m_tiles);
+  return g_errors.fail(kInvalidArgument, "plan.m_tiles = %d is not in 1..4", a.plan.m_tiles);
 }
 
 }  // namespace
@@ -539,43 +355,33 @@ int launch_typed(const LinearArgs& a) {
 
 int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
   if (m < 1 || n < 1 || k < 1)
-    return fail(kInvalidArgument, "effkern int4: make_plan needs M, N, K >= 1 (got %lld, %lld, %lld)",
-                static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k));
+    return g_errors.fail(kInvalidArgument, "make_plan needs M, N, K >= 1 (got %lld, %lld, %lld)",
+                         static_cast<long long>(m), static_cast<long long>(n),
+                         static_cast<long long>(k));
   if (n % kTileN != 0 || k % kStageK != 0)
-    return fail(kInvalidArgument, "effkern int4: N must be a multiple of %d and K of %d (got %lld, %lld)",
-                kTileN, kStageK, static_cast<long long>(n), static_cast<long long>(k));
+    return g_errors.fail(kInvalidArgument,
+                         "N must be a multiple of %d and K of %d (got %lld, %lld)", kTileN,
+                         kStageK, static_cast<long long>(n), static_cast<long long>(k));
   // 32-bit indices inside the kernel: x row offsets (m * k), qweight bytes (n * k / 2).
   const int64_t kIntMax = 0x7fffffff;
   if (m > kIntMax || n > kIntMax || k > kIntMax / 8)
-    return fail(kInvalidArgument, "effkern int4: problem too large for 32-bit sizes");
+    return g_errors.fail(kInvalidArgument, "problem too large for 32-bit sizes");
   if (num_sms <= 0) {
-    const int st = device_sm_count(&num_sms);
+    const int st = device_sm_count(g_errors, &num_sms);
     if (st != kOk) return st;
   }
   Plan p{};
   p.m_tiles = static_cast<int>(std::min<int64_t>(kMaxMTiles, (m + kTileM - 1) / kTileM));
   const int64_t rows_per_block = int64_t(p.m_tiles) * kTileM;
   const int64_t grid_m = (m + rows_per_block - 1) / rows_per_block;
-  if (grid_m > 65535)
-    return fail(kInvalidArgument, "effkern int4: M = %lld needs %lld row blocks (max 65535)",
-                static_cast<long long>(m), static_cast<long long>(grid_m));
+  if (grid_m > kMaxGridY)
+    return g_errors.fail(kInvalidArgument, "M = %lld needs %lld row blocks (max %lld)",
+                         static_cast<long long>(m), static_cast<long long>(grid_m),
+                         static_cast<long long>(kMaxGridY));
   p.grid_m = static_cast<int>(grid_m);
   p.grid_n = static_cast<int>(n / kTileN);
-  const int total_stages = static_cast<int>(k / kStageK);
-  // Split K over blocks only when the output tiles alone leave the GPU short of ~2 blocks
-  // per SM; every slice keeps at least kStages stages so its pipeline fills.
-  const int64_t blocks = int64_t(p.grid_n) * p.grid_m;
-  const int64_t target = 2 * int64_t(num_sms);
-  int splits = 1;
-  if (blocks < target) {
-    const int64_t want = (target + blocks - 1) / blocks;
-    const int64_t most = std::max(1, total_stages / kStages);
-    splits = static_cast<int>(std::min<int64_t>({want, most, 32}));
-  }
-  p.stages_per_split = (total_stages + splits - 1) / splits;
-  p.splits = (total_stages + p.stages_per_split - 1) / p.stages_per_split;  // none empty
+  plan_split_k(&p, m, n, static_cast<int>(k / kStageK), kStages, num_sms);
   p.smem_bytes = static_cast<size_t>(smem_bytes(p.m_tiles));
-  p.workspace_bytes = p.splits > 1 ? static_cast<size_t>(p.splits) * m * n * sizeof(float) : 0;
   *plan = p;
   return kOk;
 }
@@ -583,35 +389,33 @@ int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
 int linear(const LinearArgs& a) {
   const Plan& p = a.plan;
   if (!supports(a.n, a.k, a.group_size))
-    return fail(kInvalidArgument,
-                "effkern int4: unsupported shape N = %lld, K = %lld, group size %lld (needs N %% "
-                "64 == 0, K %% 128 == 0, G %% 32 == 0, K %% G == 0, G | 128 or 128 | G)",
-                static_cast<long long>(a.n), static_cast<long long>(a.k),
-                static_cast<long long>(a.group_size));
+    return g_errors.fail(kInvalidArgument,
+                         "unsupported shape N = %lld, K = %lld, group size %lld (needs N %% 64 == "
+                         "0, K %% 128 == 0, G %% 32 == 0, K %% G == 0, G | 128 or 128 | G)",
+                         static_cast<long long>(a.n), static_cast<long long>(a.k),
+                         static_cast<long long>(a.group_size));
   if (a.m == 0) return kOk;
-  const int total_stages = static_cast<int>(a.k / kStageK);
   if (p.m_tiles < 1 || p.m_tiles > kMaxMTiles || p.grid_n != a.n / kTileN ||
-      int64_t(p.grid_m) * p.m_tiles * kTileM < a.m || p.splits < 1 || p.stages_per_split < 1 ||
-      int64_t(p.splits) * p.stages_per_split < total_stages ||
-      int64_t(p.splits - 1) * p.stages_per_split >= total_stages)
-    return fail(kInvalidArgument, "effkern int4: the plan does not match the problem "
-                                  "(make it with make_plan for the same M, N, K)");
+      int64_t(p.grid_m) * p.m_tiles * kTileM < a.m ||
+      !split_k_matches(p.splits, p.stages_per_split, a.k / kStageK))
+    return g_errors.fail(kInvalidArgument, "the plan does not match the problem (make it with "
+                                           "make_plan for the same M, N, K)");
   if (p.splits > 1 && a.workspace == nullptr)
-    return fail(kInvalidArgument, "effkern int4: a split-K plan needs a workspace of %zu bytes",
-                p.workspace_bytes);
+    return g_errors.fail(kInvalidArgument, "a split-K plan needs a workspace of %zu bytes",
+                         p.workspace_bytes);
   if (!aligned(a.x, 16) || !aligned(a.qweight, 16) || !aligned(a.scales, 16) ||
       !aligned(a.zeros, 16) || !aligned(a.out, 8) || !aligned(a.workspace, 16) ||
       !aligned(a.bias, 8))
-    return fail(kInvalidArgument, "effkern int4: x, qweight, scales, zeros and the workspace "
-                                  "must be 16-byte aligned, out and bias 8-byte aligned");
+    return g_errors.fail(kInvalidArgument, "x, qweight, scales, zeros and the workspace must be "
+                                           "16-byte aligned, out and bias 8-byte aligned");
   switch (a.dtype) {
     case DType::kFloat16: return launch_typed<__half>(a);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(a);
   }
-  return fail(kInvalidArgument, "effkern int4: unsupported dtype %d", static_cast<int>(a.dtype));
+  return g_errors.fail(kInvalidArgument, "unsupported dtype %d", static_cast<int>(a.dtype));
 }
 
-const char* message() { return g_message; }
+const char* message() { return g_errors.message(); }
 
 }  // namespace w4a16
 }  // namespace effkern_cuda

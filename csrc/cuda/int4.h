@@ -21,10 +21,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "launch_common.h"
+
 namespace effkern_cuda {
 namespace w4a16 {
 
-enum class DType : int { kFloat16 = 1, kBFloat16 = 2 };
+using common::DType;
 
 // Tile sizes; the Python layout (effkern/int4_cuda_layout.py) mirrors them.
 constexpr int kTileN = 64;         // output columns per thread block (8 mma n8-subtiles)
@@ -37,9 +39,9 @@ constexpr int kTileM = 16;         // rows of x per mma (padded with zeros)
 constexpr int kMaxMTiles = 4;      // up to 64 rows of x per block; more rows -> more blocks
 
 // Status codes (0 = ok); message() says more.
-constexpr int kOk = 0;
-constexpr int kInvalidArgument = 1;
-constexpr int kCudaError = 2;
+using common::kCudaError;
+using common::kInvalidArgument;
+using common::kOk;
 
 // True when the kernel handles this problem: N % 64 == 0, K % 128 == 0, N, K > 0 and a group
 // size G (group_size, or K when group_size == -1) with K % G == 0, G % 32 == 0 and either

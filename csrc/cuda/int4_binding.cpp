@@ -13,6 +13,7 @@
 
 #include <optional>
 
+#include "cuda/binding_common.h"
 #include "cuda/int4.h"
 #include "int4_checks.h"
 
@@ -23,13 +24,6 @@ namespace w4 = effkern_cuda::w4a16;
 
 void check_w4_status(int status) {
   TORCH_CHECK(status == w4::kOk, "effkern_C::int4_linear (CUDA): ", w4::message());
-}
-
-// Dense and 16-byte aligned (the kernel's cp.async and vector loads need both).
-at::Tensor dense_aligned16(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
 }
 
 at::Tensor int4_linear_cuda(const at::Tensor& input, const at::Tensor& qweight,
@@ -46,13 +40,10 @@ at::Tensor int4_linear_cuda(const at::Tensor& input, const at::Tensor& qweight,
 
   w4::Plan plan{};
   check_w4_status(w4::make_plan(s.m, s.n, s.k, /*num_sms=*/0, &plan));
-  at::Tensor workspace;
-  if (plan.workspace_bytes > 0)
-    workspace = input.new_empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
-                                input.options().dtype(at::kFloat));
+  const at::Tensor workspace = split_k_workspace(input, plan.workspace_bytes);
 
   w4::LinearArgs args{};
-  args.dtype = input.scalar_type() == at::kHalf ? w4::DType::kFloat16 : w4::DType::kBFloat16;
+  args.dtype = kernel_dtype(input);
   args.m = s.m;
   args.n = s.n;
   args.k = s.k;
@@ -63,7 +54,7 @@ at::Tensor int4_linear_cuda(const at::Tensor& input, const at::Tensor& qweight,
   args.zeros = zeros.data_ptr();
   args.bias = s.has_bias ? b.data_ptr() : nullptr;
   args.out = out.data_ptr();
-  args.workspace = plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr;
+  args.workspace = workspace.defined() ? workspace.data_ptr() : nullptr;
   args.plan = plan;
   args.stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   check_w4_status(w4::linear(args));

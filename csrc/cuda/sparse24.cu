@@ -48,41 +48,18 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdarg>
-#include <cstdio>
-#include <cstring>
 #include <type_traits>
+
+#include "device_common.cuh"
 
 namespace effkern_cuda {
 namespace sp24 {
+
+using namespace common;
+
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------
-
-thread_local char g_message[512] = "";
-
-int fail(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_message, sizeof(g_message), fmt, ap);
-  va_end(ap);
-  return code;
-}
-
-int fail_cuda(cudaError_t err, const char* where) {
-  return fail(kCudaError, "effkern sparse24: %s failed with %s (%d): %s", where,
-              cudaGetErrorName(err), static_cast<int>(err), cudaGetErrorString(err));
-}
-
-#define EFFKERN_SP24_CUDA_CHECK(expr)                                          \
-  do {                                                                         \
-    const cudaError_t effkern_sp24_err_ = (expr);                              \
-    if (effkern_sp24_err_ != cudaSuccess) return fail_cuda(effkern_sp24_err_, #expr); \
-  } while (0)
+thread_local ErrorLog g_errors{"effkern sparse24: "};
 
 // ---------------------------------------------------------------------------------------
 // Tile configurations
@@ -155,76 +132,8 @@ auto with_config(Config c, F&& f) -> decltype(f(Decode8{})) {
 }
 
 // ---------------------------------------------------------------------------------------
-// PTX wrappers
+// The sparse mma (per dtype)
 // ---------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// 16 bytes global -> shared (L1 bypassed).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-// The same with an L2 cache policy.
-__device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(src), "l"(policy)
-               : "memory");
-}
-
-// 16 bytes, or 16 zero bytes when !valid (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// ---------------------------------------------------------------------------------------
-// Per-dtype pieces
-// ---------------------------------------------------------------------------------------
-
-template <typename T>
-struct Traits;
-
-template <>
-struct Traits<__half> {
-  using T2 = __half2;
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half2 make2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
-};
-
-template <>
-struct Traits<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat162 make2(float lo, float hi) {
-    return __floats2bfloat162_rn(lo, hi);
-  }
-};
 
 // d += A (16 x 32, 2:4 sparse: a = its 16 x 16 kept values, e = their indices) * B (32 x 8, b).
 // kSel: the sparsity selector, i.e. which thread pair of each quad supplies e (0: threads 0, 1;
@@ -247,14 +156,6 @@ __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
           "r"(b[3]), "r"(e), "n"(kSel));
   }
-}
-
-template <typename To, typename From>
-__device__ __forceinline__ To bits_as(const From& v) {
-  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
-  To r;
-  memcpy(&r, &v, sizeof(To));
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -458,63 +359,12 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     float4 sum = *reinterpret_cast<const float4*>(red + m_local * Cfg::kRedStride + n_local);
 #pragma unroll
     for (int w = 1; w < Cfg::kWarpsK; ++w) {
-      const float4 v = *reinterpret_cast<const float4*>(
-          red + (w * kBM + m_local) * Cfg::kRedStride + n_local);
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
+      add_to(sum, *reinterpret_cast<const float4*>(
+                      red + (w * kBM + m_local) * Cfg::kRedStride + n_local));
     }
     const int row = m0 + m_local;
     const int col = n0 + n_local;
-    if (row < M && col < N) {
-      if (ws != nullptr) {
-        *reinterpret_cast<float4*>(ws + (static_cast<size_t>(split) * M + row) * N + col) = sum;
-      } else {
-        if (bias != nullptr) {
-          sum.x += Traits<T>::to_float(bias[col]);
-          sum.y += Traits<T>::to_float(bias[col + 1]);
-          sum.z += Traits<T>::to_float(bias[col + 2]);
-          sum.w += Traits<T>::to_float(bias[col + 3]);
-        }
-        uint2 packed;
-        packed.x = bits_as<uint32_t>(Traits<T>::make2(sum.x, sum.y));
-        packed.y = bits_as<uint32_t>(Traits<T>::make2(sum.z, sum.w));
-        *reinterpret_cast<uint2*>(out + static_cast<size_t>(row) * N + col) = packed;
-      }
-    }
-  }
-}
-
-// out[m, n] = (sum over splits, in order, of ws[split][m][n]) + bias[n], rounded once.
-template <typename T>
-__global__ void __launch_bounds__(256)
-    splitk_reduce_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
-                         T* __restrict__ out, int M, int N, int splits) {
-  const size_t quads = static_cast<size_t>(M) * N / 4;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t q = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads;
-       q += stride) {
-    const float4* src = reinterpret_cast<const float4*>(ws) + q;
-    float4 sum = src[0];
-    for (int s = 1; s < splits; ++s) {
-      const float4 v = src[static_cast<size_t>(s) * quads];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
-    }
-    if (bias != nullptr) {
-      const int col = static_cast<int>((q * 4) % static_cast<size_t>(N));
-      sum.x += Traits<T>::to_float(bias[col]);
-      sum.y += Traits<T>::to_float(bias[col + 1]);
-      sum.z += Traits<T>::to_float(bias[col + 2]);
-      sum.w += Traits<T>::to_float(bias[col + 3]);
-    }
-    uint2 packed;
-    packed.x = bits_as<uint32_t>(Traits<T>::make2(sum.x, sum.y));
-    packed.y = bits_as<uint32_t>(Traits<T>::make2(sum.z, sum.w));
-    reinterpret_cast<uint2*>(out)[q] = packed;
+    if (row < M && col < N) write_output_quad(sum, ws, split, out, bias, row, col, M, N);
   }
 }
 
@@ -522,56 +372,13 @@ __global__ void __launch_bounds__(256)
 // Launchers
 // ---------------------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;
-
-int current_device(int* device) {
-  EFFKERN_SP24_CUDA_CHECK(cudaGetDevice(device));
-  return kOk;
-}
-
-int device_sm_count(int* sms) {
-  static std::atomic<int> cache[kMaxDevices];
-  int device = 0;
-  const int st = current_device(&device);
-  if (st != kOk) return st;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      *sms = cached;
-      return kOk;
-    }
-  }
-  int count = 0;
-  EFFKERN_SP24_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (count <= 0) return fail(kCudaError, "effkern sparse24: the device reports %d SMs", count);
-  if (cacheable) cache[device].store(count, std::memory_order_relaxed);
-  *sms = count;
-  return kOk;
-}
-
-bool aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 template <typename T, typename Cfg>
 int launch(const LinearArgs& a) {
   const Plan& p = a.plan;
-  auto kernel = sparse24_kernel<T, Cfg>;
+  constexpr auto kernel = sparse24_kernel<T, Cfg>;
   constexpr int kSmem = Cfg::kSmemBytes;
-  if (kSmem > 48 * 1024) {
-    // Opt in to more than 48 KiB of dynamic shared memory, once per device and kernel.
-    static std::atomic<uint64_t> configured{0};
-    int device = 0;
-    const int st = current_device(&device);
-    if (st != kOk) return st;
-    const uint64_t bit = device >= 0 && device < 64 ? (uint64_t(1) << device) : 0;
-    if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-      EFFKERN_SP24_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      configured.fetch_or(bit, std::memory_order_relaxed);
-    }
-  }
+  const int st = allow_dynamic_smem<kernel>(g_errors, kSmem);
+  if (st != kOk) return st;
   const bool split = p.splits > 1;
   const dim3 grid(static_cast<unsigned>(p.grid_n), static_cast<unsigned>(p.grid_m),
                   static_cast<unsigned>(p.splits));
@@ -582,21 +389,7 @@ int launch(const LinearArgs& a) {
       static_cast<T*>(a.out), split ? static_cast<float*>(a.workspace) : nullptr,
       static_cast<int>(a.m), static_cast<int>(a.n), static_cast<int>(a.k), p.stages_per_split,
       total_stages);
-  EFFKERN_SP24_CUDA_CHECK(cudaGetLastError());
-  if (split) {
-    int sms = 0;
-    const int st = device_sm_count(&sms);
-    if (st != kOk) return st;
-    const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
-    const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
-    splitk_reduce_kernel<T><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
-                              a.stream>>>(static_cast<const float*>(a.workspace),
-                                          static_cast<const T*>(a.bias), static_cast<T*>(a.out),
-                                          static_cast<int>(a.m), static_cast<int>(a.n),
-                                          p.splits);
-    EFFKERN_SP24_CUDA_CHECK(cudaGetLastError());
-  }
-  return kOk;
+  return finish_gemm_launch<T>(g_errors, a);
 }
 
 Config config_for(int64_t m) {
@@ -604,6 +397,21 @@ Config config_for(int64_t m) {
   if (m <= 16) return Config::kDecode16;
   if (m <= 64) return Config::kMedium;
   return Config::kLarge;
+}
+
+// What a plan takes from its tile configuration.
+struct ConfigShape {
+  int block_n, block_m, block_k;
+  int stages;  // pipeline depth
+  size_t smem_bytes;
+};
+
+ConfigShape config_shape(Config c) {
+  return with_config(c, [](auto cfg) {
+    using Cfg = decltype(cfg);
+    return ConfigShape{Cfg::kBlockN, Cfg::kBlockM, Cfg::kBlockK, Cfg::kStages,
+                       static_cast<size_t>(Cfg::kSmemBytes)};
+  });
 }
 
 }  // namespace
@@ -614,54 +422,36 @@ Config config_for(int64_t m) {
 
 int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
   if (m < 1 || m > kMaxM)
-    return fail(kInvalidArgument, "effkern sparse24: make_plan needs 1 <= M <= %lld (got %lld)",
-                static_cast<long long>(kMaxM), static_cast<long long>(m));
+    return g_errors.fail(kInvalidArgument, "make_plan needs 1 <= M <= %lld (got %lld)",
+                         static_cast<long long>(kMaxM), static_cast<long long>(m));
   if (!supports(n, k))
-    return fail(kInvalidArgument,
-                "effkern sparse24: N must be a positive multiple of 16 and K of 64 (got N = "
-                "%lld, K = %lld)",
-                static_cast<long long>(n), static_cast<long long>(k));
+    return g_errors.fail(kInvalidArgument,
+                         "N must be a positive multiple of 16 and K of 64 (got N = %lld, K = "
+                         "%lld)",
+                         static_cast<long long>(n), static_cast<long long>(k));
   if (m * n > (int64_t(1) << 40))
-    return fail(kInvalidArgument, "effkern sparse24: M * N = %lld is too large",
-                static_cast<long long>(m * n));
+    return g_errors.fail(kInvalidArgument, "M * N = %lld is too large",
+                         static_cast<long long>(m * n));
   if (num_sms <= 0) {
-    const int st = device_sm_count(&num_sms);
+    const int st = device_sm_count(g_errors, &num_sms);
     if (st != kOk) return st;
   }
   Plan p{};
   p.config = config_for(m);
-  int depth = 0;  // the config's pipeline depth
-  with_config(p.config, [&](auto cfg) {
-    using Cfg = decltype(cfg);
-    p.block_n = Cfg::kBlockN;
-    p.block_m = Cfg::kBlockM;
-    p.block_k = Cfg::kBlockK;
-    p.smem_bytes = static_cast<size_t>(Cfg::kSmemBytes);
-    depth = Cfg::kStages;
-    return 0;
-  });
+  const ConfigShape shape = config_shape(p.config);
+  p.block_n = shape.block_n;
+  p.block_m = shape.block_m;
+  p.block_k = shape.block_k;
+  p.smem_bytes = shape.smem_bytes;
   p.grid_n = static_cast<int>((n + p.block_n - 1) / p.block_n);
   const int64_t grid_m = (m + p.block_m - 1) / p.block_m;
-  if (grid_m > 65535)
-    return fail(kInvalidArgument, "effkern sparse24: M = %lld needs %lld row blocks (max 65535)",
-                static_cast<long long>(m), static_cast<long long>(grid_m));
+  if (grid_m > kMaxGridY)
+    return g_errors.fail(kInvalidArgument, "M = %lld needs %lld row blocks (max %lld)",
+                         static_cast<long long>(m), static_cast<long long>(grid_m),
+                         static_cast<long long>(kMaxGridY));
   p.grid_m = static_cast<int>(grid_m);
-  const int total_stages = static_cast<int>((k + p.block_k - 1) / p.block_k);
-  // Split K over blocks only when the output tiles alone leave the GPU short of ~2 blocks per
-  // SM; every slice keeps at least a pipeline's depth of stages.
-  const int64_t blocks = int64_t(p.grid_n) * p.grid_m;
-  const int64_t target = 2 * int64_t(num_sms);
-  int splits = 1;
-  if (blocks < target) {
-    const int64_t want = (target + blocks - 1) / blocks;
-    const int64_t most = std::max(1, total_stages / depth);
-    splits = static_cast<int>(std::min<int64_t>({want, most, 32}));
-  }
-  p.stages_per_split = (total_stages + splits - 1) / splits;
-  p.splits = (total_stages + p.stages_per_split - 1) / p.stages_per_split;  // none empty
-  p.workspace_bytes =
-      p.splits > 1 ? static_cast<size_t>(p.splits) * static_cast<size_t>(m * n) * sizeof(float)
-                   : 0;
+  plan_split_k(&p, m, n, static_cast<int>((k + p.block_k - 1) / p.block_k), shape.stages,
+               num_sms);
   *plan = p;
   return kOk;
 }
@@ -669,49 +459,28 @@ int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
 int linear(const LinearArgs& a) {
   const Plan& p = a.plan;
   if (!supports(a.n, a.k))
-    return fail(kInvalidArgument,
-                "effkern sparse24: unsupported shape N = %lld, K = %lld (needs N %% 16 == 0, "
-                "K %% 64 == 0)",
-                static_cast<long long>(a.n), static_cast<long long>(a.k));
+    return g_errors.fail(kInvalidArgument,
+                         "unsupported shape N = %lld, K = %lld (needs N %% 16 == 0, K %% 64 == 0)",
+                         static_cast<long long>(a.n), static_cast<long long>(a.k));
   if (a.m == 0) return kOk;
   if (a.m < 0 || a.m > kMaxM)
-    return fail(kInvalidArgument, "effkern sparse24: M = %lld out of range",
-                static_cast<long long>(a.m));
-  Plan expected{};
-  {
-    // The plan must be the one make_plan gives for this problem's tile configuration.
-    const Config c = config_for(a.m);
-    int bn = 0, bm = 0, bk = 0;
-    with_config(c, [&](auto cfg) {
-      using Cfg = decltype(cfg);
-      bn = Cfg::kBlockN;
-      bm = Cfg::kBlockM;
-      bk = Cfg::kBlockK;
-      return 0;
-    });
-    expected.config = c;
-    expected.block_n = bn;
-    expected.block_m = bm;
-    expected.block_k = bk;
-  }
-  const int64_t total_stages = (a.k + expected.block_k - 1) / expected.block_k;
-  if (p.config != expected.config || p.block_n != expected.block_n ||
-      p.block_m != expected.block_m || p.block_k != expected.block_k ||
-      int64_t(p.grid_n) * p.block_n < a.n || int64_t(p.grid_n - 1) * p.block_n >= a.n ||
-      int64_t(p.grid_m) * p.block_m < a.m || p.splits < 1 || p.stages_per_split < 1 ||
-      int64_t(p.splits) * p.stages_per_split < total_stages ||
-      int64_t(p.splits - 1) * p.stages_per_split >= total_stages)
-    return fail(kInvalidArgument, "effkern sparse24: the plan does not match the problem "
-                                  "(make it with make_plan for the same M, N, K)");
+    return g_errors.fail(kInvalidArgument, "M = %lld out of range", static_cast<long long>(a.m));
+  // The plan must be the one make_plan gives for this problem's tile configuration.
+  const Config config = config_for(a.m);
+  const ConfigShape shape = config_shape(config);
+  if (p.config != config || p.block_n != shape.block_n || p.block_m != shape.block_m ||
+      p.block_k != shape.block_k || int64_t(p.grid_n) * p.block_n < a.n ||
+      int64_t(p.grid_n - 1) * p.block_n >= a.n || int64_t(p.grid_m) * p.block_m < a.m ||
+      !split_k_matches(p.splits, p.stages_per_split, (a.k + shape.block_k - 1) / shape.block_k))
+    return g_errors.fail(kInvalidArgument, "the plan does not match the problem (make it with "
+                                           "make_plan for the same M, N, K)");
   if (p.splits > 1 && a.workspace == nullptr)
-    return fail(kInvalidArgument,
-                "effkern sparse24: a split-K plan needs a workspace of %zu bytes",
-                p.workspace_bytes);
+    return g_errors.fail(kInvalidArgument, "a split-K plan needs a workspace of %zu bytes",
+                         p.workspace_bytes);
   if (!aligned(a.x, 16) || !aligned(a.values, 16) || !aligned(a.meta, 16) ||
       !aligned(a.out, 8) || !aligned(a.workspace, 16) || !aligned(a.bias, 8))
-    return fail(kInvalidArgument,
-                "effkern sparse24: x, values, meta and the workspace must be 16-byte aligned, "
-                "out and bias 8-byte aligned");
+    return g_errors.fail(kInvalidArgument, "x, values, meta and the workspace must be 16-byte "
+                                           "aligned, out and bias 8-byte aligned");
   auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
     return with_config(p.config, [&](auto cfg) { return launch<T, decltype(cfg)>(a); });
@@ -720,11 +489,10 @@ int linear(const LinearArgs& a) {
     case DType::kFloat16: return run(__half{});
     case DType::kBFloat16: return run(__nv_bfloat16{});
   }
-  return fail(kInvalidArgument, "effkern sparse24: unsupported dtype %d",
-              static_cast<int>(a.dtype));
+  return g_errors.fail(kInvalidArgument, "unsupported dtype %d", static_cast<int>(a.dtype));
 }
 
-const char* message() { return g_message; }
+const char* message() { return g_errors.message(); }
 
 }  // namespace sp24
 }  // namespace effkern_cuda

@@ -23,10 +23,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "launch_common.h"
+
 namespace effkern_cuda {
 namespace sp24 {
 
-enum class DType : int { kFloat16 = 1, kBFloat16 = 2 };
+using common::DType;
 
 // Granularity of the layout (mirrored in effkern/sparse24_cuda_layout.py).
 constexpr int kTileRows = 16;  // rows of W per mma m16 tile / per row of values_r and meta_r
@@ -43,9 +45,9 @@ enum class Config : int {
 };
 
 // Status codes (0 = ok); message() says more.
-constexpr int kOk = 0;
-constexpr int kInvalidArgument = 1;
-constexpr int kCudaError = 2;
+using common::kCudaError;
+using common::kInvalidArgument;
+using common::kOk;
 
 // Largest M the launch grid takes (row blocks of x in grid.y, at most 65535 of 128 rows).
 constexpr int64_t kMaxM = int64_t(65535) * 128;

@@ -14,6 +14,7 @@
 
 #include <optional>
 
+#include "cuda/binding_common.h"
 #include "cuda/sparse24.h"
 #include "sparse24_checks.h"
 
@@ -24,13 +25,6 @@ namespace sp = effkern_cuda::sp24;
 
 void check_sp24_status(int status) {
   TORCH_CHECK(status == sp::kOk, "effkern_C::sparse24_linear (CUDA): ", sp::message());
-}
-
-// Dense and 16-byte aligned (the kernel's cp.async loads need both).
-at::Tensor dense_aligned16(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
 }
 
 at::Tensor sparse24_linear_cuda(const at::Tensor& input, const at::Tensor& values,
@@ -46,13 +40,10 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& input, const at::Tensor& value
 
   sp::Plan plan{};
   check_sp24_status(sp::make_plan(s.m, s.n, s.k, /*num_sms=*/0, &plan));
-  at::Tensor workspace;
-  if (plan.workspace_bytes > 0)
-    workspace = input.new_empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
-                                input.options().dtype(at::kFloat));
+  const at::Tensor workspace = split_k_workspace(input, plan.workspace_bytes);
 
   sp::LinearArgs args{};
-  args.dtype = input.scalar_type() == at::kHalf ? sp::DType::kFloat16 : sp::DType::kBFloat16;
+  args.dtype = kernel_dtype(input);
   args.m = s.m;
   args.n = s.n;
   args.k = s.k;
@@ -61,7 +52,7 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& input, const at::Tensor& value
   args.meta = meta.data_ptr();
   args.bias = s.has_bias ? b.data_ptr() : nullptr;
   args.out = out.data_ptr();
-  args.workspace = plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr;
+  args.workspace = workspace.defined() ? workspace.data_ptr() : nullptr;
   args.plan = plan;
   args.stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   check_sp24_status(sp::linear(args));
