@@ -303,6 +303,9 @@ def _describe_auto(device: torch.device) -> str:
     return f"triton (no measurements recorded for {gpu})"
 
 
+register_family("int4", _describe_auto)
+
+
 _CUDA_LAYOUTS = DerivedCache()  # the CUDA kernel's pre-shuffled copy of each weight (same memory again)
 
 

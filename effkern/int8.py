@@ -275,7 +275,7 @@ def _int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor, b_scale: Tensor, bia
     check_matmul_args("int8_matmul", a_q, b_q, a_scale, b_scale, bias, out_dtype)
     if choose_backend("int8_matmul", a_q.device) == "reference":
         return int8_matmul_reference(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-    K, N = a_q.shape[-1], b_q.shape[0]
+    N = b_q.shape[0]
     out = _kernels().int8_matmul(rows(a_q), b_q.t(), a_scale.reshape(-1), b_scale, bias, out_dtype)
     return out.view(*a_q.shape[:-1], N)
 

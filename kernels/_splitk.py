@@ -1,4 +1,10 @@
-"""Split-K for GEMMs with few rows (decoding), shared by the int8, int4 and 2:4 sparse kernels.
+"""Launching the weight-compressed GEMMs (int8, int4, 2:4 sparse): one program per output tile,
+autotuned, for many rows; split-K for few rows (decoding).
+
+Their kernels share one argument order, so one launcher serves them:
+    (a, *weight_args, c, M, N, K, K_PER_SPLIT, stride_am, stride_ak, *weight_strides,
+     stride_cs, stride_cm, stride_cn, *constexprs)
+with program (tile, s) summing K slice s (K_PER_SPLIT long) into c[s] (stride_cs).
 
 With few rows, one program per output tile leaves most SMs idle while the op is bound by
 reading the weight. Program (tile, s) then sums K slice s into a partial of the accumulator's
@@ -16,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreted
+from ._launch import config, interpreted, launch, prune_by_rows, tiles
 
+TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
 SPLIT_MAX_ROWS = 64
 _INTERPRETER_SMS = 4  # small enough that the tests' shapes take the split-K path too
@@ -112,3 +119,49 @@ def run_split_k(gemm, gemm_args, gemm_flags: dict, setting: dict, splits: int, c
             gemm[grid](*gemm_args(part, k_per_split), **gemm_flags, **setting)
             splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
     return c
+
+
+def tile_kwargs(setting) -> dict:
+    """((BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M), num_stages, num_warps) as launch kwargs."""
+    blocks, stages, warps = setting
+    return dict(zip(TILE_NAMES, blocks), num_stages=stages, num_warps=warps)
+
+
+def weight_gemm_kernels(kernel, shapes, key=("M", "N", "K"), prune=None):
+    """(plain, autotuned) versions of a weight-compressed GEMM kernel: EVEN_K set per launch,
+    the autotuned one over ``shapes`` = [(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)], grouped
+    tile order 8, pruned by the row count (or by ``prune``)."""
+    plain = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
+                               and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(kernel)
+    tuned = triton.autotune(
+        configs=[config(TILE_NAMES, (bm, bn, bk, 8), stages, warps) for bm, bn, bk, stages, warps in shapes],
+        key=list(key),
+        prune_configs_by={"early_config_prune": prune or prune_by_rows("M", "BLOCK_M")},
+    )(plain)
+    return plain, tuned
+
+
+def launch_weight_gemm(plain, tuned, a: torch.Tensor, weight_args: tuple, weight_strides: tuple, c: torch.Tensor,
+                       K: int, flags: dict, fixed: dict, split: dict, adjust=lambda kwargs: kwargs,
+                       split_k: int | None = None, min_splits: int = 1, split_flags: dict | None = None,
+                       part_dtype: torch.dtype = torch.float32, **reduction) -> torch.Tensor:
+    """c [M, N] = the GEMM of a [M, K] with the weight, launched as one program per output tile
+    (autotuned; ``fixed[place]`` under the interpreter or without autotuning) or, for few rows,
+    split over K at ``split[place]`` with ``split_flags`` (default ``flags``) and reduced
+    (``reduction``: run_split_k's scales, bias, wide, dequant, max_k_per_split). ``adjust`` fits
+    a tile setting to the call (e.g. a K depth that divides the group size); ``split_k``
+    forces a number of slices (tests)."""
+    M, N = c.shape
+    where = "interpreter" if interpreted() else "gpu"
+    split_setting = adjust(tile_kwargs(split[where]))
+    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
+    splits = max(split_k or choose_split_k(M, N, K, a.device, block), min_splits) if K else 1
+    if splits == 1:
+        args = (a, *weight_args, c, M, N, K, K, a.stride(0), a.stride(1), *weight_strides, 0, c.stride(0), c.stride(1))
+        launch(tuned, plain, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags,
+               {w: adjust(tile_kwargs(setting)) for w, setting in fixed.items()})
+        return c
+    return run_split_k(
+        plain, lambda part, k_per_split: (a, *weight_args, part, M, N, K, k_per_split, a.stride(0), a.stride(1),
+                                          *weight_strides, part.stride(0), part.stride(1), 1),
+        split_flags or flags, split_setting, splits, c, K, part_dtype, **reduction)

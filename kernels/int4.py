@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
-from ._splitk import choose_split_k, run_split_k
+from ._launch import dot_precision, grouped_tile, prune_by_rows
+from ._splitk import launch_weight_gemm, tile_kwargs, weight_gemm_kernels
 
 
 @triton.jit
@@ -76,7 +76,6 @@ def int4_matmul_kernel(
 # Launch configurations: as for the int8 GEMMs (kernels/int8.py), autotuned for large M over
 # tiles whose K depth divides the group size; split-K for few rows at one narrow config.
 
-_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _GEMM_SHAPES = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
     (128, 256, 64, 3, 8),
@@ -88,7 +87,6 @@ _GEMM_SHAPES = [
     (16, 128, 128, 4, 4),
     (16, 64, 256, 3, 4),
 ]
-GROUP = 8
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 32, 8), 3, 4)}
 _SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
 
@@ -103,21 +101,17 @@ def _prune(configs, named_args, **kwargs):
     return prune_by_rows("M", "BLOCK_M")(fitting, named_args, **kwargs)
 
 
-_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
-                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(int4_matmul_kernel)
-_gemm_tuned = triton.autotune(
-    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    key=["M", "N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_gemm)
+_gemm, _gemm_tuned = weight_gemm_kernels(int4_matmul_kernel, _GEMM_SHAPES, key=("M", "N", "K", "GROUP"), prune=_prune)
 
 
-def _kwargs(setting, group: int, K: int) -> dict:
-    blocks, stages, warps = setting
-    kwargs = dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
+def _fit_depth(kwargs: dict, group: int, K: int) -> dict:
     if not _depth_fits(kwargs, group, K):
         kwargs["BLOCK_K"] = group  # group sizes are powers of two >= 32: still a valid tl.dot depth
     return kwargs
+
+
+def _kwargs(setting, group: int, K: int) -> dict:
+    return _fit_depth(tile_kwargs(setting), group, K)
 
 
 def int4_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
@@ -131,21 +125,11 @@ def int4_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if M == 0 or N == 0:
         return c
     bias = bias.contiguous() if bias is not None else None
-    where = "interpreter" if interpreted() else "gpu"
-    split_setting = _kwargs(_SPLIT[where], group, K)
-    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
-    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
-    weights = (qweight, scales, zeros, bias if bias is not None else c)
-    strides = (a.stride(0), a.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+    weight = (qweight, scales, zeros, bias if bias is not None else c)
+    strides = (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
                zeros.stride(0), zeros.stride(1))
-    if splits == 1:
-        args = (a, *weights, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
-        fixed = {w: _kwargs(setting, group, K) for w, setting in _FIXED.items()}
-        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
-        return c
-    # the bias is added once, by the reduction
-    return run_split_k(
-        _gemm, lambda part, k_per_split: (a, *weights, part, M, N, K, k_per_split, *strides,
-                                          part.stride(0), part.stride(1), 1),
-        dict(flags, HAS_BIAS=False), split_setting, splits, c, K, torch.float32, bias=bias)
+    # split: the bias is added once, by the reduction
+    return launch_weight_gemm(_gemm, _gemm_tuned, a, weight, strides, c, K, flags, _FIXED, _SPLIT,
+                              adjust=lambda kwargs: _fit_depth(kwargs, group, K), split_k=split_k,
+                              split_flags=dict(flags, HAS_BIAS=False), bias=bias)

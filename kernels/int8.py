@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
-from ._splitk import choose_split_k, dequant_epilogue, run_split_k
+from ._launch import dot_precision, grouped_tile, interpreted
+from ._splitk import dequant_epilogue, launch_weight_gemm, tile_kwargs, weight_gemm_kernels
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -130,7 +130,6 @@ def int8_matmul_kernel(
 # SM count (kernels/_splitk.py). Under the interpreter: small fixed tiles, and a pretend SM
 # count small enough that the tests' shapes take the split-K path too.
 
-_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _GEMM_SHAPES = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
     (128, 256, 128, 3, 8),
@@ -144,28 +143,12 @@ _GEMM_SHAPES = [
     (16, 128, 256, 4, 4),
     (16, 64, 256, 3, 4),
 ]
-GROUP = 8
 _FIXED = {"interpreter": ((32, 32, 64, 4), 1, 4), "gpu": ((64, 128, 128, 8), 3, 4)}
 # The split-K launch: 16 rows (the smallest tl.dot tile) by 64 columns, 256 deep.
 _SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4)}
-
-_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
-                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(int8_matmul_kernel)
-_gemm_tuned = triton.autotune(
-    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    # stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W).
-    key=["M", "N", "K", "stride_bk"],
-    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
-)(_gemm)
-
-
-def _kwargs(setting) -> dict:
-    blocks, stages, warps = setting
-    return dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
-
-
-def _where() -> str:
-    return "interpreter" if interpreted() else "gpu"
+# stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W).
+_gemm, _gemm_tuned = weight_gemm_kernels(int8_matmul_kernel, _GEMM_SHAPES, key=("M", "N", "K", "stride_bk"))
+_kwargs = tile_kwargs
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,25 +192,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
         return c
     # The kernels index the per-row/per-column vectors with unit stride.
     a_scale, b_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, b_scale, bias))
-    split_setting = _kwargs(_SPLIT[_where()])
-    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
-    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
-    if a_int8 and dequant:
-        splits = max(splits, triton.cdiv(K, MAX_EXACT_K))  # each slice's int32 sum stays exact
     flags = dict(A_INT8=a_int8, SCALE_K=scale_k, DEQUANT=dequant,
                  SCALE_ROWS=a_scale is not None, SCALE_COLS=b_scale is not None and not scale_k,
                  HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
     scales_and_bias = (a_scale if a_scale is not None else c, b_scale if b_scale is not None else c,
                        bias if bias is not None else c)
-    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    if splits == 1:
-        args = (a, b, *scales_and_bias, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
-        fixed = {where: _kwargs(setting) for where, setting in _FIXED.items()}
-        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
-        return c
-    return run_split_k(
-        _gemm, lambda part, k_per_split: (a, b, *scales_and_bias, part, M, N, K, k_per_split, *strides,
-                                          part.stride(0), part.stride(1), 1),
-        dict(flags, DEQUANT=False), split_setting, splits, c, K, torch.int32 if a_int8 else torch.float32,
-        a_scale=a_scale, b_scale=b_scale if flags["SCALE_COLS"] else None, bias=bias, wide=a_int8 and dequant,
-        dequant=dequant, max_k_per_split=MAX_EXACT_K if a_int8 and dequant else None)
+    exact_slices = a_int8 and dequant  # each slice's int32 sum must stay exact
+    return launch_weight_gemm(
+        _gemm, _gemm_tuned, a, (b, *scales_and_bias), (b.stride(0), b.stride(1)), c, K, flags, _FIXED, _SPLIT,
+        split_k=split_k, min_splits=triton.cdiv(K, MAX_EXACT_K) if exact_slices else 1,
+        split_flags=dict(flags, DEQUANT=False), part_dtype=torch.int32 if a_int8 else torch.float32,
+        a_scale=a_scale, b_scale=b_scale if flags["SCALE_COLS"] else None, bias=bias, wide=exact_slices,
+        dequant=dequant, max_k_per_split=MAX_EXACT_K if exact_slices else None)

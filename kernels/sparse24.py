@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
-from ._splitk import choose_split_k, run_split_k
+from ._launch import dot_precision, grouped_tile
+from ._splitk import launch_weight_gemm, tile_kwargs, weight_gemm_kernels
 
 
 @triton.jit
@@ -82,7 +82,6 @@ def sparse24_matmul_kernel(
 # Launch configurations, as for the other weight-compressed GEMMs (kernels/int4.py): autotuned
 # for large M, split-K (kernels/_splitk.py) at one narrow config for few rows.
 
-_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _GEMM_SHAPES = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
     (128, 256, 64, 3, 8),
@@ -93,22 +92,10 @@ _GEMM_SHAPES = [
     (16, 128, 128, 4, 4),
     (16, 64, 256, 3, 4),
 ]
-GROUP = 8
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 _SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
-
-_gemm = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
-                           and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(sparse24_matmul_kernel)
-_gemm_tuned = triton.autotune(
-    configs=[config(_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
-)(_gemm)
-
-
-def _kwargs(setting) -> dict:
-    blocks, stages, warps = setting
-    return dict(zip(_NAMES, blocks), num_stages=stages, num_warps=warps)
+_gemm, _gemm_tuned = weight_gemm_kernels(sparse24_matmul_kernel, _GEMM_SHAPES)
+_kwargs = tile_kwargs
 
 
 def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -121,19 +108,9 @@ def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     if M == 0 or N == 0:
         return c
     bias = bias.contiguous() if bias is not None else None
-    split_setting = _kwargs(_SPLIT["interpreter" if interpreted() else "gpu"])
-    block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
-    splits = split_k or choose_split_k(M, N, K, a.device, block) if K else 1
     flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
     weight = (values, meta, bias if bias is not None else c)
-    strides = (a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
-    if splits == 1:
-        args = (a, *weight, c, M, N, K, K, *strides, 0, c.stride(0), c.stride(1))
-        fixed = {where: _kwargs(setting) for where, setting in _FIXED.items()}
-        launch(_gemm_tuned, _gemm, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags, fixed)
-        return c
-    # the bias is added once, by the reduction
-    return run_split_k(
-        _gemm, lambda part, k_per_split: (a, *weight, part, M, N, K, k_per_split, *strides,
-                                          part.stride(0), part.stride(1), 1),
-        dict(flags, HAS_BIAS=False), split_setting, splits, c, K, torch.float32, bias=bias)
+    strides = (values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
+    # split: the bias is added once, by the reduction
+    return launch_weight_gemm(_gemm, _gemm_tuned, a, weight, strides, c, K, flags, _FIXED, _SPLIT, split_k=split_k,
+                              split_flags=dict(flags, HAS_BIAS=False), bias=bias)
