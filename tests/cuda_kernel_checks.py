@@ -11,10 +11,10 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from effkern import _ext
-from effkern.testing import max_error, tolerance
+
+from op_checks import assert_linear_matches_float64
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -83,16 +83,11 @@ def random_input_and_bias(M, N, K, dtype, with_bias, seed):
     return x, bias
 
 
-def assert_matches_float64(out, x, w, bias, what):
-    """out, a kernel's x @ w^T (+ bias), against the float64 product of the same operands: its
-    error may be at most ``tolerance`` of PyTorch's own F.linear in x's dtype."""
-    M, K = x.shape
-    ref = x.double() @ w.double().t() + (bias.double() if bias is not None else 0)
-    baseline = F.linear(x, w, bias)
-    err, base = max_error(out, ref), max_error(baseline, ref)
-    limit = tolerance(base, ref.abs().max().item(), x.dtype, reduction=K)
-    assert out.dtype == x.dtype and tuple(out.shape) == (M, w.shape[0])
-    assert err <= limit, f"{what}: error {err:.3g} vs PyTorch's {base:.3g} (limit {limit:.3g})"
+def assert_kernel_matches_float64(out, x, w, bias, what):
+    """out, a kernel's x @ w^T (+ bias) for a 2-D x, is [M, N] in x's dtype and matches the float64
+    product of the same operands (op_checks.assert_linear_matches_float64)."""
+    assert out.dtype == x.dtype and tuple(out.shape) == (x.shape[0], w.shape[0])
+    assert_linear_matches_float64(out, x, w.double(), w, bias, what)
 
 
 def assert_rejects_tensors_on_another_device(op: str, kwargs: dict, weight: str):

@@ -7,20 +7,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import effkern as ek
 from effkern.int4 import AWQ_ORDER, int4_linear_reference
-from effkern.testing import max_error, tolerance
+
+from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
+                       assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
+                       parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 100)
-
-
-def needs_backend(backend: str, device: str = "cpu"):
-    ok, why = ek.backend_available(backend, device)
-    if not ok:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 def kernels():
@@ -111,14 +107,6 @@ def test_dequantize_is_the_formula():
 
 # ---------------------------------------------------------------------------- GPTQ / AWQ
 
-def assert_layer_computes(layer, weight: torch.Tensor, x: torch.Tensor, bias=None):
-    """layer(x) is x @ weight.T + bias within 2x PyTorch's own error in x's dtype (float64 oracle)."""
-    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-    torch_same = F.linear(x, weight.to(x.dtype), bias)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), x.dtype, x.shape[-1])
-    assert max_error(layer(x), exact) <= limit
-
-
 def _pack_words(values: torch.Tensor, order=range(8)) -> torch.Tensor:
     """Test-side packer: eight values along the last dim per int32 word, value order[j] in nibble j."""
     v = values.to(torch.int64).unflatten(-1, (-1, 8))[..., list(order)]
@@ -150,7 +138,8 @@ def test_gptq_import_is_exact(act_order, G):
     layer = ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx if act_order else None)
     assert (layer.perm is not None) == act_order
     assert torch.equal(layer.dequantized_weight(torch.float64), weight)
-    assert_layer_computes(layer, weight, torch.randn(5, K).half())
+    x = torch.randn(5, K).half()
+    assert_linear_matches_float64(layer(x), x, weight, weight.to(x.dtype))
     if not act_order:  # g_idx equal to k // G is not act-order
         assert ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx).perm is None
 
@@ -180,7 +169,8 @@ def test_awq_import_is_exact():
     bias = torch.randn(N).half()
     layer = ek.nn.Int4Linear.from_awq(qweight, qzeros, scales, bias)
     assert layer.group_size == G and torch.equal(layer.dequantized_weight(torch.float64), weight)
-    assert_layer_computes(layer, weight, torch.randn(3, K).half(), bias)
+    x = torch.randn(3, K).half()
+    assert_linear_matches_float64(layer(x), x, weight, weight.to(x.dtype), bias)
 
 
 # ---------------------------------------------------------------------------- the kernel
@@ -197,11 +187,9 @@ def test_int4_linear_matches_float64(backend, group_size, M, dtype, poison_empty
     x, b = torch.randn(M, K).to(dtype), torch.randn(N).to(dtype)
     with ek.use_backend(backend):
         y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
-    exact = F.linear(x.double(), ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64), b.double())
-    torch_same = F.linear(x, ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
     assert y.dtype == dtype and y.shape == (M, N)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
-    assert max_error(y, exact) <= limit
+    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64),
+                                  ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
 
 
 @pytest.mark.parametrize("split_k", [2, 5])
@@ -253,10 +241,8 @@ def test_backward_through_the_dequantized_weight(backend, dtype):
     grad = torch.randn(2, 3, N).to(dtype)
     with ek.use_backend(backend):
         ek.int4_linear(x, qw, scales, zeros, 64, b).backward(grad)
-    exact = grad.double() @ ek.dequantize_int4(qw, scales, zeros, 64, torch.float64)
-    torch_same = grad @ ek.dequantize_int4(qw, scales, zeros, 64, dtype)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, N)
-    assert max_error(x.grad, exact) <= limit
+    assert_matches_float64(x.grad, grad.double() @ ek.dequantize_int4(qw, scales, zeros, 64, torch.float64),
+                           grad @ ek.dequantize_int4(qw, scales, zeros, 64, dtype), reduction=N)
     torch.testing.assert_close(b.grad.double(), grad.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
 
 
@@ -290,36 +276,12 @@ def sample_inputs(requires_grad=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
-    needs_backend(backend)
-    with ek.use_backend(backend):
-        for op, args in sample_inputs(requires_grad):
-            torch.library.opcheck(op, args)
+    assert_opcheck_passes(backend, sample_inputs(requires_grad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_forward_backward(backend):
-    needs_backend(backend)
-    torch._dynamo.reset()
-    layer = ek.nn.Int4Linear.from_linear(torch.nn.Linear(64, 32), group_size=32)
-
-    def step(x):
-        return layer(x).square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
-    with ek.use_backend(backend):
-        for tokens in (5, 9):
-            x = torch.randn(tokens, 64, requires_grad=True)
-            loss = compiled(x)
-            loss.backward()
-            grads = x.grad, layer.bias.grad
-            layer.bias.grad = None
-            x_eager = x.detach().requires_grad_()
-            expected = step(x_eager)
-            expected.backward()
-            torch.testing.assert_close(loss, expected)
-            torch.testing.assert_close(grads[0], x_eager.grad)
-            torch.testing.assert_close(grads[1], layer.bias.grad)
-            layer.bias.grad = None
+    assert_compiles_like_eager(ek.nn.Int4Linear.from_linear(torch.nn.Linear(64, 32), group_size=32), backend)
 
 
 def test_autocast_casts_input_and_bias_only():
@@ -350,11 +312,9 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+@parametrize_by_name(_bad_calls())
 def test_bad_inputs_raise_clear_errors(backend, case):
-    _, args, exc, message = _bad_calls()[case]
-    with ek.use_backend(backend), pytest.raises(exc, match=message):
-        ek.int4_linear(*args)
+    assert_bad_call_raises(backend, ek.int4_linear, _bad_calls()[case])
 
 
 def test_bad_quantize_inputs():
@@ -438,16 +398,10 @@ INT4_TYPES = dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", 
 def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     needs_backend("triton")
     k = kernels()
-    requests = {}
-    for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"])):
-        cfg = k._kwargs(setting, 128, 4096)
-        blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        requests[name] = dict(kernel="effkern.kernels.int4:int4_matmul_kernel", types=INT4_TYPES,
-                              constexprs=dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True, **blocks),
-                              cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    for name, compiled in compile_for_gpu(requests).items():
-        assert "bf16.bf16" in compiled["ptx"] and "mma" in compiled["ptx"], name
-        assert compiled["shared"] <= (227 if cc == 90 else 163) * 1024, name
+    configs = {"fixed": k._kwargs(k._FIXED["gpu"], 128, 4096), "split-k": k._kwargs(k._SPLIT["gpu"], 128, 4096)}
+    assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
+                                           dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
+                                           configs, cc)
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -468,7 +422,5 @@ def test_gpu_matches_float64(backend, group_size, M, dtype, poison_empty):
     x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
     with ek.use_backend(backend):
         y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
-    exact = F.linear(x.double(), ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64), b.double())
-    torch_same = F.linear(x, ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
-    assert max_error(y, exact) <= limit
+    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64),
+                                  ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)

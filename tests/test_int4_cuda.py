@@ -18,7 +18,7 @@ import torch
 import effkern as ek
 from effkern import int4_cuda_layout as L
 
-from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_matches_float64, assert_op_raises,
+from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
                                 assert_rejects_tensors_on_another_device, cpp_checks_accept, misaligned,
                                 op_schema, random_input_and_bias)
 
@@ -302,7 +302,7 @@ def check_against_float64(M, N, K, group_size, dtype, with_bias, seed=0):
     x, bias = random_input_and_bias(M, N, K, dtype, with_bias, seed=seed + 100)
     out = run_kernel(x, qweight, scales, zeros, group_size, bias)
     w = dequantized(q, scales, zeros, group_size).cuda()  # what the kernel multiplies by, exactly
-    assert_matches_float64(out, x, w, bias, f"M={M} N={N} K={K} G={group_size} {dtype}")
+    assert_kernel_matches_float64(out, x, w, bias, f"M={M} N={N} K={K} G={group_size} {dtype}")
     return out
 
 

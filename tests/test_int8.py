@@ -12,18 +12,15 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_reference,
                           int8_weight_only_linear_reference, quantize_rows_reference)
-from effkern.testing import max_error, tolerance
+
+from op_checks import (SHARED_LIMIT, assert_bad_call_raises, assert_compiles_like_eager,
+                       assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_matches_float64,
+                       assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
 ODD_M = (1, 5, 17, 129)
 ODD_K = (24, 100, 4100)
-
-
-def needs_backend(backend: str, device: str = "cpu"):
-    ok, why = ek.backend_available(backend, device)
-    if not ok:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 def kernels():
@@ -226,11 +223,9 @@ def test_linear_error_is_that_of_the_quantization(backend, mode, dtype, M, K, po
     qw, scale = ek.quantize_int8(w)
     with ek.use_backend(backend):
         y = LINEAR_OPS[mode](x, qw, scale, b)
-    exact = F.linear(x.double(), w.double(), b.double())
-    plain = PLAIN[mode](x, w, b)
     assert y.dtype == dtype and y.shape == (M, N)
-    limit = tolerance(max_error(plain, exact), exact.abs().max().item(), dtype, K, factor=1.0)
-    assert max_error(y, exact) <= limit, (max_error(y, exact), max_error(plain, exact))
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -243,10 +238,8 @@ def test_w8a16_matches_float64_on_the_dequantized_weight(backend, M, K, poison_e
     x, b = torch.randn(M, K).half(), torch.randn(N).half()
     with ek.use_backend(backend):
         y = ek.int8_weight_only_linear(x, qw, scale, b)
-    exact = F.linear(x.double(), dequantize_int8(qw, scale, torch.float64), b.double())
-    torch_same = F.linear(x, dequantize_int8(qw, scale, torch.float16), b)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), torch.float16, K)
-    assert max_error(y, exact) <= limit
+    assert_linear_matches_float64(y, x, dequantize_int8(qw, scale, torch.float64),
+                                  dequantize_int8(qw, scale, torch.float16), b)
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
@@ -292,7 +285,7 @@ def _strided_inputs():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-@pytest.mark.parametrize("case", range(len(_strided_inputs())), ids=[c[0] for c in _strided_inputs()])
+@parametrize_by_name(_strided_inputs())
 def test_any_strides_and_ranks(backend, mode, case, poison_empty):
     needs_backend(backend)
     x = _strided_inputs()[case][1]
@@ -336,11 +329,9 @@ def test_backward_goes_through_the_dequantized_weight(backend, mode, dtype, pois
     grad = torch.randn(3, 5, N).to(dtype)
     with ek.use_backend(backend):
         LINEAR_OPS[mode](x, qw, scale, b).backward(grad)
-    w_dq = dequantize_int8(qw, scale, torch.float64)
-    exact = grad.double() @ w_dq
-    torch_same = grad @ dequantize_int8(qw, scale, dtype)
-    limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, N)
-    assert x.grad.dtype == dtype and max_error(x.grad, exact) <= limit
+    assert x.grad.dtype == dtype
+    assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
+                           grad @ dequantize_int8(qw, scale, dtype), reduction=N)
     torch.testing.assert_close(b.grad.double(), grad.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
 
 
@@ -405,37 +396,13 @@ def sample_inputs(requires_grad=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
-    needs_backend(backend)
-    with ek.use_backend(backend):
-        for op, args in sample_inputs(requires_grad):
-            torch.library.opcheck(op, args)
+    assert_opcheck_passes(backend, sample_inputs(requires_grad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_torch_compile_fullgraph_forward_backward(backend, mode):
-    needs_backend(backend)
-    torch._dynamo.reset()
-    layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(24, 40), mode=mode)
-
-    def step(x):
-        return layer(x).square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
-    with ek.use_backend(backend):
-        for tokens in (5, 9):
-            x = torch.randn(tokens, 24, requires_grad=True)
-            loss = compiled(x)
-            loss.backward()
-            grads = x.grad, layer.bias.grad
-            layer.bias.grad = None
-            x_eager = x.detach().requires_grad_()
-            expected = step(x_eager)
-            expected.backward()
-            torch.testing.assert_close(loss, expected)
-            torch.testing.assert_close(grads[0], x_eager.grad)
-            torch.testing.assert_close(grads[1], layer.bias.grad)
-            layer.bias.grad = None
+    assert_compiles_like_eager(ek.nn.Int8Linear.from_linear(torch.nn.Linear(24, 40), mode=mode), backend)
 
 
 def test_torch_compile_quantize_and_matmul_have_no_graph_break():
@@ -484,11 +451,9 @@ def _bad_calls():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+@parametrize_by_name(_bad_calls())
 def test_bad_inputs_raise_clear_errors(backend, mode, case):
-    _, args, exc, message = _bad_calls()[case]
-    with ek.use_backend(backend), pytest.raises(exc, match=message):
-        LINEAR_OPS[mode](*args)
+    assert_bad_call_raises(backend, LINEAR_OPS[mode], _bad_calls()[case])
 
 
 def test_bad_matmul_and_quantize_inputs():
@@ -547,14 +512,7 @@ def test_int8_linear_module_fine_tunes_the_bias_only():
     torch.manual_seed(0)
     layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(16, 8), mode="w8a16")
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["bias"]
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    x, target = torch.randn(32, 16), torch.randn(32, 8)
-    before = F.mse_loss(layer(x), target).item()
-    for _ in range(20):
-        opt.zero_grad()
-        F.mse_loss(layer(x), target).backward()
-        opt.step()
-    assert F.mse_loss(layer(x), target).item() < before
+    assert_fine_tuning_lowers_the_loss(layer, torch.randn(32, 16), torch.randn(32, 8), steps=20)
 
 
 # ---------------------------------------------------------------------------- GPU code, compiled here
@@ -562,7 +520,6 @@ def test_int8_linear_module_fine_tunes_the_bias_only():
 # and check what the GPU would run: tensor-core instructions of the right type, rounding that
 # the compiler kept, tiles that fit in shared memory.
 
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, A100 / H100 opt-in maximum
 GEMM_TYPES = dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32", stride_am="i32", stride_ak="i32",
                   stride_bk="i32", stride_bn="i32", stride_cs="i32", stride_cm="i32", stride_cn="i32",
                   b_ptr="*i8", a_scale_ptr="*fp32", b_scale_ptr="*fp32")
@@ -702,9 +659,7 @@ def test_gpu_linear_error_is_that_of_the_quantization(mode, dtype, M, K, poison_
     with ek.use_backend("triton"):
         y = LINEAR_OPS[mode](x, qw, scale, b)
     exact = F.linear(x.double(), w.double(), b.double())
-    plain = PLAIN[mode](x, w, b)
-    limit = tolerance(max_error(plain, exact), exact.abs().max().item(), dtype, K, factor=1.0)
-    assert max_error(y, exact) <= limit, (max_error(y, exact), max_error(plain, exact))
+    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
 
 
 @pytest.mark.gpu
@@ -722,7 +677,5 @@ def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):
         with ek.use_backend("reference"):
             expected = LINEAR_OPS[mode](x.detach(), qw, scale)
         torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
-        exact = grad.double() @ dequantize_int8(qw, scale, torch.float64)
-        torch_same = grad @ dequantize_int8(qw, scale, torch.bfloat16)
-        limit = tolerance(max_error(torch_same, exact), exact.abs().max().item(), torch.bfloat16, N)
-        assert max_error(x.grad, exact) <= limit
+        assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
+                               grad @ dequantize_int8(qw, scale, torch.bfloat16), reduction=N)

@@ -13,13 +13,10 @@ from effkern import _ext
 from effkern.linear_gelu import linear_gelu_reference
 from effkern.testing import assert_within_tolerance, max_error, within_tolerance
 
+from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_opcheck_passes, needs_backend,
+                       parametrize_by_name)
+
 KERNEL_BACKENDS = ["triton", "cuda"]  # the reference backend is the oracle, tested separately
-
-
-def needs_backend(backend: str, device: str = "cpu"):
-    ok, why = ek.backend_available(backend, device)
-    if not ok:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 def make_inputs(M, N, K, dtype, device="cpu", bias=True, lead=()):
@@ -117,8 +114,7 @@ def _non_contiguous_cases():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
-@pytest.mark.parametrize("case", range(len(_non_contiguous_cases())),
-                         ids=[c[0] for c in _non_contiguous_cases()])
+@parametrize_by_name(_non_contiguous_cases())
 def test_any_strides_and_ranks(backend, case, poison_empty):
     needs_backend(backend)
     _, x, w, b = _non_contiguous_cases()[case]
@@ -260,57 +256,39 @@ def test_checker_rejects_wrong_kernels():
 # ---------------------------------------------------------------------------- registration
 
 def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
-    """(args, kwargs) for effkern::linear_gelu: ranks 1-4, with/without bias, both GELUs."""
+    """(x, w, b, approximate) for effkern::linear_gelu: ranks 1-4, with/without bias, both GELUs."""
     torch.manual_seed(0)
     cases = [((), 7, 5), ((3,), 6, 4), ((2, 3), 5, 8), ((2, 1, 3), 3, 3)]
     for (lead, N, K), bias, approximate in zip(cases, [True, False, True, False], ["none", "tanh", "tanh", "none"]):
         x = torch.randn(*lead, K, device=device, dtype=dtype, requires_grad=requires_grad)
         w = torch.randn(N, K, device=device, dtype=dtype, requires_grad=requires_grad)
         b = torch.randn(N, device=device, dtype=dtype, requires_grad=requires_grad) if bias else None
-        yield (x, w, b, approximate), {}
+        yield x, w, b, approximate
+
+
+def op_samples(requires_grad):
+    """(op, args): effkern::linear_gelu, its forward (saving the pre-activation when the inputs
+    require grad) and its backward, on each of sample_inputs."""
+    for args in sample_inputs(requires_grad=requires_grad):
+        yield torch.ops.effkern.linear_gelu.default, args
+        save = requires_grad
+        yield torch.ops.effkern.linear_gelu_fwd.default, (*args, save)
+        x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        grad = torch.randn(*x.shape[:-1], w.shape[0])
+        preact = (x @ w.t()).reshape(-1, w.shape[0]) if save else None
+        mask = [True, True, b is not None]
+        yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, preact, approximate, mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
-    needs_backend(backend)
-    with ek.use_backend(backend):
-        for args, kwargs in sample_inputs(requires_grad=requires_grad):
-            torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args, kwargs)
-            save = requires_grad
-            torch.library.opcheck(torch.ops.effkern.linear_gelu_fwd.default, (*args, save), kwargs)
-            x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            grad = torch.randn(*x.shape[:-1], w.shape[0])
-            preact = (x @ w.t()).reshape(-1, w.shape[0]) if save else None
-            mask = [True, True, b is not None]
-            torch.library.opcheck(torch.ops.effkern.linear_gelu_bwd.default,
-                                  (grad, x, w, b, preact, approximate, mask))
+    assert_opcheck_passes(backend, op_samples(requires_grad))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_torch_compile_fullgraph_forward_backward(backend):
-    needs_backend(backend)
-    torch._dynamo.reset()
-    layer = ek.nn.LinearGELU(24, 40)
-
-    def step(x):
-        return layer(x).square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
-    with ek.use_backend(backend):
-        for tokens in (5, 9):  # a second length must reuse the dynamic graph
-            x = torch.randn(tokens, 24, requires_grad=True)
-            loss = compiled(x)
-            loss.backward()
-            grads = x.grad, layer.weight.grad
-            x.grad, layer.weight.grad, layer.bias.grad = None, None, None
-            x_eager = x.detach().requires_grad_()
-            expected = step(x_eager)
-            expected.backward()
-            torch.testing.assert_close(loss, expected)
-            torch.testing.assert_close(grads[0], x_eager.grad)
-            torch.testing.assert_close(grads[1], layer.weight.grad)
-            layer.zero_grad(set_to_none=True)
+    assert_compiles_like_eager(ek.nn.LinearGELU(24, 40), backend)
 
 
 def test_torch_compile_inductor_has_no_graph_break():
@@ -351,11 +329,9 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+@parametrize_by_name(_bad_calls())
 def test_bad_inputs_raise_clear_errors(backend, case):
-    _, args, exc, message = _bad_calls()[case]
-    with ek.use_backend(backend), pytest.raises(exc, match=message):
-        ek.linear_gelu(*args)
+    assert_bad_call_raises(backend, ek.linear_gelu, _bad_calls()[case])
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -438,8 +414,7 @@ def test_gpu_kernel_matches_float64(backend, dtype, approximate, M, N, K, poison
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("case", range(len(_non_contiguous_cases())),
-                         ids=[c[0] for c in _non_contiguous_cases()])
+@parametrize_by_name(_non_contiguous_cases())
 def test_gpu_any_strides_and_ranks(backend, case, poison_empty):
     needs_backend(backend, "cuda")
     _, x, w, b = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _non_contiguous_cases()[case])
@@ -453,8 +428,8 @@ def test_gpu_opcheck_compile_and_autocast(backend):
     needs_backend(backend, "cuda")
     with ek.use_backend(backend):
         for requires_grad in (False, True):
-            for args, kwargs in sample_inputs("cuda", torch.bfloat16, requires_grad):
-                torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args, kwargs)
+            for args in sample_inputs("cuda", torch.bfloat16, requires_grad):
+                torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args)
         layer = ek.nn.LinearGELU(256, 512, device="cuda", dtype=torch.bfloat16)
         compiled = torch.compile(layer, fullgraph=True)
         x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -14,16 +14,14 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.sparse24 import (compress_24_reference, decompress_24_reference, prune_24_reference,
                               sparse24_linear_reference)
-from effkern.testing import max_error, tolerance
 
+from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
+                       assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_opcheck_passes,
+                       needs_backend, parametrize_by_name)
+
+BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 130)
 FORMAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def needs_backend(backend: str, device: str = "cpu"):
-    ok, why = ek.backend_available(backend, device)
-    if not ok:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 def needs_cpp_format_ops():
@@ -35,6 +33,12 @@ def needs_cpp_format_ops():
 def sparse_weight(N, K, dtype=torch.float32, device="cpu"):
     """A layer-like 2:4 sparse weight: random, pruned."""
     return prune_24_reference((torch.randn(N, K) / math.sqrt(K)).to(dtype)).to(device)
+
+
+def compressed_sparse_weight(N, K, dtype=torch.float32, device="cpu"):
+    """A sparse_weight and its compressed form: (w, values, meta)."""
+    w = sparse_weight(N, K, dtype, device)
+    return (w, *ek.compress_24(w))
 
 
 # ---------------------------------------------------------------------------- pruning
@@ -109,7 +113,7 @@ def test_format_ops_agree_across_backends(op):
 
 # ---------------------------------------------------------------------------- the Triton fallback
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M", ODD_M)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("K", [128, 100])
@@ -117,15 +121,12 @@ def test_sparse24_linear_matches_float64(backend, M, dtype, K, poison_empty):
     """Against float64 on the dense weight: within 2x PyTorch's error in the same precision."""
     needs_backend(backend)
     N = 40
-    w = sparse_weight(N, K, dtype)
-    values, meta = ek.compress_24(w)
+    w, values, meta = compressed_sparse_weight(N, K, dtype)
     x, b = torch.randn(M, K).to(dtype), torch.randn(N).to(dtype)
     with ek.use_backend(backend):
         y = ek.sparse24_linear(x, values, meta, b)
-    exact = F.linear(x.double(), w.double(), b.double())
-    torch_same = F.linear(x, w, b)
     assert y.dtype == dtype and y.shape == (M, N)
-    assert max_error(y, exact) <= tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
+    assert_linear_matches_float64(y, x, w.double(), w, b)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
@@ -133,18 +134,16 @@ def test_split_k(split_k, poison_empty):
     needs_backend("triton")
     from effkern.kernels import sparse24 as kernels
 
-    w = sparse_weight(24, 320)
-    values, meta = ek.compress_24(w)
+    w, values, meta = compressed_sparse_weight(24, 320)
     x, b = torch.randn(2, 320), torch.randn(24)
     out = kernels.sparse24_matmul(x, values, meta, b, split_k=split_k)
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_and_strides(backend):
     needs_backend(backend)
-    w = sparse_weight(16, 64)
-    values, meta = ek.compress_24(w)
+    w, values, meta = compressed_sparse_weight(16, 64)
     values_t = values.t().contiguous().t()  # a non-contiguous values tensor
     b = torch.randn(32)[::2]
     for x in (torch.randn(2, 3, 64), torch.randn(64, 5).t(), torch.randn(64)):
@@ -156,11 +155,10 @@ def test_leading_dims_and_strides(backend):
 
 # ---------------------------------------------------------------------------- autograd
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_gives_the_masked_weight_gradient(backend):
     needs_backend(backend)
-    w = sparse_weight(24, 64)
-    values, meta = ek.compress_24(w)
+    w, values, meta = compressed_sparse_weight(24, 64)
     values.requires_grad_()
     x = torch.randn(2, 5, 64, requires_grad=True)
     b = torch.randn(24, requires_grad=True)
@@ -190,14 +188,7 @@ def test_fine_tuning_keeps_the_pattern():
     torch.manual_seed(0)
     layer = ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(32, 16), prune=True)
     meta = layer.meta.clone()
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    x, target = torch.randn(64, 32), torch.randn(64, 16)
-    before = F.mse_loss(layer(x), target).item()
-    for _ in range(10):
-        opt.zero_grad()
-        F.mse_loss(layer(x), target).backward()
-        opt.step()
-    assert F.mse_loss(layer(x), target).item() < before
+    assert_fine_tuning_lowers_the_loss(layer, torch.randn(64, 32), torch.randn(64, 16), steps=10)
     assert torch.equal(layer.meta, meta)
     dense = layer.dense_weight()
     assert ((dense.view(16, 8, 4) != 0).sum(-1) <= 2).all()
@@ -221,39 +212,15 @@ def sample_inputs(requires_grad=False):
             yield torch.ops.effkern.sparse24_linear_bwd.default, (grad, x, values, meta, [True, True, bias])
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
-    needs_backend(backend)
-    with ek.use_backend(backend):
-        for op, args in sample_inputs(requires_grad):
-            torch.library.opcheck(op, args)
+    assert_opcheck_passes(backend, sample_inputs(requires_grad))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_forward_backward(backend):
-    needs_backend(backend)
-    torch._dynamo.reset()
-    layer = ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 32))
-
-    def step(x):
-        return layer(x).square().mean()
-
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
-    with ek.use_backend(backend):
-        for tokens in (5, 9):
-            x = torch.randn(tokens, 64, requires_grad=True)
-            loss = compiled(x)
-            loss.backward()
-            grads = x.grad, layer.values.grad, layer.bias.grad
-            layer.zero_grad(set_to_none=True)
-            x_eager = x.detach().requires_grad_()
-            expected = step(x_eager)
-            expected.backward()
-            torch.testing.assert_close(loss, expected)
-            for got, want in zip(grads, (x_eager.grad, layer.values.grad, layer.bias.grad)):
-                torch.testing.assert_close(got, want)
-            layer.zero_grad(set_to_none=True)
+    assert_compiles_like_eager(ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 32)), backend)
 
 
 def test_autocast_casts_input_values_and_bias():
@@ -280,12 +247,10 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(_bad_calls())
 def test_bad_inputs_raise_clear_errors(backend, case):
-    _, args, exc, message = _bad_calls()[case]
-    with ek.use_backend(backend), pytest.raises(exc, match=message):
-        ek.sparse24_linear(*args)
+    assert_bad_call_raises(backend, ek.sparse24_linear, _bad_calls()[case])
 
 
 def test_bad_format_inputs():
@@ -337,16 +302,10 @@ def test_triton_fallback_compiles_for_gpus(compile_for_gpu, cc):
     needs_backend("triton")
     from effkern.kernels import sparse24 as kernels
 
-    requests = {}
-    for name, setting in (("fixed", kernels._FIXED["gpu"]), ("split-k", kernels._SPLIT["gpu"])):
-        cfg = kernels._kwargs(setting)
-        blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        requests[name] = dict(kernel="effkern.kernels.sparse24:sparse24_matmul_kernel", types=SPARSE_TYPES,
-                              constexprs=dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True, **blocks),
-                              cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    for name, compiled in compile_for_gpu(requests).items():
-        assert "bf16.bf16" in compiled["ptx"] and "mma" in compiled["ptx"], name
-        assert compiled["shared"] <= (227 if cc == 90 else 163) * 1024, name
+    configs = {"fixed": kernels._kwargs(kernels._FIXED["gpu"]), "split-k": kernels._kwargs(kernels._SPLIT["gpu"])}
+    assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_matmul_kernel",
+                                           SPARSE_TYPES, dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
+                                           configs, cc)
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -360,14 +319,11 @@ def test_gpu_matches_float64(backend, M, dtype, poison_empty):
     kernel (reordered metadata; the kernel alone: tests/test_sparse24_cuda.py)."""
     needs_backend(backend, "cuda")
     N, K = (520 if backend == "triton" else 512), 4096
-    w = sparse_weight(N, K, dtype, device="cuda")
-    values, meta = ek.compress_24(w)
+    w, values, meta = compressed_sparse_weight(N, K, dtype, device="cuda")
     x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
     with ek.use_backend(backend):
         y = ek.sparse24_linear(x, values, meta, b)
-    exact = F.linear(x.double(), w.double(), b.double())
-    torch_same = F.linear(x, w, b)
-    assert max_error(y, exact) <= tolerance(max_error(torch_same, exact), exact.abs().max().item(), dtype, K)
+    assert_linear_matches_float64(y, x, w.double(), w, b)
 
 
 @pytest.mark.gpu

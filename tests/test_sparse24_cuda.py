@@ -19,7 +19,7 @@ import torch
 
 from effkern import sparse24_cuda_layout as L
 
-from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_matches_float64, assert_op_raises,
+from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
                                 assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
                                 op_schema, random_input_and_bias)
 
@@ -485,7 +485,7 @@ def check_against_float64(M, N, K, dtype, with_bias, seed=0):
     W, values, meta = make_24(N, K, dtype, seed=seed)
     x, bias = random_input_and_bias(M, N, K, dtype, with_bias, seed=seed + 100)
     out = run_kernel(x, values, meta, bias)
-    assert_matches_float64(out, x, W.cuda(), bias, f"M={M} N={N} K={K} {dtype}")
+    assert_kernel_matches_float64(out, x, W.cuda(), bias, f"M={M} N={N} K={K} {dtype}")
     return out
 
 

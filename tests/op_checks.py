@@ -1,0 +1,129 @@
+"""What the tests of effkern's op families share (test_int4.py, test_int8.py, test_sparse24.py,
+test_linear_gelu.py; the float64 rule also serves cuda_kernel_checks.py).
+
+Skipping a test whose backend is missing; tests over lists of named cases; a result against
+float64, with effkern.testing's tolerance of PyTorch's own error in the same precision; bad calls
+raising clear errors; torch.library.opcheck over an op's sample inputs; a torch.compile'd training
+step against eager mode; fine-tuning a layer; a Triton kernel compiled for a GPU without one (the
+``compile_for_gpu`` fixture, conftest.py) landing on tensor cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.testing import max_error, tolerance
+
+# Shared memory a thread block may use, in bytes: A100 (sm_80) and H100's opt-in maximum (sm_90).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def needs_backend(backend: str, device: str = "cpu"):
+    ok, why = ek.backend_available(backend, device)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
+
+
+def parametrize_by_name(cases: list):
+    """Parametrizes a test's ``case`` over the indices of ``cases``, (name, ...) tuples, each test
+    named by its case's name; the test makes the cases again (fresh tensors) and takes its own."""
+    return pytest.mark.parametrize("case", range(len(cases)), ids=[c[0] for c in cases])
+
+
+# ---------------------------------------------------------------------------- against float64
+
+def assert_matches_float64(out, exact, torch_same, reduction: int, factor: float = 2.0, what: str = "output"):
+    """out against ``exact``, the float64 result: its error may be at most ``factor`` times that of
+    ``torch_same`` (PyTorch computing the same in the inputs' precision, torch_same's dtype) plus
+    effkern.testing.tolerance's floor for sums of ``reduction`` terms (K for a linear layer)."""
+    err, base = max_error(out, exact), max_error(torch_same, exact)
+    limit = tolerance(base, exact.abs().max().item(), torch_same.dtype, reduction, factor)
+    assert err <= limit, f"{what}: error {err:.3g} vs PyTorch's {base:.3g} in {torch_same.dtype} (limit {limit:.3g})"
+
+
+def assert_linear_matches_float64(y, x, weight64, weight_same, bias=None, what: str = "output"):
+    """y, an op's x @ W^T + bias, against F.linear in float64 on ``weight64`` (W in float64): within
+    2x the error of F.linear in x's dtype on ``weight_same`` (W as PyTorch would use it in that dtype)."""
+    exact = F.linear(x.double(), weight64, None if bias is None else bias.double())
+    assert_matches_float64(y, exact, F.linear(x, weight_same, bias), x.shape[-1], what=what)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def assert_bad_call_raises(backend: str, op, case):
+    """case = (name, args, exception type, message regex): op(*args) under ``backend`` raises that
+    exception with a message matching the regex."""
+    _, args, exc, message = case
+    with ek.use_backend(backend), pytest.raises(exc, match=message):
+        op(*args)
+
+
+# ---------------------------------------------------------------------------- registration
+
+def assert_opcheck_passes(backend: str, samples):
+    """torch.library.opcheck on each (op, args) of ``samples`` under ``backend``; a generator is
+    drawn inside, so the inputs it makes with effkern's ops use that backend too."""
+    needs_backend(backend)
+    with ek.use_backend(backend):
+        for op, args in samples:
+            torch.library.opcheck(op, args)
+
+
+def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
+    """A training step, the mean square of ``layer``'s output, compiled with torch.compile(fullgraph=True,
+    dynamic=True) under ``backend``: for two numbers of tokens (the second must reuse the dynamic
+    graph) the loss and the gradients of the input and of each trainable parameter equal eager mode's."""
+    needs_backend(backend)
+    torch._dynamo.reset()
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step(x):
+        return layer(x).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with ek.use_backend(backend):
+        for tokens in (5, 9):
+            x = torch.randn(tokens, layer.in_features, requires_grad=True)
+            loss = compiled(x)
+            loss.backward()
+            grads = [x.grad, *(p.grad for p in params)]
+            layer.zero_grad(set_to_none=True)
+            x_eager = x.detach().requires_grad_()
+            expected = step(x_eager)
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            for got, want in zip(grads, [x_eager.grad, *(p.grad for p in params)], strict=True):
+                assert got is not None and want is not None
+                torch.testing.assert_close(got, want)
+            layer.zero_grad(set_to_none=True)
+
+
+def assert_fine_tuning_lowers_the_loss(layer: torch.nn.Module, x, target, steps: int):
+    """``steps`` of SGD (lr 0.1) on the mean squared error of layer(x) to ``target`` lower it."""
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = F.mse_loss(layer(x), target).item()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(layer(x), target).backward()
+        opt.step()
+    assert F.mse_loss(layer(x), target).item() < before
+
+
+# ---------------------------------------------------------------------------- GPU code, compiled here
+
+def assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, kernel: str, types: dict, constexprs: dict,
+                                           launch_configs: dict, cc: int):
+    """The Triton ``kernel`` ("module:function") compiled for sm_<cc> at each of ``launch_configs``
+    (name -> the launcher's kwargs, BLOCK_M/N/K, GROUP_M, num_warps and num_stages among them): bf16
+    mma instructions in its PTX and shared memory within SHARED_LIMIT[cc]."""
+    requests = {}
+    for name, cfg in launch_configs.items():
+        blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        requests[name] = dict(kernel=kernel, types=types, constexprs=dict(constexprs, **blocks), cc=cc,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for name, compiled in compile_for_gpu(requests).items():
+        assert "bf16.bf16" in compiled["ptx"] and "mma" in compiled["ptx"], name
+        assert compiled["shared"] <= SHARED_LIMIT[cc], name
