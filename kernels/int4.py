@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_precision, grouped_tile, prune_by_rows
-from ._splitk import launch_weight_gemm, tile_kwargs, weight_gemm_kernels
+from ._splitk import launch_weight_gemm, weight_gemm_kernels
 
 
 @triton.jit
@@ -108,10 +108,6 @@ def _fit_depth(kwargs: dict, group: int, K: int) -> dict:
     if not _depth_fits(kwargs, group, K):
         kwargs["BLOCK_K"] = group  # group sizes are powers of two >= 32: still a valid tl.dot depth
     return kwargs
-
-
-def _kwargs(setting, group: int, K: int) -> dict:
-    return _fit_depth(tile_kwargs(setting), group, K)
 
 
 def int4_matmul(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,

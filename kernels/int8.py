@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_precision, grouped_tile, interpreted
-from ._splitk import dequant_epilogue, launch_weight_gemm, tile_kwargs, weight_gemm_kernels
+from ._splitk import dequant_epilogue, launch_weight_gemm, weight_gemm_kernels
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -148,7 +148,6 @@ _FIXED = {"interpreter": ((32, 32, 64, 4), 1, 4), "gpu": ((64, 128, 128, 8), 3, 
 _SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4)}
 # stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W).
 _gemm, _gemm_tuned = weight_gemm_kernels(int8_matmul_kernel, _GEMM_SHAPES, key=("M", "N", "K", "stride_bk"))
-_kwargs = tile_kwargs
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

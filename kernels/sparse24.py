@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_precision, grouped_tile
-from ._splitk import launch_weight_gemm, tile_kwargs, weight_gemm_kernels
+from ._splitk import launch_weight_gemm, weight_gemm_kernels
 
 
 @triton.jit
@@ -95,7 +95,6 @@ _GEMM_SHAPES = [
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 _SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
 _gemm, _gemm_tuned = weight_gemm_kernels(sparse24_matmul_kernel, _GEMM_SHAPES)
-_kwargs = tile_kwargs
 
 
 def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,

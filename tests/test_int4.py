@@ -397,8 +397,11 @@ INT4_TYPES = dict(q_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     needs_backend("triton")
+    from effkern.kernels._splitk import tile_kwargs
+
     k = kernels()
-    configs = {"fixed": k._kwargs(k._FIXED["gpu"], 128, 4096), "split-k": k._kwargs(k._SPLIT["gpu"], 128, 4096)}
+    configs = {name: k._fit_depth(tile_kwargs(setting), 128, 4096)
+               for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"]))}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
                                            dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
                                            configs, cc)

@@ -548,9 +548,11 @@ GEMM_VARIANTS = {
 def _launch_configs():
     """The tile configs the launcher uses on a GPU: the fixed one, the split-K one, and the
     largest autotuning candidate."""
+    from effkern.kernels._splitk import tile_kwargs
+
     k = kernels()
-    return {"fixed": k._kwargs(k._FIXED["gpu"]), "split-k": k._kwargs(k._SPLIT["gpu"]),
-            "autotune 128x256": k._kwargs(((128, 256, 128, 8), 3, 8))}
+    return {"fixed": tile_kwargs(k._FIXED["gpu"]), "split-k": tile_kwargs(k._SPLIT["gpu"]),
+            "autotune 128x256": tile_kwargs(((128, 256, 128, 8), 3, 8))}
 
 
 def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3, module="int8"):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern import _ext
 from effkern.linear_gelu import linear_gelu_reference
 from effkern.testing import assert_within_tolerance, max_error, within_tolerance
 

@@ -301,8 +301,9 @@ SPARSE_TYPES = dict(a_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", bias_ptr="*bf1
 def test_triton_fallback_compiles_for_gpus(compile_for_gpu, cc):
     needs_backend("triton")
     from effkern.kernels import sparse24 as kernels
+    from effkern.kernels._splitk import tile_kwargs
 
-    configs = {"fixed": kernels._kwargs(kernels._FIXED["gpu"]), "split-k": kernels._kwargs(kernels._SPLIT["gpu"])}
+    configs = {"fixed": tile_kwargs(kernels._FIXED["gpu"]), "split-k": tile_kwargs(kernels._SPLIT["gpu"])}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_matmul_kernel",
                                            SPARSE_TYPES, dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
                                            configs, cc)
