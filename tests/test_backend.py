@@ -91,7 +91,7 @@ def test_info_reports_versions_extension_and_backends(capsys):
     assert report["torch"] == torch.__version__ and torch.__version__ in printed
     assert "effkern._C:" in printed
     assert set(report["backends"]["cpu"]) == {"triton", "cuda", "reference"}
-    assert set(report["auto"]) == {"linear_gelu", "int8", "int4", "sparse24"}  # every op family
+    assert set(report["auto"]) == {"linear_gelu", "int8", "int4", "sparse24", "attention"}  # every family
     for family in report["auto"]:
         assert report["auto"][family]["cpu"].startswith("reference")
         assert f"{family}: auto on cpu -> reference" in printed

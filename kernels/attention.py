@@ -1,0 +1,379 @@
+"""Flash attention in Triton: forward, and the backward as a dK/dV kernel and a dQ kernel.
+
+Layout: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] with any strides (the kernels take all four
+strides of every tensor, so transposed views of [B, S, H, D] are read in place); query head h
+reads kv head h // (Hq // Hkv). Head dims that are not powers of two are padded to BLOCK_D
+inside the kernels by masked loads, never by copying.
+
+Masking (effkern/attention.py defines it): with off = Skv - Sq, query i sees key j when
+    i + off - LEFT <= j <= i + off + RIGHT,
+where the caller has turned "unbounded" (-1) into a bound past every key and causal into
+RIGHT = min(RIGHT, 0). Key blocks wholly outside a query block's band (and query blocks
+wholly outside a key block's band, in the dK/dV kernel) are skipped by the loop bounds; the
+blocks that are visited apply the element mask.
+
+Forward (``flash_attn_fwd_kernel``): one program per (query block, batch x query head); the Q
+tile stays in registers while K/V tiles stream; online softmax in fp32 in base 2, the scale
+times log2(e) folded into the scores (after the softcap, when there is one). A row with every
+key masked gives output 0 and lse -inf. lse (natural log) is stored, float32 [B, Hq, Sq].
+
+Backward: ``flash_attn_bwd_preprocess_kernel``, delta = rowsum(dO * O) - dlse in fp32; then
+``flash_attn_bwd_dkdv_kernel``, one program per (key block, batch x kv head), looping over
+the query heads of its group and their query blocks, so the GQA sum happens in registers and
+nothing is added atomically; ``flash_attn_bwd_dq_kernel``, one program per (query block,
+batch x query head). Both deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreted
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp (works in the interpreter and on every GPU): 1 - 2 / (e^{2x} + 1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
+            SOFTCAP: tl.constexpr):
+    """Masked scores in base 2 ([BLOCK_M, BLOCK_N], -inf where masked) and the softcap's tanh
+    (for the backward's chain rule; ones when there is no softcap)."""
+    s = tl.dot(q, kt).to(tl.float32)
+    if SOFTCAP:
+        t = _tanh(s * (qk_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = s
+        s = s * (qk_scale * 1.4426950408889634)
+    diag = offs_m[:, None] + off
+    keep = ((offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
+            & (offs_n[None, :] >= diag - LEFT) & (offs_n[None, :] <= diag + RIGHT))
+    return tl.where(keep, s, float("-inf")), t
+
+
+@triton.jit
+def query_block(Hq, GROUP, BLOCK_M: tl.constexpr):
+    # program (query block m, batch * Hq + query head h): its batch, query head, kv head
+    # (GQA: h // GROUP) and rows
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    return b, h.to(tl.int64), (h // GROUP).to(tl.int64), tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def flash_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
+    off = Skv - Sq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+
+    # keys this block of queries can see: [lo, hi), lo rounded down to a key block
+    first = tl.program_id(0) * BLOCK_M
+    lo = tl.maximum(first + off - LEFT, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols[None, :] < Skv) & d_ok[:, None]
+        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0)
+        s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=(cols[:, None] < Skv) & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
+    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+@triton.jit
+def flash_attn_bwd_preprocess_kernel(
+    o_ptr, do_ptr, dlse_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    Hq, Sq, D,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta[b, h, i] = sum_d dO * O (fp32) - dlse[b, h, i]: the softmax backward's row term
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    rows = pid_bh.to(tl.int64) * Sq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + rows, mask=offs_m < Sq, other=0.0)
+    tl.store(delta_ptr + rows, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
+                       SOFTCAP: tl.constexpr):
+    """p = softmax probabilities [BLOCK_M, BLOCK_N] and dS, the gradient of the raw scores q.k
+    (without the scale), both fp32."""
+    s, t = _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, v_t).to(tl.float32)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+@triton.jit
+def flash_attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    Hq, Hkv, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    off = Skv - Sq
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Skv
+
+    kt = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    v_t = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd,
+                  mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+
+    # queries that can see this block of keys: i + off - LEFT <= j <= i + off + RIGHT
+    first = pid_n * BLOCK_N
+    lo = tl.maximum(first - off - RIGHT, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(first + BLOCK_N - 1 - off + LEFT + 1, Sq)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_db + h * stride_dh
+        row_base = (b * Hq + h) * Sq
+        for start in range(lo, hi, BLOCK_M):
+            rows = start + offs_m
+            r_ok = rows < Sq
+            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                         mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_ptr + row_base + rows, mask=r_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(delta_ptr + row_base + rows, mask=r_ok, other=0.0)
+            p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, rows, offs_n, Sq, Skv, off, LEFT, RIGHT,
+                                       qk_scale, softcap, SOFTCAP)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+
+    dk = dk * qk_scale
+    dk_ptrs = dk_ptr + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
+    dv_ptrs = dv_ptr + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
+    mask = n_ok[:, None] & d_ok[None, :]
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def flash_attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
+    off = Skv - Sq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Sq
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(lse_ptr + tl.program_id(1).to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(delta_ptr + tl.program_id(1).to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    first = tl.program_id(0) * BLOCK_M
+    lo = tl.maximum(first + off - LEFT, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        t_mask = (cols[None, :] < Skv) & d_ok[:, None]
+        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, cols, Sq, Skv, off, LEFT, RIGHT,
+                                   qk_scale, softcap, SOFTCAP)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+
+    dq = dq * qk_scale
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations: fixed (no autotuning yet). Small tiles under the interpreter, so the
+# odd test sizes cross tile edges and the suite stays quick.
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _fwd_config(D: int) -> dict:
+    return dict(BLOCK_M=32, BLOCK_N=16) if interpreted() else _fwd_config_gpu(D)
+
+
+def _fwd_config_gpu(D: int) -> dict:
+    if D <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _bwd_configs(D: int) -> tuple[dict, dict]:
+    """(dK/dV kernel, dQ kernel) configs; BLOCK_M streams in the first, BLOCK_N in the second."""
+    if interpreted():
+        return dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)
+    return _bwd_configs_gpu(D)
+
+
+def _bwd_configs_gpu(D: int) -> tuple[dict, dict]:
+    if D <= 128:
+        return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
+    return (dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
+
+
+def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int, int]:
+    """Window bounds as the kernels take them: unbounded (-1) becomes a bound past every key."""
+    far = Sq + Skv + 1
+    left = far if left < 0 else left
+    right = far if right < 0 else right
+    if causal:
+        right = min(right, 0)
+    return left, right
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
+                   right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Sq, D] contiguous in q's dtype, lse float32 [B, Hq, Sq]); shapes checked by the caller."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if Skv == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    left, right = _bounds(Sq, Skv, causal, left, right)
+    cfg = _fwd_config(D)
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    with _device(q):
+        flash_attn_fwd_kernel[grid](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0,
+            SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+    return out, lse
+
+
+def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, left: int,
+                   right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in q's dtype; dlse (the gradient reaching lse) may be None."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)
+    if Sq == 0 or Skv == 0 or B * Hq == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    left, right = _bounds(Sq, Skv, causal, left, right)
+    kv_cfg, q_cfg = _bwd_configs(D)
+    common = (Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
+    flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D))
+    with _device(q):
+        rows_block = 16 if interpreted() else 64
+        flash_attn_bwd_preprocess_kernel[(triton.cdiv(Sq, rows_block), B * Hq)](
+            out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq, D,
+            HAS_DLSE=dlse is not None, BLOCK_M=rows_block, BLOCK_D=_block_d(D))
+        flash_attn_bwd_dkdv_kernel[(triton.cdiv(Skv, kv_cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, *common, **flags, **kv_cfg)
+        flash_attn_bwd_dq_kernel[(triton.cdiv(Sq, q_cfg["BLOCK_M"]), B * Hq)](
+            q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), Hq, Hq // Hkv, *common, **flags, **q_cfg)
+    return dq, dk, dv
+

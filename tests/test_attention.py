@@ -1,0 +1,396 @@
+"""Flash attention: the Triton kernels (through the interpreter on CPU) and the reference against
+float64, masks (bottom-right causal, window), softcap, GQA/MQA, strides, the SDPA drop-in,
+registration (opcheck, torch.compile), autocast and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.attention import (_sdpa_fast_path, flash_attention, flash_attention_reference,
+                               scaled_dot_product_attention, visible)
+
+from op_checks import (assert_bad_call_raises, assert_matches_float64, assert_opcheck_passes, needs_backend,
+                       parametrize_by_name)
+
+BACKENDS = ["triton", "reference"]
+
+# (name, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed): a covering subset of the
+# issue's matrix, (Sq, Skv) x D x heads x masks x layout, not its full cross product.
+CASES = [
+    ("mha_1x147_d32", 1, 2, 2, 1, 147, 32, False, (-1, -1), 0.0, False),
+    ("mqa_1x147_d111_causal_t", 2, 3, 1, 1, 147, 111, True, (-1, -1), 0.0, True),
+    ("gqa_1x147_d64_window", 1, 6, 2, 1, 147, 64, False, (20, -1), 0.0, False),
+    ("gqa_113x203_d40_causal_t", 1, 6, 2, 113, 203, 40, True, (-1, -1), 0.0, True),
+    ("mha_113x203_d59", 1, 2, 2, 113, 203, 59, False, (-1, -1), 0.0, False),
+    ("mqa_113x203_d64_window", 1, 3, 1, 113, 203, 64, False, (32, 8), 0.0, False),
+    ("mha_113x203_d32_causal_softcap", 1, 1, 1, 113, 203, 32, True, (-1, -1), 5.0, False),
+    ("gqa_113x203_d111_causal_window_t", 1, 6, 2, 113, 203, 111, True, (50, 10), 0.0, True),
+    ("mha_64x128_d64_causal", 2, 2, 2, 64, 128, 64, True, (-1, -1), 0.0, False),
+    ("mha_64x128_d111_softcap_t", 1, 2, 2, 64, 128, 111, False, (-1, -1), 8.0, True),
+    ("gqa_64x128_d32_window_left", 1, 6, 2, 64, 128, 32, False, (16, -1), 0.0, False),
+    ("mqa_64x128_d40_window_00", 1, 2, 1, 64, 128, 40, False, (0, 0), 0.0, True),
+    ("mqa_3x79_d59_causal", 2, 3, 1, 3, 79, 59, True, (-1, -1), 0.0, False),
+    ("gqa_3x79_d40_window_right_softcap", 1, 6, 2, 3, 79, 40, False, (-1, 5), 3.0, False),
+    ("mha_3x79_d64_t", 1, 2, 2, 3, 79, 64, False, (-1, -1), 0.0, True),
+    ("mha_37x1_d32_causal", 1, 2, 2, 37, 1, 32, True, (-1, -1), 0.0, False),  # rows with no visible key
+    ("gqa_57x23_d59_causal_softcap_t", 1, 6, 2, 57, 23, 59, True, (-1, -1), 2.0, True),  # Sq > Skv
+    ("mha_40x40_d16_window_both", 1, 2, 2, 40, 40, 16, False, (3, 4), 0.0, False),
+]
+
+
+def make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype=torch.float16, device="cpu"):
+    """q, k, v (leaf tensors that require grad): [B, H, S, D], or views of [B, S, H, D] tensors."""
+    def one(H, S):
+        if transposed:
+            return torch.randn(B, S, H, D, device=device).to(dtype).transpose(1, 2)
+        return torch.randn(B, H, S, D, device=device).to(dtype)
+
+    q, k, v = one(Hq, Sq), one(Hkv, Skv), one(Hkv, Skv)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def attention_in(dtype, q, k, v, causal, window, softcap, scale=None):
+    """PyTorch's own attention computed in ``dtype`` (an independent formulation: an explicit mask,
+    softmax, repeat_interleave for GQA): (out, lse); rows with no visible key give 0 and -inf."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    Hq, Sq, Skv, D = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    k, v = (t.repeat_interleave(Hq // t.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    keep = visible(Sq, Skv, causal, *window, q.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s.float(), -1)
+    p = torch.softmax(s, -1).masked_fill(~keep.any(-1)[:, None], 0.0)
+    return p @ v, lse
+
+
+def grads(outs, grad_outs, inputs):
+    return torch.autograd.grad(outs, inputs, grad_outs)
+
+
+# ---------------------------------------------------------------------------- against float64
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(CASES)
+def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
+    needs_backend(backend)
+    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = CASES[case]
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed)
+    with ek.use_backend(backend):
+        out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
+    same, lse_same = attention_in(torch.float16, q, k, v, causal, window, softcap)
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
+    assert_matches_float64(lse[finite], lse64[finite], lse_same[finite].float(), Skv, what="lse")
+    assert bool((out[~finite] == 0).all())
+
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse).masked_fill(~finite, 0.0)
+    with ek.use_backend(backend):
+        got = grads((out, lse), (dout, dlse), (q, k, v))
+    want = grads((out64, lse64), (dout.double(), dlse.double()), x64)
+    base = grads((same, lse_same), (dout, dlse), (q, k, v))
+    group = Hq // Hkv
+    for name, g, w, b, n in zip("qkv", got, want, base, (Skv, Sq * group, Sq * group)):
+        assert g.shape == w.shape and g.dtype == torch.float16
+        assert_matches_float64(g, w, b, n, what=f"d{name}")
+
+
+def test_reference_matches_torch_sdpa_with_a_mask():
+    """The reference's masks and GQA against F.scaled_dot_product_attention with the same bool mask."""
+    q, k, v = (t.detach().double() for t in make(2, 6, 2, 13, 29, 24, False, torch.float64))
+    for causal, window, in [(True, (-1, -1)), (False, (4, 2)), (True, (7, -1)), (False, (-1, 0))]:
+        out, _ = flash_attention_reference(q, k, v, causal, 0.3, window)
+        mask = visible(13, 29, causal, *window)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(out, expected)
+
+
+def test_reference_gradcheck():
+    # lse is float32 even for float64 inputs, too coarse for finite differences: its gradient is
+    # checked against float64 autograd in test_forward_lse_and_gradients_match_float64
+    q, k, v = (t.detach().double().requires_grad_() for t in make(1, 4, 2, 5, 9, 8, True, torch.float64))
+
+    def f(q, k, v):
+        return flash_attention(q, k, v, causal=True, window=(2, -1), softcap=1.5, scale=0.7)
+
+    with ek.use_backend("reference"):
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_bottom_right_causal_and_window_rule():
+    keep = visible(2, 5, True, -1, -1)  # query i sees keys j <= i + 3
+    assert keep.tolist() == [[True] * 4 + [False], [True] * 5]
+    keep = visible(3, 3, False, 1, 0)
+    assert keep.tolist() == [[True, False, False], [True, True, False], [False, True, True]]
+
+
+def test_fully_masked_rows_and_empty_inputs(poison_empty):
+    needs_backend("triton")
+    q, k, v = make(1, 2, 2, 6, 3, 16, False)
+    with ek.use_backend("triton"):
+        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+        (out.float().sum() + 0 * lse[torch.isfinite(lse)].sum()).backward()
+    assert bool((out[:, :, :3] == 0).all()) and bool((lse[:, :, :3] == float("-inf")).all())
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    for backend in BACKENDS:
+        with ek.use_backend(backend):
+            o = flash_attention(*(t.detach() for t in make(1, 2, 1, 0, 5, 16, False)))
+            assert o.shape == (1, 2, 0, 16)
+            o, l = flash_attention(*(t.detach() for t in make(1, 2, 1, 4, 0, 16, False)), return_lse=True)
+            assert bool((o == 0).all()) and bool((l == float("-inf")).all())
+
+
+# ---------------------------------------------------------------------------- SDPA drop-in
+
+SDPA_CASES = [
+    # (name, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, enable_gqa)
+    ("causal_square", 1, 2, 2, 19, 19, 32, True, None, False),
+    ("causal_sq_lt_skv", 1, 2, 2, 7, 37, 40, True, None, False),
+    ("causal_sq_gt_skv", 1, 2, 2, 37, 9, 32, True, None, False),
+    ("gqa_causal_scale", 2, 6, 2, 11, 30, 24, True, 0.2, True),
+    ("mqa_noncausal", 1, 4, 1, 21, 13, 64, False, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(SDPA_CASES)
+def test_sdpa_matches_torch(backend, case):
+    needs_backend(backend)
+    _, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, gqa = SDPA_CASES[case]
+    dtype = torch.float16 if backend == "triton" else torch.float64
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, False, dtype)
+    with ek.use_backend(backend):
+        assert _sdpa_fast_path(q, k, v, None, 0.0, scale, gqa)  # effkern's op, not torch's SDPA
+        out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        dq, dk, dv = grads(out, torch.ones_like(out), (q, k, v))
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*x64, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    want = grads(exact, torch.ones_like(exact), x64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, exact)
+        for g, w in zip((dq, dk, dv), want):
+            torch.testing.assert_close(g, w)
+    else:
+        same = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        assert_matches_float64(out, exact, same, Skv)
+        for g, w, b in zip((dq, dk, dv), want, grads(same, torch.ones_like(same), (q, k, v))):
+            assert_matches_float64(g, w, b, Sq * Skv)
+
+
+def test_sdpa_falls_back_to_torch():
+    q, k, v = (t.detach() for t in make(2, 2, 2, 9, 12, 16, False, torch.float32))
+    mask = torch.rand(9, 12) > 0.3
+    for backend in ("reference", "auto"):
+        with ek.use_backend(backend):
+            assert torch.equal(scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            torch.manual_seed(1)
+            got = scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+            torch.manual_seed(1)
+            assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+            # 3-D inputs, fewer kv heads without enable_gqa (torch broadcasts): torch's own semantics
+            assert torch.equal(scaled_dot_product_attention(q[0], k[0], v[0], is_causal=True),
+                               F.scaled_dot_product_attention(q[0], k[0], v[0], is_causal=True))
+            assert torch.equal(scaled_dot_product_attention(q, k[:, :1], v[:, :1]),
+                               F.scaled_dot_product_attention(q, k[:, :1], v[:, :1]))
+    with ek.use_backend("auto"):  # auto on CPU is torch's SDPA, bit for bit
+        assert torch.equal(scaled_dot_product_attention(q, k, v, is_causal=True),
+                           F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ---------------------------------------------------------------------------- registration
+
+def sample_inputs(dtype):
+    torch.manual_seed(0)
+    for B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, t in [
+        (1, 2, 2, 5, 9, 16, True, (-1, -1), 0.0, False),
+        (2, 4, 2, 7, 3, 24, False, (2, 1), 1.5, True),
+    ]:
+        q, k, v = make(B, Hq, Hkv, Sq, Skv, D, t, dtype)
+        args = (causal, 0.3, *window, softcap)
+        yield torch.ops.effkern.flash_attention_fwd.default, (q, k, v, *args)
+        out, lse = flash_attention_reference(q.detach(), k.detach(), v.detach(), causal, 0.3, window, softcap)
+        yield torch.ops.effkern.flash_attention_bwd.default, (
+            torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out, lse, *args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    assert_opcheck_passes(backend, sample_inputs(torch.float16 if backend == "triton" else torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_dynamic(backend):
+    """One graph for two sequence lengths (no recompile), forward and backward equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    needs_backend(backend)
+    torch._dynamo.reset()
+    dtype = torch.float16 if backend == "triton" else torch.float32
+
+    def step(q, k, v):
+        return flash_attention(q, k, v, causal=True, window=(9, -1)).float().square().mean()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    with ek.use_backend(backend):
+        for Sq, Skv in ((5, 17), (11, 29)):
+            q, k, v = make(1, 4, 2, Sq, Skv, 16, True, dtype)
+            loss = compiled(q, k, v)
+            got = grads(loss, None, (q, k, v))
+            expected = step(q, k, v)
+            torch.testing.assert_close(loss, expected)
+            for g, w in zip(got, grads(expected, None, (q, k, v))):
+                torch.testing.assert_close(g, w)
+            if Sq == 5:
+                frames_after_first_length = counter.frame_count
+    assert counter.frame_count == frames_after_first_length > 0  # the second length reused the first graph
+
+
+def test_torch_compile_inductor_reference():
+    torch._dynamo.reset()
+    q, k, v = (t.detach() for t in make(1, 2, 1, 6, 10, 16, False, torch.float32))
+    compiled = torch.compile(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                             fullgraph=True)
+    with ek.use_backend("reference"):
+        torch.testing.assert_close(compiled(q, k, v),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = (t.detach() for t in make(1, 2, 2, 5, 7, 16, False, torch.float32))
+    with ek.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _bad_cases():
+    q, k, v = (t.detach() for t in make(1, 4, 2, 5, 7, 16, False, torch.float16))
+    big = torch.randn(1, 1, 3, 264, dtype=torch.float16)
+    return [
+        ("head_dim_over_256", (big, big, big), ValueError, r"head dim D must be in 1..256, got 264"),
+        ("heads_not_a_multiple", (q, k[:, :1].expand(1, 3, 7, 16), v[:, :1].expand(1, 3, 7, 16)), ValueError,
+         r"Hq=4 must be a multiple of .* Hkv=3"),
+        ("dtype_mismatch", (q, k.float(), v), TypeError, r"k has dtype torch.float32 but q has torch.float16"),
+        ("int_dtype", (q.to(torch.int32), k, v), TypeError, r"q must be float16, bfloat16, float32 or float64"),
+        ("rank_3", (q[0], k, v), ValueError, r"q must be 4-D \[B, H, S, D\], got shape \(4, 5, 16\)"),
+        ("k_v_shapes", (q, k, v[:, :, :3]), ValueError, r"k and v must have the same shape"),
+        ("head_dim_mismatch", (q, k[..., :8], v[..., :8]), ValueError, r"must be \[B=1, Hkv, Skv, D=16\]"),
+        ("window_below_minus_one", (q, k, v, False, None, (-2, 0)), ValueError, r"window values must be >= 0, or -1"),
+        ("window_not_a_pair", (q, k, v, False, None, (3,)), TypeError, r"window must be a pair of ints"),
+        ("negative_softcap", (q, k, v, False, None, (-1, -1), -1.0), ValueError, r"softcap must be a number >= 0"),
+        ("not_a_tensor", ([1.0], k, v), TypeError, r"q must be a torch.Tensor, got list"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(_bad_cases())
+def test_bad_inputs_raise_clear_errors(backend, case):
+    assert_bad_call_raises(backend, flash_attention, _bad_cases()[case])
+
+
+def test_backend_errors():
+    q, k, v = (t.detach() for t in make(1, 2, 2, 3, 4, 16, False, torch.float32))
+    with ek.use_backend("cuda"), pytest.raises(RuntimeError, match="no C\\+\\+ attention kernels"):
+        flash_attention(q, k, v)
+    needs_backend("triton")
+    with ek.use_backend("triton"), pytest.raises(TypeError, match="triton backend takes float16 or bfloat16"):
+        flash_attention(q, k, v)
+
+
+def test_family_is_reported():
+    assert "attention" in ek.info(print_report=False)["auto"]
+
+
+# ---------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    ("gqa_1x4099_d128_causal", 2, 8, 2, 1, 4099, 128, True, (-1, -1), 0.0, False),
+    ("mha_517x1031_d256_causal_t", 1, 4, 4, 517, 1031, 256, True, (-1, -1), 0.0, True),
+    ("mqa_1000x1000_d160_window_softcap", 1, 4, 1, 1000, 1000, 160, False, (128, 0), 30.0, False),
+    ("mha_777x513_d96", 2, 4, 4, 777, 513, 96, False, (-1, -1), 0.0, True),
+    ("gqa_128x217_d224_causal", 1, 6, 2, 128, 217, 224, True, (-1, -1), 0.0, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@parametrize_by_name(GPU_CASES)
+def test_gpu_matches_float64(case, dtype):
+    needs_backend("triton", "cuda")
+    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = GPU_CASES[case]
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype, "cuda")
+    with ek.use_backend("triton"):
+        out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+        dout = torch.randn_like(out)
+        got = grads(out, dout, (q, k, v))
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
+    same, _ = attention_in(dtype, q, k, v, causal, window, softcap)
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-3, rtol=1e-3)
+    want = grads(out64, dout.double(), x64)
+    base = grads(same, dout, (q, k, v))
+    for name, g, w, b in zip("qkv", got, want, base):
+        assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
+
+
+# ---------------------------------------------------------------------------- GPU code, compiled here
+
+def _types(kernel) -> dict:
+    """Triton argument types for a kernel of kernels/attention.py, bf16 data."""
+    types = {}
+    for arg in kernel.arg_names:
+        if arg.endswith("_ptr"):
+            types[arg] = "*fp32" if arg in ("lse_ptr", "delta_ptr") else "*bf16"
+        elif arg in ("qk_scale", "softcap"):
+            types[arg] = "fp32"
+        else:
+            types[arg] = "i32"
+    return types
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
+    """Each kernel at its GPU config for D = 64, 128 and 256 (compiled here, without a GPU): bf16
+    mma instructions in the PTX, shared memory within the card's limit."""
+    needs_backend("triton")
+    from effkern.kernels import attention as kernels
+    from op_checks import SHARED_LIMIT
+
+    requests = {}
+    for D in (64, 128, 256):
+        kv_cfg, q_cfg = kernels._bwd_configs_gpu(D)
+        for name, cfg in (("flash_attn_fwd_kernel", kernels._fwd_config_gpu(D)),
+                          ("flash_attn_bwd_dkdv_kernel", kv_cfg), ("flash_attn_bwd_dq_kernel", q_cfg)):
+            cfg = dict(cfg)
+            fn = getattr(kernels, name)
+            requests[f"{name}_d{D}"] = dict(
+                kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc,
+                num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"),
+                constexprs=dict(cfg, SOFTCAP=False, BLOCK_D=kernels._block_d(D)))
+    for name, compiled in compile_for_gpu(requests).items():
+        assert "mma" in compiled["ptx"] and "bf16" in compiled["ptx"], name
+        assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
+
+
+def test_public_names():
+    assert ek.flash_attention is flash_attention
+    assert ek.scaled_dot_product_attention is scaled_dot_product_attention
+    assert {"flash_attention", "scaled_dot_product_attention"} <= set(ek.__all__)
