@@ -18,6 +18,7 @@ OPS = {
     "int8": "bench.int8",
     "int4": "bench.int4",
     "sparse24": "bench.sparse24",
+    "attention": "bench.attention",
 }
 
 
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="the small suite (GPU: linear_gelu about 3 minutes on an H100; int8 not yet timed there)")
     ap.add_argument("--shapes", type=_csv,
-                    help="comma-separated shapes in the op's notation (linear_gelu, int8, int4, sparse24: MxNxK)")
+                    help="comma-separated shapes in the op's notation (linear_gelu, int8, int4, sparse24: MxNxK; "
+                         "attention: BxHxSqxSkvxD)")
     ap.add_argument("--dtypes", type=_csv, help="comma-separated, e.g. bf16,fp16")
     ap.add_argument("--providers", type=_csv, help="comma-separated provider names (default all)")
     ap.add_argument("--modes", type=_csv, default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd (default both)")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
+from bench import attention as bench_attention
 from bench import harness
 from bench import int4 as bench_int4
 from bench import int8 as bench_int8
@@ -232,3 +233,47 @@ def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
         assert choose(2, dtype="float16") is None  # no measurement in that dtype
     finally:
         _policy._entries.cache_clear()
+
+
+def _scores_softmax(q, k, v, keep, renormalize=True):
+    """softmax(q.k / sqrt(D)) @ v with keep [Sq, Skv] the visible keys; renormalize=False: the
+    softmax over all keys, the hidden ones then zeroed."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")) if renormalize else s, dim=-1) * keep
+    return (p @ v.float()).to(q.dtype)
+
+
+def test_attention_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
+    def causal_keep(q, k, shift=0):  # Sq == Skv here: query i sees keys j <= i + shift
+        return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(shift)
+
+    wrong = {
+        "no-scale": harness.Provider(build=lambda case: lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=1.0)),
+        "causal-off-by-one": harness.Provider(build=lambda case: lambda q, k, v: _scores_softmax(
+            q, k, v, causal_keep(q, k, shift=1))),
+        "softmax-all-keys": harness.Provider(build=lambda case: lambda q, k, v: _scores_softmax(
+            q, k, v, causal_keep(q, k), renormalize=False)),
+        # the sketch above done right: shows the three failures come from their mistakes alone
+        "masked-sketch": harness.Provider(build=lambda case: lambda q, k, v: _scores_softmax(
+            q, k, v, causal_keep(q, k))),
+    }
+    provs = {**bench_attention.providers(), **wrong}
+    monkeypatch.setattr(bench_attention, "providers", lambda: provs)
+    case = bench_attention._case(torch.float16, 1, 2, 32, 32, 16, True)
+    names = ["effkern-triton", "reference", "torch-sdpa", "torch-flex", *wrong]
+    run = harness.run_op(bench_attention, [case], "cpu", CEIL, names, ["fwd", "fwd_bwd"], checkpoint=lambda r: None)
+    status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
+    assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
+    for mode in ("fwd", "fwd_bwd"):
+        for name in ("effkern-triton", "reference", "torch-sdpa", "masked-sketch"):
+            assert status[(name, mode)] == "ok", (name, mode)
+        for name in ("no-scale", "causal-off-by-one", "softmax-all-keys"):
+            assert status[(name, mode)] == "FAIL", (name, mode)
+    assert {p for p, _ in run.skipped} == {"torch-flex"}  # compiled FlexAttention: GPU only
+    # FLOPs: 4*B*H*S*S*D halved when causal, fwd_bwd 3.5x; bytes q, k, v, out (+ their gradients)
+    assert case.flops == {"fwd": 4 * 2 * 32 * 32 * 16 // 2, "fwd_bwd": 7 * 2 * 32 * 32 * 16}
+    assert case.bytes == {"fwd": 2 * 4 * 2 * 32 * 16, "fwd_bwd": 2 * 8 * 2 * 32 * 16}
+    decode = bench_attention._case(torch.bfloat16, 8, 32, 1, 4096, 128, False, Hkv=8)
+    assert decode.bytes["fwd"] == 2 * 2 * 8 * 8 * 4096 * 128  # decoding: the K and V reads
+    assert decode.reductions == {"out": 4096, "grad": 1}
