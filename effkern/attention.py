@@ -19,7 +19,9 @@ Ops (schemas defined here and nowhere else):
 Backends: triton (float16/bfloat16; CPU tensors through Triton's interpreter) and reference
 (plain PyTorch, fp32 math for 16-bit inputs, fp64 for fp64; every float dtype). auto: triton on
 CUDA for float16/bfloat16, reference otherwise. There are no C++ attention kernels: "cuda" is
-a clear error.
+a clear error. For decoding (at most 16 query rows whose programs cannot fill the GPU, and
+enough visible keys), the triton forward splits the keys over the SMs and merges the partial
+results by their lse (flash-decoding); the outputs and the backward are the same.
 """
 
 from __future__ import annotations

@@ -17,6 +17,15 @@ tile stays in registers while K/V tiles stream; online softmax in fp32 in base 2
 times log2(e) folded into the scores (after the softcap, when there is one). A row with every
 key masked gives output 0 and lse -inf. lse (natural log) is stored, float32 [B, Hq, Sq].
 
+Split-KV forward (flash-decoding), for few query rows over many keys, where one program per
+(query block, head) would leave most SMs idle (``decode_splits`` decides): the same kernel on a
+third grid axis of SPLITS programs, split s taking whole key blocks [lo + s * chunk, ...) of
+the query block's visible range [lo, hi) and writing its own normalized output and lse, fp32,
+to a workspace [SPLITS, B, Hq, Sq, D] / [SPLITS, B, Hq, Sq]; ``flash_attn_decode_merge_kernel``
+then combines the splits in order (deterministic), out = sum_s exp(lse_s - lse) out_s with
+lse = logsumexp_s lse_s, where a split that saw no key has lse_s = -inf and adds nothing. The
+backward does not depend on which forward ran.
+
 Backward: ``flash_attn_bwd_preprocess_kernel``, delta = rowsum(dO * O) - dlse in fp32; then
 ``flash_attn_bwd_dkdv_kernel``, one program per (key block, batch x kv head), looping over
 the query heads of its group and their query blocks, so the GQA sum happens in registers and
@@ -33,8 +42,12 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreted
+from ._splitk import _sm_count
 
 LOG2E = 1.4426950408889634
+# split-KV forward (decoding): up to this many query rows, each split at least this many key blocks
+DECODE_MAX_SQ = 16
+DECODE_MIN_BLOCKS = 4
 
 
 @triton.jit
@@ -79,9 +92,13 @@ def flash_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
+    SPLITS, stride_o_split, stride_lse_split,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # program (query block, batch x query head, split s): split s of SPLITS takes its share of the
+    # visible keys and writes its normalized output and lse at split offset s (SPLITS = 1: out, lse)
     b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
+    split = tl.program_id(2)
     off = Skv - Sq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,6 +114,10 @@ def flash_attn_fwd_kernel(
     lo = tl.maximum(first + off - LEFT, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
+    # this split's share: whole key blocks, the last splits possibly empty
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
+    lo = lo + split * chunk
+    hi = tl.minimum(hi, lo + chunk)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -119,9 +140,52 @@ def flash_attn_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    o_ptrs = (o_ptr + split.to(tl.int64) * stride_o_split + b * stride_ob + h * stride_oh
+              + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
-    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    lse_ptrs = lse_ptr + split.to(tl.int64) * stride_lse_split + tl.program_id(1).to(tl.int64) * Sq + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+
+
+@triton.jit
+def flash_attn_decode_merge_kernel(
+    part_ptr, part_lse_ptr, o_ptr, lse_ptr,
+    stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    Hq, Sq, D, SPLITS, stride_lse_split,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, over splits 0, 1, ... in
+    # order (deterministic); a split that saw no key (lse_s = -inf) adds nothing, a row no split
+    # saw a key of gives out 0 and lse -inf
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    mask = m_ok[:, None] & (offs_d[None, :] < D)
+    p_ptrs = part_ptr + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd
+    l_ptrs = part_lse_ptr + pid_bh.to(tl.int64) * Sq + offs_m
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        lse_s = tl.load(l_ptrs + s * stride_lse_split, mask=m_ok, other=float("-inf"))
+        out_s = tl.load(p_ptrs + s * stride_ps, mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        w = tl.exp(lse_s - m_use)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * out_s
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -287,6 +351,17 @@ def _fwd_config(D: int) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=16) if interpreted() else _fwd_config_gpu(D)
 
 
+def _decode_config(D: int) -> dict:
+    return dict(BLOCK_M=16, BLOCK_N=16) if interpreted() else _decode_config_gpu(D)
+
+
+def _decode_config_gpu(D: int) -> dict:
+    # few query rows: the smallest tl.dot tile for them, keys in wide blocks
+    if D <= 128:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
 def _fwd_config_gpu(D: int) -> dict:
     if D <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
@@ -322,9 +397,29 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
+                  device: torch.device) -> int:
+    """Splits of the keys for the split-KV (flash-decoding) forward, 1 for the plain forward.
+
+    Split when there are at most DECODE_MAX_SQ query rows and their B * Hq * cdiv(Sq, BLOCK_M)
+    programs are fewer than two per SM: enough splits for two programs per SM, each split at
+    least DECODE_MIN_BLOCKS key blocks of the keys the rows can see (so the merge and the
+    workspace stay small next to reading K and V)."""
+    if Sq == 0 or Sq > DECODE_MAX_SQ or Skv == 0 or B * Hq == 0 or D == 0:
+        return 1
+    left, right = _bounds(Sq, Skv, causal, left, right)
+    block_m, block_n = (_decode_config(D)[name] for name in ("BLOCK_M", "BLOCK_N"))
+    keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
+    programs = B * Hq * triton.cdiv(Sq, block_m)
+    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
+
+
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
-                   right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Sq, D] contiguous in q's dtype, lse float32 [B, Hq, Sq]); shapes checked by the caller."""
+                   right: int, softcap: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Sq, D] contiguous in q's dtype, lse float32 [B, Hq, Sq]); shapes checked by the caller.
+
+    ``splits``: None chooses (decode_splits); a number forces the split-KV path with that many
+    splits (tests), 1 included."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
@@ -335,14 +430,32 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    if splits is None:
+        splits = decode_splits(B, Hq, Sq, Skv, D, causal, left, right, q.device)
+        split = splits > 1
+    else:
+        split = True
     left, right = _bounds(Sq, Skv, causal, left, right)
-    cfg = _fwd_config(D)
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    common = (Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
+    if not split:
+        cfg = _fwd_config(D)
+        with _device(q):
+            flash_attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq, 1)](
+                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0,
+                SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+        return out, lse
+    # split-KV: normalized fp32 partials and their lse per split, merged by their lse
+    cfg = _decode_config(D)
+    part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((splits, B, Hq, Sq), dtype=torch.float32, device=q.device)
+    blocks = triton.cdiv(Sq, cfg["BLOCK_M"])
     with _device(q):
-        flash_attn_fwd_kernel[grid](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0,
-            SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+        flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
+            q, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
+            splits, part.stride(0), part_lse.stride(0), SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+        flash_attn_decode_merge_kernel[(blocks, B * Hq)](
+            part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))
     return out, lse
 
 

@@ -75,6 +75,23 @@ def grads(outs, grad_outs, inputs):
     return torch.autograd.grad(outs, inputs, grad_outs)
 
 
+def assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap):
+    """out and lse (fp16 inputs q, k, v) against float64, within twice PyTorch's fp16 error; rows
+    with no visible key exactly 0 and -inf. Returns (the float64 leaves, their (out, lse), fp16's)."""
+    B, Hq, Sq, _ = q.shape
+    Skv = k.shape[2]
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
+    same, lse_same = attention_in(torch.float16, q, k, v, causal, window, softcap)
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
+    assert_matches_float64(lse[finite], lse64[finite], lse_same[finite].float(), Skv, what="lse")
+    assert bool((out[~finite] == 0).all())
+    return x64, (out64, lse64), (same, lse_same)
+
+
 # ---------------------------------------------------------------------------- against float64
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,16 +102,8 @@ def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
     q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed)
     with ek.use_backend(backend):
         out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
-    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
-
-    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
-    same, lse_same = attention_in(torch.float16, q, k, v, causal, window, softcap)
-    assert_matches_float64(out, out64, same, Skv, what="out")
+    x64, (out64, lse64), (same, lse_same) = assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap)
     finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
-    assert_matches_float64(lse[finite], lse64[finite], lse_same[finite].float(), Skv, what="lse")
-    assert bool((out[~finite] == 0).all())
 
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse).masked_fill(~finite, 0.0)
@@ -151,6 +160,66 @@ def test_fully_masked_rows_and_empty_inputs(poison_empty):
             assert o.shape == (1, 2, 0, 16)
             o, l = flash_attention(*(t.detach() for t in make(1, 2, 1, 4, 0, 16, False)), return_lse=True)
             assert bool((o == 0).all()) and bool((l == float("-inf")).all())
+
+
+# ---------------------------------------------------------------------------- split-KV (decoding)
+
+# (name, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap): few query rows, many keys
+DECODE_CASES = [
+    ("mha_1x147_d40", 1, 2, 2, 1, 147, 40, False, (-1, -1), 0.0),
+    ("gqa_3x799_d64_causal", 1, 6, 2, 3, 799, 64, True, (-1, -1), 0.0),
+    ("gqa_1x799_d40_window_softcap", 1, 6, 2, 1, 799, 40, False, (300, -1), 5.0),
+    ("mha_3x147_d64_causal_window", 1, 2, 2, 3, 147, 64, True, (130, -1), 0.0),
+]
+
+
+def _kernels():
+    from effkern.kernels import attention as kernels
+
+    return kernels
+
+
+@pytest.mark.parametrize("splits", ["auto", 1, 3, 7])
+@parametrize_by_name(DECODE_CASES)
+def test_split_kv_forward_matches_float64(case, splits, poison_empty):
+    """The split-KV forward, chosen by the launcher for these shapes (auto: through
+    ek.flash_attention, its gradients too) or forced to 1, 3 or 7 splits."""
+    needs_backend("triton")
+    kernels = _kernels()
+    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap = DECODE_CASES[case]
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, False)
+    if splits == "auto":
+        assert kernels.decode_splits(B, Hq, Sq, Skv, D, causal, *window, q.device) > 1  # the split path
+        with ek.use_backend("triton"):
+            out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+    else:
+        with torch.no_grad():
+            out, lse = kernels.flash_attn_fwd(q, k, v, causal, 1 / math.sqrt(D), *window, softcap, splits=splits)
+    x64, (out64, lse64), (same, lse_same) = assert_forward_matches_float64(out, lse, q, k, v, causal, window,
+                                                                           softcap)
+    if splits == "auto" and case == 0:  # autograd on the split path's outputs (backward unchanged)
+        dout = torch.randn_like(out)
+        with ek.use_backend("triton"):
+            got = grads((out, lse), (dout, torch.ones_like(lse)), (q, k, v))
+        want = grads((out64, lse64), (dout.double(), torch.ones_like(lse64)), x64)
+        base = grads((same, lse_same), (dout, torch.ones_like(lse)), (q, k, v))
+        for name, g, w, b_ in zip("qkv", got, want, base):
+            assert_matches_float64(g, w, b_, Skv, what=f"d{name}")
+
+
+def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
+    """Splits that see no key (a narrow window: 7 splits of a few visible keys leave the last ones
+    empty) and rows that see no key at all (Sq > Skv, causal) merge to the right out and lse."""
+    needs_backend("triton")
+    kernels = _kernels()
+    for Sq, Skv, causal, window in [(3, 799, False, (2, 1)), (5, 2, True, (-1, -1))]:
+        q, k, v = (t.detach() for t in make(1, 6, 2, Sq, Skv, 40, False))
+        for splits in (3, 7):
+            out, lse = kernels.flash_attn_fwd(q, k, v, causal, 1 / math.sqrt(40), *window, 0.0, splits=splits)
+            assert_forward_matches_float64(out, lse, q, k, v, causal, window, 0.0)
+    assert kernels.decode_splits(1, 6, 3, 799, 40, False, 2, 1, q.device) == 1  # too few keys to split
+    assert kernels.decode_splits(1, 6, 17, 799, 40, False, -1, -1, q.device) == 1  # too many rows
+    assert kernels.decode_splits(64, 6, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
 
 
 # ---------------------------------------------------------------------------- SDPA drop-in
@@ -351,6 +420,21 @@ def test_gpu_matches_float64(case, dtype):
         assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
 
 
+@pytest.mark.gpu
+def test_gpu_split_kv_decoding_matches_float64():
+    """One query row over 32768 keys, GQA 32/8, D = 128, bf16: the split-KV path."""
+    needs_backend("triton", "cuda")
+    B, Hq, Hkv, Sq, Skv, D = 1, 32, 8, 1, 32768, 128
+    assert _kernels().decode_splits(B, Hq, Sq, Skv, D, True, -1, -1, torch.device("cuda")) > 1
+    q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False, torch.bfloat16, "cuda"))
+    with ek.use_backend("triton"):
+        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    out64, lse64 = attention_in(torch.float64, q, k, v, True, (-1, -1), 0.0)
+    same, _ = attention_in(torch.bfloat16, q, k, v, True, (-1, -1), 0.0)
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
 def _types(kernel) -> dict:
@@ -358,7 +442,7 @@ def _types(kernel) -> dict:
     types = {}
     for arg in kernel.arg_names:
         if arg.endswith("_ptr"):
-            types[arg] = "*fp32" if arg in ("lse_ptr", "delta_ptr") else "*bf16"
+            types[arg] = "*fp32" if arg in ("lse_ptr", "delta_ptr", "part_ptr", "part_lse_ptr") else "*bf16"
         elif arg in ("qk_scale", "softcap"):
             types[arg] = "fp32"
         else:
@@ -377,16 +461,21 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     requests = {}
     for D in (64, 128, 256):
         kv_cfg, q_cfg = kernels._bwd_configs_gpu(D)
-        for name, cfg in (("flash_attn_fwd_kernel", kernels._fwd_config_gpu(D)),
-                          ("flash_attn_bwd_dkdv_kernel", kv_cfg), ("flash_attn_bwd_dq_kernel", q_cfg)):
+        for name, cfg, label in (("flash_attn_fwd_kernel", kernels._fwd_config_gpu(D), ""),
+                                 ("flash_attn_fwd_kernel", kernels._decode_config_gpu(D), "_decode"),
+                                 ("flash_attn_bwd_dkdv_kernel", kv_cfg, ""), ("flash_attn_bwd_dq_kernel", q_cfg, "")):
             cfg = dict(cfg)
             fn = getattr(kernels, name)
-            requests[f"{name}_d{D}"] = dict(
+            requests[f"{name}{label}_d{D}"] = dict(
                 kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc,
                 num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"),
                 constexprs=dict(cfg, SOFTCAP=False, BLOCK_D=kernels._block_d(D)))
+        merge = kernels.flash_attn_decode_merge_kernel
+        requests[f"merge_d{D}"] = dict(
+            kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", types=_types(merge), cc=cc,
+            num_warps=4, num_stages=1, constexprs=dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D)))
     for name, compiled in compile_for_gpu(requests).items():
-        assert "mma" in compiled["ptx"] and "bf16" in compiled["ptx"], name
+        assert name.startswith("merge") or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
 
 
