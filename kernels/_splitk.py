@@ -22,12 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import config, interpreted, launch, prune_by_rows, tiles
+from ._launch import config, grouped_tile, interpreted, launch, prune_by_rows, tiles
 
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
 SPLIT_MAX_ROWS = 64
 _INTERPRETER_SMS = 4  # small enough that the tests' shapes take the split-K path too
+
+
+@triton.jit
+def weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # This program's output tile (grouped order) and K slice. Rows/columns past the edge wrap
+    # onto valid ones (rm, rn), so only K needs load masks; store_tile drops the duplicates.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return split, k_start, k_end, offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+
+
+@triton.jit
+def store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn):
+    # c[split] (a split-K partial) or c itself (stride_cs = 0), in c's dtype, rows/columns in range only
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, grouped_tile, interpreted
-from ._splitk import dequant_epilogue, launch_weight_gemm, weight_gemm_kernels
+from ._launch import dot_precision, interpreted
+from ._splitk import dequant_epilogue, launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_tile
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -80,17 +80,8 @@ def int8_matmul_kernel(
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    split = tl.program_id(1)
-    k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    split, k_start, k_end, offs_m, offs_n, rm, rn = weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past the edge wrap onto valid ones, so only K needs load masks; the
-    # duplicated results are dropped by the masked stores.
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + rn[None, :] * stride_bn
 
@@ -115,12 +106,10 @@ def int8_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if DEQUANT:
         acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
                                SCALE_ROWS, SCALE_COLS, HAS_BIAS)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, grouped_tile
-from ._splitk import launch_weight_gemm, weight_gemm_kernels
+from ._launch import dot_precision
+from ._splitk import launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_tile
 
 
 @triton.jit
@@ -30,15 +30,8 @@ def sparse24_matmul_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    split = tl.program_id(1)
-    k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    split, k_start, k_end, offs_m, offs_n, rm, rn = weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     # Per K step, BLOCK_K / 4 groups (k_start and BLOCK_K are multiples of 8, so whole meta bytes):
     offs_g = tl.arange(0, BLOCK_K // 4)
@@ -71,11 +64,9 @@ def sparse24_matmul_kernel(
         v_ptrs += (BLOCK_K // 2) * stride_vk
         meta_ptrs += (BLOCK_K // 8) * stride_metak
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
 
 
 # ---------------------------------------------------------------------------------------
