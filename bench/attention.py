@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import effkern as ek
 from effkern.attention import flash_attention_reference
 
-from .harness import Case, Provider, parse_dtypes
+from .harness import Case, Provider, effkern_provider, parse_dtypes
 
 OP = "attention"
 BASELINES = {"torch-sdpa": "x sdpa", "torch-sdpa-flash": "x flash", "torch-sdpa-cudnn": "x cudnn",
@@ -195,16 +195,16 @@ def _reference_fn(case: Case):
     return fn
 
 
-def _effkern(backend: str) -> Provider:
-    def available(case, device, mode):
-        if backend == "triton" and case.dtype not in (torch.float16, torch.bfloat16):
-            return False, "effkern's triton attention takes float16/bfloat16 only"
-        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16:
-            return False, "Triton's interpreter cannot do bf16 tl.dot"
-        return ek.backend_available(backend, device)
+def _triton_dtypes(case, device):
+    if case.dtype not in (torch.float16, torch.bfloat16):
+        return False, "effkern's triton attention takes float16/bfloat16 only"
+    return True, ""
 
-    build = _effkern_fn if backend == "triton" else _reference_fn
-    return Provider(build=build, available=available, context=functools.partial(ek.use_backend, backend))
+
+def _effkern(backend: str) -> Provider:
+    if backend == "triton":
+        return effkern_provider(backend, _effkern_fn, limits=_triton_dtypes)
+    return effkern_provider(backend, _reference_fn)
 
 
 # ---------------------------------------------------------------- torch SDPA

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import json
 import math
 import platform
@@ -29,6 +30,7 @@ from typing import Callable
 
 import torch
 
+import effkern as ek
 from effkern.testing import max_error, tolerance
 
 MODES = ("fwd", "fwd_bwd")
@@ -59,6 +61,20 @@ class Provider:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     backward: bool = True  # False: forward only (no autograd formula)
     checked: bool = True  # False: a yardstick computing another function (timed, not compared)
+
+
+def effkern_provider(backend: str, build: Callable[[Case], Callable], float_dot=lambda case: True,
+                     limits=lambda case, device: (True, "")) -> Provider:
+    """An effkern op under ``use_backend(backend)``: available where that backend runs, except
+    bf16 cases that need a floating-point tl.dot (``float_dot``) under Triton's interpreter,
+    which cannot do those; ``limits(case, device)`` adds the op's own (shapes, dtypes)."""
+    def available(case, device, mode):
+        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16 and float_dot(case):
+            return False, "Triton's interpreter cannot do bf16 tl.dot"
+        ok, why = ek.backend_available(backend, device)
+        return limits(case, device) if ok else (ok, why)
+
+    return Provider(build=build, available=available, context=functools.partial(ek.use_backend, backend))
 
 
 # ---------------------------------------------------------------- command-line values

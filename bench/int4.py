@@ -18,7 +18,6 @@ zeros, made once per case and untimed. It dequantizes as (q - 8) * scale + zero,
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int4 import int4_linear_reference, unpack_int4
 
-from .harness import Case, Provider, parse_dtypes, parse_mnk
+from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int4"
 BASELINES = {"torch-linear": "x linear", "torch-int4pack": "x int4pack"}
@@ -149,15 +148,9 @@ def _cuda_kernel_takes(case, device):
 
 
 def _effkern(backend: str) -> Provider:
-    def available(case, device, mode):
-        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16:
-            return False, "Triton's interpreter cannot do bf16 tl.dot"
-        ok, why = ek.backend_available(backend, device)
-        if not ok or backend != "cuda":
-            return ok, why
-        return _cuda_kernel_takes(case, device)
-
-    return Provider(build=_int4_linear, available=available, context=functools.partial(ek.use_backend, backend))
+    if backend == "cuda":
+        return effkern_provider(backend, _int4_linear, limits=_cuda_kernel_takes)
+    return effkern_provider(backend, _int4_linear)
 
 
 def _int4pack_mm(case: Case):

@@ -14,7 +14,6 @@ them, and % floor is the share of the copy bandwidth that the weight reads reach
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int8 import int8_linear_reference, int8_weight_only_linear_reference, quantize_rows_reference
 
-from .harness import Case, Provider, parse_dtypes, parse_mnk
+from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int8"
 BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
@@ -98,13 +97,8 @@ def _quantized(case: Case):
 
 
 def _effkern(backend: str) -> Provider:
-    def available(case, device, mode):
-        if (backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16
-                and case.params["quant"] == "w8a16"):
-            return False, "Triton's interpreter cannot do bf16 tl.dot (w8a8's int8 dot it can)"
-        return ek.backend_available(backend, device)
-
-    return Provider(build=_quantized, available=available, context=functools.partial(ek.use_backend, backend))
+    # w8a8's int8 tl.dot runs in the interpreter with bf16 activations; w8a16's bf16 one does not
+    return effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16")
 
 
 def _int_mm_w8a8(x, w, qw, scale, b):

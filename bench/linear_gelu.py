@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.linear_gelu import linear_gelu_reference
 
-from .harness import Case, Provider, parse_dtypes, parse_mnk
+from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "linear_gelu"
 BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-compile": "x compile",
@@ -83,16 +83,8 @@ def reference(case: Case, x, w, b):
 
 
 def _effkern(backend: str) -> Provider:
-    def available(case, device, mode):
-        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16:
-            return False, "Triton's interpreter cannot do bf16 tl.dot"
-        return ek.backend_available(backend, device)
-
-    return Provider(
-        build=lambda case: functools.partial(ek.linear_gelu, approximate=case.params["approximate"]),
-        available=available,
-        context=functools.partial(ek.use_backend, backend),
-    )
+    return effkern_provider(
+        backend, lambda case: functools.partial(ek.linear_gelu, approximate=case.params["approximate"]))
 
 
 def _eager(case: Case):

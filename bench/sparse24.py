@@ -40,7 +40,7 @@ from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensor
 import effkern as ek
 from effkern.sparse24 import sparse24_linear_reference
 
-from .harness import Case, Provider, parse_dtypes, parse_mnk
+from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "sparse24"
 BASELINES = {"torch-linear": "x dense", "torch-semi-cutlass": "x cutlass", "torch-semi-cusparselt": "x cusparselt"}
@@ -220,15 +220,9 @@ def _cuda_kernel_takes(case, device):
 
 
 def _effkern(backend: str) -> Provider:
-    def available(case, device, mode):
-        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16:
-            return False, "Triton's interpreter cannot do bf16 tl.dot"
-        ok, why = ek.backend_available(backend, device)
-        if not ok or backend != "cuda":
-            return ok, why
-        return _cuda_kernel_takes(case, device)
-
-    return Provider(build=_sparse24_linear, available=available, context=functools.partial(ek.use_backend, backend))
+    if backend == "cuda":
+        return effkern_provider(backend, _sparse24_linear, limits=_cuda_kernel_takes)
+    return effkern_provider(backend, _sparse24_linear)
 
 
 def providers() -> dict[str, Provider]:
