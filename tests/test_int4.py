@@ -409,17 +409,18 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
 
 # ---------------------------------------------------------------------------- GPU
 
+# (backend, M): the CUDA kernel is a decoding kernel, it takes M <= 64
+GPU_BACKEND_ROWS = [("triton", M) for M in ODD_M + (64, 1024)] + [("cuda", M) for M in ODD_M + (64,)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend,M", GPU_BACKEND_ROWS)
 @pytest.mark.parametrize("group_size", [32, 128, -1])
-@pytest.mark.parametrize("M", ODD_M + (64, 1024))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_matches_float64(backend, group_size, M, dtype, poison_empty):
+def test_gpu_matches_float64(backend, M, group_size, dtype, poison_empty):
     """Through the op: Triton on an N that is no multiple of a tile; the Marlin-style CUDA kernel
     (pre-shuffled weight; the kernel alone: tests/test_int4_cuda.py) on the decoding sizes it takes."""
     needs_backend(backend, "cuda")
-    if backend == "cuda" and M > 64:
-        pytest.skip("the CUDA kernel is for M <= 64 (decoding)")
     N, K = (520 if backend == "triton" else 512), 4096
     qw, scales, zeros = quantized(N, K, group_size, dtype, device="cuda")
     x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
