@@ -32,6 +32,15 @@ def main(argv: list[str]) -> int:
 
         return report.main(argv[1:])
 
+    if not torch.cuda.is_available():
+        # effkern's Triton backend on CPU tensors runs in the interpreter, which Triton only
+        # switches on if this is set before effkern's kernels are imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        # one thread: with several, one descheduled OpenMP worker stalls a whole op (seen: 8 ms
+        # for a 3x80x96 GEMM while a compiler ran); CPU numbers are a smoke test, not a result
+        torch.set_num_threads(1)
+    from . import harness  # noqa: PLC0415
+
     ap = argparse.ArgumentParser(prog="python -m bench", description="effkern kernel benchmarks. "
                                  "`python -m bench report` regenerates the README table from bench/results/.")
     ap.add_argument("ops", nargs="*", help=f"ops to run (default all: {', '.join(OPS)})")
@@ -42,24 +51,17 @@ def main(argv: list[str]) -> int:
                          "attention: BxHxSqxSkvxD)")
     ap.add_argument("--dtypes", type=_csv, help="comma-separated, e.g. bf16,fp16")
     ap.add_argument("--providers", type=_csv, help="comma-separated provider names (default all)")
-    ap.add_argument("--modes", type=_csv, default=["fwd", "fwd_bwd"], help="fwd,fwd_bwd (default both)")
+    ap.add_argument("--modes", type=_csv, default=["fwd", "fwd_bwd", "fwd_graph"],
+                    help="fwd,fwd_bwd,fwd_graph (default all three; fwd_graph: the forward timed as CUDA-graph "
+                         "replays, GPU only, for the decode-sized cases)")
     ap.add_argument("--out", type=Path, help="results folder (default bench/results/<device>)")
     ap.add_argument("--write-policy", action="store_true",
                     help="record the faster effkern backend per shape in effkern/policies/<op>.json (GPU only)")
     args = ap.parse_args(argv)
     unknown = [o for o in args.ops if o not in OPS]
-    bad_modes = [m for m in args.modes if m not in ("fwd", "fwd_bwd")]
+    bad_modes = [m for m in args.modes if m not in harness.MODES]
     if unknown or bad_modes:
         ap.error(f"unknown op(s) {unknown} (known: {list(OPS)})" if unknown else f"unknown mode(s) {bad_modes}")
-
-    if not torch.cuda.is_available():
-        # effkern's Triton backend on CPU tensors runs in the interpreter, which Triton only
-        # switches on if this is set before effkern's kernels are imported
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        # one thread: with several, one descheduled OpenMP worker stalls a whole op (seen: 8 ms
-        # for a 3x80x96 GEMM while a compiler ran); CPU numbers are a smoke test, not a result
-        torch.set_num_threads(1)
-    from . import harness  # noqa: PLC0415
 
     device = harness.device_type()
     mods = {op: importlib.import_module(OPS[op]) for op in args.ops or OPS}

@@ -74,7 +74,8 @@ def _case(dtype, B, H, Sq, Skv, D, causal, Hkv=None, providers=None) -> Case:
                         "Skv": Skv, "D": D, "causal": causal},
                 dtype=dtype, flops={"fwd": fwd_flops, "fwd_bwd": fwd_flops * 7 // 2},
                 bytes={"fwd": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes}, providers=providers,
-                reductions={"out": Skv, "grad": Sq})  # out sums over keys; dq's softmax terms over queries
+                reductions={"out": Skv, "grad": Sq},  # out sums over keys; dq's softmax terms over queries
+                graph=Sq == 1)  # decoding: also timed from CUDA graphs, as decoding steps are run
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int, int]:

@@ -5,7 +5,8 @@ An op's benchmark module (bench/<family>.py) supplies:
   BASELINES       {provider: speedup column label}: "x eager" = that provider's ms / this row's ms
   ERROR_BASELINE  provider whose error vs float64 sets the tolerance (the DESIGN's "2x PyTorch")
   POLICY_BACKENDS {provider: effkern backend name} compared for --write-policy ({}: one backend, no policy)
-  MODES           (optional) the modes the op is measured in, default both
+  MODES           (optional) the modes the op is measured in, default fwd and fwd_bwd; an op
+                measured in fwd is also timed in fwd_graph where a case asks for it (Case.graph)
   providers()     {name: Provider}
   cases(device, quick, shapes, dtypes) -> [Case]
   inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in fwd_bwd)
@@ -33,7 +34,11 @@ import torch
 import effkern as ek
 from effkern.testing import max_error, tolerance
 
-MODES = ("fwd", "fwd_bwd")
+# fwd_graph: the forward again, timed as replays of a CUDA graph of many calls (GPU only, cases
+# with Case.graph): the GPU time alone, as a user who captures decoding steps in CUDA graphs sees
+# it. In fwd, small ops are timed through their per-call CPU cost (Python, dispatch, launches)
+# whenever that exceeds their GPU time.
+MODES = ("fwd", "fwd_bwd", "fwd_graph")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "bench" / "results"
 
@@ -52,6 +57,11 @@ class Case:
     # bytes of the inputs that the leanest provider reads, where providers read different subsets
     # of them (None: all); what the rotation of input copies is sized by
     input_bytes: int | None = None
+    graph: bool = False  # also time the forward as CUDA-graph replays (mode fwd_graph)
+
+
+# GEMM cases with at most this many rows (decoding sizes) are also timed from CUDA graphs
+GRAPH_MAX_ROWS = 64
 
 
 @dataclass
@@ -174,6 +184,30 @@ def _measure_cuda(call, reset, budget_ms):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+GRAPH_CALLS = 16  # calls captured in one graph (at least the input-set count): a replay's launch cost is shared
+
+
+def measure_graph(call: Callable[[int], torch.Tensor], n_sets: int, budget_ms: float = 100.0):
+    """Median milliseconds per call of call(0), call(1), ... captured in one CUDA graph and
+    replayed, and the output that call(0) writes in each replay. call(i) must be a forward
+    with no autograd; it has run at least once already (compilation, autotuning)."""
+    # torch's rule for capture: warm up on a side stream first (lazy initialisations, caches)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(n_sets):
+            call(i)
+    torch.cuda.current_stream().wait_stream(side)
+    n_calls = max(GRAPH_CALLS, n_sets)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        first = call(0)
+        for i in range(1, n_calls):
+            call(i)
+    ms = measure(lambda i: graph.replay(), lambda i: None, "cuda", budget_ms) / n_calls
+    return ms, first
+
+
 def _measure_cpu(call, reset, budget_ms):
     # the Triton interpreter takes seconds per call: stop after the time budget, at least 1, at most 20 reps
     samples: list[float] = []
@@ -252,6 +286,21 @@ def _tolerance(case: Case, base: dict, ref: torch.Tensor, ref_grad) -> dict:
 def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     device = run.device
     wants_grad = mode == "fwd_bwd"
+    graphed = mode == "fwd_graph"
+    counted = "fwd" if graphed else mode  # the FLOPs and bytes of the forward
+    timed = {}
+    for name, prov in providers.items():
+        if case.providers is not None and name not in case.providers:
+            continue
+        ok, why = prov.available(case, device, mode)
+        if ok and wants_grad and not prov.backward:
+            ok, why = False, "no autograd formula: forward only"
+        if ok:
+            timed[name] = prov
+        else:
+            run.skipped[(name, why)] = run.skipped.get((name, why), 0) + 1
+    if not timed:  # nothing runs here: spare the float64 reference
+        return
     base = [t.requires_grad_(wants_grad and t.is_floating_point()) for t in mod.inputs(case, device)]
     # float64 reference: output, and the first argument's gradient for a fixed random output gradient
     ref_args = [t.detach().double() if t.is_floating_point() else t for t in base]
@@ -275,15 +324,7 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
 
     ms_by_provider = {}
     case_rows = []
-    for name, prov in providers.items():
-        if case.providers is not None and name not in case.providers:
-            continue
-        ok, why = prov.available(case, device, mode)
-        if ok and wants_grad and not prov.backward:
-            ok, why = False, "no autograd formula: forward only"
-        if not ok:
-            run.skipped[(name, why)] = run.skipped.get((name, why), 0) + 1
-            continue
+    for name, prov in timed.items():
         row = {"op": run.op, "mode": mode, "params": case.params, "provider": name}
         try:
             with prov.context():
@@ -294,6 +335,7 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
                     out = fn(*args)
                     if wants_grad:
                         out.backward(grads[i % n_sets])
+                    return out
 
                 def reset(i):
                     for t in sets[i % n_sets]:
@@ -305,15 +347,21 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
                     errs = {}
                     call(0)
                     reset(0)
-                ms = measure(call, reset, device)
+                if graphed:
+                    ms, replayed = measure_graph(call, n_sets)
+                    if prov.checked:  # what the replays wrote, not only what the eager call did
+                        errs = {"out": max_error(replayed, ref)}
+                    del replayed
+                else:
+                    ms = measure(call, reset, device)
         except Exception as exc:  # a provider failing is a result to report, not a reason to stop
             row.update(status="ERROR", note=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
             print(f"  ERROR {name} {mode} {case.params}: {row['note']}", flush=True)
             case_rows.append(row)
             continue
-        tflops = case.flops[mode] / (ms * 1e-3) / 1e12
+        tflops = case.flops[counted] / (ms * 1e-3) / 1e12
         rate = run.ceil[case.flop_ceiling]
-        floor_ms = 1e3 * max(case.flops[mode] / (rate * 1e12), case.bytes[mode] / (run.ceil["copy_gbps"] * 1e9))
+        floor_ms = 1e3 * max(case.flops[counted] / (rate * 1e12), case.bytes[counted] / (run.ceil["copy_gbps"] * 1e9))
         row.update(
             ms=ms,
             tflops=tflops,
@@ -340,12 +388,20 @@ def run_op(mod, cases: list[Case], device: str, ceil: dict, providers, modes,
     """Run every case; checkpoint(run) after each, so a run cut short by a time limit leaves its rows."""
     run = Run(op=mod.OP, device=device, ceil=ceil, baselines=mod.BASELINES)
     chosen = {k: v for k, v in mod.providers().items() if providers is None or k in providers}
-    op_modes = getattr(mod, "MODES", MODES)
+    op_modes = getattr(mod, "MODES", MODES[:2])
+    if "fwd" in op_modes:
+        op_modes = (*op_modes, "fwd_graph")
     for mode in modes:
         if mode not in op_modes:
             print(f"{run.op}: {mode} not measured (this op's modes: {', '.join(op_modes)})", flush=True)
+    if "fwd_graph" in modes and device != "cuda":
+        print(f"{run.op}: fwd_graph not measured (CUDA graphs need a GPU)", flush=True)
+
+    def measured(case: Case, mode: str) -> bool:
+        return mode in op_modes and (mode != "fwd_graph" or (case.graph and device == "cuda"))
+
     for case in cases:
-        for mode in (m for m in modes if m in op_modes):
+        for mode in (m for m in modes if measured(case, m)):
             t0 = time.perf_counter()
             run_case(run, mod, case, mode, chosen)
             print(f"{run.op} {mode} {case.params}: {time.perf_counter() - t0:.1f} s", flush=True)

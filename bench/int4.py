@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int4 import int4_linear_reference, unpack_int4
 
-from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int4"
 BASELINES = {"torch-linear": "x linear", "torch-int4pack": "x int4pack"}
@@ -56,7 +56,7 @@ def _case(dtype: torch.dtype, M: int, N: int, K: int, group_size: int = GROUP_SI
                 providers=providers, reductions={"out": K},
                 # the int4 providers leave the float weight (torch-linear's) unread: rotate enough
                 # copies that their own inputs leave L2
-                input_bytes=int4_inputs)
+                input_bytes=int4_inputs, graph=M <= GRAPH_MAX_ROWS)
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:

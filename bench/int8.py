@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int8 import int8_linear_reference, int8_weight_only_linear_reference, quantize_rows_reference
 
-from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int8"
 BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
@@ -53,7 +53,7 @@ def _case(dtype: torch.dtype, quant: str, M: int, N: int, K: int, providers=None
                 flop_ceiling="int8_tops" if quant == "w8a8" else "gemm_tflops",
                 # the int8 providers leave the float weight (torch-linear's) unread: rotate enough
                 # copies that their own inputs leave L2
-                input_bytes=int8_inputs)
+                input_bytes=int8_inputs, graph=M <= GRAPH_MAX_ROWS)
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.linear_gelu import linear_gelu_reference
 
-from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "linear_gelu"
 BASELINES = {"torch-eager": "x eager", "torch-addmm-act": "x addmm_act", "torch-compile": "x compile",
@@ -41,7 +41,8 @@ def _case(dtype: torch.dtype, approximate: str, M: int, N: int, K: int, provider
     return Case(params={"dtype": str(dtype).removeprefix("torch."), "approximate": approximate, "M": M, "N": N, "K": K},
                 dtype=dtype, flops={"fwd": 2 * M * N * K, "fwd_bwd": 3 * 2 * M * N * K},  # + grad_input, grad_weight
                 bytes={"fwd": fwd, "fwd_bwd": fwd + bwd}, providers=providers,
-                reductions={"out": K, "grad": N})  # y sums over K; grad_input sums over N
+                reductions={"out": K, "grad": N},  # y sums over K; grad_input sums over N
+                graph=M <= GRAPH_MAX_ROWS)
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:

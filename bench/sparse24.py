@@ -40,7 +40,7 @@ from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensor
 import effkern as ek
 from effkern.sparse24 import sparse24_linear_reference
 
-from .harness import Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "sparse24"
 BASELINES = {"torch-linear": "x dense", "torch-semi-cutlass": "x cutlass", "torch-semi-cusparselt": "x cusparselt"}
@@ -68,7 +68,7 @@ def _case(dtype: torch.dtype, M: int, N: int, K: int, providers=None) -> Case:
                 providers=providers, reductions={"out": K},
                 # the compressed providers leave the dense weight (torch-linear's) unread: rotate
                 # enough copies that their own inputs leave L2
-                input_bytes=compressed_inputs)
+                input_bytes=compressed_inputs, graph=M <= GRAPH_MAX_ROWS)
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:

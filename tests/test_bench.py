@@ -3,6 +3,7 @@ hold what the README table and the auto policy are built from."""
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -277,3 +278,52 @@ def test_attention_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     decode = bench_attention._case(torch.bfloat16, 8, 32, 1, 4096, 128, False, Hkv=8)
     assert decode.bytes["fwd"] == 2 * 2 * 8 * 8 * 4096 * 128  # decoding: the K and V reads
     assert decode.reductions == {"out": 4096, "grad": 1}
+
+
+def test_graph_mode_runs_only_on_a_gpu_and_only_for_flagged_cases(tmp_path, capsys):
+    flagged = bench_linear_gelu._case(torch.float32, "none", 5, 12, 16)
+    assert flagged.graph  # M <= GRAPH_MAX_ROWS
+    assert not bench_linear_gelu._case(torch.float32, "none", harness.GRAPH_MAX_ROWS + 1, 12, 16).graph
+    eager = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager)}
+    run = harness.run_op(bench_linear_gelu, [flagged], "cpu", CEIL, list(eager), ["fwd", "fwd_graph"],
+                         checkpoint=lambda r: None)
+    assert [r["mode"] for r in run.rows] == ["fwd"]
+    assert "fwd_graph not measured (CUDA graphs need a GPU)" in capsys.readouterr().out
+
+
+def test_a_case_no_provider_runs_computes_no_reference(monkeypatch):
+    def reference(case, *args):
+        raise AssertionError("the float64 reference was computed for a case nothing runs")
+
+    monkeypatch.setattr(bench_linear_gelu, "reference", reference)
+    never = {"never": harness.Provider(build=bench_linear_gelu._eager,
+                                       available=lambda case, device, mode: (False, "not here"))}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: never)
+    case = bench_linear_gelu._case(torch.float32, "none", 5, 12, 16)
+    run = harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(never), ["fwd"], checkpoint=lambda r: None)
+    assert run.rows == [] and run.skipped == {("never", "not here"): 1}
+
+
+@pytest.mark.gpu
+def test_graph_timing_checks_what_the_replays_write(monkeypatch):
+    # A provider whose work is not captured (here: it computes on the host side while the
+    # stream is capturing, so the graph holds nothing) is right in fwd and FAIL in fwd_graph.
+    def not_captured(case):
+        def fn(x, w, b):
+            if torch.cuda.is_current_stream_capturing():
+                return torch.zeros(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+            return F.gelu(F.linear(x, w, b))
+        return fn
+
+    provs = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager),
+             "not-captured": harness.Provider(build=not_captured)}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: provs)
+    case = bench_linear_gelu._case(torch.bfloat16, "none", 16, 256, 512)
+    ceil = {**CEIL, "gemm_tflops": 100.0, "int8_tops": 200.0, "copy_gbps": 1000.0}
+    run = harness.run_op(bench_linear_gelu, [case], "cuda", ceil, list(provs), ["fwd", "fwd_graph"],
+                         checkpoint=lambda r: None)
+    status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
+    assert status == {("torch-eager", "fwd"): "ok", ("torch-eager", "fwd_graph"): "ok",
+                      ("not-captured", "fwd"): "ok", ("not-captured", "fwd_graph"): "FAIL"}
+    graph_rows = [r for r in run.rows if r["mode"] == "fwd_graph"]
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in graph_rows)
