@@ -4,8 +4,9 @@ test_linear_gelu.py; the float64 rule also serves cuda_kernel_checks.py).
 Skipping a test whose backend is missing; tests over lists of named cases; a result against
 float64, with effkern.testing's tolerance of PyTorch's own error in the same precision; bad calls
 raising clear errors; torch.library.opcheck over an op's sample inputs; a torch.compile'd training
-step against eager mode; fine-tuning a layer; a Triton kernel compiled for a GPU without one (the
-``compile_for_gpu`` fixture, conftest.py) landing on tensor cores.
+step against eager mode; an op captured in a CUDA graph against eager mode (GPU); fine-tuning a
+layer; a Triton kernel compiled for a GPU without one (the ``compile_for_gpu`` fixture,
+conftest.py) landing on tensor cores.
 """
 
 from __future__ import annotations
@@ -99,6 +100,54 @@ def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
                 assert got is not None and want is not None
                 torch.testing.assert_close(got, want)
             layer.zero_grad(set_to_none=True)
+
+
+def assert_cuda_graph_replays_like_eager(backend: str, fn, make_inputs):
+    """fn(*inputs) under ``backend``, and its backward for the inputs that require grad, captured
+    in a CUDA graph once: for two fresh sets of inputs (make_inputs(seed), seeds 1 and 2) copied
+    into the captured ones, a replay gives what eager mode gives for them (output and gradients),
+    and the two replays differ (the graph reads its inputs, not values fixed at capture). The
+    weights fn closes over stay as they are: a graph holds what was derived from them before it."""
+    needs_backend(backend, "cuda")
+    static = make_inputs(0)
+    trained = [i for i, t in enumerate(static) if t.requires_grad]
+    with ek.use_backend(backend):
+        grad_out = torch.randn_like(fn(*static))
+
+        def step():
+            for i in trained:
+                static[i].grad = None
+            out = fn(*static)
+            if trained:
+                out.backward(grad_out)
+            return out, [static[i].grad for i in trained]
+
+        # torch's rule for capture: warm up on a side stream (autotuning, caches, lazy init)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, grads = step()
+
+        replayed = []
+        for seed in (1, 2):
+            fresh = make_inputs(seed)
+            with torch.no_grad():
+                for s, f in zip(static, fresh, strict=True):
+                    s.copy_(f)
+            graph.replay()
+            out_eager = fn(*fresh)
+            if trained:
+                out_eager.backward(grad_out)
+            torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+            for i, g in zip(trained, grads, strict=True):
+                torch.testing.assert_close(g, fresh[i].grad, rtol=0, atol=0)
+            replayed.append(out.clone())
+    assert not torch.equal(replayed[0], replayed[1]), "the replays ignored their new inputs"
 
 
 def assert_fine_tuning_lowers_the_loss(layer: torch.nn.Module, x, target, steps: int):

@@ -14,8 +14,8 @@ import effkern as ek
 from effkern.attention import (_sdpa_fast_path, flash_attention, flash_attention_reference,
                                scaled_dot_product_attention, visible)
 
-from op_checks import (assert_bad_call_raises, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name)
+from op_checks import (assert_bad_call_raises, assert_cuda_graph_replays_like_eager, assert_matches_float64,
+                       assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 
@@ -433,6 +433,17 @@ def test_gpu_split_kv_decoding_matches_float64():
     same, _ = attention_in(torch.bfloat16, q, k, v, True, (-1, -1), 0.0)
     assert_matches_float64(out, out64, same, Skv, what="out")
     torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,Skv,causal", [(2, 6, 2, 200, 200, True),  # forward and backward
+                                                    (2, 32, 8, 1, 8192, False)])  # split-KV decoding
+def test_gpu_cuda_graph_replays_like_eager(B, Hq, Hkv, Sq, Skv, causal):
+    def inputs(seed):
+        torch.manual_seed(seed)
+        return make(B, Hq, Hkv, Sq, Skv, 128, False, torch.bfloat16, "cuda")
+
+    assert_cuda_graph_replays_like_eager("triton", lambda q, k, v: flash_attention(q, k, v, causal=causal), inputs)
 
 
 # ---------------------------------------------------------------------------- GPU code, compiled here

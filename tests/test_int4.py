@@ -12,8 +12,8 @@ import effkern as ek
 from effkern.int4 import AWQ_ORDER, int4_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
-                       assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name)
+                       assert_cuda_graph_replays_like_eager, assert_linear_matches_float64, assert_matches_float64,
+                       assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 100)
@@ -428,3 +428,18 @@ def test_gpu_matches_float64(backend, M, group_size, dtype, poison_empty):
         y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
     assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64),
                                   ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,M", [("triton", 1), ("triton", 100), ("cuda", 1), ("cuda", 16)])
+def test_gpu_cuda_graph_replays_like_eager(backend, M):
+    """The CUDA backend's pre-shuffled weight is made by the warm-up, before the capture."""
+    N, K, G = 512, 1024, 128
+    qw, scales, zeros = quantized(N, K, G, torch.bfloat16, device="cuda")
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+
+    def inputs(seed):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+        return [x.to("cuda", torch.bfloat16).requires_grad_()]
+
+    assert_cuda_graph_replays_like_eager(backend, lambda x: ek.int4_linear(x, qw, scales, zeros, G, b), inputs)

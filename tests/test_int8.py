@@ -14,8 +14,9 @@ from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_re
                           int8_weight_only_linear_reference, quantize_rows_reference)
 
 from op_checks import (SHARED_LIMIT, assert_bad_call_raises, assert_compiles_like_eager,
-                       assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_matches_float64,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name)
+                       assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
+                       assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
+                       parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
@@ -681,3 +682,18 @@ def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):
         torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
         assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
                                grad @ dequantize_int8(qw, scale, torch.bfloat16), reduction=N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M", [1, 100])  # split-K (two kernels, a partial buffer), one program per tile
+def test_gpu_cuda_graph_replays_like_eager(mode, M):
+    K, N = 1024, 768
+    qw, scale = ek.quantize_int8(outlier_weight(N, K, device="cuda"))
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+
+    def inputs(seed):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+        return [x.to("cuda", torch.bfloat16).requires_grad_()]
+
+    assert_cuda_graph_replays_like_eager("triton", lambda x: LINEAR_OPS[mode](x, qw, scale, b), inputs)

@@ -12,8 +12,8 @@ import effkern as ek
 from effkern.linear_gelu import linear_gelu_reference
 from effkern.testing import assert_within_tolerance, max_error, within_tolerance
 
-from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name)
+from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_cuda_graph_replays_like_eager,
+                       assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 KERNEL_BACKENDS = ["triton", "cuda"]  # the reference backend is the oracle, tested separately
 
@@ -466,3 +466,14 @@ def test_gpu_backward_runs_on_the_selected_backend(monkeypatch):
 def test_gpu_auto_backend_runs():
     x, w, b = make_inputs(300, 500, 700, torch.bfloat16, device="cuda")
     check_against_float64(lambda *a: ek.linear_gelu(*a), x, w, b, "none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("M", [1, 100])
+def test_gpu_cuda_graph_replays_like_eager(backend, M):
+    def inputs(seed):
+        torch.manual_seed(seed)
+        return [t.requires_grad_() for t in make_inputs(M, 384, 512, torch.bfloat16, device="cuda")]
+
+    assert_cuda_graph_replays_like_eager(backend, lambda x, w, b: ek.linear_gelu(x, w, b, "tanh"), inputs)

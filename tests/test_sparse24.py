@@ -16,8 +16,8 @@ from effkern.sparse24 import (compress_24_reference, decompress_24_reference, pr
                               sparse24_linear_reference)
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
-                       assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_opcheck_passes,
-                       needs_backend, parametrize_by_name)
+                       assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
+                       assert_linear_matches_float64, assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 130)
@@ -336,3 +336,18 @@ def test_gpu_format_ops_match_the_reference():
     expected = compress_24_reference(pruned.cpu())
     assert torch.equal(values.cpu(), expected[0]) and torch.equal(meta.cpu(), expected[1])
     assert torch.equal(ek.decompress_24(values, meta).cpu(), decompress_24_reference(*expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,M", [("triton", 1), ("triton", 100), ("cuda", 1), ("cuda", 100)])
+def test_gpu_cuda_graph_replays_like_eager(backend, M):
+    """The CUDA backend's reordered weight is made by the warm-up, before the capture."""
+    N, K = 512, 1024
+    _, values, meta = compressed_sparse_weight(N, K, torch.bfloat16, device="cuda")
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+
+    def inputs(seed):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+        return [x.to("cuda", torch.bfloat16).requires_grad_()]
+
+    assert_cuda_graph_replays_like_eager(backend, lambda x: ek.sparse24_linear(x, values, meta, b), inputs)
