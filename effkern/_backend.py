@@ -20,6 +20,7 @@ CUDA backward ops on its own worker thread, which must see the same choice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -59,6 +60,7 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

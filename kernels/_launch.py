@@ -8,13 +8,40 @@ small fixed config keeps the tests quick and makes odd test sizes cross tile edg
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from effkern._backend import triton_interpreter_on as interpreted
+from effkern._backend import triton_interpreter_on
+
+
+# Host-side helpers on the launch path, which runs once per op call: at decoding sizes its CPU
+# time is as long as the GPU work. triton.cdiv and triton.next_power_of_2 are constexpr functions
+# for use inside kernels and cost ~2 us per host call (triton 3.8); these cost ~0.05 us.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def interpreted() -> bool:
+    # triton fixed the mode of every kernel when it was imported (above): read the switch once
+    return triton_interpreter_on()
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current for a Triton launch (it launches on the current device), if it
+    is not already: switching devices costs microseconds per call."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @triton.jit
@@ -39,7 +66,7 @@ def prune_by_rows(rows_arg: str, block_arg: str):
     # re-read the weight too often once there are many rows. Autotuning stays short. (Configs
     # that do not fit the shared memory are skipped by the autotuner itself.)
     def prune(configs, named_args, **_):
-        limit = max(16, triton.next_power_of_2(named_args[rows_arg]))
+        limit = max(16, next_power_of_2(named_args[rows_arg]))
         kept = [c for c in configs if min(limit, 64) <= c.kwargs[block_arg] <= limit]
         return kept or [min(configs, key=lambda c: c.kwargs[block_arg])]
 
@@ -64,7 +91,7 @@ def launch(tuned, plain, grid, args, kwargs, fixed: dict) -> None:
     if interpreted():
         plain[grid](*args, **kwargs, **fixed["interpreter"])
         return
-    with torch.cuda.device(args[0].device):
+    with on_device(args[0].device):
         if autotune_on():
             tuned[grid](*args, **kwargs)
         else:
@@ -73,4 +100,4 @@ def launch(tuned, plain, grid, args, kwargs, fixed: dict) -> None:
 
 def tiles(rows: int, cols: int, rows_block: str, cols_block: str, *more: int):
     """Grid of one program per output tile (times ``more``, e.g. split-K slices)."""
-    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]), *more)
+    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]), *more)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import config, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from ._launch import cdiv, config, grouped_tile, interpreted, launch, on_device, prune_by_rows, tiles
 
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
@@ -105,8 +105,8 @@ def choose_split_k(M: int, N: int, K: int, device: torch.device, block: tuple[in
     bm, bn, bk = block
     if M > SPLIT_MAX_ROWS or K == 0:
         return 1
-    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    return max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), triton.cdiv(K, 4 * bk)))
+    n_tiles = cdiv(M, bm) * cdiv(N, bn)
+    return max(1, min(cdiv(2 * _sm_count(device), n_tiles), cdiv(K, 4 * bk)))
 
 
 def run_split_k(gemm, gemm_args, gemm_flags: dict, setting: dict, splits: int, c: torch.Tensor, K: int,
@@ -120,23 +120,23 @@ def run_split_k(gemm, gemm_args, gemm_flags: dict, setting: dict, splits: int, c
     stores the raw sum (int8_mm)."""
     M, N = c.shape
     bm, bn, bk = setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    k_per_split = cdiv(cdiv(K, splits), bk) * bk
     if max_k_per_split:
         k_per_split = min(k_per_split, max_k_per_split)
-    splits = triton.cdiv(K, k_per_split)
+    splits = cdiv(K, k_per_split)
     part = torch.empty((splits, M, N), dtype=part_dtype, device=c.device)
     reduce_args = (part, a_scale if a_scale is not None else c, b_scale if b_scale is not None else c,
                    bias if bias is not None else c, c, M, N, splits,
                    part.stride(0), part.stride(1), c.stride(0), c.stride(1))
     reduce_flags = dict(WIDE=wide, DEQUANT=dequant, SCALE_ROWS=a_scale is not None,
                         SCALE_COLS=b_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), splits)
-    reduce_grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm) * cdiv(N, bn), splits)
+    reduce_grid = (cdiv(M, bm), cdiv(N, bn))
     if interpreted():
         gemm[grid](*gemm_args(part, k_per_split), **gemm_flags, **setting)
         splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags)
     else:
-        with torch.cuda.device(c.device):
+        with on_device(c.device):
             gemm[grid](*gemm_args(part, k_per_split), **gemm_flags, **setting)
             splitk_reduce_kernel[reduce_grid](*reduce_args, **reduce_flags, num_warps=4)
     return c

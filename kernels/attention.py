@@ -35,13 +35,11 @@ batch x query head). Both deterministic.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreted
+from ._launch import cdiv, interpreted, next_power_of_2, on_device
 from ._splitk import _sm_count
 
 LOG2E = 1.4426950408889634
@@ -344,7 +342,7 @@ def flash_attn_bwd_dq_kernel(
 # odd test sizes cross tile edges and the suite stays quick.
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def _fwd_config(D: int) -> dict:
@@ -393,10 +391,6 @@ def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int
     return left, right
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
                   device: torch.device) -> int:
     """Splits of the keys for the split-KV (flash-decoding) forward, 1 for the plain forward.
@@ -410,8 +404,8 @@ def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left
     left, right = _bounds(Sq, Skv, causal, left, right)
     block_m, block_n = (_decode_config(D)[name] for name in ("BLOCK_M", "BLOCK_N"))
     keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
-    programs = B * Hq * triton.cdiv(Sq, block_m)
-    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
+    programs = B * Hq * cdiv(Sq, block_m)
+    return max(1, min(cdiv(2 * _sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
@@ -439,8 +433,8 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     common = (Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
     if not split:
         cfg = _fwd_config(D)
-        with _device(q):
-            flash_attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq, 1)](
+        with on_device(q.device):
+            flash_attn_fwd_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * Hq, 1)](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0,
                 SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
         return out, lse
@@ -448,8 +442,8 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     cfg = _decode_config(D)
     part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((splits, B, Hq, Sq), dtype=torch.float32, device=q.device)
-    blocks = triton.cdiv(Sq, cfg["BLOCK_M"])
-    with _device(q):
+    blocks = cdiv(Sq, cfg["BLOCK_M"])
+    with on_device(q.device):
         flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
             q, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
             splits, part.stride(0), part_lse.stride(0), SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
@@ -477,15 +471,15 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
     kv_cfg, q_cfg = _bwd_configs(D)
     common = (Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
     flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D))
-    with _device(q):
+    with on_device(q.device):
         rows_block = 16 if interpreted() else 64
-        flash_attn_bwd_preprocess_kernel[(triton.cdiv(Sq, rows_block), B * Hq)](
+        flash_attn_bwd_preprocess_kernel[(cdiv(Sq, rows_block), B * Hq)](
             out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq, D,
             HAS_DLSE=dlse is not None, BLOCK_M=rows_block, BLOCK_D=_block_d(D))
-        flash_attn_bwd_dkdv_kernel[(triton.cdiv(Skv, kv_cfg["BLOCK_N"]), B * Hkv)](
+        flash_attn_bwd_dkdv_kernel[(cdiv(Skv, kv_cfg["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, *common, **flags, **kv_cfg)
-        flash_attn_bwd_dq_kernel[(triton.cdiv(Sq, q_cfg["BLOCK_M"]), B * Hq)](
+        flash_attn_bwd_dq_kernel[(cdiv(Sq, q_cfg["BLOCK_M"]), B * Hq)](
             q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *dq.stride(), Hq, Hq // Hkv, *common, **flags, **q_cfg)
     return dq, dk, dv

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, interpreted
+from ._launch import cdiv, dot_precision, interpreted, next_power_of_2, on_device
 from ._splitk import dequant_epilogue, launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_tile
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
@@ -148,14 +148,14 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     if K == 0:
         return q, scale.zero_()
-    block_k = min(triton.next_power_of_2(K), 1024)
-    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_k))
-    grid = (triton.cdiv(R, block_r),)
+    block_k = min(next_power_of_2(K), 1024)
+    block_r = max(1, min(next_power_of_2(R), 4096 // block_k))
+    grid = (cdiv(R, block_r),)
     args = (x, q, scale, R, K, x.stride(0), x.stride(1), q.stride(0), q.stride(1))
     if interpreted():
         quantize_rows_int8_kernel[grid](*args, BLOCK_R=block_r, BLOCK_K=block_k)
     else:
-        with torch.cuda.device(x.device):
+        with on_device(x.device):
             quantize_rows_int8_kernel[grid](*args, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return q, scale
 
@@ -188,7 +188,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
     exact_slices = a_int8 and dequant  # each slice's int32 sum must stay exact
     return launch_weight_gemm(
         _gemm, _gemm_tuned, a, (b, *scales_and_bias), (b.stride(0), b.stride(1)), c, K, flags, _FIXED, _SPLIT,
-        split_k=split_k, min_splits=triton.cdiv(K, MAX_EXACT_K) if exact_slices else 1,
+        split_k=split_k, min_splits=cdiv(K, MAX_EXACT_K) if exact_slices else 1,
         split_flags=dict(flags, DEQUANT=False), part_dtype=torch.int32 if a_int8 else torch.float32,
         a_scale=a_scale, b_scale=b_scale if flags["SCALE_COLS"] else None, bias=bias, wide=exact_slices,
         dequant=dequant, max_k_per_split=MAX_EXACT_K if exact_slices else None)

@@ -327,3 +327,23 @@ def test_graph_timing_checks_what_the_replays_write(monkeypatch):
                       ("not-captured", "fwd"): "ok", ("not-captured", "fwd_graph"): "FAIL"}
     graph_rows = [r for r in run.rows if r["mode"] == "fwd_graph"]
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in graph_rows)
+
+
+def test_overhead_tool_stubs_and_counts_each_launch_then_restores_them():
+    from bench import overhead
+    from effkern.kernels._launch import interpreted
+
+    if not interpreted():
+        pytest.skip("bench.overhead stubs the Triton interpreter's launches (CPU machines)")
+    wanted = ["F.linear", "int8_linear", "flash_attention (decode)"]
+    rows = {r["call"]: r for r in overhead.measure(wanted, target_s=0.001)}
+    assert list(rows) == wanted and all(r["us"] > 0 for r in rows.values())
+    assert rows["F.linear"]["launches"] == []
+    assert rows["int8_linear"]["launches"] == ["quantize_rows_int8_kernel", "int8_matmul_kernel"]
+    assert rows["flash_attention (decode)"]["launches"] == ["flash_attn_fwd_kernel"]
+    # the real launches are back: the kernel computes again
+    x, w = torch.randn(3, 32), torch.randn(8, 32)
+    qw, scale = ek.quantize_int8(w)
+    with ek.use_backend("triton"):
+        y = ek.int8_weight_only_linear(x, qw, scale)
+    torch.testing.assert_close(y, int8_weight_only_linear_reference(x, qw, scale))
