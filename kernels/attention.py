@@ -55,10 +55,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
-            SOFTCAP: tl.constexpr):
-    """Masked scores in base 2 ([BLOCK_M, BLOCK_N], -inf where masked) and the softcap's tanh
-    (for the backward's chain rule; ones when there is no softcap)."""
+def _raw_scores(q, kt, qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """Scores in base 2 (scale and log2(e) folded in, after the softcap when there is one) and the
+    softcap's tanh (for the backward's chain rule; the raw scores when there is no softcap)."""
     s = tl.dot(q, kt).to(tl.float32)
     if SOFTCAP:
         t = _tanh(s * (qk_scale / softcap))
@@ -66,10 +65,73 @@ def _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
     else:
         t = s
         s = s * (qk_scale * 1.4426950408889634)
+    return s, t
+
+
+@triton.jit
+def _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
+            SOFTCAP: tl.constexpr):
+    """_raw_scores with the element mask applied: -inf where query i may not see key j."""
+    s, t = _raw_scores(q, kt, qk_scale, softcap, SOFTCAP)
     diag = offs_m[:, None] + off
     keep = ((offs_m[:, None] < Sq) & (offs_n[None, :] < Skv)
             & (offs_n[None, :] >= diag - LEFT) & (offs_n[None, :] <= diag + RIGHT))
     return tl.where(keep, s, float("-inf")), t
+
+
+@triton.jit
+def _load_tile(ptrs, idx, offs_d, limit, D, PAST_LIMIT: tl.constexpr, EVEN_D: tl.constexpr,
+               IDX_ALONG_ROWS: tl.constexpr):
+    # a [keys or queries, D] tile (or its transpose), masked only where it can run past ``limit``
+    # along idx (PAST_LIMIT) or past D (not EVEN_D)
+    if IDX_ALONG_ROWS:
+        idx_ok = idx[:, None] < limit
+        d_ok = offs_d[None, :] < D
+    else:
+        idx_ok = idx[None, :] < limit
+        d_ok = offs_d[:, None] < D
+    if not PAST_LIMIT:
+        if EVEN_D:
+            return tl.load(ptrs)
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs, mask=idx_ok, other=0.0)
+    return tl.load(ptrs, mask=idx_ok & d_ok, other=0.0)
+
+
+@triton.jit
+def _full_blocks(n, lo, full_from, full_to, BLOCK: tl.constexpr):
+    # of the blocks lo + i * BLOCK, i in [0, n), those lying inside [full_from, full_to): i in [i_lo, i_hi)
+    i_lo = tl.minimum(tl.cdiv(tl.maximum(full_from - lo, 0), BLOCK), n)
+    i_hi = tl.maximum(tl.minimum(tl.maximum(full_to - lo, 0) // BLOCK, n), i_lo)
+    return i_lo, i_hi
+
+
+@triton.jit
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, offs_m, offs_n, offs_d,
+                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # online softmax over key blocks first_block .. end_block - 1 (block i starts at key lo + i * BLOCK_N);
+    # MASKED: apply the element mask (blocks on the band's edges or past Skv); else every query row
+    # of the tile sees every key of the block (rows past Sq too: q is 0 there, their scores finite)
+    for i in range(first_block, end_block):
+        cols = lo + i * BLOCK_N + offs_n
+        kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
+                        MASKED, EVEN_D, False)
+        if MASKED:
+            s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
+        else:
+            s, _t = _raw_scores(q, kt, qk_scale, softcap, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, cols, offs_d, Skv, D,
+                       MASKED, EVEN_D, True)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -92,6 +154,7 @@ def flash_attn_fwd_kernel(
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SPLITS, stride_o_split, stride_lse_split,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     # program (query block, batch x query head, split s): split s of SPLITS takes its share of the
     # visible keys and writes its normalized output and lse at split offset s (SPLITS = 1: out, lse)
@@ -117,23 +180,26 @@ def flash_attn_fwd_kernel(
     lo = lo + split * chunk
     hi = tl.minimum(hi, lo + chunk)
 
+    # its key blocks 0 .. n - 1, and among them i_lo .. i_hi - 1, those every query row of the tile
+    # sees in full: keys from first + BLOCK_M - 1 + off - LEFT (the last row's left bound) up to
+    # min(Skv, first + off + RIGHT + 1) (the first row's right bound). Only the others need the
+    # element mask.
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
+                              BLOCK_N)
+
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
-        kv_mask = (cols[None, :] < Skv) & d_ok[:, None]
-        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0)
-        s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no NaN from -inf - -inf
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=(cols[:, None] < Skv) & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, 0, i_lo, offs_m, offs_n, offs_d,
+                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                                    qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_lo, i_hi, offs_m, offs_n, offs_d,
+                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                                    qk_scale, softcap, SOFTCAP, False, EVEN_D, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_hi, n, offs_m, offs_n, offs_d,
+                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                                    qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -215,16 +281,64 @@ def flash_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap,
-                       SOFTCAP: tl.constexpr):
+                       SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
     """p = softmax probabilities [BLOCK_M, BLOCK_N] and dS, the gradient of the raw scores q.k
-    (without the scale), both fp32."""
-    s, t = _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
+    (without the scale), both fp32. MASKED: apply the element mask (else every pair is visible,
+    or a query row past Sq, whose zero q and dO make its p and dS add nothing)."""
+    if MASKED:
+        s, t = _scores(q, kt, offs_m, offs_n, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
+    else:
+        s, t = _raw_scores(q, kt, qk_scale, softcap, SOFTCAP)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, v_t).to(tl.float32)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     return p, ds
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, lo, first_block, end_block, offs_m,
+                       offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd, Sq, Skv, D, off, LEFT, RIGHT,
+                       qk_scale, softcap, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    # dK and dV of this key block from query blocks first_block .. end_block - 1 (block i starts at
+    # row lo + i * BLOCK_M); not MASKED: every row is below Sq and sees every key of the block
+    for i in range(first_block, end_block):
+        rows = lo + i * BLOCK_M + offs_m
+        q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, rows, offs_d, Sq, D,
+                       MASKED, EVEN_D, True)
+        do = _load_tile(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows, offs_d, Sq, D,
+                        MASKED, EVEN_D, True)
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=rows < Sq, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, rows, offs_n, Sq, Skv, off, LEFT, RIGHT,
+                                   qk_scale, softcap, SOFTCAP, MASKED)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, offs_m, offs_n, offs_d,
+                   stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+                   SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dQ of this query block from key blocks first_block .. end_block - 1, as in _fwd_key_blocks
+    for i in range(first_block, end_block):
+        cols = lo + i * BLOCK_N + offs_n
+        kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
+                        MASKED, EVEN_D, False)
+        v_t = _load_tile(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, cols, offs_d, Skv, D,
+                         MASKED, EVEN_D, False)
+        p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, cols, Sq, Skv, off, LEFT, RIGHT,
+                                   qk_scale, softcap, SOFTCAP, MASKED)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq
 
 
 @triton.jit
@@ -238,6 +352,7 @@ def flash_attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     Hq, Hkv, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -262,25 +377,27 @@ def flash_attn_bwd_dkdv_kernel(
     lo = tl.maximum(first - off - RIGHT, 0)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.minimum(first + BLOCK_N - 1 - off + LEFT + 1, Sq)
+    # of its query blocks 0 .. n - 1, i_lo .. i_hi - 1 see every key of this block and lie below Sq:
+    # rows from first + BLOCK_N - 1 - off - RIGHT (the last key's lower bound) up to
+    # min(Sq, first + 1 - off + LEFT) (the first key's upper bound); none when the keys pass Skv
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_N - 1 - off - RIGHT, tl.minimum(Sq, first + 1 - off + LEFT),
+                              BLOCK_M)
+    i_hi = tl.where(first + BLOCK_N <= Skv, i_hi, i_lo)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_db + h * stride_dh
         row_base = (b * Hq + h) * Sq
-        for start in range(lo, hi, BLOCK_M):
-            rows = start + offs_m
-            r_ok = rows < Sq
-            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                         mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(lse_ptr + row_base + rows, mask=r_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(delta_ptr + row_base + rows, mask=r_ok, other=0.0)
-            p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, rows, offs_n, Sq, Skv, off, LEFT, RIGHT,
-                                       qk_scale, softcap, SOFTCAP)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
+                                    0, i_lo, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
+                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
+                                    i_lo, i_hi, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
+                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, False, EVEN_D, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
+                                    i_hi, n, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
+                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_M)
 
     dk = dk * qk_scale
     dk_ptrs = dk_ptr + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
@@ -300,6 +417,7 @@ def flash_attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
     off = Skv - Sq
@@ -323,14 +441,18 @@ def flash_attn_bwd_dq_kernel(
     lo = tl.maximum(first + off - LEFT, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
-        t_mask = (cols[None, :] < Skv) & d_ok[:, None]
-        kt = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
-        p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, cols, Sq, Skv, off, LEFT, RIGHT,
-                                   qk_scale, softcap, SOFTCAP)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
+                              BLOCK_N)  # as in the forward
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, 0, i_lo, offs_m, offs_n, offs_d, stride_ks,
+                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
+                        True, EVEN_D, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_lo, i_hi, offs_m, offs_n, offs_d, stride_ks,
+                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
+                        False, EVEN_D, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_hi, n, offs_m, offs_n, offs_d, stride_ks,
+                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
+                        True, EVEN_D, BLOCK_N)
 
     dq = dq * qk_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
@@ -436,7 +558,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         with on_device(q.device):
             flash_attn_fwd_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * Hq, 1)](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0,
-                SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+                SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D), **cfg)
         return out, lse
     # split-KV: normalized fp32 partials and their lse per split, merged by their lse
     cfg = _decode_config(D)
@@ -446,7 +568,8 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     with on_device(q.device):
         flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
             q, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
-            splits, part.stride(0), part_lse.stride(0), SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), **cfg)
+            splits, part.stride(0), part_lse.stride(0), SOFTCAP=softcap > 0, BLOCK_D=_block_d(D),
+            EVEN_D=D == _block_d(D), **cfg)
         flash_attn_decode_merge_kernel[(blocks, B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))
@@ -470,7 +593,7 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
     left, right = _bounds(Sq, Skv, causal, left, right)
     kv_cfg, q_cfg = _bwd_configs(D)
     common = (Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
-    flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D))
+    flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
     with on_device(q.device):
         rows_block = 16 if interpreted() else 64
         flash_attn_bwd_preprocess_kernel[(cdiv(Sq, rows_block), B * Hq)](

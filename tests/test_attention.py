@@ -480,7 +480,7 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
             requests[f"{name}{label}_d{D}"] = dict(
                 kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc,
                 num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"),
-                constexprs=dict(cfg, SOFTCAP=False, BLOCK_D=kernels._block_d(D)))
+                constexprs=dict(cfg, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True))
         merge = kernels.flash_attn_decode_merge_kernel
         requests[f"merge_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", types=_types(merge), cc=cc,
