@@ -62,6 +62,8 @@ RES=bench/results/$SLUG
 # the named families that have a benchmark (flash attention has none yet)
 BENCH_OPS=$($PY -c "import sys; from bench.__main__ import OPS; print(' '.join(o for o in sys.argv[1:] if o in OPS))" $OPS)
 if [[ -z $OPS || -n $BENCH_OPS ]]; then
+    # the autotuners' choices go to bench.log: which tile configs the numbers were measured at
+    export TRITON_PRINT_AUTOTUNING=1
     step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench $BENCH_OPS --quick --write-policy --out "$RES"
 fi
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, interpreted, next_power_of_2, on_device
+from ._launch import cdiv, interpreted, launch, next_power_of_2, on_device
 from ._splitk import _sm_count
 
 LOG2E = 1.4426950408889634
@@ -460,15 +460,44 @@ def flash_attn_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Launch configurations: fixed (no autotuning yet). Small tiles under the interpreter, so the
-# odd test sizes cross tile edges and the suite stays quick.
+# Launch configurations. Under the interpreter: small tiles, so the odd test sizes cross tile
+# edges and the suite stays quick. On a GPU: autotuned per (Sq, Skv, D, window bounds) over a
+# few tile shapes for the head-dim class (D <= 128, or up to 256), whose first entry is the one
+# used when autotuning is off (EFFKERN_TRITON_AUTOTUNE=0, as in the GPU tests). The decoding
+# (split-KV) forward is not tuned: its tiles follow from the few query rows.
 
 def _block_d(D: int) -> int:
     return max(16, next_power_of_2(D))
 
 
-def _fwd_config(D: int) -> dict:
-    return dict(BLOCK_M=32, BLOCK_N=16) if interpreted() else _fwd_config_gpu(D)
+def _configs(*tiles) -> list[triton.Config]:
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the query tile x key tile of the forward and the dQ
+# kernel; for the dK/dV kernel, BLOCK_N keys stay while BLOCK_M query rows stream. All fit the
+# shared memory of sm_80 and sm_90 (tests/test_attention.py compiles each).
+FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+               "d256": _configs((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3))}
+DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)),
+                "d256": _configs((16, 32, 4, 1), (32, 32, 4, 1), (16, 64, 4, 1), (32, 64, 8, 1))}
+DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)),
+              "d256": _configs((32, 16, 4, 1), (32, 32, 4, 1), (64, 16, 4, 1), (64, 32, 8, 1))}
+_TUNE_KEY = ["Sq", "Skv", "D", "LEFT", "RIGHT"]
+_fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_fwd_kernel) for c, cfgs in FWD_CONFIGS.items()}
+_dkdv_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["GROUP"])(flash_attn_bwd_dkdv_kernel)
+               for c, cfgs in DKDV_CONFIGS.items()}
+_dq_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_bwd_dq_kernel) for c, cfgs in DQ_CONFIGS.items()}
+
+
+def _d_class(D: int) -> str:
+    return "d128" if D <= 128 else "d256"
+
+
+def _fixed(config: triton.Config, interpreter: dict) -> dict:
+    """launch()'s fixed settings: the interpreter's tiles, and on a GPU ``config`` (the first tuned one)."""
+    return {"interpreter": interpreter,
+            "gpu": dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)}
 
 
 def _decode_config(D: int) -> dict:
@@ -480,27 +509,6 @@ def _decode_config_gpu(D: int) -> dict:
     if D <= 128:
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def _fwd_config_gpu(D: int) -> dict:
-    if D <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def _bwd_configs(D: int) -> tuple[dict, dict]:
-    """(dK/dV kernel, dQ kernel) configs; BLOCK_M streams in the first, BLOCK_N in the second."""
-    if interpreted():
-        return dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)
-    return _bwd_configs_gpu(D)
-
-
-def _bwd_configs_gpu(D: int) -> tuple[dict, dict]:
-    if D <= 128:
-        return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-                dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
-    return (dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-            dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
 
 
 def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int, int]:
@@ -553,12 +561,12 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         split = True
     left, right = _bounds(Sq, Skv, causal, left, right)
     common = (Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
+    flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
     if not split:
-        cfg = _fwd_config(D)
-        with on_device(q.device):
-            flash_attn_fwd_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * Hq, 1)](
-                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0,
-                SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D), **cfg)
+        d_class = _d_class(D)
+        launch(_fwd_tuned[d_class], flash_attn_fwd_kernel, lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * Hq, 1),
+               (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0), flags,
+               _fixed(FWD_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16)))
         return out, lse
     # split-KV: normalized fp32 partials and their lse per split, merged by their lse
     cfg = _decode_config(D)
@@ -568,8 +576,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     with on_device(q.device):
         flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
             q, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
-            splits, part.stride(0), part_lse.stride(0), SOFTCAP=softcap > 0, BLOCK_D=_block_d(D),
-            EVEN_D=D == _block_d(D), **cfg)
+            splits, part.stride(0), part_lse.stride(0), **flags, **cfg)
         flash_attn_decode_merge_kernel[(blocks, B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))
@@ -591,19 +598,20 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
     dlse = dlse.float().contiguous() if dlse is not None else None
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     left, right = _bounds(Sq, Skv, causal, left, right)
-    kv_cfg, q_cfg = _bwd_configs(D)
     common = (Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
     flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
+    d_class = _d_class(D)
     with on_device(q.device):
         rows_block = 16 if interpreted() else 64
         flash_attn_bwd_preprocess_kernel[(cdiv(Sq, rows_block), B * Hq)](
             out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), Hq, Sq, D,
             HAS_DLSE=dlse is not None, BLOCK_M=rows_block, BLOCK_D=_block_d(D))
-        flash_attn_bwd_dkdv_kernel[(cdiv(Skv, kv_cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, *common, **flags, **kv_cfg)
-        flash_attn_bwd_dq_kernel[(cdiv(Sq, q_cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dq.stride(), Hq, Hq // Hkv, *common, **flags, **q_cfg)
+    launch(_dkdv_tuned[d_class], flash_attn_bwd_dkdv_kernel, lambda meta: (cdiv(Skv, meta["BLOCK_N"]), B * Hkv),
+           (q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+            *dv.stride(), Hq, Hkv, Hq // Hkv, *common), flags,
+           _fixed(DKDV_CONFIGS[d_class][0], dict(BLOCK_M=16, BLOCK_N=32)))
+    launch(_dq_tuned[d_class], flash_attn_bwd_dq_kernel, lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * Hq),
+           (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), Hq,
+            Hq // Hkv, *common), flags, _fixed(DQ_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16)))
     return dq, dk, dv
 

@@ -421,6 +421,30 @@ def test_gpu_matches_float64(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D,index", [(D, i) for D in (128, 160) for i in range(4)])
+def test_gpu_every_tuned_config_matches_float64(D, index, monkeypatch):
+    """Each tile config the autotuner may pick (forward, dK/dV, dQ), run as the fixed config, on a
+    causal GQA case whose sizes are no multiple of any tile."""
+    needs_backend("triton", "cuda")
+    kernels = _kernels()
+    d_class = kernels._d_class(D)
+    for table in (kernels.FWD_CONFIGS, kernels.DKDV_CONFIGS, kernels.DQ_CONFIGS):
+        monkeypatch.setitem(table, d_class, [table[d_class][index]])
+    B, Hq, Hkv, Sq, Skv = 2, 6, 2, 333, 517
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, True, torch.bfloat16, "cuda")
+    with ek.use_backend("triton"):
+        out = flash_attention(q, k, v, causal=True)
+        dout = torch.randn_like(out)
+        got = grads(out, dout, (q, k, v))
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, _ = attention_in(torch.float64, *x64, True, (-1, -1), 0.0)
+    same, _ = attention_in(torch.bfloat16, q, k, v, True, (-1, -1), 0.0)
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    for name, g, w, b in zip("qkv", got, grads(out64, dout.double(), x64), grads(same, dout, (q, k, v))):
+        assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
+
+
+@pytest.mark.gpu
 def test_gpu_split_kv_decoding_matches_float64():
     """One query row over 32768 keys, GQA 32/8, D = 128, bf16: the split-KV path."""
     needs_backend("triton", "cuda")
@@ -463,24 +487,28 @@ def _types(kernel) -> dict:
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
-    """Each kernel at its GPU config for D = 64, 128 and 256 (compiled here, without a GPU): bf16
-    mma instructions in the PTX, shared memory within the card's limit."""
+    """Each kernel at every config it may run with on a GPU (the autotuned sets of both head-dim
+    classes, the decoding tiles), compiled here without a GPU: bf16 mma instructions in the PTX,
+    shared memory within the card's limit."""
     needs_backend("triton")
     from effkern.kernels import attention as kernels
     from op_checks import SHARED_LIMIT
 
     requests = {}
-    for D in (64, 128, 256):
-        kv_cfg, q_cfg = kernels._bwd_configs_gpu(D)
-        for name, cfg, label in (("flash_attn_fwd_kernel", kernels._fwd_config_gpu(D), ""),
-                                 ("flash_attn_fwd_kernel", kernels._decode_config_gpu(D), "_decode"),
-                                 ("flash_attn_bwd_dkdv_kernel", kv_cfg, ""), ("flash_attn_bwd_dq_kernel", q_cfg, "")):
-            cfg = dict(cfg)
-            fn = getattr(kernels, name)
-            requests[f"{name}{label}_d{D}"] = dict(
-                kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc,
-                num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"),
-                constexprs=dict(cfg, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True))
+
+    def add(name, D, label, config: dict, num_warps, num_stages):
+        fn = getattr(kernels, name)
+        requests[f"{name}_{label}_d{D}"] = dict(
+            kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc, num_warps=num_warps,
+            num_stages=num_stages, constexprs=dict(config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True))
+
+    for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
+        for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
+                              kernels.DKDV_CONFIGS), ("flash_attn_bwd_dq_kernel", kernels.DQ_CONFIGS)):
+            for i, c in enumerate(configs[d_class][:1] if D == 64 else configs[d_class]):
+                add(name, D, f"config{i}", c.kwargs, c.num_warps, c.num_stages)
+        decode = dict(kernels._decode_config_gpu(D))
+        add("flash_attn_fwd_kernel", D, "decode", decode, decode.pop("num_warps"), decode.pop("num_stages"))
         merge = kernels.flash_attn_decode_merge_kernel
         requests[f"merge_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", types=_types(merge), cc=cc,
