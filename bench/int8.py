@@ -2,8 +2,9 @@
 
 Shapes are (M, N, K): input x [M, K] in the activation dtype, weight [N, K] quantized to int8 per
 output channel (scale float32 [N]) once per case, offline and untimed; bias [N]; output [M, N].
-Param "quant": "w8a8" times ek.int8_linear, whose per-token quantization of x is part of the call;
-"w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
+Param "quant": "w8a8" times ek.int8_linear, whose per-token quantization of x is part of the call
+(effkern-triton: a separate quantization kernel; effkern-triton-fused: inside the GEMM; the faster
+goes to the policy that backend "auto" reads); "w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
 
 TFLOP/s counts 2*M*N*K for both (int8 TOPS for w8a8). % GEMM and the FLOP side of the floor are
 against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16. Bytes
@@ -14,6 +15,8 @@ them, and % floor is the share of the copy bandwidth that the weight reads reach
 
 from __future__ import annotations
 
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,9 @@ BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
 # then fp32, then the activation dtype) sets "PyTorch's error". torch-int-mm would for w8a8, but
 # cuBLAS refuses M <= 16, and W8A16 has no other PyTorch form that computes the same function.
 ERROR_BASELINE = "reference"
-POLICY_BACKENDS: dict = {}  # triton is the int8 ops' only GPU backend: no policy
+# triton is the int8 ops' only GPU backend; what auto chooses is how W8A8 quantizes its input
+# (effkern.int8.w8a8_quantization): these two providers time the two ways
+POLICY_BACKENDS = {"effkern-triton": "separate", "effkern-triton-fused": "fused"}
 MODES = ("fwd",)
 
 QUANTS = ("w8a8", "w8a16")
@@ -96,9 +101,32 @@ def _quantized(case: Case):
     return lambda x, w, qw, scale, b: op(x, qw, scale, b)
 
 
-def _effkern(backend: str) -> Provider:
+def _effkern(backend: str, quantization: str | None = None) -> Provider:
     # w8a8's int8 tl.dot runs in the interpreter with bf16 activations; w8a16's bf16 one does not
-    return effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16")
+    prov = effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16")
+    if quantization is None:
+        return prov
+
+    @contextlib.contextmanager
+    def context():
+        # W8A8's activation quantization forced to one way (the variable is read per call)
+        saved = os.environ.get("EFFKERN_INT8_QUANTIZATION")
+        os.environ["EFFKERN_INT8_QUANTIZATION"] = quantization
+        try:
+            with prov.context():
+                yield
+        finally:
+            if saved is None:
+                del os.environ["EFFKERN_INT8_QUANTIZATION"]
+            else:
+                os.environ["EFFKERN_INT8_QUANTIZATION"] = saved
+
+    def available(case, device, mode):
+        if quantization == "fused" and case.params["quant"] != "w8a8":
+            return False, "W8A8 only (the fused quantization of the activations)"
+        return prov.available(case, device, mode)
+
+    return Provider(build=prov.build, available=available, context=context)
 
 
 def _int_mm_w8a8(x, w, qw, scale, b):
@@ -121,7 +149,8 @@ def _int_mm_available(case, device, mode):
 
 def providers() -> dict[str, Provider]:
     return {
-        "effkern-triton": _effkern("triton"),
+        "effkern-triton": _effkern("triton", "separate"),
+        "effkern-triton-fused": _effkern("triton", "fused"),
         "reference": _effkern("reference"),
         # bf16 cuBLAS on the unquantized weight: what int8 has to beat, column "x linear"; another
         # function (no quantization), so timed but not checked

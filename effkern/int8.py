@@ -20,6 +20,10 @@ Ops (schemas defined here and nowhere else):
       dequantized to grad_out's dtype; grad_bias = grad_out summed over tokens
 Python function: quantize_int8(weight) -> (qweight int8 [N, K], scale float32 [N]).
 
+int8_linear on the triton backend quantizes the activations either in a kernel of their own
+before the GEMM or inside the GEMM (w8a8_quantization(): EFFKERN_INT8_QUANTIZATION, or on auto
+the faster as measured per shape on this GPU model); the results are the same bits.
+
 Autograd: the weight is frozen (int8 tensors cannot require grad; a weight_scale that requires
 grad is an error). For W8A8 the gradient flows through the per-token quantization of the
 input as if it were the identity (the straight-through estimator of quantization-aware
@@ -28,12 +32,15 @@ training), so both linear ops share one backward.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._registry import register_autocast, register_family
 from ._tensors import empty, rows
@@ -297,10 +304,44 @@ def int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor, b_scale: Tensor, bias
 
 # ---------------------------------------------------------------------------- linear layers
 
+QUANTIZATIONS = ("auto", "fused", "separate")
+
+
+def w8a8_quantization() -> str:
+    """How the triton backend quantizes int8_linear's activations: "separate" (a quantization
+    kernel, then the int8 GEMM) or "fused" (inside the GEMM, per tile: no int8 copy of x, no
+    second launch, but every program re-reads its rows for their absmax). Both give the same
+    bits. From EFFKERN_INT8_QUANTIZATION (auto|fused|separate, default auto), read per call;
+    auto takes the faster as measured on this GPU model (effkern/policies/int8.json), else
+    separate."""
+    name = os.environ.get("EFFKERN_INT8_QUANTIZATION", "auto") or "auto"
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"EFFKERN_INT8_QUANTIZATION: unknown value {name!r}; expected one of {QUANTIZATIONS}")
+    return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _measured_quantization(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
+    # cached: the lookup would otherwise cost as much as a decode-sized GEMM
+    if device.type != "cuda":
+        return "separate"
+    return _policy.choose("int8", "fwd", torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."),
+                          M, N, K, quant="w8a8") or "separate"
+
+
+def _fuse_quantization(x2d: Tensor, N: int) -> bool:
+    name = w8a8_quantization()
+    if name == "auto":
+        name = _measured_quantization(x2d.device, x2d.dtype, x2d.shape[0], N, x2d.shape[1])
+    return name == "fused"
+
+
 def _linear_2d(op: str, input: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     x2d = rows(input)
     kernels = _kernels()
-    if op == "int8_linear":
+    if op == "int8_linear" and _fuse_quantization(x2d, qweight.shape[0]):
+        out = kernels.int8_matmul(x2d, qweight.t(), None, weight_scale, bias, input.dtype, quantize_a=True)
+    elif op == "int8_linear":
         xq, xs = kernels.quantize_rows_int8(x2d)
         out = kernels.int8_matmul(xq, qweight.t(), xs, weight_scale, bias, input.dtype)
     else:

@@ -9,6 +9,11 @@ GEMM, ``int8_matmul_kernel``, C[m, n] = epilogue(sum_k A[m, k] * B[k, n]), B an 
 read through strides (W^T for the forward, W itself for the backward):
     W8A8   (A int8):   acc = sum_k A * B in int32 (exact), then
                        C = acc * a_scale[m] * b_scale[n] + bias[n]       fp32, cast to C's dtype
+    W8A8 with the quantization fused (A float, QUANT_A): each program first takes the absmax of
+                       its rows over all of K (the rows come from L2 after the first program),
+                       then quantizes each A tile in registers exactly as quantize_rows_int8_kernel
+                       does (the same helpers), so C is bit for bit the unfused one's; the row
+                       scales are also stored for the split-K reduction
     W8A16  (A float):  B converted to A's dtype inside the K loop (exact: |B| <= 127),
                        fp32 accumulation on the 16-bit tensor cores, C = acc * b_scale[n] + bias[n]
     backward (A = grad_out, B = W, scales along the reduction): B dequantized in the loop,
@@ -42,6 +47,27 @@ def round_half_even(v):
 
 
 @triton.jit
+def row_scales(x_ptr, rows64, row_ok, K, stride_xr, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the rows' absmax over all of K, / 127 correctly rounded: (scale, the divisor to quantize by,
+    # 1 where the scale is 0 so an all-zero row gives q = 0, not 0/0)
+    cols = tl.arange(0, BLOCK_K)[None, :]
+    amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        m = row_ok[:, None] & (cols < K - k)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.math.div_rn(tl.max(amax, axis=1), INT8_MAX)
+    return scale, tl.where(scale > 0.0, scale, 1.0)
+
+
+@triton.jit
+def quantize_tile(x, divisor):
+    # clamp(round_half_even(x / divisor[row]), -127, 127) as int8
+    v = round_half_even(tl.math.div_rn(x.to(tl.float32), divisor[:, None]))
+    return tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX).to(tl.int8)
+
+
+@triton.jit
 def quantize_rows_int8_kernel(
     x_ptr, q_ptr, scale_ptr,
     R, K,
@@ -50,23 +76,14 @@ def quantize_rows_int8_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    rows64 = rows.to(tl.int64)[:, None]
+    rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_K)[None, :]
     # Pass 1: row absmax. Pass 2 reads the row again (from L2) to scale, round and store.
-    amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    scale, divisor = row_scales(x_ptr, rows64, row_ok, K, stride_xr, stride_xk, BLOCK_R, BLOCK_K)
     for k in range(0, K, BLOCK_K):
         m = row_ok[:, None] & (cols < K - k)
-        x = tl.load(x_ptr + rows64 * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.math.div_rn(tl.max(amax, axis=1), INT8_MAX)
-    has_scale = scale > 0.0
-    divisor = tl.where(has_scale, scale, 1.0)[:, None]  # all-zero rows: q = 0, no 0/0
-    for k in range(0, K, BLOCK_K):
-        m = row_ok[:, None] & (cols < K - k)
-        x = tl.load(x_ptr + rows64 * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
-        v = round_half_even(tl.math.div_rn(x.to(tl.float32), divisor))
-        v = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)
-        tl.store(q_ptr + rows64 * stride_qr + (cols + k) * stride_qk, v.to(tl.int8), mask=m)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
+        tl.store(q_ptr + rows64[:, None] * stride_qr + (cols + k) * stride_qk, quantize_tile(x, divisor), mask=m)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
@@ -75,7 +92,7 @@ def int8_matmul_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
     M, N, K, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
-    A_INT8: tl.constexpr, SCALE_K: tl.constexpr, DEQUANT: tl.constexpr,
+    A_INT8: tl.constexpr, QUANT_A: tl.constexpr, SCALE_K: tl.constexpr, DEQUANT: tl.constexpr,
     SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -84,8 +101,12 @@ def int8_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + rn[None, :] * stride_bn
+    if QUANT_A:
+        # rm wraps onto valid rows: every row of the tile has a scale (duplicates are not stored)
+        a_scale, divisor = row_scales(a_ptr, rm, rm < M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K)
+        tl.store(a_scale_ptr + offs_m, a_scale, mask=offs_m < M)  # same values from every program
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 else tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 or QUANT_A else tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -96,6 +117,8 @@ def int8_matmul_kernel(
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
         if A_INT8:
             acc = tl.dot(a, b, acc)
+        elif QUANT_A:
+            acc = tl.dot(quantize_tile(a, divisor), b, acc)
         else:
             if SCALE_K:
                 s = tl.load(b_scale_ptr + k + offs_k, mask=offs_k < k_end - k, other=0.0)
@@ -107,6 +130,8 @@ def int8_matmul_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if DEQUANT:
+        if QUANT_A:  # the row scale from registers, first, as dequant_epilogue would apply it
+            acc = acc.to(tl.float32) * a_scale[:, None]
         acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
                                SCALE_ROWS, SCALE_COLS, HAS_BIAS)
     store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
@@ -135,8 +160,10 @@ _GEMM_SHAPES = [
 _FIXED = {"interpreter": ((32, 32, 64, 4), 1, 4), "gpu": ((64, 128, 128, 8), 3, 4)}
 # The split-K launch: 16 rows (the smallest tl.dot tile) by 64 columns, 256 deep.
 _SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4)}
-# stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W).
-_gemm, _gemm_tuned = weight_gemm_kernels(int8_matmul_kernel, _GEMM_SHAPES, key=("M", "N", "K", "stride_bk"))
+# stride_bk tells forward launches (B = W^T, unit stride along K) from backward ones (B = W);
+# QUANT_A the fused W8A8 from W8A16 (both read a float A).
+_gemm, _gemm_tuned = weight_gemm_kernels(int8_matmul_kernel, _GEMM_SHAPES,
+                                         key=("M", "N", "K", "stride_bk", "QUANT_A"))
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,11 +189,13 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, out_dtype: torch.dtype, scale_k: bool = False,
-                split_k: int | None = None) -> torch.Tensor:
+                split_k: int | None = None, quantize_a: bool = False) -> torch.Tensor:
     """C [M, N] = epilogue(a @ b) for a [M, K] (int8 or float), b [K, N] int8, both any strides.
 
     a int8: int32 accumulation; with ``out_dtype`` int32 the raw accumulator is returned (no
     scales, no bias), otherwise C = acc * a_scale[:, None] * b_scale[None, :] + bias.
+    a float with ``quantize_a`` (W8A8, a_scale None): a quantized per row inside the GEMM, then
+    as for int8 a with its row scales; the same C as quantize_rows_int8 followed by this.
     a float: C = (a @ b) * b_scale[None, :] + bias, or with ``scale_k`` (b_scale of length K)
     C = a @ (b * b_scale[:, None]), b dequantized to a's dtype in the loop.
     ``split_k`` forces a number of K slices (tests); None chooses by shape.
@@ -178,11 +207,17 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
+    if quantize_a and K == 0:  # nothing to quantize: all scales 0, as quantize_rows_int8 gives
+        return int8_matmul(a.new_zeros((M, 0), dtype=torch.int8), b, a.new_zeros((M,), dtype=torch.float32),
+                           b_scale, bias, out_dtype)
     # The kernels index the per-row/per-column vectors with unit stride.
     a_scale, b_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, b_scale, bias))
-    flags = dict(A_INT8=a_int8, SCALE_K=scale_k, DEQUANT=dequant,
+    flags = dict(A_INT8=a_int8, QUANT_A=quantize_a, SCALE_K=scale_k, DEQUANT=dequant,
                  SCALE_ROWS=a_scale is not None, SCALE_COLS=b_scale is not None and not scale_k,
                  HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
+    if quantize_a:  # the kernel writes the row scales here, for the split-K reduction's epilogue
+        a_scale = torch.empty((M,), dtype=torch.float32, device=a.device)
+        a_int8 = True  # from here on: int32 accumulators, as for int8 a
     scales_and_bias = (a_scale if a_scale is not None else c, b_scale if b_scale is not None else c,
                        bias if bias is not None else c)
     exact_slices = a_int8 and dequant  # each slice's int32 sum must stay exact

@@ -93,7 +93,8 @@ def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     status = {(r["provider"], r["params"]["quant"], r["mode"]): r["status"] for r in run.rows}
     assert {mode for _, _, mode in status} == {"fwd"}  # forward only
     assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
-    expected = {("effkern-triton", "w8a8"): "ok", ("reference", "w8a8"): "ok", ("torch-int-mm", "w8a8"): "ok",
+    expected = {("effkern-triton", "w8a8"): "ok", ("effkern-triton-fused", "w8a8"): "ok",
+                ("reference", "w8a8"): "ok", ("torch-int-mm", "w8a8"): "ok",
                 ("effkern-triton", "w8a16"): "ok", ("reference", "w8a16"): "ok",
                 ("torch-linear", "w8a8"): "timing only", ("torch-linear", "w8a16"): "timing only",
                 ("bias-dropped", "w8a8"): "FAIL", ("per-tensor", "w8a8"): "FAIL",
@@ -104,14 +105,30 @@ def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
         assert r["pct_gemm"] == 100 * r["tflops"] / rate
 
 
-def test_int8_writes_no_policy(tmp_path, monkeypatch):
-    # one effkern backend (triton): --write-policy has nothing to choose between
+def test_int8_policy_records_the_faster_quantization(tmp_path, monkeypatch):
     run = harness.Run(op="int8", device="cuda", ceil={}, baselines={})
-    run.rows.append({"provider": "effkern-triton", "mode": "fwd", "ms": 1.0, "status": "ok",
-                     "params": {"dtype": "bfloat16", "quant": "w8a8", "M": 16, "N": 64, "K": 64}})
+    params = {"dtype": "bfloat16", "quant": "w8a8", "M": 16, "N": 64, "K": 64}
+    for provider, ms in (("effkern-triton", 2.0), ("effkern-triton-fused", 1.0)):
+        run.rows.append({"provider": provider, "mode": "fwd", "ms": ms, "status": "ok", "params": params})
     monkeypatch.setattr(harness, "REPO", tmp_path)
-    assert harness.write_policy(run, bench_int8.POLICY_BACKENDS, "test") is None
-    assert not (tmp_path / "effkern").exists()
+    monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
+    path = harness.write_policy(run, bench_int8.POLICY_BACKENDS, "test")
+    assert json.loads(path.read_text())["devices"]["GPU X"]["entries"] == [{**params, "fwd": "fused"}]
+
+
+def test_int8_providers_force_each_quantization(monkeypatch):
+    from effkern import int8 as int8_module
+
+    monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", "auto")
+    seen = {}
+    for name in ("effkern-triton", "effkern-triton-fused"):
+        with bench_int8.providers()[name].context():
+            seen[name] = int8_module.w8a8_quantization()
+    assert seen == {"effkern-triton": "separate", "effkern-triton-fused": "fused"}
+    assert int8_module.w8a8_quantization() == "auto"  # restored
+    w8a16 = bench_int8._case(torch.float16, "w8a16", 4, 8, 16)
+    assert bench_int8.providers()["effkern-triton-fused"].available(w8a16, "cpu", "fwd") == (
+        False, "W8A8 only (the fused quantization of the activations)")
 
 
 def _int4_wrong(dequantize) -> harness.Provider:

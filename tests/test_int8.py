@@ -284,6 +284,62 @@ def _strided_inputs():
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", ODD_M)
+@pytest.mark.parametrize("K", ODD_K)
+def test_fused_quantization_gives_the_same_bits(dtype, M, K, monkeypatch, poison_empty):
+    """W8A8 with the activations quantized inside the GEMM equals the separate quantization pass
+    bit for bit: outlier weights, a row of zeros (scale 0), split-K included (M <= 64)."""
+    N = 40
+    qw, scale = ek.quantize_int8(outlier_weight(N, K))
+    x = torch.randn(M, K).to(dtype)
+    x[M // 2] = 0
+    b = torch.randn(N).to(dtype)
+    outs = {}
+    for quantization in ("separate", "fused"):
+        monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
+        with ek.use_backend("triton"):
+            outs[quantization] = ek.int8_linear(x, qw, scale, b)
+    assert torch.equal(outs["fused"], outs["separate"])
+
+
+@pytest.mark.parametrize("split_k", [2, 5])
+def test_fused_quantization_split_k_and_empty_k(split_k):
+    k = kernels()
+    qw, scale = ek.quantize_int8(outlier_weight(24, 300))
+    x = torch.randn(7, 300)
+    xq, xs = k.quantize_rows_int8(x)
+    separate = k.int8_matmul(xq, qw.t(), xs, scale, None, torch.float32, split_k=split_k)
+    assert torch.equal(k.int8_matmul(x, qw.t(), None, scale, None, torch.float32, split_k=split_k, quantize_a=True),
+                       separate)
+    b = torch.randn(24)
+    assert torch.equal(k.int8_matmul(torch.randn(3, 0), qw[:, :0].t(), None, scale, b, torch.float32,
+                                     quantize_a=True), b.expand(3, 24))
+
+
+def test_quantization_choice(monkeypatch):
+    from effkern import _policy
+    from effkern import int8 as int8_module
+
+    monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", "sometimes")
+    with pytest.raises(ValueError, match="EFFKERN_INT8_QUANTIZATION.*'sometimes'"):
+        int8_module.w8a8_quantization()
+    monkeypatch.delenv("EFFKERN_INT8_QUANTIZATION")
+    assert int8_module.w8a8_quantization() == "auto"
+    # auto: the measured winner of the nearest W8A8 shape on this GPU model, else separate
+    entries = ({"dtype": "bfloat16", "quant": "w8a8", "M": 1, "N": 4096, "K": 4096, "fwd": "fused"},
+               {"dtype": "bfloat16", "quant": "w8a8", "M": 4096, "N": 4096, "K": 4096, "fwd": "separate"},
+               {"dtype": "bfloat16", "quant": "w8a16", "M": 8, "N": 4096, "K": 4096, "fwd": "separate"})
+    monkeypatch.setattr(_policy, "_entries", lambda op, gpu: entries if (op, gpu) == ("int8", "GPU X") else ())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    measured = int8_module._measured_quantization.__wrapped__
+    cuda = torch.device("cuda", 0)
+    assert measured(cuda, torch.bfloat16, 8, 4096, 4096) == "fused"
+    assert measured(cuda, torch.bfloat16, 2048, 4096, 4096) == "separate"
+    assert measured(cuda, torch.float16, 8, 4096, 4096) == "separate"  # nothing measured in fp16
+    assert measured(torch.device("cpu"), torch.bfloat16, 8, 4096, 4096) == "separate"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 @parametrize_by_name(_strided_inputs())
@@ -528,8 +584,8 @@ GEMM_TYPES = dict(M="i32", N="i32", K="i32", K_PER_SPLIT="i32", stride_am="i32",
 
 def _gemm_variant(a, out, bias="*bf16", **flags):
     types = dict(GEMM_TYPES, a_ptr=a, c_ptr=out, bias_ptr=bias)
-    constexprs = dict(A_INT8=a == "*i8", SCALE_K=False, DEQUANT=True, SCALE_ROWS=a == "*i8", SCALE_COLS=True,
-                      HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=False, GROUP_M=8)
+    constexprs = dict(A_INT8=a == "*i8", QUANT_A=False, SCALE_K=False, DEQUANT=True, SCALE_ROWS=a == "*i8",
+                      SCALE_COLS=True, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=False, GROUP_M=8)
     constexprs.update(flags)
     return types, constexprs
 
@@ -537,6 +593,7 @@ def _gemm_variant(a, out, bias="*bf16", **flags):
 GEMM_VARIANTS = {
     # name: (types, constexprs, PTX tensor-core instruction expected on sm_80 / sm_90)
     "w8a8 bf16": (*_gemm_variant("*i8", "*bf16"), r"mma.*s32\.s8\.s8"),
+    "w8a8 fused bf16": (*_gemm_variant("*bf16", "*bf16", QUANT_A=True), r"mma.*s32\.s8\.s8"),
     "int8_mm int32": (*_gemm_variant("*i8", "*i32", DEQUANT=False, SCALE_ROWS=False, SCALE_COLS=False,
                                      HAS_BIAS=False), r"mma.*s32\.s8\.s8"),
     "w8a16 bf16": (*_gemm_variant("*bf16", "*bf16"), r"mma.*f32\.bf16\.bf16"),
@@ -612,11 +669,13 @@ def test_splitk_reduce_adds_in_int64_on_a_gpu(compiled_for_gpus):
     assert "add.s64" in compiled_for_gpus["reduce"]["ptx"]
 
 
-@pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
-def test_quantize_kernel_keeps_its_rounding_on_a_gpu(compiled_for_gpus, dtype):
-    """The GPU code divides correctly rounded (div.rn, not the approximate division) and keeps
-    both halves of the round-half-even trick (v + 1.5 * 2^23) - 1.5 * 2^23."""
-    lines = compiled_for_gpus[f"quantize {dtype}"]["ptx"].upper().splitlines()
+@pytest.mark.parametrize("kernel", ["quantize *bf16", "quantize *fp32", "w8a8 fused bf16|80|fixed",
+                                    "w8a8 fused bf16|90|fixed"])
+def test_quantization_keeps_its_rounding_on_a_gpu(compiled_for_gpus, kernel):
+    """The GPU code (the quantization kernel, and the GEMM that quantizes its tiles) divides
+    correctly rounded (div.rn, not the approximate division) and keeps both halves of the
+    round-half-even trick (v + 1.5 * 2^23) - 1.5 * 2^23."""
+    lines = compiled_for_gpus[kernel]["ptx"].upper().splitlines()
     assert any("DIV.RN.F32" in line for line in lines)
     assert not any("DIV.APPROX" in line or "DIV.FULL" in line for line in lines)
     added = sum("ADD.F32" in line and "0F4B400000" in line for line in lines)
@@ -663,6 +722,23 @@ def test_gpu_linear_error_is_that_of_the_quantization(mode, dtype, M, K, poison_
         y = LINEAR_OPS[mode](x, qw, scale, b)
     exact = F.linear(x.double(), w.double(), b.double())
     assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", (1, 16, 100, 2048))
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_gpu_fused_quantization_gives_the_same_bits(M, autotune, monkeypatch):
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", autotune)
+    K, N = 4100, 520
+    qw, scale = ek.quantize_int8(outlier_weight(N, K, device="cuda"))
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for quantization in ("separate", "fused"):
+        monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
+        with ek.use_backend("triton"):
+            outs[quantization] = ek.int8_linear(x, qw, scale, b)
+    assert torch.equal(outs["fused"], outs["separate"])
 
 
 @pytest.mark.gpu
