@@ -145,9 +145,9 @@ def cuda_kernel_supports(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------- codes
 
 def _unpack_codes(meta: Tensor, N: int, K: int) -> Tensor:
-    """effkern's meta uint8 [N, ceil(K / 8)] -> int64 codes [N, K / 4] (K % 8 == 0 here)."""
-    m = meta.to(torch.int64)
-    return torch.stack((m & 0xF, m >> 4), dim=-1).reshape(N, K // 4)
+    """effkern's meta uint8 [N, ceil(K / 8)] -> uint8 codes [N, K / 4] (K % 8 == 0 here). Small
+    integer types throughout the reorder: it runs on the GPU on a model's largest weights."""
+    return torch.stack((meta & 0xF, meta >> 4), dim=-1).reshape(N, K // 4)
 
 
 def _pack_codes(codes: Tensor) -> Tensor:
@@ -158,11 +158,12 @@ def _pack_codes(codes: Tensor) -> Tensor:
 
 
 def _pack_nibbles(nibbles: Tensor) -> Tensor:
-    """int64 [..., 8] of 4-bit values -> int32 [...], nibble s at bits 4 s .. 4 s + 3."""
-    shifts = torch.arange(0, 32, 4, device=nibbles.device, dtype=torch.int64)
-    words = (nibbles << shifts).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # bit 31 is int32's sign bit
-    return words.to(torch.int32)
+    """[..., 8] of 4-bit values (any integer dtype) -> int32 [...], nibble s at bits 4 s .. 4 s + 3
+    (nibble 7 reaches bit 31, int32's sign bit: shifts wrap in two's complement, as wanted)."""
+    words = nibbles[..., 0].to(torch.int32)
+    for s in range(1, 8):
+        words |= nibbles[..., s].to(torch.int32) << (4 * s)
+    return words
 
 
 def _unpack_nibbles(words: Tensor) -> Tensor:

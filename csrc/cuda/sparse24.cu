@@ -118,7 +118,9 @@ struct TileConfig {
 using Decode8 = TileConfig<4, 1, 2, 1, 1, 4, 2, true>;
 using Decode16 = TileConfig<4, 1, 2, 1, 2, 4, 2, true>;
 using Medium = TileConfig<4, 2, 1, 2, 4, 4, 2, false>;
-using Large = TileConfig<2, 4, 1, 4, 4, 4, 1, false>;
+// 3 stages: 76800 B of shared memory, which every sm_8x/sm_90 GPU grants a block (sm_86/sm_89
+// allow 99 KiB; 4 stages would need 102400 B)
+using Large = TileConfig<2, 4, 1, 4, 4, 3, 1, false>;
 
 template <typename F>
 auto with_config(Config c, F&& f) -> decltype(f(Decode8{})) {
@@ -138,19 +140,27 @@ auto with_config(Config c, F&& f) -> decltype(f(Decode8{})) {
 // d += A (16 x 32, 2:4 sparse: a = its 16 x 16 kept values, e = their indices) * B (32 x 8, b).
 // kSel: the sparsity selector, i.e. which thread pair of each quad supplies e (0: threads 0, 1;
 // 1: threads 2, 3). ordered_metadata: the two indices of every group are increasing from the LSB
-// (reorder_for_mma_sp checks it), which PTX advises over plain mma.sp for performance.
+// (reorder_for_mma_sp checks it), which PTX advises over plain mma.sp for performance. The
+// ::ordered_metadata form needs PTX ISA 8.5 (CUDA 12.5); older toolkits get plain mma.sp, which
+// reads metadata whose indices are increasing the same way.
+#if defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
+#define EFFKERN_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define EFFKERN_MMA_SP "mma.sp"
+#endif
 template <typename T, int kSel>
 __device__ __forceinline__ void mma_sp(float (&d)[4], const uint32_t (&a)[4],
                                        const uint32_t (&b)[4], uint32_t e) {
   static_assert(kSel == 0 || kSel == 1, "m16n8k32 with 16-bit types takes selector 0 or 1");
   if constexpr (std::is_same<T, __half>::value) {
-    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+    asm(EFFKERN_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
           "r"(b[3]), "r"(e), "n"(kSel));
   } else {
-    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+    asm(EFFKERN_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
