@@ -6,8 +6,9 @@
 #
 #   bench/gpu_check.sh                 logs in bench/results/gpu_check/, results in bench/results/<gpu>/
 #   OUT=/some/dir bench/gpu_check.sh   logs, results.tgz and the policy file in /some/dir
-#   OPS="int8 int4" bench/gpu_check.sh only these op families' GPU tests (tests/test_<op>.py and
-#                                      tests/test_<op>_*.py) and benchmarks (default: all)
+#   OPS="int8 int4" bench/gpu_check.sh only these op families' GPU tests (tests/test_<op>.py,
+#                                      tests/test_<op>_*.py, and the harness's tests/test_bench.py)
+#                                      and benchmarks (default: all)
 # Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,8 @@ OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
 OPS=${OPS:-}
 TEST_PATHS=tests
-if [[ -n $OPS ]]; then TEST_PATHS=$(for op in $OPS; do ls tests/test_"$op".py tests/test_"$op"_*.py 2>/dev/null; done); fi
+# with OPS, also the harness's own GPU test (its CUDA-graph timing; seconds)
+if [[ -n $OPS ]]; then TEST_PATHS="$(for op in $OPS; do ls tests/test_"$op".py tests/test_"$op"_*.py 2>/dev/null; done) tests/test_bench.py"; fi
 SUMMARY=()
 
 # step NAME LIMIT LOG CMD...: run CMD with a time limit, log to LOG, record status and duration
