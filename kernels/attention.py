@@ -9,8 +9,10 @@ Masking (effkern/attention.py defines it): with off = Skv - Sq, query i sees key
     i + off - LEFT <= j <= i + off + RIGHT,
 where the caller has turned "unbounded" (-1) into a bound past every key and causal into
 RIGHT = min(RIGHT, 0). Key blocks wholly outside a query block's band (and query blocks
-wholly outside a key block's band, in the dK/dV kernel) are skipped by the loop bounds; the
-blocks that are visited apply the element mask.
+wholly outside a key block's band, in the dK/dV kernel) are skipped by the loop bounds. Of
+the blocks visited, those every row of the tile sees in full (inside the band, and below Skv,
+and below Sq for the dK/dV kernel's query blocks) run without the element mask and with
+unmasked loads (``_full_blocks``); only the others, on the band's edges, apply it.
 
 Forward (``flash_attn_fwd_kernel``): one program per (query block, batch x query head); the Q
 tile stays in registers while K/V tiles stream; online softmax in fp32 in base 2, the scale
