@@ -110,14 +110,15 @@ def _full_blocks(n, lo, full_from, full_to, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, offs_m, offs_n, offs_d,
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, skip_from, skip, offs_m, offs_n,
+                    offs_d,
                     stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
                     SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # online softmax over key blocks first_block .. end_block - 1 (block i starts at key lo + i * BLOCK_N);
     # MASKED: apply the element mask (blocks on the band's edges or past Skv); else every query row
     # of the tile sees every key of the block (rows past Sq too: q is 0 there, their scores finite)
     for i in range(first_block, end_block):
-        cols = lo + i * BLOCK_N + offs_n
+        cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
         kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
                         MASKED, EVEN_D, False)
         if MASKED:
@@ -193,15 +194,14 @@ def flash_attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, 0, i_lo, offs_m, offs_n, offs_d,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                                    qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_lo, i_hi, offs_m, offs_n, offs_d,
+    # the unmasked blocks, then the masked ones on either side of them (0 .. i_lo - 1, i_hi .. n - 1)
+    # in one loop: two copies of the loop body, not three
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_lo, i_hi, n, 0, offs_m, offs_n, offs_d,
                                     stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
                                     qk_scale, softcap, SOFTCAP, False, EVEN_D, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_hi, n, offs_m, offs_n, offs_d,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                                    qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, 0, n - (i_hi - i_lo), i_lo, i_hi - i_lo,
+                                    offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D,
+                                    off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -300,14 +300,15 @@ def _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, offs_n, Sq, Skv, off
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, lo, first_block, end_block, offs_m,
+def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, lo, first_block, end_block, skip_from,
+                       skip, offs_m,
                        offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd, Sq, Skv, D, off, LEFT, RIGHT,
                        qk_scale, softcap, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
                        BLOCK_M: tl.constexpr):
     # dK and dV of this key block from query blocks first_block .. end_block - 1 (block i starts at
     # row lo + i * BLOCK_M); not MASKED: every row is below Sq and sees every key of the block
     for i in range(first_block, end_block):
-        rows = lo + i * BLOCK_M + offs_m
+        rows = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_M + offs_m
         q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, rows, offs_d, Sq, D,
                        MASKED, EVEN_D, True)
         do = _load_tile(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows, offs_d, Sq, D,
@@ -327,12 +328,13 @@ def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, l
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, offs_m, offs_n, offs_d,
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, skip_from, skip, offs_m,
+                   offs_n, offs_d,
                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # dQ of this query block from key blocks first_block .. end_block - 1, as in _fwd_key_blocks
     for i in range(first_block, end_block):
-        cols = lo + i * BLOCK_N + offs_n
+        cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
         kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
                         MASKED, EVEN_D, False)
         v_t = _load_tile(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, cols, offs_d, Skv, D,
@@ -392,14 +394,13 @@ def flash_attn_bwd_dkdv_kernel(
         do_base = do_ptr + b * stride_db + h * stride_dh
         row_base = (b * Hq + h) * Sq
         dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
-                                    0, i_lo, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
-                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_M)
+                                    i_lo, i_hi, n, 0, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds,
+                                    stride_dd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, False, EVEN_D,
+                                    BLOCK_M)
         dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
-                                    i_lo, i_hi, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
-                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, False, EVEN_D, BLOCK_M)
-        dk, dv = _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_ptr + row_base, delta_ptr + row_base, lo,
-                                    i_hi, n, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd,
-                                    Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_M)
+                                    0, n - (i_hi - i_lo), i_lo, i_hi - i_lo, offs_m, offs_n, offs_d, stride_qs,
+                                    stride_qd, stride_ds, stride_dd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+                                    SOFTCAP, True, EVEN_D, BLOCK_M)
 
     dk = dk * qk_scale
     dk_ptrs = dk_ptr + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
@@ -446,15 +447,12 @@ def flash_attn_bwd_dq_kernel(
     n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
                               BLOCK_N)  # as in the forward
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, 0, i_lo, offs_m, offs_n, offs_d, stride_ks,
-                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
-                        True, EVEN_D, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_lo, i_hi, offs_m, offs_n, offs_d, stride_ks,
-                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
-                        False, EVEN_D, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_hi, n, offs_m, offs_n, offs_d, stride_ks,
-                        stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
-                        True, EVEN_D, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_lo, i_hi, n, 0, offs_m, offs_n, offs_d,
+                        stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+                        SOFTCAP, False, EVEN_D, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, 0, n - (i_hi - i_lo), i_lo, i_hi - i_lo, offs_m,
+                        offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                        qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
 
     dq = dq * qk_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
@@ -478,13 +476,16 @@ def _configs(*tiles) -> list[triton.Config]:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the query tile x key tile of the forward and the dQ
 # kernel; for the dK/dV kernel, BLOCK_N keys stay while BLOCK_M query rows stream. All fit the
-# shared memory of sm_80 and sm_90 (tests/test_attention.py compiles each).
-FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-               "d256": _configs((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3))}
-DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)),
-                "d256": _configs((16, 32, 4, 1), (32, 32, 4, 1), (16, 64, 4, 1), (32, 64, 8, 1))}
-DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)),
-              "d256": _configs((32, 16, 4, 1), (32, 32, 4, 1), (64, 16, 4, 1), (64, 32, 8, 1))}
+# shared memory of sm_80 and sm_90 (tests/test_attention.py compiles each). Chosen among
+# candidates by what ptxas reports for sm_90a: at most ~120 bytes of register spills each (these
+# kernels use all 255 registers; tiles that spilled kilobytes were left out, among them version
+# 1's 64 x 32 x 4-warp forward tile for D > 128).
+FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 2)),
+               "d256": _configs((64, 32, 8, 2), (128, 16, 8, 2), (64, 16, 8, 2), (64, 32, 8, 3))}
+DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)),
+                "d256": _configs((16, 32, 4, 1), (32, 32, 8, 1), (16, 64, 8, 1), (32, 64, 8, 2))}
+DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)),
+              "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 16, 4, 2), (32, 32, 8, 2))}
 _TUNE_KEY = ["Sq", "Skv", "D", "LEFT", "RIGHT"]
 _fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_fwd_kernel) for c, cfgs in FWD_CONFIGS.items()}
 _dkdv_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["GROUP"])(flash_attn_bwd_dkdv_kernel)
