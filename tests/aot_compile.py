@@ -2,20 +2,40 @@
 
 Reads a JSON object {name: request} on stdin and writes {name: {"ptx": ..., "shared": bytes}}
 on stdout; a request is {"kernel": "module:function", "types": {argument: "*bf16" | "i32" | ...},
-"constexprs": {argument: value}, "cc": 90, "num_warps": 4, "num_stages": 3}. Run without
+"constexprs": {argument: value}, "cc": 90, "num_warps": 4, "num_stages": 3}, optionally
+"spills": true to add "spill_bytes" (ptxas -v's register spill stores). Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); see the compile_for_gpu fixture.
 """
 
 import importlib
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_one(kernel: str, types: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int) -> dict:
+def spill_bytes(ptx: str, cc: int) -> int:
+    """Bytes of register spill stores ptxas (Triton's own) reports for this PTX: local-memory
+    traffic in a kernel's inner loop, a cost the compiled code alone shows."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+        done = subprocess.run([get_ptxas(cc).path, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr))
+
+
+def compile_one(kernel: str, types: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int,
+                spills: bool = False) -> dict:
     module, name = kernel.split(":")
     fn = getattr(importlib.import_module(module), name)
     signature = {arg: "constexpr" if arg in constexprs else types[arg] for arg in fn.arg_names}
@@ -23,7 +43,10 @@ def compile_one(kernel: str, types: dict, constexprs: dict, cc: int, num_warps: 
                        constexprs={(fn.arg_names.index(arg),): value for arg, value in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    return {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}
+    result = {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}
+    if spills:
+        result["spill_bytes"] = spill_bytes(result["ptx"], cc)
+    return result
 
 
 if __name__ == "__main__":

@@ -485,11 +485,17 @@ def _types(kernel) -> dict:
     return types
 
 
+# Register spill stores per kernel that the tuned configs stay within (ptxas -v, sm_90a: at most
+# 124 bytes today, the decoding tile at D = 128; kilobytes for tiles left out)
+SPILL_LIMIT = 160
+
+
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     """Each kernel at every config it may run with on a GPU (the autotuned sets of both head-dim
     classes, the decoding tiles), compiled here without a GPU: bf16 mma instructions in the PTX,
-    shared memory within the card's limit."""
+    shared memory within the card's limit, and on sm_90 at most SPILL_LIMIT bytes of register
+    spills (the configs were chosen for that)."""
     needs_backend("triton")
     from effkern.kernels import attention as kernels
     from op_checks import SHARED_LIMIT
@@ -500,7 +506,8 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
         fn = getattr(kernels, name)
         requests[f"{name}_{label}_d{D}"] = dict(
             kernel=f"effkern.kernels.attention:{name}", types=_types(fn), cc=cc, num_warps=num_warps,
-            num_stages=num_stages, constexprs=dict(config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True))
+            num_stages=num_stages, constexprs=dict(config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True),
+            spills=cc == 90)
 
     for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
         for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
@@ -516,6 +523,7 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     for name, compiled in compile_for_gpu(requests).items():
         assert name.startswith("merge") or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
+        assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
 
 
 def test_public_names():
