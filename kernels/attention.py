@@ -475,17 +475,16 @@ def _configs(*tiles) -> list[triton.Config]:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the query tile x key tile of the forward and the dQ
-# kernel; for the dK/dV kernel, BLOCK_N keys stay while BLOCK_M query rows stream. All fit the
-# shared memory of sm_80 and sm_90 (tests/test_attention.py compiles each). Chosen among
-# candidates by what ptxas reports for sm_90a: at most ~120 bytes of register spills each (these
-# kernels use all 255 registers; tiles that spilled kilobytes were left out, among them version
-# 1's 64 x 32 x 4-warp forward tile for D > 128).
-FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 2)),
-               "d256": _configs((64, 32, 8, 2), (128, 16, 8, 2), (64, 16, 8, 2), (64, 32, 8, 3))}
+# kernel; for the dK/dV kernel, BLOCK_N keys stay while BLOCK_M query rows stream. The first of
+# each list is version 1's fixed tile. All fit the shared memory of sm_80 and sm_90 and spill
+# (almost) no registers, compiled as a contiguous, aligned launch would be
+# (tests/test_attention.py checks both); candidates that spilled were left out.
+FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+               "d256": _configs((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2))}
 DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)),
-                "d256": _configs((16, 32, 4, 1), (32, 32, 8, 1), (16, 64, 8, 1), (32, 64, 8, 2))}
-DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)),
-              "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 16, 4, 2), (32, 32, 8, 2))}
+                "d256": _configs((16, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 1), (16, 64, 8, 1))}
+DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)),
+              "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 32, 4, 2), (32, 32, 8, 2))}
 _TUNE_KEY = ["Sq", "Skv", "D", "LEFT", "RIGHT"]
 _fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_fwd_kernel) for c, cfgs in FWD_CONFIGS.items()}
 _dkdv_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["GROUP"])(flash_attn_bwd_dkdv_kernel)
