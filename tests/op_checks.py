@@ -163,15 +163,30 @@ def assert_fine_tuning_lowers_the_loss(layer: torch.nn.Module, x, target, steps:
 
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
+def aligned_launch(types: dict, unit_strides=(), any_value=("M",)) -> dict:
+    """compile_for_gpu's request fields for a kernel as a launch on contiguous, 16-byte aligned
+    tensors specializes it: ``unit_strides`` equal to 1 (constexprs), every pointer and every other
+    integer argument (sizes, strides) a multiple of 16, except ``any_value`` (e.g. the row count).
+    The compiled code is then what such a launch runs (vectorized loads, asynchronous copies and
+    the shared memory they take); without, the compiler sees element-wise loads."""
+    return dict(types={a: t for a, t in types.items() if a not in unit_strides},
+                constexprs={a: 1 for a in unit_strides},
+                divisible=[a for a, t in types.items()
+                           if a not in unit_strides and a not in any_value and (t.startswith("*") or t == "i32")])
+
+
 def assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, kernel: str, types: dict, constexprs: dict,
-                                           launch_configs: dict, cc: int):
+                                           launch_configs: dict, cc: int, unit_strides=()):
     """The Triton ``kernel`` ("module:function") compiled for sm_<cc> at each of ``launch_configs``
-    (name -> the launcher's kwargs, BLOCK_M/N/K, GROUP_M, num_warps and num_stages among them): bf16
-    mma instructions in its PTX and shared memory within SHARED_LIMIT[cc]."""
+    (name -> the launcher's kwargs, BLOCK_M/N/K, GROUP_M, num_warps and num_stages among them), as
+    an aligned launch with ``unit_strides`` specializes it (aligned_launch): bf16 mma instructions
+    in its PTX and shared memory within SHARED_LIMIT[cc]."""
+    launch = aligned_launch(types, unit_strides)
     requests = {}
     for name, cfg in launch_configs.items():
         blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        requests[name] = dict(kernel=kernel, types=types, constexprs=dict(constexprs, **blocks), cc=cc,
+        requests[name] = dict(kernel=kernel, types=launch["types"], divisible=launch["divisible"],
+                              constexprs=dict(constexprs, **launch["constexprs"], **blocks), cc=cc,
                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     for name, compiled in compile_for_gpu(requests).items():
         assert "bf16.bf16" in compiled["ptx"] and "mma" in compiled["ptx"], name

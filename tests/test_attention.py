@@ -14,8 +14,8 @@ import effkern as ek
 from effkern.attention import (_sdpa_fast_path, flash_attention, flash_attention_reference,
                                scaled_dot_product_attention, visible)
 
-from op_checks import (assert_bad_call_raises, assert_cuda_graph_replays_like_eager, assert_matches_float64,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name)
+from op_checks import (aligned_launch, assert_bad_call_raises, assert_cuda_graph_replays_like_eager,
+                       assert_matches_float64, assert_opcheck_passes, needs_backend, parametrize_by_name)
 
 BACKENDS = ["triton", "reference"]
 
@@ -472,27 +472,24 @@ def test_gpu_cuda_graph_replays_like_eager(B, Hq, Hkv, Sq, Skv, causal):
 
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
-def _launch_signature(kernel, constexprs: dict) -> tuple[dict, dict, list]:
-    """(types, constexprs, divisible) of a kernel of kernels/attention.py as a launch on contiguous,
-    16-byte aligned bf16 tensors specializes it: head-dim strides 1 (contiguous or [B, S, H, D]
-    views alike), pointers, other strides and D multiples of 16 (so loads vectorize and stream
-    through cp.async, as on the GPU; without, the compiler sees element-wise loads)."""
-    types, constexprs, divisible = {}, dict(constexprs), []
+def _launch_request(kernel, constexprs: dict) -> dict:
+    """compile_for_gpu's types, constexprs and divisible for a kernel of kernels/attention.py as a
+    launch on contiguous (or [B, S, H, D]-transposed), aligned bf16 tensors specializes it:
+    head-dim strides 1, every other stride, D and the pointers multiples of 16."""
+    types = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
             continue
         if arg.endswith("_ptr"):
             types[arg] = "*fp32" if arg in ("lse_ptr", "delta_ptr", "part_ptr", "part_lse_ptr") else "*bf16"
-            divisible.append(arg)
         elif arg in ("qk_scale", "softcap"):
             types[arg] = "fp32"
-        elif arg.startswith("stride_") and arg.endswith("d"):
-            constexprs[arg] = 1
         else:
             types[arg] = "i32"
-            if arg.startswith("stride_") or arg == "D":
-                divisible.append(arg)
-    return types, constexprs, divisible
+    launch = aligned_launch(types, unit_strides=[a for a in types if a.startswith("stride_") and a.endswith("d")],
+                            any_value=[a for a, t in types.items() if t == "i32" and not a.startswith("stride_")
+                                       and a != "D"])
+    return dict(launch, constexprs=dict(constexprs, **launch["constexprs"]))
 
 
 # Register spill stores per kernel that every config stays within (ptxas -v, sm_90a: at most 20
@@ -513,11 +510,10 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     requests = {}
 
     def add(name, D, label, config: dict, num_warps, num_stages):
-        types, constexprs, divisible = _launch_signature(
-            getattr(kernels, name), dict(config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True))
         requests[f"{name}_{label}_d{D}"] = dict(
-            kernel=f"effkern.kernels.attention:{name}", types=types, cc=cc, num_warps=num_warps,
-            num_stages=num_stages, constexprs=constexprs, divisible=divisible, spills=cc == 90)
+            kernel=f"effkern.kernels.attention:{name}", cc=cc, num_warps=num_warps, num_stages=num_stages,
+            spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
+                config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True)))
 
     for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
         for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
@@ -526,11 +522,9 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
                 add(name, D, f"config{i}", c.kwargs, c.num_warps, c.num_stages)
         decode = dict(kernels._decode_config_gpu(D))
         add("flash_attn_fwd_kernel", D, "decode", decode, decode.pop("num_warps"), decode.pop("num_stages"))
-        types, constexprs, divisible = _launch_signature(kernels.flash_attn_decode_merge_kernel,
-                                                         dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D)))
         requests[f"merge_d{D}"] = dict(
-            kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", types=types, cc=cc,
-            num_warps=4, num_stages=1, constexprs=constexprs, divisible=divisible)
+            kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", cc=cc, num_warps=4, num_stages=1,
+            **_launch_request(kernels.flash_attn_decode_merge_kernel, dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D))))
     for name, compiled in compile_for_gpu(requests).items():
         assert name.startswith("merge") or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"

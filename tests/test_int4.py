@@ -404,7 +404,8 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
                for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"]))}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
                                            dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
-                                           configs, cc)
+                                           configs, cc, unit_strides=("stride_ak", "stride_qw", "stride_sg",
+                                                                      "stride_zg", "stride_cn"))
 
 
 # ---------------------------------------------------------------------------- GPU

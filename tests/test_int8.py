@@ -13,7 +13,7 @@ import effkern as ek
 from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_reference,
                           int8_weight_only_linear_reference, quantize_rows_reference)
 
-from op_checks import (SHARED_LIMIT, assert_bad_call_raises, assert_compiles_like_eager,
+from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
                        assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
                        assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
                        parametrize_by_name)
@@ -613,9 +613,12 @@ def _launch_configs():
             "autotune 128x256": tile_kwargs(((128, 256, 128, 8), 3, 8))}
 
 
-def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3, module="int8"):
-    return dict(kernel=f"effkern.kernels.{module}:{kernel}", types=types, constexprs=constexprs, cc=cc,
-                num_warps=num_warps, num_stages=num_stages)
+def _request(kernel, types, constexprs, cc=90, num_warps=4, num_stages=3, module="int8", unit_strides=(),
+             any_value=("M",)):
+    """A compile request for the kernel as a contiguous, aligned launch specializes it (aligned_launch)."""
+    launch = aligned_launch(types, unit_strides, any_value)
+    return dict(kernel=f"effkern.kernels.{module}:{kernel}", types=launch["types"], divisible=launch["divisible"],
+                constexprs={**constexprs, **launch["constexprs"]}, cc=cc, num_warps=num_warps, num_stages=num_stages)
 
 
 def _gemm_requests():
@@ -628,8 +631,11 @@ def _gemm_requests():
             for name, cfg in configs.items():
                 if name == "fixed" or (cc, variant) == (90, "w8a8 bf16"):
                     blocks = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+                    # B = W^T (unit stride along K) forward, W itself (along N) in the backward
+                    unit_b = "stride_bn" if constexprs["SCALE_K"] else "stride_bk"
                     out[f"{variant}|{cc}|{name}"] = _request("int8_matmul_kernel", types, {**constexprs, **blocks},
-                                                             cc, cfg["num_warps"], cfg["num_stages"])
+                                                             cc, cfg["num_warps"], cfg["num_stages"],
+                                                             unit_strides=("stride_ak", unit_b, "stride_cn"))
     return out
 
 
@@ -645,10 +651,11 @@ def compiled_for_gpus(compile_for_gpu):
     requests = _gemm_requests()
     for dtype in ("*bf16", "*fp32"):
         requests[f"quantize {dtype}"] = _request("quantize_rows_int8_kernel", dict(QUANTIZE_TYPES, x_ptr=dtype),
-                                                 dict(BLOCK_R=4, BLOCK_K=1024))
+                                                 dict(BLOCK_R=4, BLOCK_K=1024), unit_strides=("stride_xk", "stride_qk"),
+                                                 any_value=("R",))
     requests["reduce"] = _request("splitk_reduce_kernel", REDUCE_TYPES,
                                   dict(WIDE=True, DEQUANT=True, SCALE_ROWS=True, SCALE_COLS=True, HAS_BIAS=True,
-                                       BLOCK_M=16, BLOCK_N=64), module="_splitk")
+                                       BLOCK_M=16, BLOCK_N=64), module="_splitk", unit_strides=("stride_cn",))
     return compile_for_gpu(requests)
 
 

@@ -306,7 +306,8 @@ def test_triton_fallback_compiles_for_gpus(compile_for_gpu, cc):
     configs = {"fixed": tile_kwargs(kernels._FIXED["gpu"]), "split-k": tile_kwargs(kernels._SPLIT["gpu"])}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_matmul_kernel",
                                            SPARSE_TYPES, dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
-                                           configs, cc)
+                                           configs, cc,
+                                           unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
 
 
 # ---------------------------------------------------------------------------- GPU
