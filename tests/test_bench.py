@@ -364,3 +364,31 @@ def test_overhead_tool_stubs_and_counts_each_launch_then_restores_them():
     with ek.use_backend("triton"):
         y = ek.int8_weight_only_linear(x, qw, scale)
     torch.testing.assert_close(y, int8_weight_only_linear_reference(x, qw, scale))
+
+
+def test_every_input_copy_is_used_once_before_the_timing(monkeypatch):
+    # a provider that derives something from each input it first sees (as the CUDA backends'
+    # weight layouts do) must not pay for it inside a timed call
+    seen = []
+
+    def first_sight(case):
+        def fn(x, w, b):
+            seen.append(id(x))
+            return F.gelu(F.linear(x, w, b))
+        return fn
+
+    provs = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager),
+             "first-sight": harness.Provider(build=first_sight)}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: provs)
+    monkeypatch.setattr(harness, "input_sets", lambda tensors, device, nbytes=None: 5)
+    warmed = {}
+    real_measure = harness.measure
+
+    def measure(call, reset, device, budget_ms=100.0):
+        warmed["ids"] = set(seen)
+        return real_measure(call, reset, device, budget_ms)
+
+    monkeypatch.setattr(harness, "measure", measure)
+    case = bench_linear_gelu._case(torch.float32, "none", 3, 8, 16)
+    harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(provs), ["fwd"], checkpoint=lambda r: None)
+    assert len(warmed["ids"]) == 5  # all five copies of x before the first timed call
