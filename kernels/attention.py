@@ -110,13 +110,15 @@ def _full_blocks(n, lo, full_from, full_to, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, skip_from, skip, offs_m, offs_n,
-                    offs_d,
-                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, skip_from, skip,
+                    offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                    qk_scale, softcap,
                     SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # online softmax over key blocks first_block .. end_block - 1 (block i starts at key lo + i * BLOCK_N);
-    # MASKED: apply the element mask (blocks on the band's edges or past Skv); else every query row
-    # of the tile sees every key of the block (rows past Sq too: q is 0 there, their scores finite)
+    # online softmax over iterations first_block .. end_block - 1: iteration i visits key block
+    # i, or i + skip from i = skip_from on (one masked loop for the blocks on both sides of the
+    # unmasked ones); block b starts at key lo + b * BLOCK_N. MASKED: apply the element mask
+    # (blocks on the band's edges or past Skv); else every query row of the tile sees every key
+    # of the block (rows past Sq too: q is 0 there, their scores finite)
     for i in range(first_block, end_block):
         cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
         kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
@@ -300,13 +302,12 @@ def _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, offs_n, Sq, Skv, off
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, lo, first_block, end_block, skip_from,
-                       skip, offs_m,
-                       offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd, Sq, Skv, D, off, LEFT, RIGHT,
-                       qk_scale, softcap, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
-    # dK and dV of this key block from query blocks first_block .. end_block - 1 (block i starts at
-    # row lo + i * BLOCK_M); not MASKED: every row is below Sq and sees every key of the block
+def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, lo, first_block, end_block,
+                       skip_from, skip, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd, Sq, Skv,
+                       D, off, LEFT, RIGHT, qk_scale, softcap,
+                       SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # dK and dV of this key block from query blocks visited as in _fwd_key_blocks (block b starts
+    # at row lo + b * BLOCK_M); not MASKED: every row is below Sq and sees every key of the block
     for i in range(first_block, end_block):
         rows = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_M + offs_m
         q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, rows, offs_d, Sq, D,
@@ -328,11 +329,11 @@ def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, l
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, skip_from, skip, offs_m,
-                   offs_n, offs_d,
-                   stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, skip_from, skip,
+                   offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
+                   qk_scale, softcap,
                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dQ of this query block from key blocks first_block .. end_block - 1, as in _fwd_key_blocks
+    # dQ of this query block from key blocks visited as in _fwd_key_blocks
     for i in range(first_block, end_block):
         cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
         kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
