@@ -33,10 +33,12 @@ def sparse24_matmul_kernel(
     split, k_start, k_end, offs_m, offs_n, rm, rn = weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    # Per K step, BLOCK_K / 4 groups (k_start and BLOCK_K are multiples of 8, so whole meta bytes):
-    offs_g = tl.arange(0, BLOCK_K // 4)
+    # Per K step, BLOCK_K / 4 groups (k_start and BLOCK_K are multiples of 8, so whole meta bytes),
+    # their BLOCK_K / 2 values read as one contiguous run per column (vectorized, asynchronous
+    # copies) and split into each group's first and second kept value in registers:
+    offs_v = tl.arange(0, BLOCK_K // 2)
     offs_b = tl.arange(0, BLOCK_K // 8)
-    v_ptrs = v_ptr + rn[None, :] * stride_vn + (k_start // 2 + 2 * offs_g)[:, None] * stride_vk
+    v_ptrs = v_ptr + rn[None, :] * stride_vn + (k_start // 2 + offs_v)[:, None] * stride_vk
     meta_ptrs = meta_ptr + rn[None, :] * stride_metan + (k_start // 8 + offs_b)[:, None] * stride_metak
     nibble_shift = (tl.arange(0, 2) * 4)[None, :, None]
     position = tl.arange(0, 4)[None, :, None]
@@ -45,15 +47,15 @@ def sparse24_matmul_kernel(
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            v0 = tl.load(v_ptrs)
-            v1 = tl.load(v_ptrs + stride_vk)
+            values = tl.load(v_ptrs)
             meta = tl.load(meta_ptrs)
         else:
             k_left = k_end - k
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            v0 = tl.load(v_ptrs, mask=offs_g[:, None] * 4 < k_left, other=0.0)
-            v1 = tl.load(v_ptrs + stride_vk, mask=offs_g[:, None] * 4 < k_left, other=0.0)
+            values = tl.load(v_ptrs, mask=offs_v[:, None] * 2 < k_left, other=0.0)
             meta = tl.load(meta_ptrs, mask=offs_b[:, None] * 8 < k_left, other=0)
+        # [BLOCK_K / 2, BLOCK_N] -> the groups' first (v0) and second (v1) values, [BLOCK_K / 4, BLOCK_N]
+        v0, v1 = tl.split(tl.permute(tl.reshape(values, (BLOCK_K // 4, 2, BLOCK_N)), (0, 2, 1)))
         # [BLOCK_K / 8, BLOCK_N] bytes -> [BLOCK_K / 4, BLOCK_N] codes, group 2b in the low nibble
         codes = tl.reshape((meta.to(tl.int32)[:, None, :] >> nibble_shift) & 0xF, (BLOCK_K // 4, BLOCK_N))
         i0 = (codes & 3)[:, None, :]
