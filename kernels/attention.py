@@ -110,19 +110,32 @@ def _full_blocks(n, lo, full_from, full_to, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _visited_block(lo, i, skip_from, skip, BLOCK: tl.constexpr, offs):
+    # the indices (keys or query rows) of the block that loop iteration i visits: block i, or
+    # i + skip from i = skip_from on (one masked loop covers the blocks on both sides of the
+    # unmasked ones); block b starts at lo + b * BLOCK
+    return lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK + offs
+
+
+@triton.jit
+def _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    # K^T [BLOCK_D, BLOCK_N] of keys cols
+    return _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
+                      MASKED, EVEN_D, False)
+
+
+@triton.jit
 def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, skip_from, skip,
                     offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
                     qk_scale, softcap,
                     SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # online softmax over iterations first_block .. end_block - 1: iteration i visits key block
-    # i, or i + skip from i = skip_from on (one masked loop for the blocks on both sides of the
-    # unmasked ones); block b starts at key lo + b * BLOCK_N. MASKED: apply the element mask
-    # (blocks on the band's edges or past Skv); else every query row of the tile sees every key
-    # of the block (rows past Sq too: q is 0 there, their scores finite)
+    # online softmax over the key blocks of iterations first_block .. end_block - 1 (_visited_block).
+    # MASKED: apply the element mask (blocks on the band's edges or past Skv); else every query
+    # row of the tile sees every key of the block (rows past Sq too: q is 0 there, their scores
+    # finite)
     for i in range(first_block, end_block):
-        cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
-        kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
-                        MASKED, EVEN_D, False)
+        cols = _visited_block(lo, i, skip_from, skip, BLOCK_N, offs_n)
+        kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
         if MASKED:
             s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
         else:
@@ -306,10 +319,10 @@ def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, l
                        skip_from, skip, offs_m, offs_n, offs_d, stride_qs, stride_qd, stride_ds, stride_dd, Sq, Skv,
                        D, off, LEFT, RIGHT, qk_scale, softcap,
                        SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # dK and dV of this key block from query blocks visited as in _fwd_key_blocks (block b starts
-    # at row lo + b * BLOCK_M); not MASKED: every row is below Sq and sees every key of the block
+    # dK and dV of this key block from the query blocks of iterations first_block .. end_block - 1
+    # (_visited_block); not MASKED: every row is below Sq and sees every key of the block
     for i in range(first_block, end_block):
-        rows = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_M + offs_m
+        rows = _visited_block(lo, i, skip_from, skip, BLOCK_M, offs_m)
         q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, rows, offs_d, Sq, D,
                        MASKED, EVEN_D, True)
         do = _load_tile(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows, offs_d, Sq, D,
@@ -333,11 +346,11 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_
                    offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
                    qk_scale, softcap,
                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dQ of this query block from key blocks visited as in _fwd_key_blocks
+    # dQ of this query block from the key blocks of iterations first_block .. end_block - 1
+    # (_visited_block), masked as in _fwd_key_blocks
     for i in range(first_block, end_block):
-        cols = lo + (i + tl.where(i >= skip_from, skip, 0)) * BLOCK_N + offs_n
-        kt = _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
-                        MASKED, EVEN_D, False)
+        cols = _visited_block(lo, i, skip_from, skip, BLOCK_N, offs_n)
+        kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
         v_t = _load_tile(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, cols, offs_d, Skv, D,
                          MASKED, EVEN_D, False)
         p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, cols, Sq, Skv, off, LEFT, RIGHT,
