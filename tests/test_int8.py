@@ -284,6 +284,17 @@ def _strided_inputs():
     ]
 
 
+def assert_fused_quantization_gives_the_same_bits(x, qweight, weight_scale, bias, monkeypatch):
+    """int8_linear on the triton backend gives the same bits with the activations quantized inside
+    the GEMM as with the separate quantization pass."""
+    outs = {}
+    for quantization in ("separate", "fused"):
+        monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
+        with ek.use_backend("triton"):
+            outs[quantization] = ek.int8_linear(x, qweight, weight_scale, bias)
+    assert torch.equal(outs["fused"], outs["separate"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", ODD_M)
 @pytest.mark.parametrize("K", ODD_K)
@@ -294,13 +305,7 @@ def test_fused_quantization_gives_the_same_bits(dtype, M, K, monkeypatch, poison
     qw, scale = ek.quantize_int8(outlier_weight(N, K))
     x = torch.randn(M, K).to(dtype)
     x[M // 2] = 0
-    b = torch.randn(N).to(dtype)
-    outs = {}
-    for quantization in ("separate", "fused"):
-        monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
-        with ek.use_backend("triton"):
-            outs[quantization] = ek.int8_linear(x, qw, scale, b)
-    assert torch.equal(outs["fused"], outs["separate"])
+    assert_fused_quantization_gives_the_same_bits(x, qw, scale, torch.randn(N).to(dtype), monkeypatch)
 
 
 @pytest.mark.parametrize("split_k", [2, 5])
@@ -739,13 +744,9 @@ def test_gpu_fused_quantization_gives_the_same_bits(M, autotune, monkeypatch):
     K, N = 4100, 520
     qw, scale = ek.quantize_int8(outlier_weight(N, K, device="cuda"))
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    outs = {}
-    for quantization in ("separate", "fused"):
-        monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
-        with ek.use_backend("triton"):
-            outs[quantization] = ek.int8_linear(x, qw, scale, b)
-    assert torch.equal(outs["fused"], outs["separate"])
+    x[M // 2] = 0
+    assert_fused_quantization_gives_the_same_bits(
+        x, qw, scale, torch.randn(N, device="cuda", dtype=torch.bfloat16), monkeypatch)
 
 
 @pytest.mark.gpu
