@@ -21,6 +21,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -73,18 +74,36 @@ class Provider:
     checked: bool = True  # False: a yardstick computing another function (timed, not compared)
 
 
+@contextlib.contextmanager
+def _backend_and_env(backend: str, env: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with ek.use_backend(backend):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def effkern_provider(backend: str, build: Callable[[Case], Callable], float_dot=lambda case: True,
-                     limits=lambda case, device: (True, "")) -> Provider:
+                     limits=lambda case, device: (True, ""), env: dict[str, str] | None = None) -> Provider:
     """An effkern op under ``use_backend(backend)``: available where that backend runs, except
     bf16 cases that need a floating-point tl.dot (``float_dot``) under Triton's interpreter,
-    which cannot do those; ``limits(case, device)`` adds the op's own (shapes, dtypes)."""
+    which cannot do those; ``limits(case, device)`` adds the op's own (shapes, dtypes). ``env``:
+    environment variables set while it runs (effkern reads its kernel switches per call), to time
+    two ways of one backend in the same run."""
     def available(case, device, mode):
         if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16 and float_dot(case):
             return False, "Triton's interpreter cannot do bf16 tl.dot"
         ok, why = ek.backend_available(backend, device)
         return limits(case, device) if ok else (ok, why)
 
-    return Provider(build=build, available=available, context=functools.partial(ek.use_backend, backend))
+    context = functools.partial(_backend_and_env, backend, env) if env else functools.partial(ek.use_backend, backend)
+    return Provider(build=build, available=available, context=context)
 
 
 # ---------------------------------------------------------------- command-line values

@@ -15,8 +15,6 @@ them, and % floor is the share of the copy bandwidth that the weight reads reach
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -103,30 +101,14 @@ def _quantized(case: Case):
 
 def _effkern(backend: str, quantization: str | None = None) -> Provider:
     # w8a8's int8 tl.dot runs in the interpreter with bf16 activations; w8a16's bf16 one does not
-    prov = effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16")
-    if quantization is None:
-        return prov
-
-    @contextlib.contextmanager
-    def context():
-        # W8A8's activation quantization forced to one way (the variable is read per call)
-        saved = os.environ.get("EFFKERN_INT8_QUANTIZATION")
-        os.environ["EFFKERN_INT8_QUANTIZATION"] = quantization
-        try:
-            with prov.context():
-                yield
-        finally:
-            if saved is None:
-                del os.environ["EFFKERN_INT8_QUANTIZATION"]
-            else:
-                os.environ["EFFKERN_INT8_QUANTIZATION"] = saved
-
-    def available(case, device, mode):
+    def limits(case, device):
         if quantization == "fused" and case.params["quant"] != "w8a8":
             return False, "W8A8 only (the fused quantization of the activations)"
-        return prov.available(case, device, mode)
+        return True, ""
 
-    return Provider(build=prov.build, available=available, context=context)
+    # W8A8's activation quantization forced to one way (the variable is read per call)
+    return effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16",
+                            limits=limits, env={"EFFKERN_INT8_QUANTIZATION": quantization} if quantization else None)
 
 
 def _int_mm_w8a8(x, w, qw, scale, b):

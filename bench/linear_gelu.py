@@ -27,7 +27,8 @@ GPU_M = (1, 16, 128, 2048, 8192)
 GPU_KN = ((4096, 16384), (16384, 4096), (1024, 4096), (768, 3072))
 GPU_QUICK_M = (16, 2048, 8192)
 GPU_QUICK_KN = ((4096, 16384), (16384, 4096))
-EFFKERN_AND_EAGER = frozenset({"effkern-triton", "effkern-cuda", "torch-eager", "torch-linear"})
+EFFKERN_AND_EAGER = frozenset({"effkern-triton", "effkern-triton-no-tma", "effkern-cuda", "torch-eager",
+                               "torch-linear"})
 CPU_M, CPU_KN = (1, 3, 64, 128), ((96, 80), (256, 512))
 CPU_QUICK_M, CPU_QUICK_KN = (3, 64), ((96, 80),)
 
@@ -83,9 +84,9 @@ def reference(case: Case, x, w, b):
     return linear_gelu_reference(x, w, b, approximate=case.params["approximate"])
 
 
-def _effkern(backend: str) -> Provider:
+def _effkern(backend: str, env: dict[str, str] | None = None) -> Provider:
     return effkern_provider(
-        backend, lambda case: functools.partial(ek.linear_gelu, approximate=case.params["approximate"]))
+        backend, lambda case: functools.partial(ek.linear_gelu, approximate=case.params["approximate"]), env=env)
 
 
 def _eager(case: Case):
@@ -119,6 +120,9 @@ def _addmm_act(case: Case):
 def providers() -> dict[str, Provider]:
     return {
         "effkern-triton": _effkern("triton"),
+        # the Triton forward with plain loads everywhere (no TMA kernel on Hopper): the TMA
+        # kernel's gain, measured in the same run
+        "effkern-triton-no-tma": _effkern("triton", {"EFFKERN_TRITON_TMA": "0"}),
         "effkern-cuda": _effkern("cuda"),
         "reference": _effkern("reference"),
         "torch-eager": Provider(build=_eager),

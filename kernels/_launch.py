@@ -36,6 +36,18 @@ def interpreted() -> bool:
     return triton_interpreter_on()
 
 
+# Under the interpreter: few enough "SMs" that the tests' shapes take the split-K paths and
+# persistent programs walk several tiles.
+_INTERPRETER_SMS = 4
+
+
+@functools.lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int:
+    if interpreted():
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def on_device(device: torch.device):
     """Make ``device`` current for a Triton launch (it launches on the current device), if it
     is not already: switching devices costs microseconds per call."""
@@ -56,8 +68,8 @@ def grouped_tile(pid, num_p, num_q, GROUP: tl.constexpr):
     return pid_p, pid_q
 
 
-def config(names: tuple[str, ...], values: tuple[int, ...], stages: int, warps: int) -> triton.Config:
-    return triton.Config(dict(zip(names, values)), num_stages=stages, num_warps=warps)
+def config(names: tuple[str, ...], values: tuple[int, ...], stages: int, warps: int, pre_hook=None) -> triton.Config:
+    return triton.Config(dict(zip(names, values)), num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 def prune_by_rows(rows_arg: str, block_arg: str):
@@ -77,6 +89,32 @@ def autotune_on() -> bool:
     return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
 
 
+def tma_on() -> bool:
+    """EFFKERN_TRITON_TMA (default on): kernels that have a TMA variant may use it. Off runs the
+    plain-load kernels everywhere (read per call: the benchmark compares the two in one run)."""
+    return os.environ.get("EFFKERN_TRITON_TMA", "1").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=16)
+def _device_has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel may move these 2-D tensors through TMA tensor descriptors (Hopper's bulk
+    tensor copies): 16-bit elements, non-empty, unit last stride, 16-byte aligned base and row
+    stride (what cuTensorMapEncodeTiled requires), rows that do not overlap, on a GPU with TMA
+    (sm_90+) or under the interpreter."""
+    if not tma_on():
+        return False
+    for t in tensors:
+        if (t.element_size() != 2 or t.numel() == 0 or t.stride(1) != 1 or t.stride(0) < t.shape[1]
+                or (t.stride(0) * 2) % 16 or t.data_ptr() % 16):
+            return False
+    device = tensors[0].device
+    return interpreted() or (device.type == "cuda" and _device_has_tma(device))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -84,14 +122,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def launch(tuned, plain, grid, args, kwargs, fixed: dict) -> None:
+def fixed_config(fixed: dict) -> dict:
+    """The entry of ``fixed`` (see launch) that a launch without autotuning runs here."""
+    return fixed["interpreter" if interpreted() else "gpu"]
+
+
+def launch(tuned, plain, grid, args, kwargs, fixed: dict, device: torch.device | None = None) -> None:
     """Run ``plain`` at ``fixed[\"interpreter\"]`` under the interpreter, else ``tuned``
     (autotuned) or ``plain`` at ``fixed[\"gpu\"]`` when autotuning is off. ``fixed`` maps
-    those two names to config kwargs (block sizes, num_stages, num_warps)."""
+    those two names to config kwargs (block sizes, num_stages, num_warps). ``device``: where it
+    runs, when the first argument is not a tensor."""
     if interpreted():
         plain[grid](*args, **kwargs, **fixed["interpreter"])
         return
-    with on_device(args[0].device):
+    with on_device(device or args[0].device):
         if autotune_on():
             tuned[grid](*args, **kwargs)
         else:

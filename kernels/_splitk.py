@@ -16,18 +16,17 @@ as long as each slice's own sum is exact.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, config, grouped_tile, interpreted, launch, on_device, prune_by_rows, tiles
+from ._launch import (cdiv, config, fixed_config, grouped_tile, interpreted, launch, on_device, prune_by_rows,
+                      sm_count, tiles)
 
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
 SPLIT_MAX_ROWS = 64
-_INTERPRETER_SMS = 4  # small enough that the tests' shapes take the split-K path too
 
 
 @triton.jit
@@ -91,13 +90,6 @@ def splitk_reduce_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if interpreted():
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_split_k(M: int, N: int, K: int, device: torch.device, block: tuple[int, int, int]) -> int:
     """Slices of K for a split-K launch with tiles ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K): enough
     programs for two per SM, each slice at least four K blocks long; 1 (no split) when the rows or
@@ -106,7 +98,7 @@ def choose_split_k(M: int, N: int, K: int, device: torch.device, block: tuple[in
     if M > SPLIT_MAX_ROWS or K == 0:
         return 1
     n_tiles = cdiv(M, bm) * cdiv(N, bn)
-    return max(1, min(cdiv(2 * _sm_count(device), n_tiles), cdiv(K, 4 * bk)))
+    return max(1, min(cdiv(2 * sm_count(device), n_tiles), cdiv(K, 4 * bk)))
 
 
 def run_split_k(gemm, gemm_args, gemm_flags: dict, setting: dict, splits: int, c: torch.Tensor, K: int,
@@ -173,8 +165,7 @@ def launch_weight_gemm(plain, tuned, a: torch.Tensor, weight_args: tuple, weight
     a tile setting to the call (e.g. a K depth that divides the group size); ``split_k``
     forces a number of slices (tests)."""
     M, N = c.shape
-    where = "interpreter" if interpreted() else "gpu"
-    split_setting = adjust(tile_kwargs(split[where]))
+    split_setting = adjust(tile_kwargs(fixed_config(split)))
     block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
     splits = max(split_k or choose_split_k(M, N, K, a.device, block), min_splits) if K else 1
     if splits == 1:

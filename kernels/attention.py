@@ -41,8 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, interpreted, launch, next_power_of_2, on_device
-from ._splitk import _sm_count
+from ._launch import cdiv, interpreted, launch, next_power_of_2, on_device, sm_count
 
 LOG2E = 1.4426950408889634
 # split-KV forward (decoding): up to this many query rows, each split at least this many key blocks
@@ -551,7 +550,7 @@ def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left
     block_m, block_n = (_decode_config(D)[name] for name in ("BLOCK_M", "BLOCK_N"))
     keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
     programs = B * Hq * cdiv(Sq, block_m)
-    return max(1, min(cdiv(2 * _sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
+    return max(1, min(cdiv(2 * sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,

@@ -4,6 +4,11 @@ Forward, ``linear_gelu_fwd_kernel`` (weight in nn.Linear layout [N, K]):
     z[m, n] = sum_k x[m, k] * w[n, k] + b[n]        fp32 accumulation
     y[m, n] = gelu(z[m, n])                          in the epilogue, on the fp32 accumulator
     z is written too when the backward will need it.
+``linear_gelu_fwd_tma_kernel`` computes the same on Hopper (and under the interpreter) when x, w
+and the outputs suit TMA (16-bit, 16-byte aligned rows): persistent programs, one per SM, walk
+the output tiles in grouped order, and tiles move by TMA tensor descriptors (bulk copies into
+shared memory, no address arithmetic or masks in the loop; the copy engine zero-fills past the
+edges and clips the stores).
 
 Backward, ``linear_gelu_bwd_kernel``: both weight-side GEMMs have the form
     C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * gelu'(z)
@@ -26,7 +31,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import (cdiv, config, dot_precision, fixed_config, grouped_tile, interpreted, launch, prune_by_rows,
+                      sm_count, tiles, tma_ready)
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
@@ -122,6 +130,43 @@ def linear_gelu_fwd_kernel(
 
 
 @triton.jit
+def linear_gelu_fwd_tma_kernel(
+    x_desc, w_desc, b_ptr, y_desc, z_desc,
+    M, N, K, NUM_PROGRAMS,
+    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Descriptors: x [M, K] in [BLOCK_M, BLOCK_K] tiles, w [N, K] in [BLOCK_N, BLOCK_K],
+    # y and z [M, N] in [BLOCK_M, BLOCK_N] (set by the launcher from the config).
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    # The epilogue finds its tile from a counter of its own, not from the loads' tile index: a
+    # value used both by the loads (which the flattened pipeline issues a tile ahead) and by the
+    # epilogue is what Triton's own persistent-matmul tutorial keeps apart.
+    tile_out = tl.program_id(0) - NUM_PROGRAMS
+    # flatten: one software pipeline over (tile, k) pairs, so the next tile's first loads are in
+    # flight during this tile's epilogue.
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        tile_out += NUM_PROGRAMS
+        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
+        if HAS_BIAS:
+            # columns past N wrap onto valid ones; the store drops them
+            acc += tl.load(b_ptr + (out_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.float32)[None, :]
+        if STORE_Z:
+            z_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(z_desc.dtype))
+        if STORE_Y:
+            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], gelu(acc, APPROX_TANH, PRECISE).to(y_desc.dtype))
+
+
+@triton.jit
 def linear_gelu_bwd_kernel(
     dy_ptr, z_ptr, b_ptr, c_ptr, rowsum_ptr,
     P, Q, R,
@@ -187,6 +232,18 @@ _GEMM_SHAPES = [
     (16, 64, 256, 3, 4),
 ]
 GROUP = 8
+# The TMA forward, for M >= TMA_MIN_ROWS (decode-sized M keeps the narrow-row configs above):
+# the large tiles; 128x256 and 256x128 at 3 stages leave room in shared memory for the
+# epilogue's staging tiles (TMA stores read from shared memory). A 128x128 tile takes 8 warps:
+# with 4, its erf epilogue spills (148 bytes on sm_90a).
+_TMA_SHAPES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+]
+TMA_MIN_ROWS = 64
 
 
 _FWD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
@@ -206,14 +263,34 @@ _bwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Give the TMA kernel's descriptors the config's tile shapes (an autotuning pre-hook: the
+    copies' box sizes are part of the descriptor)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn]
+    nargs["z_desc"].block_shape = [bm, bn]
+
+
+_fwd_tma_tuned = triton.autotune(
+    configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa, pre_hook=_set_tma_blocks)
+             for bm, bn, bk, st, wa in _TMA_SHAPES],
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
+)(linear_gelu_fwd_tma_kernel)
+
 # One config for the interpreter (small tiles: quick, and odd test sizes cross tile edges),
 # and one for GPUs with EFFKERN_TRITON_AUTOTUNE=0 (GPU tests: no autotuning per test shape).
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
+_FIXED_TMA = {"interpreter": _FIXED["interpreter"], "gpu": ((128, 128, 64, 8), 4, 8)}
 
 
-def _fixed(names: tuple[str, ...]) -> dict:
+def _fixed(names: tuple[str, ...], settings: dict = _FIXED) -> dict:
     return {where: dict(zip(names, blocks), num_stages=stages, num_warps=warps)
-            for where, (blocks, stages, warps) in _FIXED.items()}
+            for where, (blocks, stages, warps) in settings.items()}
 
 
 def _precise(dtype: torch.dtype) -> bool:
@@ -231,16 +308,41 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return y, z
     y_arg = y if y is not None else z
     z_arg = z if z is not None else y_arg
+    kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
+                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=dot_precision(x.dtype))
+    if M >= TMA_MIN_ROWS and tma_ready(x, weight, y_arg):
+        _fwd_tma(x, weight, bias, y_arg, z_arg, kwargs)
+        return y, z
     args = (
         x, weight, bias if bias is not None else x, y_arg, z_arg,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         y_arg.stride(0), y_arg.stride(1), z_arg.stride(0), z_arg.stride(1),
     )
-    kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
-                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=dot_precision(x.dtype))
     launch(_fwd_tuned, _fwd, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs, _fixed(_FWD_NAMES))
     return y, z
+
+
+def _fwd_tma(x, weight, bias, y, z, kwargs) -> None:
+    """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, z [M, N] (y and z may be one
+    tensor when only one is stored): one persistent program per SM, or per tile if fewer."""
+    M, K = x.shape
+    N = weight.shape[0]
+    fixed = _fixed(_FWD_NAMES, _FIXED_TMA)
+    # Descriptors with the fixed config's tiles; an autotuned launch resets them per config.
+    descs = {name: TensorDescriptor.from_tensor(t, [1, 1])
+             for name, t in (("x_desc", x), ("w_desc", weight), ("y_desc", y), ("z_desc", z))}
+    if z is y:
+        descs["z_desc"] = descs["y_desc"]
+    _set_tma_blocks({**descs, **fixed_config(fixed)})
+    programs = sm_count(x.device)
+    args = (descs["x_desc"], descs["w_desc"], bias if bias is not None else x, descs["y_desc"], descs["z_desc"],
+            M, N, K, programs)
+
+    def grid(meta):
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+
+    launch(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel, grid, args, kwargs, fixed, device=x.device)
 
 
 def _bwd_gemm(dy, z, b, out, rowsum, approximate):

@@ -2,6 +2,7 @@
 hold what the README table and the auto policy are built from."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -129,6 +130,15 @@ def test_int8_providers_force_each_quantization(monkeypatch):
     w8a16 = bench_int8._case(torch.float16, "w8a16", 4, 8, 16)
     assert bench_int8.providers()["effkern-triton-fused"].available(w8a16, "cpu", "fwd") == (
         False, "W8A8 only (the fused quantization of the activations)")
+
+
+def test_linear_gelu_no_tma_provider_turns_the_tma_kernel_off_while_it_runs(monkeypatch):
+    from effkern.kernels import _launch
+
+    monkeypatch.delenv("EFFKERN_TRITON_TMA", raising=False)
+    with bench_linear_gelu.providers()["effkern-triton-no-tma"].context():
+        assert not _launch.tma_on()
+    assert _launch.tma_on() and "EFFKERN_TRITON_TMA" not in os.environ  # unset again, as before
 
 
 def _int4_wrong(dequantize) -> harness.Provider:

@@ -226,6 +226,120 @@ def test_empty_batch(backend):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
+# ---------------------------------------------------------------------------- the TMA forward
+
+# (M, N, K): 16-bit rows 16-byte aligned (N, K multiples of 8), M >= TMA_MIN_ROWS, sizes no
+# multiple of the interpreter's 32 x 32 x 32 tiles (K = 8: one K step, mostly zero fill); the
+# last two have more tiles (6, 15) than the interpreter's 4 persistent programs, which then
+# walk several tiles each
+TMA_SHAPES = [(64, 16, 8), (70, 40, 48), (130, 72, 96)]
+
+
+def _kernels():
+    from effkern.kernels import linear_gelu as kernels
+
+    return kernels
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """The list of TMA forward launches made while the test runs."""
+    kernels = _kernels()
+    launches, real = [], kernels._fwd_tma
+    monkeypatch.setattr(kernels, "_fwd_tma", lambda *a: launches.append(a[0].shape) or real(*a))
+    return launches
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,N,K", TMA_SHAPES)
+def test_tma_forward_matches_float64(approximate, bias, M, N, K, tma_launches, poison_empty):
+    """Aligned fp16 inputs take the TMA kernel (persistent programs walking several tiles), output
+    and gradients within tolerance; the backward reads the z it stored."""
+    needs_backend("triton")
+    x, w, b = make_inputs(M, N, K, torch.float16, bias=bias)
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    assert tma_launches, "the TMA kernel did not run"
+
+
+@pytest.mark.parametrize("M,N,K", TMA_SHAPES)
+def test_tma_and_plain_forward_agree_bit_for_bit(M, N, K, monkeypatch, tma_launches):
+    """Under the interpreter both kernels do the same fp32 arithmetic in the same order, so any
+    difference is a wrong tile, edge or epilogue in one of them; also with only z stored (the
+    recomputation in the backward of recompute_preact=True)."""
+    needs_backend("triton")
+    kernels = _kernels()
+    x, w, b = make_inputs(M, N, K, torch.float16)
+    for store_out, store_preact in ((True, True), (False, True)):
+        monkeypatch.setenv("EFFKERN_TRITON_TMA", "1")
+        tma = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_preact)
+        monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
+        plain = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_preact)
+        for t, p in zip(tma, plain):
+            assert (t is None) == (p is None) and (t is None or torch.equal(t, p))
+    assert len(tma_launches) == 2
+
+
+def test_tma_ready_only_for_what_tma_can_copy(monkeypatch):
+    needs_backend("triton")
+    kernels = _kernels()
+    x = torch.randn(8, 64, dtype=torch.float16)
+    assert kernels.tma_ready(x, x[:, :32], x[2:])
+    for name, bad in [("float32", x.float()),
+                      ("row stride of 12 bytes", torch.randn(8, 6, dtype=torch.float16)),
+                      ("last stride not 1", x[:, ::2]), ("transposed", x.t()),
+                      ("base not 16-byte aligned", x[:, 1:9]), ("overlapping rows", x[:1].expand(8, 64)),
+                      ("empty", x[:0])]:
+        assert not kernels.tma_ready(x, bad), name
+    assert kernels.tma_ready(x.bfloat16())
+    monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
+    assert not kernels.tma_ready(x)
+
+
+def test_small_or_unaligned_calls_keep_the_plain_kernel(tma_launches):
+    needs_backend("triton")
+    with ek.use_backend("triton"):
+        for M, N, K in [(63, 16, 8), (64, 16, 9), (64, 17, 8)]:
+            ek.linear_gelu(*make_inputs(M, N, K, torch.float16))
+    assert tma_launches == []
+
+
+# Register spill stores the TMA forward may have on sm_90a at any of its configs. Today: none with
+# the tanh GELU; with erf up to 128 bytes, at the 128x256 and 256x128 tiles (255 registers per
+# thread; the plain kernel spills up to 232 bytes at the same tiles). A 128x128 tile with 4 warps
+# spilled 148 and was left out.
+TMA_SPILL_LIMIT = 160
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate):
+    """Every config the TMA forward may run with, compiled here for sm_90a as a bf16 launch:
+    Hopper's warpgroup MMA (wgmma) and bulk tensor copies (cp.async.bulk.tensor) in the PTX,
+    shared memory (pipeline stages and the epilogue's staging tiles, y and z) within the card."""
+    needs_backend("triton")
+    from op_checks import SHARED_LIMIT
+
+    kernels = _kernels()
+    requests = {}
+    for bm, bn, bk, stages, warps in kernels._TMA_SHAPES:
+        types = {"x_desc": f"tensordesc<bf16[{bm},{bk}]>", "w_desc": f"tensordesc<bf16[{bn},{bk}]>",
+                 "b_ptr": "*bf16", "y_desc": f"tensordesc<bf16[{bm},{bn}]>", "z_desc": f"tensordesc<bf16[{bm},{bn}]>",
+                 "M": "i32", "N": "i32", "K": "i32", "NUM_PROGRAMS": "i32"}
+        constexprs = dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh", PRECISE=False, STORE_Y=True,
+                          STORE_Z=True, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                          GROUP_M=kernels.GROUP)
+        requests[f"{bm}x{bn}x{bk}/{stages}/{warps}"] = dict(
+            kernel="effkern.kernels.linear_gelu:linear_gelu_fwd_tma_kernel", types=types, constexprs=constexprs,
+            cc=90, num_warps=warps, num_stages=stages, spills=True, divisible=["b_ptr", "N", "K"])
+    for name, compiled in compile_for_gpu(requests).items():
+        ptx = compiled["ptx"]
+        assert "wgmma.mma_async" in ptx and "bf16.bf16" in ptx, name
+        assert "cp.async.bulk.tensor" in ptx, name
+        assert compiled["shared"] <= SHARED_LIMIT[90], f"{name}: {compiled['shared']} bytes of shared memory"
+        assert compiled["spill_bytes"] <= TMA_SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
+
+
 # ---------------------------------------------------------------------------- the checker itself
 
 def test_checker_rejects_wrong_kernels():
@@ -446,6 +560,23 @@ def test_gpu_autotuned_triton_configs_match_float64(M, N, K, monkeypatch):
     x, w, b = make_inputs(M, N, K, torch.bfloat16, device="cuda")
     with ek.use_backend("triton"):
         check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_every_tma_config_matches_float64(index, approximate, monkeypatch, tma_launches):
+    """Each config the TMA forward's autotuner may pick, run as the fixed config, on sizes that
+    are no multiple of any tile (K = 520: a partial last K step that the copy engine zero-fills)."""
+    needs_backend("triton", "cuda")
+    kernels = _kernels()
+    bm, bn, bk, stages, warps = kernels._TMA_SHAPES[index]
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "0")
+    monkeypatch.setitem(kernels._FIXED_TMA, "gpu", ((bm, bn, bk, kernels.GROUP), stages, warps))
+    x, w, b = make_inputs(1000, 392, 520, torch.bfloat16, device="cuda")
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    assert tma_launches, "the TMA kernel did not run"
 
 
 @pytest.mark.gpu
