@@ -4,7 +4,8 @@ Shapes are (M, N, K): input x [M, K] in the activation dtype, weight [N, K] quan
 output channel (scale float32 [N]) once per case, offline and untimed; bias [N]; output [M, N].
 Param "quant": "w8a8" times ek.int8_linear, whose per-token quantization of x is part of the call
 (effkern-triton: a separate quantization kernel; effkern-triton-fused: inside the GEMM; the faster
-goes to the policy that backend "auto" reads); "w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
+goes to the policy that backend "auto" reads; effkern-triton-no-tma: the separate one without the
+TMA GEMM that Hopper runs for M > 64); "w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
 
 TFLOP/s counts 2*M*N*K for both (int8 TOPS for w8a8). % GEMM and the FLOP side of the floor are
 against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16. Bytes
@@ -99,16 +100,20 @@ def _quantized(case: Case):
     return lambda x, w, qw, scale, b: op(x, qw, scale, b)
 
 
-def _effkern(backend: str, quantization: str | None = None) -> Provider:
+def _effkern(backend: str, quantization: str | None = None, tma: bool = True) -> Provider:
     # w8a8's int8 tl.dot runs in the interpreter with bf16 activations; w8a16's bf16 one does not
     def limits(case, device):
         if quantization == "fused" and case.params["quant"] != "w8a8":
             return False, "W8A8 only (the fused quantization of the activations)"
         return True, ""
 
-    # W8A8's activation quantization forced to one way (the variable is read per call)
+    # W8A8's activation quantization forced to one way, the TMA GEMM off if asked (the variables
+    # are read per call)
+    env = {"EFFKERN_INT8_QUANTIZATION": quantization} if quantization else {}
+    if not tma:
+        env["EFFKERN_TRITON_TMA"] = "0"
     return effkern_provider(backend, _quantized, float_dot=lambda case: case.params["quant"] == "w8a16",
-                            limits=limits, env={"EFFKERN_INT8_QUANTIZATION": quantization} if quantization else None)
+                            limits=limits, env=env or None)
 
 
 def _int_mm_w8a8(x, w, qw, scale, b):
@@ -133,6 +138,9 @@ def providers() -> dict[str, Provider]:
     return {
         "effkern-triton": _effkern("triton", "separate"),
         "effkern-triton-fused": _effkern("triton", "fused"),
+        # the separate quantization with the plain-load GEMM everywhere (no TMA GEMM on Hopper):
+        # the TMA GEMM's gain, measured in the same run
+        "effkern-triton-no-tma": _effkern("triton", "separate", tma=False),
         "reference": _effkern("reference"),
         # bf16 cuBLAS on the unquantized weight: what int8 has to beat, column "x linear"; another
         # function (no quantization), so timed but not checked

@@ -89,32 +89,6 @@ def autotune_on() -> bool:
     return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
 
 
-def tma_on() -> bool:
-    """EFFKERN_TRITON_TMA (default on): kernels that have a TMA variant may use it. Off runs the
-    plain-load kernels everywhere (read per call: the benchmark compares the two in one run)."""
-    return os.environ.get("EFFKERN_TRITON_TMA", "1").lower() in ("1", "true", "on", "yes")
-
-
-@functools.lru_cache(maxsize=16)
-def _device_has_tma(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether a kernel may move these 2-D tensors through TMA tensor descriptors (Hopper's bulk
-    tensor copies): 16-bit elements, non-empty, unit last stride, 16-byte aligned base and row
-    stride (what cuTensorMapEncodeTiled requires), rows that do not overlap, on a GPU with TMA
-    (sm_90+) or under the interpreter."""
-    if not tma_on():
-        return False
-    for t in tensors:
-        if (t.element_size() != 2 or t.numel() == 0 or t.stride(1) != 1 or t.stride(0) < t.shape[1]
-                or (t.stride(0) * 2) % 16 or t.data_ptr() % 16):
-            return False
-    device = tensors[0].device
-    return interpreted() or (device.type == "cuda" and _device_has_tma(device))
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

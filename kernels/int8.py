@@ -30,8 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, dot_precision, interpreted, next_power_of_2, on_device
-from ._splitk import dequant_epilogue, launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_tile
+from ._launch import cdiv, config, dot_precision, grouped_tile, interpreted, next_power_of_2, on_device, prune_by_rows
+from ._splitk import (SPLIT_MAX_ROWS, TILE_NAMES, dequant_epilogue, launch_weight_gemm, store_tile, tile_kwargs,
+                      weight_gemm_kernels, weight_gemm_tile)
+from ._tma import block_shapes_hook, launch_persistent, tma_ready, tma_tile_dot
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -137,6 +139,33 @@ def int8_matmul_kernel(
     store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
 
 
+@triton.jit
+def int8_matmul_tma_kernel(
+    a_desc, w_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, NUM_PROGRAMS,
+    DEQUANT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # int8 A [M, K] times the int8 weight W [N, K], transposed, as the persistent TMA GEMM of
+    # kernels/_tma.py (Hopper): exact int32 accumulators (K <= MAX_EXACT_K), then
+    # int8_matmul_kernel's epilogue. Descriptors: a in [BLOCK_M, BLOCK_K] tiles, w in
+    # [BLOCK_N, BLOCK_K], c in [BLOCK_M, BLOCK_N].
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    tile_out = tl.program_id(0) - NUM_PROGRAMS
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+        acc = tma_tile_dot(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps,
+                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), BLOCK_K, "ieee")
+        tile_out += NUM_PROGRAMS
+        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
+        if DEQUANT:
+            acc = dequant_epilogue(acc, out_m * BLOCK_M + tl.arange(0, BLOCK_M), out_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                                   M, N, a_scale_ptr, b_scale_ptr, bias_ptr, SCALE_ROWS, SCALE_COLS, HAS_BIAS)
+        c_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(c_desc.dtype))
+
+
 # ---------------------------------------------------------------------------------------
 # Launch configurations. Large M: autotuned over tiles picked for H100 (int8 tiles 128 deep
 # in K, 16-bit ones 64 deep; configs that do not fit shared memory are skipped by the
@@ -164,6 +193,24 @@ _SPLIT = {"interpreter": ((16, 32, 64, 1), 1, 4), "gpu": ((16, 64, 256, 1), 4, 4
 # QUANT_A the fused W8A8 from W8A16 (both read a float A).
 _gemm, _gemm_tuned = weight_gemm_kernels(int8_matmul_kernel, _GEMM_SHAPES,
                                          key=("M", "N", "K", "stride_bk", "QUANT_A"))
+# The TMA GEMM (Hopper; int8 A, more than SPLIT_MAX_ROWS rows): the int8 tiles above, at stage
+# counts that leave shared memory for the epilogue's staging tile (TMA stores read from it).
+_TMA_SHAPES = [
+    (128, 256, 128, 3, 8),
+    (256, 128, 128, 3, 8),
+    (128, 128, 128, 4, 8),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+]
+_FIXED_TMA = {"interpreter": _FIXED["interpreter"], "gpu": ((128, 128, 128, 8), 4, 8)}
+_set_tma_blocks = block_shapes_hook({"a_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
+                                     "c_desc": ("BLOCK_M", "BLOCK_N")})
+_gemm_tma_tuned = triton.autotune(
+    configs=[config(TILE_NAMES, (bm, bn, bk, 8), stages, warps, pre_hook=_set_tma_blocks)
+             for bm, bn, bk, stages, warps in _TMA_SHAPES],
+    key=["M", "N", "K", "DEQUANT"],
+    prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
+)(int8_matmul_tma_kernel)
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +259,10 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
                            b_scale, bias, out_dtype)
     # The kernels index the per-row/per-column vectors with unit stride.
     a_scale, b_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, b_scale, bias))
+    if (a_int8 and not scale_k and split_k is None and M > SPLIT_MAX_ROWS and 0 < K <= MAX_EXACT_K
+            and tma_ready(a, b.t(), c)):
+        _int8_matmul_tma(a, b.t(), a_scale, b_scale, bias, c)
+        return c
     flags = dict(A_INT8=a_int8, QUANT_A=quantize_a, SCALE_K=scale_k, DEQUANT=dequant,
                  SCALE_ROWS=a_scale is not None, SCALE_COLS=b_scale is not None and not scale_k,
                  HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
@@ -227,3 +278,15 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
         split_flags=dict(flags, DEQUANT=False), part_dtype=torch.int32 if a_int8 else torch.float32,
         a_scale=a_scale, b_scale=b_scale if flags["SCALE_COLS"] else None, bias=bias, wide=exact_slices,
         dequant=dequant, max_k_per_split=MAX_EXACT_K if exact_slices else None)
+
+
+def _int8_matmul_tma(a: torch.Tensor, weight: torch.Tensor, a_scale, b_scale, bias, c: torch.Tensor) -> None:
+    """int8_matmul_tma_kernel: c = epilogue(a @ weight^T) for int8 a [M, K] and weight [N, K]."""
+    M, N = c.shape
+    dequant = c.dtype != torch.int32
+    flags = dict(DEQUANT=dequant, SCALE_ROWS=dequant and a_scale is not None,
+                 SCALE_COLS=dequant and b_scale is not None, HAS_BIAS=dequant and bias is not None)
+    launch_persistent(_gemm_tma_tuned, int8_matmul_tma_kernel, dict(a_desc=a, w_desc=weight, c_desc=c),
+                      tuple(v if v is not None else c for v in (a_scale, b_scale, bias)) + (M, N, a.shape[1]),
+                      M, N, flags, {where: tile_kwargs(setting) for where, setting in _FIXED_TMA.items()},
+                      _set_tma_blocks)

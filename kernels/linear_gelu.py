@@ -5,10 +5,8 @@ Forward, ``linear_gelu_fwd_kernel`` (weight in nn.Linear layout [N, K]):
     y[m, n] = gelu(z[m, n])                          in the epilogue, on the fp32 accumulator
     z is written too when the backward will need it.
 ``linear_gelu_fwd_tma_kernel`` computes the same on Hopper (and under the interpreter) when x, w
-and the outputs suit TMA (16-bit, 16-byte aligned rows): persistent programs, one per SM, walk
-the output tiles in grouped order, and tiles move by TMA tensor descriptors (bulk copies into
-shared memory, no address arithmetic or masks in the loop; the copy engine zero-fills past the
-edges and clips the stores).
+and the outputs suit TMA (16-bit, 16-byte aligned rows, M >= TMA_MIN_ROWS): the persistent TMA
+GEMM of kernels/_tma.py with this epilogue.
 
 Backward, ``linear_gelu_bwd_kernel``: both weight-side GEMMs have the form
     C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * gelu'(z)
@@ -31,10 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from triton.tools.tensor_descriptor import TensorDescriptor
-
-from ._launch import (cdiv, config, dot_precision, fixed_config, grouped_tile, interpreted, launch, prune_by_rows,
-                      sm_count, tiles, tma_ready)
+from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
+from ._tma import block_shapes_hook, launch_persistent, tma_ready, tma_tile_dot
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
@@ -131,30 +127,22 @@ def linear_gelu_fwd_kernel(
 
 @triton.jit
 def linear_gelu_fwd_tma_kernel(
-    x_desc, w_desc, b_ptr, y_desc, z_desc,
+    x_desc, w_desc, y_desc, z_desc, b_ptr,
     M, N, K, NUM_PROGRAMS,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Descriptors: x [M, K] in [BLOCK_M, BLOCK_K] tiles, w [N, K] in [BLOCK_N, BLOCK_K],
-    # y and z [M, N] in [BLOCK_M, BLOCK_N] (set by the launcher from the config).
+    # The persistent TMA GEMM of kernels/_tma.py. Descriptors: x [M, K] in [BLOCK_M, BLOCK_K]
+    # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and z [M, N] in [BLOCK_M, BLOCK_N].
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    # The epilogue finds its tile from a counter of its own, not from the loads' tile index: a
-    # value used both by the loads (which the flattened pipeline issues a tile ahead) and by the
-    # epilogue is what Triton's own persistent-matmul tutorial keeps apart.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    # flatten: one software pipeline over (tile, k) pairs, so the next tile's first loads are in
-    # flight during this tile's epilogue.
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_steps):
-            x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        acc = tma_tile_dot(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps,
+                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, DOT_PRECISION)
         tile_out += NUM_PROGRAMS
         out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
         if HAS_BIAS:
@@ -265,16 +253,8 @@ _bwd_tuned = triton.autotune(
 
 
 
-def _set_tma_blocks(nargs: dict) -> None:
-    """Give the TMA kernel's descriptors the config's tile shapes (an autotuning pre-hook: the
-    copies' box sizes are part of the descriptor)."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk]
-    nargs["y_desc"].block_shape = [bm, bn]
-    nargs["z_desc"].block_shape = [bm, bn]
-
-
+_set_tma_blocks = block_shapes_hook({"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
+                                     "y_desc": ("BLOCK_M", "BLOCK_N"), "z_desc": ("BLOCK_M", "BLOCK_N")})
 _fwd_tma_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa, pre_hook=_set_tma_blocks)
              for bm, bn, bk, st, wa in _TMA_SHAPES],
@@ -310,7 +290,8 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     z_arg = z if z is not None else y_arg
     kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
                   STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=dot_precision(x.dtype))
-    if M >= TMA_MIN_ROWS and tma_ready(x, weight, y_arg):
+    # fp32 keeps the plain kernel (its K tiles would be twice as wide in bytes; not worth a variant)
+    if M >= TMA_MIN_ROWS and x.element_size() == 2 and tma_ready(x, weight, y_arg):
         _fwd_tma(x, weight, bias, y_arg, z_arg, kwargs)
         return y, z
     args = (
@@ -325,24 +306,11 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _fwd_tma(x, weight, bias, y, z, kwargs) -> None:
     """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, z [M, N] (y and z may be one
-    tensor when only one is stored): one persistent program per SM, or per tile if fewer."""
-    M, K = x.shape
-    N = weight.shape[0]
-    fixed = _fixed(_FWD_NAMES, _FIXED_TMA)
-    # Descriptors with the fixed config's tiles; an autotuned launch resets them per config.
-    descs = {name: TensorDescriptor.from_tensor(t, [1, 1])
-             for name, t in (("x_desc", x), ("w_desc", weight), ("y_desc", y), ("z_desc", z))}
-    if z is y:
-        descs["z_desc"] = descs["y_desc"]
-    _set_tma_blocks({**descs, **fixed_config(fixed)})
-    programs = sm_count(x.device)
-    args = (descs["x_desc"], descs["w_desc"], bias if bias is not None else x, descs["y_desc"], descs["z_desc"],
-            M, N, K, programs)
-
-    def grid(meta):
-        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-
-    launch(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel, grid, args, kwargs, fixed, device=x.device)
+    tensor when only one is stored)."""
+    M, N = x.shape[0], weight.shape[0]
+    launch_persistent(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel, dict(x_desc=x, w_desc=weight, y_desc=y, z_desc=z),
+                      (bias if bias is not None else x, M, N, x.shape[1]), M, N, kwargs,
+                      _fixed(_FWD_NAMES, _FIXED_TMA), _set_tma_blocks)
 
 
 def _bwd_gemm(dy, z, b, out, rowsum, approximate):

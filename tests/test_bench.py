@@ -95,6 +95,7 @@ def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     assert {mode for _, _, mode in status} == {"fwd"}  # forward only
     assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
     expected = {("effkern-triton", "w8a8"): "ok", ("effkern-triton-fused", "w8a8"): "ok",
+                ("effkern-triton-no-tma", "w8a8"): "ok", ("effkern-triton-no-tma", "w8a16"): "ok",
                 ("reference", "w8a8"): "ok", ("torch-int-mm", "w8a8"): "ok",
                 ("effkern-triton", "w8a16"): "ok", ("reference", "w8a16"): "ok",
                 ("torch-linear", "w8a8"): "timing only", ("torch-linear", "w8a16"): "timing only",
@@ -132,13 +133,14 @@ def test_int8_providers_force_each_quantization(monkeypatch):
         False, "W8A8 only (the fused quantization of the activations)")
 
 
-def test_linear_gelu_no_tma_provider_turns_the_tma_kernel_off_while_it_runs(monkeypatch):
-    from effkern.kernels import _launch
+@pytest.mark.parametrize("bench_op", [bench_linear_gelu, bench_int8], ids=["linear_gelu", "int8"])
+def test_no_tma_providers_turn_the_tma_kernels_off_while_they_run(bench_op, monkeypatch):
+    from effkern.kernels import _tma
 
     monkeypatch.delenv("EFFKERN_TRITON_TMA", raising=False)
-    with bench_linear_gelu.providers()["effkern-triton-no-tma"].context():
-        assert not _launch.tma_on()
-    assert _launch.tma_on() and "EFFKERN_TRITON_TMA" not in os.environ  # unset again, as before
+    with bench_op.providers()["effkern-triton-no-tma"].context():
+        assert not _tma.tma_on()
+    assert _tma.tma_on() and "EFFKERN_TRITON_TMA" not in os.environ  # unset again, as before
 
 
 def _int4_wrong(dequantize) -> harness.Provider:

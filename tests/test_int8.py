@@ -188,6 +188,95 @@ def test_int8_matmul_leading_dims_and_default_dtype():
 
 # ---------------------------------------------------------------------------- linear layers
 
+# ---------------------------------------------------------------------------- the TMA GEMM
+
+# (M, N, K): int8 rows 16-byte aligned (K a multiple of 16, N of 8), more rows than
+# SPLIT_MAX_ROWS, sizes no multiple of the interpreter's 32 x 32 x 64 tiles; the second has more
+# output tiles (10) than the interpreter's 4 persistent programs, which then walk several each
+TMA_SHAPES = [(65, 48, 64), (130, 72, 160)]
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """The list of TMA GEMM launches made while the test runs."""
+    k = kernels()
+    launches, real = [], k._int8_matmul_tma
+    monkeypatch.setattr(k, "_int8_matmul_tma", lambda *a: launches.append(a[0].shape) or real(*a))
+    return launches
+
+
+def _scales_and_bias(M, N):
+    a_scale, b_scale = torch.rand(M) / 100, torch.rand(N) / 100
+    a_scale[0] = 0  # an all-zero token's scale
+    return a_scale, b_scale, torch.randn(N, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K", TMA_SHAPES)
+def test_tma_gemm_is_exact_and_gives_the_plain_kernels_bits(out_dtype, M, N, K, monkeypatch, tma_launches,
+                                                            poison_empty):
+    needs_backend("triton")
+    a, b = int8_pair(M, N, K)
+    scales = (None, None, None) if out_dtype == torch.int32 else _scales_and_bias(M, N)
+    tma = kernels().int8_matmul(a, b.t(), *scales, out_dtype)
+    monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
+    plain = kernels().int8_matmul(a, b.t(), *scales, out_dtype)
+    assert tma_launches == [(M, K)]
+    assert torch.equal(tma, plain)
+    acc = a.int() @ b.int().t()
+    if out_dtype == torch.int32:
+        assert torch.equal(tma, acc)
+    else:
+        a_scale, b_scale, bias = scales
+        assert_rounded_from(tma, (acc.float() * a_scale[:, None]) * b_scale[None, :] + bias.float())
+
+
+def test_w8a8_linear_with_the_separate_quantization_runs_the_tma_gemm(monkeypatch, tma_launches):
+    needs_backend("triton")
+    monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", "separate")
+    qw, scale = ek.quantize_int8(outlier_weight(48, 64))
+    x, b = torch.randn(70, 64, dtype=torch.float16), torch.randn(48, dtype=torch.float16)
+    with ek.use_backend("triton"):
+        y = ek.int8_linear(x, qw, scale, b)
+    assert tma_launches == [(70, 64)]
+    assert torch.equal(y, int8_linear_reference(x, qw, scale, b))
+
+
+def test_calls_tma_cannot_take_keep_the_plain_kernels(tma_launches):
+    """Few rows (split-K), rows not 16-byte aligned, a float A (W8A16), the backward's B = W."""
+    needs_backend("triton")
+    k = kernels()
+    a, b = int8_pair(64, 48, 64)
+    k.int8_matmul(a, b.t(), None, None, None, torch.int32)
+    a, b = int8_pair(65, 48, 72)
+    k.int8_matmul(a, b.t(), None, None, None, torch.int32)
+    k.int8_matmul(torch.randn(65, 64), int8_pair(1, 48, 64)[1].t(), None, torch.rand(48), None, torch.float32)
+    k.int8_matmul(torch.randn(65, 48), int8_pair(1, 48, 64)[1], None, torch.rand(48), None, torch.float32,
+                  scale_k=True)
+    assert tma_launches == []
+
+
+@pytest.mark.parametrize("out", ["bf16", "i32"])
+def test_tma_gemm_compiles_onto_wgmma_and_tma(compile_for_gpu, out):
+    """Every config the TMA GEMM may run with, compiled here for sm_90a: int8 wgmma, TMA copies,
+    no spills; with the int32 output of int8_mm only the fixed config (the autotuner skips the
+    candidates whose staging tile no longer fits)."""
+    needs_backend("triton")
+    from op_checks import assert_tma_gemm_compiles_for_hopper
+
+    k = kernels()
+    (bm, bn, bk, _), stages, warps = k._FIXED_TMA["gpu"]
+    dequant = out == "bf16"
+    assert_tma_gemm_compiles_for_hopper(
+        compile_for_gpu, "effkern.kernels.int8:int8_matmul_tma_kernel",
+        k._TMA_SHAPES if dequant else [(bm, bn, bk, stages, warps)],
+        dict(a_desc=("i8", "BLOCK_M", "BLOCK_K"), w_desc=("i8", "BLOCK_N", "BLOCK_K"),
+             c_desc=(out, "BLOCK_M", "BLOCK_N")),
+        dict(a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16", M="i32", N="i32", K="i32",
+             NUM_PROGRAMS="i32"),
+        dict(DEQUANT=dequant, SCALE_ROWS=dequant, SCALE_COLS=dequant, HAS_BIAS=dequant), r"s32\.s8\.s8", 0)
+
+
 def plain_pytorch_w8a8(x, w, b):
     """What a PyTorch user writes for the same quantization: per-channel weight and per-token
     activation scales, fp32 matmul of the integer values, dequantize, add bias."""
@@ -747,6 +836,29 @@ def test_gpu_fused_quantization_gives_the_same_bits(M, autotune, monkeypatch):
     x[M // 2] = 0
     assert_fused_quantization_gives_the_same_bits(
         x, qw, scale, torch.randn(N, device="cuda", dtype=torch.bfloat16), monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(5))
+def test_gpu_every_tma_config_is_exact(index, monkeypatch, tma_launches):
+    """Each config the TMA GEMM's autotuner may pick, run as the fixed config, on sizes no
+    multiple of any tile: int8_mm exact, and the dequantized bf16 output rounded from the exact
+    sums (int32 outputs at the biggest tiles do not fit shared memory: the autotuner skips them,
+    so they are tried with bf16 only)."""
+    k = kernels()
+    bm, bn, bk, stages, warps = k._TMA_SHAPES[index]
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "0")
+    monkeypatch.setitem(k._FIXED_TMA, "gpu", ((bm, bn, bk, 8), stages, warps))
+    M, N, K = 1000, 520, 4112
+    a, b = int8_pair(M, N, K, device="cuda")
+    acc = a.cpu().int() @ b.cpu().int().t()
+    if bm * bn <= 128 * 128:
+        assert torch.equal(k.int8_matmul(a, b.t(), None, None, None, torch.int32).cpu(), acc)
+    a_scale, b_scale, bias = (t.cuda() for t in _scales_and_bias(M, N))
+    out = k.int8_matmul(a, b.t(), a_scale, b_scale, bias.bfloat16(), torch.bfloat16)
+    assert_rounded_from(out.cpu(), (acc.float() * a_scale.cpu()[:, None]) * b_scale.cpu()[None, :]
+                        + bias.bfloat16().float().cpu())
+    assert len(tma_launches) == (2 if bm * bn <= 128 * 128 else 1)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,102 @@
+"""What effkern's persistent TMA GEMMs share (Hopper): when a call may use one, the K loop, and
+the launch.
+
+A persistent TMA GEMM computes C[m, n] = epilogue(sum_k A[m, k] * B[n, k]) for A [M, K] and
+B [N, K] (a weight in nn.Linear layout), both K-contiguous:
+- tiles move by TMA tensor descriptors (bulk copies into shared memory, completed on barriers;
+  no per-element address arithmetic and no masks: the copy engine zero-fills reads past the
+  edges and clips writes), output tiles are written by descriptor stores too;
+- one program per SM walks the output tiles in grouped order, its (tile, k) iterations one
+  flattened software pipeline, so the next tile's first loads are in flight during this
+  tile's epilogue.
+Each kernel writes that loop itself, around its own epilogue:
+
+    tile_out = tl.program_id(0) - NUM_PROGRAMS
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+        acc = tma_tile_dot(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps, acc0, ...)
+        tile_out += NUM_PROGRAMS
+        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
+        ... epilogue at (out_m, out_n), descriptor stores
+
+The epilogue finds its tile from a counter of its own rather than from the loads' tile index,
+as Triton's own persistent-matmul tutorial does: the flattened pipeline issues the loads a tile
+ahead, and a value shared by both ends is what that tutorial keeps apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import cdiv, fixed_config, interpreted, launch, sm_count
+
+
+def tma_on() -> bool:
+    """EFFKERN_TRITON_TMA (default on): kernels that have a TMA variant may use it. Off runs the
+    plain-load kernels everywhere (read per call: the benchmark compares the two in one run)."""
+    return os.environ.get("EFFKERN_TRITON_TMA", "1").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=16)
+def _device_has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel may move these 2-D tensors through TMA tensor descriptors: non-empty,
+    unit last stride, 16-byte aligned base and row stride (what cuTensorMapEncodeTiled requires),
+    rows that do not overlap; on a GPU with TMA (sm_90+) or under the interpreter."""
+    if not tma_on():
+        return False
+    for t in tensors:
+        if (t.numel() == 0 or t.stride(1) != 1 or t.stride(0) < t.shape[1]
+                or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16):
+            return False
+    device = tensors[0].device
+    return interpreted() or (device.type == "cuda" and _device_has_tma(device))
+
+
+@triton.jit
+def tma_tile_dot(a_desc, b_desc, off_m, off_n, k_steps, acc, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # acc += A[off_m : off_m + BLOCK_M, :] @ B[off_n : off_n + BLOCK_N, :]^T over k_steps K tiles
+    for k in range(k_steps):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        b = b_desc.load([off_n, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+def block_shapes_hook(tiles: dict[str, tuple[str, str]]):
+    """An autotuning pre-hook giving each descriptor argument (name -> the config's row and
+    column block names) its config's tile shape: a copy's box size is part of the descriptor."""
+    def set_block_shapes(nargs: dict) -> None:
+        for name, (rows, cols) in tiles.items():
+            nargs[name].block_shape = [nargs[rows], nargs[cols]]
+
+    return set_block_shapes
+
+
+def launch_persistent(tuned, plain, tensors: dict[str, torch.Tensor], args: tuple, M: int, N: int, kwargs: dict,
+                      fixed: dict, set_block_shapes) -> None:
+    """Launch a persistent TMA GEMM: ``tensors`` (descriptor argument name -> 2-D tensor) become
+    descriptors, passed first in that order, then ``args``, then NUM_PROGRAMS: one program per
+    SM, or per output tile if fewer. Block shapes come from the fixed config here; an autotuned
+    launch resets them per config (``set_block_shapes``, its pre-hook)."""
+    descs = {}
+    for name, t in tensors.items():
+        same = next((d for d in descs.values() if d.base is t), None)
+        descs[name] = same or TensorDescriptor.from_tensor(t, [1, 1])
+    set_block_shapes({**descs, **fixed_config(fixed)})
+    device = next(iter(tensors.values())).device
+    programs = sm_count(device)
+
+    def grid(meta):
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+
+    launch(tuned, plain, grid, (*descs.values(), *args, programs), kwargs, fixed, device=device)
