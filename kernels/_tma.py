@@ -64,11 +64,12 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 @triton.jit
 def tma_tile_dot(a_desc, b_desc, off_m, off_n, k_steps, acc, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # acc += A[off_m : off_m + BLOCK_M, :] @ B[off_n : off_n + BLOCK_N, :]^T over k_steps K tiles
+    # acc += A[off_m : off_m + BLOCK_M, :] @ B[off_n : off_n + BLOCK_N, :]^T over k_steps K tiles,
+    # in acc's dtype (int32 for int8 operands; Triton 3.6 wants it named when it is not float32)
     for k in range(k_steps):
         a = a_desc.load([off_m, k * BLOCK_K])
         b = b_desc.load([off_n, k * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 

@@ -117,10 +117,11 @@ def int8_matmul_kernel(
             k_left = k_end - k
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        # out_dtype named: Triton 3.6 checks the accumulator against it (default float32)
         if A_INT8:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         elif QUANT_A:
-            acc = tl.dot(quantize_tile(a, divisor), b, acc)
+            acc = tl.dot(quantize_tile(a, divisor), b, acc, out_dtype=tl.int32)
         else:
             if SCALE_K:
                 s = tl.load(b_scale_ptr + k + offs_k, mask=offs_k < k_end - k, other=0.0)

@@ -1,7 +1,7 @@
 """Compile Triton kernels for CUDA GPUs without one (Triton's own ptxas), for the tests.
 
-Reads a JSON object {name: request} on stdin and writes {name: {"ptx": ..., "shared": bytes}}
-on stdout; a request is {"kernel": "module:function", "types": {argument: "*bf16" | "i32" | ...},
+Reads a JSON object {name: request} on stdin and writes {name: {"ptx": ..., "shared": bytes,
+"triton": the compiling Triton's version}} on stdout; a request is {"kernel": "module:function", "types": {argument: "*bf16" | "i32" | ...},
 "constexprs": {argument: value}, "cc": 90, "num_warps": 4, "num_stages": 3}, optionally
 "spills": true to add "spill_bytes" (ptxas -v's register spill stores) and "divisible": [the
 arguments a launch would specialize as multiples of 16]. Run without
@@ -50,7 +50,7 @@ def compile_one(kernel: str, types: dict, constexprs: dict, cc: int, num_warps: 
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    result = {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}
+    result = {"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared, "triton": triton.__version__}
     if spills:
         result["spill_bytes"] = spill_bytes(result["ptx"], cc)
     return result

@@ -20,9 +20,13 @@ os.environ.setdefault("EFFKERN_TRITON_AUTOTUNE", "0")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by bench/gpu_check.sh")
+    config.addinivalue_line("markers", "aot: compiles Triton kernels for a GPU here (the compile_for_gpu fixture)")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "compile_for_gpu" in item.fixturenames:
+            item.add_marker(pytest.mark.aot)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: run `bash bench/gpu_check.sh` on a GPU machine")
@@ -63,12 +67,23 @@ def compile_for_gpu():
         pytest.skip(f"Triton's NVIDIA backend is needed to compile for a GPU: {exc}")
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # EFFKERN_AOT_TRITON: a directory holding another Triton (`pip install --target`), which the
+    # compiling process imports instead of the installed one: `make test` sets it to the GPU
+    # machines' Triton, so the kernels are known to compile there too.
+    other = os.environ.get("EFFKERN_AOT_TRITON")
+    if other:
+        env["PYTHONPATH"] = os.pathsep.join([other, str(root), env.get("PYTHONPATH", "")])
 
     def compile(requests: dict) -> dict:
         done = subprocess.run([sys.executable, str(root / "tests" / "aot_compile.py")], input=json.dumps(requests),
                               capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert done.returncode == 0, f"compiling for a GPU failed:\n{done.stderr[-4000:]}"
-        return json.loads(done.stdout)
+        results = json.loads(done.stdout)
+        if other:  # the other Triton compiled them, not this one
+            import triton
+
+            assert all(r["triton"] != triton.__version__ for r in results.values()), (other, triton.__version__)
+        return results
 
     return compile
 

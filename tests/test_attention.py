@@ -493,8 +493,9 @@ def _launch_request(kernel, constexprs: dict) -> dict:
 
 
 # Register spill stores per kernel that every config stays within (ptxas -v, sm_90a: at most 20
-# bytes today; candidates left out spilled hundreds to thousands)
-SPILL_LIMIT = 64
+# bytes with Triton 3.8; 72 with Triton 3.6, the GPU machines', at dK/dV config 3 of d128;
+# candidates left out spilled hundreds to thousands)
+SPILL_LIMIT = 80
 
 
 @pytest.mark.parametrize("cc", [80, 90])

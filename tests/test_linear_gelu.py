@@ -307,10 +307,10 @@ def test_small_or_unaligned_calls_keep_the_plain_kernel(tma_launches):
 
 
 # Register spill stores the TMA forward may have on sm_90a at any of its configs. Today: none with
-# the tanh GELU; with erf up to 128 bytes, at the 128x256 and 256x128 tiles (255 registers per
-# thread; the plain kernel spills up to 232 bytes at the same tiles). A 128x128 tile with 4 warps
-# spilled 148 and was left out.
-TMA_SPILL_LIMIT = 160
+# the tanh GELU; with erf at the 128x256 and 256x128 tiles up to 128 bytes (Triton 3.8) and 200
+# (Triton 3.6), at 255 registers per thread (the plain kernel spills up to 232
+# bytes at the same tiles). A 128x128 tile with 4 warps spilled 148 (3.8) and was left out.
+TMA_SPILL_LIMIT = 256
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
