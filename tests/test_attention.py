@@ -481,7 +481,7 @@ def _launch_request(kernel, constexprs: dict) -> dict:
         if arg in constexprs:
             continue
         if arg.endswith("_ptr"):
-            types[arg] = "*fp32" if arg in ("lse_ptr", "delta_ptr", "part_ptr", "part_lse_ptr") else "*bf16"
+            types[arg] = "*fp32" if arg in ("lse_ptr", "dlse_ptr", "delta_ptr", "part_ptr", "part_lse_ptr") else "*bf16"
         elif arg in ("qk_scale", "softcap"):
             types[arg] = "fp32"
         else:
@@ -501,7 +501,7 @@ SPILL_LIMIT = 80
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     """Each kernel at every config it may run with on a GPU (the autotuned sets of both head-dim
-    classes, the decoding tiles), compiled here without a GPU: bf16 mma instructions in the PTX,
+    classes, the decoding tiles; the merge and backward-preprocess kernels), compiled here without a GPU: bf16 mma instructions in the PTX,
     shared memory within the card's limit, and on sm_90 at most SPILL_LIMIT bytes of register
     spills (the configs were chosen for that)."""
     needs_backend("triton")
@@ -526,8 +526,13 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
         requests[f"merge_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", cc=cc, num_warps=4, num_stages=1,
             **_launch_request(kernels.flash_attn_decode_merge_kernel, dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D))))
+        requests[f"preprocess_d{D}"] = dict(
+            kernel="effkern.kernels.attention:flash_attn_bwd_preprocess_kernel", cc=cc, num_warps=4, num_stages=3,
+            **_launch_request(kernels.flash_attn_bwd_preprocess_kernel,
+                              dict(HAS_DLSE=True, BLOCK_M=64, BLOCK_D=kernels._block_d(D))))
     for name, compiled in compile_for_gpu(requests).items():
-        assert name.startswith("merge") or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
+        elementwise = name.startswith(("merge", "preprocess"))
+        assert elementwise or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
         assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
 

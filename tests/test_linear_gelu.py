@@ -306,6 +306,55 @@ def test_small_or_unaligned_calls_keep_the_plain_kernel(tma_launches):
     assert tma_launches == []
 
 
+def _plain_kernel_requests(cc: int, dtype: str) -> dict:
+    """compile_for_gpu requests for the plain forward and backward kernels as aligned, contiguous
+    launches specialize them: at the fixed GPU config, and on sm_90 at every autotuning candidate
+    (bf16; fp32, exact with the PRECISE libdevice GELU, at the fixed config only)."""
+    from op_checks import aligned_launch
+
+    kernels = _kernels()
+    ptr = f"*{dtype}"
+    fwd_types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, M="i32", N="i32", K="i32",
+                     **{f"stride_{s}": "i32" for s in ("xm", "xk", "wn", "wk", "ym", "yn", "zm", "zn")})
+    bwd_types = dict(dy_ptr=ptr, z_ptr=ptr, b_ptr=ptr, c_ptr=ptr, rowsum_ptr=ptr, P="i32", Q="i32", R="i32",
+                     **{f"stride_{s}": "i32" for s in ("dyp", "dyr", "zp", "zr", "br", "bq", "cp", "cq")})
+    flags = dict(APPROX_TANH=False, PRECISE=dtype == "fp32", DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    kinds = {
+        "fwd": ("linear_gelu_fwd_kernel", fwd_types, ("stride_xk", "stride_wk", "stride_yn", "stride_zn"),
+                dict(flags, HAS_BIAS=True, STORE_Y=True, STORE_Z=True, EVEN_K=True), ("M",), kernels._FWD_NAMES),
+        # the grad_weight launch: dy and z read transposed (unit stride along p), B = x
+        "bwd": ("linear_gelu_bwd_kernel", bwd_types, ("stride_dyp", "stride_zp", "stride_bq", "stride_cq"),
+                dict(flags, ROWSUM=True, EVEN_R=True), ("R",), kernels._BWD_NAMES),
+    }
+    settings = {"fixed": kernels._FIXED["gpu"]}
+    if cc == 90 and dtype == "bf16":
+        settings.update({f"{bm}x{bn}x{bk}": ((bm, bn, bk, kernels.GROUP), st, wa)
+                         for bm, bn, bk, st, wa in kernels._GEMM_SHAPES})
+    requests = {}
+    for kind, (kernel, types, unit, constexprs, any_value, names) in kinds.items():
+        launch = aligned_launch(types, unit, any_value)
+        for label, (blocks, stages, warps) in settings.items():
+            requests[f"{kind} {label}"] = dict(
+                kernel=f"effkern.kernels.linear_gelu:{kernel}", types=launch["types"], divisible=launch["divisible"],
+                constexprs=dict(constexprs, **launch["constexprs"], **dict(zip(names, blocks))), cc=cc,
+                num_warps=warps, num_stages=stages)
+    return requests
+
+
+@pytest.mark.parametrize("cc,dtype", [(80, "bf16"), (90, "bf16"), (90, "fp32")])
+def test_plain_kernels_compile_for_gpus(compile_for_gpu, cc, dtype):
+    """The forward and backward kernels for sm_80/sm_90a: bf16 on the tensor cores (wgmma on
+    Hopper at 64+ rows), shared memory within the card (an autotuning candidate that does not
+    fit would only be skipped: none may, the list was picked for H100)."""
+    needs_backend("triton")
+    from op_checks import SHARED_LIMIT
+
+    for name, compiled in compile_for_gpu(_plain_kernel_requests(cc, dtype)).items():
+        if dtype == "bf16":
+            assert "mma" in compiled["ptx"] and "bf16.bf16" in compiled["ptx"], name
+        assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
+
+
 # Register spill stores the TMA forward may have on sm_90a at any of its configs. Today: none with
 # the tanh GELU; with erf at the 128x256 and 256x128 tiles up to 128 bytes (Triton 3.8) and 200
 # (Triton 3.6), at 255 registers per thread (the plain kernel spills up to 232
