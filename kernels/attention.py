@@ -41,7 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, interpreted, launch, next_power_of_2, on_device, sm_count
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, on_device, sm_count
+from ._tma import tma_ready
 
 LOG2E = 1.4426950408889634
 # split-KV forward (decoding): up to this many query rows, each split at least this many key blocks
@@ -124,17 +127,22 @@ def _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED: tl.con
 
 
 @triton.jit
-def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block, skip_from, skip,
-                    offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                    qk_scale, softcap,
-                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo, first_block, end_block, skip_from,
+                    skip, offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT,
+                    RIGHT, qk_scale, softcap,
+                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     # online softmax over the key blocks of iterations first_block .. end_block - 1 (_visited_block).
     # MASKED: apply the element mask (blocks on the band's edges or past Skv); else every query
     # row of the tile sees every key of the block (rows past Sq too: q is 0 there, their scores
-    # finite)
+    # finite). TMA (unmasked blocks only, which lie below Skv): K and V tiles by tensor
+    # descriptors over the keys of all heads as rows, this head's from row kv_row on.
     for i in range(first_block, end_block):
         cols = _visited_block(lo, i, skip_from, skip, BLOCK_N, offs_n)
-        kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
+        if TMA and not MASKED:
+            kt = k_desc.load([kv_row + _visited_block(lo, i, skip_from, skip, BLOCK_N, 0), 0]).T
+        else:
+            kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
         if MASKED:
             s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
         else:
@@ -144,8 +152,11 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, first_block, end_block
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, cols, offs_d, Skv, D,
-                       MASKED, EVEN_D, True)
+        if TMA and not MASKED:
+            v = v_desc.load([kv_row + _visited_block(lo, i, skip_from, skip, BLOCK_N, 0), 0])
+        else:
+            v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, cols, offs_d, Skv, D,
+                           MASKED, EVEN_D, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -163,7 +174,7 @@ def query_block(Hq, GROUP, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def flash_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -171,10 +182,12 @@ def flash_attn_fwd_kernel(
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SPLITS, stride_o_split, stride_lse_split,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):
     # program (query block, batch x query head, split s): split s of SPLITS takes its share of the
-    # visible keys and writes its normalized output and lse at split offset s (SPLITS = 1: out, lse)
+    # visible keys and writes its normalized output and lse at split offset s (SPLITS = 1: out, lse).
+    # TMA: k_desc and v_desc are descriptors of k and v as [B * Hkv * Skv, D] matrices in
+    # [BLOCK_N, BLOCK_D] tiles, read in the unmasked blocks (else they are unused)
     b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
     split = tl.program_id(2)
     off = Skv - Sq
@@ -210,12 +223,14 @@ def flash_attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # the unmasked blocks, then the masked ones on either side of them (0 .. i_lo - 1, i_hi .. n - 1)
     # in one loop: two copies of the loop body, not three
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, i_lo, i_hi, n, 0, offs_m, offs_n, offs_d,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                                    qk_scale, softcap, SOFTCAP, False, EVEN_D, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, lo, 0, n - (i_hi - i_lo), i_lo, i_hi - i_lo,
+    kv_row = ((b * (Hq // GROUP) + hk) * Skv).to(tl.int32)  # this head's first key row (TMA)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo, i_lo, i_hi, n, 0,
                                     offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D,
-                                    off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
+                                    off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, False, EVEN_D, TMA, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo, 0,
+                                    n - (i_hi - i_lo), i_lo, i_hi - i_lo, offs_m, offs_n, offs_d, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
+                                    True, EVEN_D, TMA, BLOCK_N)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -483,8 +498,17 @@ def _block_d(D: int) -> int:
     return max(16, next_power_of_2(D))
 
 
-def _configs(*tiles) -> list[triton.Config]:
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in tiles]
+def _configs(*tiles, pre_hook=None) -> list[triton.Config]:
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st, pre_hook=pre_hook)
+            for m, n, w, st in tiles]
+
+
+def _set_kv_blocks(nargs: dict) -> None:
+    """The forward's K/V descriptors get the config's [BLOCK_N, BLOCK_D] tiles (an autotuning
+    pre-hook; without TMA those arguments are the tensors themselves, left as they are)."""
+    for name in ("k_desc", "v_desc"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the query tile x key tile of the forward and the dQ
@@ -492,14 +516,18 @@ def _configs(*tiles) -> list[triton.Config]:
 # each list is version 1's fixed tile. All fit the shared memory of sm_80 and sm_90 and spill
 # (almost) no registers, compiled as a contiguous, aligned launch would be
 # (tests/test_attention.py checks both); candidates that spilled were left out.
-FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-               "d256": _configs((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2))}
+FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                                pre_hook=_set_kv_blocks),
+               "d256": _configs((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2),
+                                pre_hook=_set_kv_blocks)}
 DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)),
                 "d256": _configs((16, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 1), (16, 64, 8, 1))}
 DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)),
               "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 32, 4, 2), (32, 32, 8, 2))}
 _TUNE_KEY = ["Sq", "Skv", "D", "LEFT", "RIGHT"]
-_fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_fwd_kernel) for c, cfgs in FWD_CONFIGS.items()}
+# TMA in the forward's key: its launches with and without TMA are different kernels, tuned apart
+_fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["TMA"])(flash_attn_fwd_kernel)
+              for c, cfgs in FWD_CONFIGS.items()}
 _dkdv_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["GROUP"])(flash_attn_bwd_dkdv_kernel)
                for c, cfgs in DKDV_CONFIGS.items()}
 _dq_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_bwd_dq_kernel) for c, cfgs in DQ_CONFIGS.items()}
@@ -553,6 +581,28 @@ def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left
     return max(1, min(cdiv(2 * sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
+def _head_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t [B, H, S, D] as the matrix [B * H * S, D] of its rows, if its strides allow it (the
+    heads' rows evenly spaced: contiguous, or sliced along D), else None."""
+    B, H, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or (H > 1 and sh != S * ss) or (B > 1 and sb != H * S * ss):
+        return None
+    return t.as_strided((B * H * S, D), (ss, 1))
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, setting: dict):
+    """TMA descriptors of k and v as row matrices, in the tiles of ``setting`` (BLOCK_N x
+    BLOCK_D), for the forward's unmasked blocks; None where TMA does not apply (pre-Hopper,
+    non-16-bit, strides that do not flatten or align: the plain loads then)."""
+    rows = [_head_rows(t) for t in (k, v)]
+    if k.element_size() != 2 or None in rows or not tma_ready(*rows):
+        return None
+    descs = [TensorDescriptor.from_tensor(r, [1, 1]) for r in rows]
+    _set_kv_blocks({"k_desc": descs[0], "v_desc": descs[1], **setting})
+    return descs
+
+
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
                    right: int, softcap: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Sq, D] contiguous in q's dtype, lse float32 [B, Hq, Sq]); shapes checked by the caller.
@@ -579,9 +629,11 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
     if not split:
         d_class = _d_class(D)
+        fixed = _fixed(FWD_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16))
+        kv = _kv_descriptors(k, v, {**fixed_config(fixed), **flags})
         launch(_fwd_tuned[d_class], flash_attn_fwd_kernel, lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * Hq, 1),
-               (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common, 1, 0, 0), flags,
-               _fixed(FWD_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16)))
+               (q, k, v, *(kv or (k, v)), out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common,
+                1, 0, 0), dict(flags, TMA=kv is not None), fixed, device=q.device)
         return out, lse
     # split-KV: normalized fp32 partials and their lse per split, merged by their lse
     cfg = _decode_config(D)
@@ -590,8 +642,8 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     blocks = cdiv(Sq, cfg["BLOCK_M"])
     with on_device(q.device):
         flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
-            q, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
-            splits, part.stride(0), part_lse.stride(0), **flags, **cfg)
+            q, k, v, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
+            splits, part.stride(0), part_lse.stride(0), **flags, **cfg, TMA=False)
         flash_attn_decode_merge_kernel[(blocks, B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))

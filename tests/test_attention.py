@@ -179,6 +179,69 @@ def _kernels():
     return kernels
 
 
+# ---------------------------------------------------------------------------- TMA loads (forward)
+
+@pytest.fixture
+def kv_descriptor_calls(monkeypatch):
+    """Whether each forward launch made while the test runs read K and V by TMA descriptors."""
+    kernels = _kernels()
+    calls, real = [], kernels._kv_descriptors
+
+    def spy(*args):
+        descs = real(*args)
+        calls.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(kernels, "_kv_descriptors", spy)
+    return calls
+
+
+# (B, Hq, Hkv, Sq, Skv, D, causal, window, softcap): several unmasked key blocks per query block
+# (the interpreter's 32 x 16 tiles), GQA, D below its 16-multiple block (40: columns past D
+# zero-filled by the copy), a sliding window, a softcap
+TMA_CASES = [(2, 4, 2, 70, 90, 32, False, (-1, -1), 0.0), (1, 6, 2, 50, 100, 40, True, (-1, -1), 0.0),
+             (2, 2, 1, 64, 64, 64, False, (40, 30), 5.0)]
+
+
+@pytest.mark.parametrize("case", range(len(TMA_CASES)))
+def test_tma_forward_gives_the_plain_loads_bits(case, monkeypatch, kv_descriptor_calls):
+    """Contiguous fp16 q/k/v take the TMA loads in the unmasked blocks; under the interpreter
+    they compute exactly what the pointer loads do."""
+    needs_backend("triton")
+    B, Hq, Hkv, Sq, Skv, D, causal, window, softcap = TMA_CASES[case]
+    q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False))
+    outs = []
+    for tma in ("1", "0"):
+        monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
+        outs.append(_kernels().flash_attn_fwd(q, k, v, causal, 1 / math.sqrt(D), *window, softcap, splits=None))
+    assert kv_descriptor_calls == [True, False]
+    for tma_out, plain_out in zip(*outs):
+        assert torch.equal(tma_out, plain_out)
+
+
+def test_head_rows_only_for_evenly_spaced_heads():
+    kernels = _kernels()
+    t = torch.randn(2, 3, 5, 8)
+    assert torch.equal(kernels._head_rows(t), t.reshape(30, 8))
+    sliced = torch.randn(2, 3, 5, 16)[..., :8]  # rows 16 apart
+    assert torch.equal(kernels._head_rows(sliced), sliced.reshape(30, 8))
+    assert kernels._head_rows(torch.randn(2, 5, 3, 8).transpose(1, 2)) is None  # [B, S, H, D] layout
+    assert kernels._head_rows(torch.randn(2, 3, 8, 5).transpose(2, 3)) is None  # D not contiguous
+    assert kernels._head_rows(torch.randn(2, 3, 5, 8)[:, :2]) is None  # heads sliced: batches not evenly spaced
+
+
+def test_transposed_or_decoding_calls_keep_the_pointer_loads(kv_descriptor_calls):
+    """[B, S, H, D] views do not flatten into rows; the split-KV (decoding) forward never uses TMA."""
+    needs_backend("triton")
+    q, k, v = (t.detach() for t in make(1, 2, 2, 40, 70, 32, True))
+    with ek.use_backend("triton"):
+        flash_attention(q, k, v)
+        q, k, v = (t.detach() for t in make(1, 2, 2, 1, 700, 32, False))
+        assert _kernels().decode_splits(1, 2, 1, 700, 32, False, -1, -1, q.device) > 1
+        flash_attention(q, k, v)
+    assert kv_descriptor_calls == [False]
+
+
 @pytest.mark.parametrize("splits", ["auto", 1, 3, 7])
 @parametrize_by_name(DECODE_CASES)
 def test_split_kv_forward_matches_float64(case, splits, poison_empty):
@@ -480,7 +543,10 @@ def _launch_request(kernel, constexprs: dict) -> dict:
     for arg in kernel.arg_names:
         if arg in constexprs:
             continue
-        if arg.endswith("_ptr"):
+        if arg.endswith("_desc"):  # the forward's K/V descriptors with TMA, else unused tensors
+            tile = f"{constexprs['BLOCK_N']},{constexprs['BLOCK_D']}"
+            types[arg] = f"tensordesc<bf16[{tile}]>" if constexprs["TMA"] else "*bf16"
+        elif arg.endswith("_ptr"):
             types[arg] = "*fp32" if arg in ("lse_ptr", "dlse_ptr", "delta_ptr", "part_ptr", "part_lse_ptr") else "*bf16"
         elif arg in ("qk_scale", "softcap"):
             types[arg] = "fp32"
@@ -489,6 +555,7 @@ def _launch_request(kernel, constexprs: dict) -> dict:
     launch = aligned_launch(types, unit_strides=[a for a in types if a.startswith("stride_") and a.endswith("d")],
                             any_value=[a for a, t in types.items() if t == "i32" and not a.startswith("stride_")
                                        and a != "D"])
+    launch["divisible"] = [a for a in launch["divisible"] if not types[a].startswith("tensordesc")]
     return dict(launch, constexprs=dict(constexprs, **launch["constexprs"]))
 
 
@@ -511,10 +578,12 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     requests = {}
 
     def add(name, D, label, config: dict, num_warps, num_stages):
+        # the forward as a launch on that GPU runs it: TMA on Hopper, except the decoding split
+        tma = {"TMA": cc == 90 and label != "decode"} if name == "flash_attn_fwd_kernel" else {}
         requests[f"{name}_{label}_d{D}"] = dict(
             kernel=f"effkern.kernels.attention:{name}", cc=cc, num_warps=num_warps, num_stages=num_stages,
             spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
-                config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True)))
+                config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True, **tma)))
 
     for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
         for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
@@ -533,6 +602,8 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     for name, compiled in compile_for_gpu(requests).items():
         elementwise = name.startswith(("merge", "preprocess"))
         assert elementwise or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
+        tma = cc == 90 and name.startswith("flash_attn_fwd_kernel_config")
+        assert tma == ("cp.async.bulk.tensor" in compiled["ptx"]), f"{name}: TMA copies {'missing' if tma else 'seen'}"
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
         assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
 

@@ -133,7 +133,8 @@ def test_int8_providers_force_each_quantization(monkeypatch):
         False, "W8A8 only (the fused quantization of the activations)")
 
 
-@pytest.mark.parametrize("bench_op", [bench_linear_gelu, bench_int8], ids=["linear_gelu", "int8"])
+@pytest.mark.parametrize("bench_op", [bench_linear_gelu, bench_int8, bench_attention],
+                         ids=["linear_gelu", "int8", "attention"])
 def test_no_tma_providers_turn_the_tma_kernels_off_while_they_run(bench_op, monkeypatch):
     from effkern.kernels import _tma
 
