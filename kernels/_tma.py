@@ -12,12 +12,12 @@ B [N, K] (a weight in nn.Linear layout), both K-contiguous:
 Each kernel writes that loop itself, around its own epilogue:
 
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
-        acc = tma_tile_dot(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps, acc0, ...)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS,
+                         flatten=True):
+        acc = tma_tile_dot(a_desc, b_desc, tile, M, N, K, acc0, ...)
         tile_out += NUM_PROGRAMS
-        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
-        ... epilogue at (out_m, out_n), descriptor stores
+        row, col = tile_origin(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        ... epilogue on the tile at (row, col), descriptor stores
 
 The epilogue finds its tile from a counter of its own rather than from the loads' tile index,
 as Triton's own persistent-matmul tutorial does: the flattened pipeline issues the loads a tile
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import cdiv, fixed_config, interpreted, launch, sm_count
+from ._launch import cdiv, fixed_config, grouped_tile, interpreted, launch, sm_count
 
 
 def tma_on() -> bool:
@@ -63,10 +63,19 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
-def tma_tile_dot(a_desc, b_desc, off_m, off_n, k_steps, acc, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # acc += A[off_m : off_m + BLOCK_M, :] @ B[off_n : off_n + BLOCK_N, :]^T over k_steps K tiles,
-    # in acc's dtype (int32 for int8 operands; Triton 3.6 wants it named when it is not float32)
-    for k in range(k_steps):
+def tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # the first row and column of output tile number ``tile`` in grouped order
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def tma_tile_dot(a_desc, b_desc, tile, M, N, K, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # acc + the output tile number ``tile`` of A @ B^T (A [M, K], B [N, K]), in acc's dtype (int32
+    # for int8 operands; Triton 3.6 wants it named when it is not float32)
+    off_m, off_n = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    for k in range(tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([off_m, k * BLOCK_K])
         b = b_desc.load([off_n, k * BLOCK_K])
         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)

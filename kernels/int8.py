@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, config, dot_precision, grouped_tile, interpreted, next_power_of_2, on_device, prune_by_rows
+from ._launch import cdiv, config, dot_precision, interpreted, next_power_of_2, on_device, prune_by_rows
 from ._splitk import (SPLIT_MAX_ROWS, TILE_NAMES, dequant_epilogue, launch_weight_gemm, store_tile, tile_kwargs,
                       weight_gemm_kernels, weight_gemm_tile)
-from ._tma import block_shapes_hook, launch_persistent, tma_ready, tma_tile_dot
+from ._tma import block_shapes_hook, launch_persistent, tile_origin, tma_ready, tma_tile_dot
 
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to the nearest integer, ties to
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
@@ -151,20 +151,16 @@ def int8_matmul_tma_kernel(
     # kernels/_tma.py (Hopper): exact int32 accumulators (K <= MAX_EXACT_K), then
     # int8_matmul_kernel's epilogue. Descriptors: a in [BLOCK_M, BLOCK_K] tiles, w in
     # [BLOCK_N, BLOCK_K], c in [BLOCK_M, BLOCK_N].
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
-        acc = tma_tile_dot(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps,
-                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), BLOCK_K, "ieee")
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS, flatten=True):
+        acc = tma_tile_dot(a_desc, w_desc, tile, M, N, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, "ieee")
         tile_out += NUM_PROGRAMS
-        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
+        row, col = tile_origin(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if DEQUANT:
-            acc = dequant_epilogue(acc, out_m * BLOCK_M + tl.arange(0, BLOCK_M), out_n * BLOCK_N + tl.arange(0, BLOCK_N),
-                                   M, N, a_scale_ptr, b_scale_ptr, bias_ptr, SCALE_ROWS, SCALE_COLS, HAS_BIAS)
-        c_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(c_desc.dtype))
+            acc = dequant_epilogue(acc, row + tl.arange(0, BLOCK_M), col + tl.arange(0, BLOCK_N), M, N,
+                                   a_scale_ptr, b_scale_ptr, bias_ptr, SCALE_ROWS, SCALE_COLS, HAS_BIAS)
+        c_desc.store([row, col], acc.to(c_desc.dtype))
 
 
 # ---------------------------------------------------------------------------------------

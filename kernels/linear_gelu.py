@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles
-from ._tma import block_shapes_hook, launch_persistent, tma_ready, tma_tile_dot
+from ._tma import block_shapes_hook, launch_persistent, tile_origin, tma_ready, tma_tile_dot
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
 # in a constexpr under the interpreter.
@@ -135,23 +135,19 @@ def linear_gelu_fwd_tma_kernel(
 ):
     # The persistent TMA GEMM of kernels/_tma.py. Descriptors: x [M, K] in [BLOCK_M, BLOCK_K]
     # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and z [M, N] in [BLOCK_M, BLOCK_N].
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
     tile_out = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
-        acc = tma_tile_dot(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_steps,
-                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_K, DOT_PRECISION)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS, flatten=True):
+        acc = tma_tile_dot(x_desc, w_desc, tile, M, N, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_PRECISION)
         tile_out += NUM_PROGRAMS
-        out_m, out_n = grouped_tile(tile_out, num_m, num_n, GROUP_M)
+        row, col = tile_origin(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if HAS_BIAS:
             # columns past N wrap onto valid ones; the store drops them
-            acc += tl.load(b_ptr + (out_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + (col + tl.arange(0, BLOCK_N)) % N).to(tl.float32)[None, :]
         if STORE_Z:
-            z_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(z_desc.dtype))
+            z_desc.store([row, col], acc.to(z_desc.dtype))
         if STORE_Y:
-            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], gelu(acc, APPROX_TANH, PRECISE).to(y_desc.dtype))
+            y_desc.store([row, col], gelu(acc, APPROX_TANH, PRECISE).to(y_desc.dtype))
 
 
 @triton.jit

@@ -161,6 +161,20 @@ def assert_fine_tuning_lowers_the_loss(layer: torch.nn.Module, x, target, steps:
     assert F.mse_loss(layer(x), target).item() < before
 
 
+def record_calls(monkeypatch, module, name: str, record) -> list:
+    """Wrap ``module.name`` for the test: each call appends ``record(args, result)`` to the list
+    returned (e.g. which kernel path a launcher took)."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args):
+        result = real(*args)
+        calls.append(record(args, result))
+        return result
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
 def aligned_launch(types: dict, unit_strides=(), any_value=("M",)) -> dict:

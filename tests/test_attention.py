@@ -15,7 +15,8 @@ from effkern.attention import (_sdpa_fast_path, flash_attention, flash_attention
                                scaled_dot_product_attention, visible)
 
 from op_checks import (aligned_launch, assert_bad_call_raises, assert_cuda_graph_replays_like_eager,
-                       assert_matches_float64, assert_opcheck_passes, needs_backend, parametrize_by_name)
+                       assert_matches_float64, assert_opcheck_passes, needs_backend, parametrize_by_name,
+                       record_calls)
 
 BACKENDS = ["triton", "reference"]
 
@@ -184,16 +185,7 @@ def _kernels():
 @pytest.fixture
 def kv_descriptor_calls(monkeypatch):
     """Whether each forward launch made while the test runs read K and V by TMA descriptors."""
-    kernels = _kernels()
-    calls, real = [], kernels._kv_descriptors
-
-    def spy(*args):
-        descs = real(*args)
-        calls.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(kernels, "_kv_descriptors", spy)
-    return calls
+    return record_calls(monkeypatch, _kernels(), "_kv_descriptors", lambda _, descs: descs is not None)
 
 
 # (B, Hq, Hkv, Sq, Skv, D, causal, window, softcap): several unmasked key blocks per query block

@@ -16,7 +16,7 @@ from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_re
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
                        assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
                        assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name)
+                       parametrize_by_name, record_calls)
 
 BACKENDS = ["triton", "reference"]
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
@@ -198,11 +198,8 @@ TMA_SHAPES = [(65, 48, 64), (130, 72, 160)]
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """The list of TMA GEMM launches made while the test runs."""
-    k = kernels()
-    launches, real = [], k._int8_matmul_tma
-    monkeypatch.setattr(k, "_int8_matmul_tma", lambda *a: launches.append(a[0].shape) or real(*a))
-    return launches
+    """The shapes of A in the TMA GEMM launches made while the test runs."""
+    return record_calls(monkeypatch, kernels(), "_int8_matmul_tma", lambda args, _: args[0].shape)
 
 
 def _scales_and_bias(M, N):

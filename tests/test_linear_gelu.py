@@ -13,7 +13,7 @@ from effkern.linear_gelu import linear_gelu_reference
 from effkern.testing import assert_within_tolerance, max_error, within_tolerance
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_cuda_graph_replays_like_eager,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name)
+                       assert_opcheck_passes, needs_backend, parametrize_by_name, record_calls)
 
 KERNEL_BACKENDS = ["triton", "cuda"]  # the reference backend is the oracle, tested separately
 
@@ -243,11 +243,8 @@ def _kernels():
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """The list of TMA forward launches made while the test runs."""
-    kernels = _kernels()
-    launches, real = [], kernels._fwd_tma
-    monkeypatch.setattr(kernels, "_fwd_tma", lambda *a: launches.append(a[0].shape) or real(*a))
-    return launches
+    """The input shapes of the TMA forward launches made while the test runs."""
+    return record_calls(monkeypatch, _kernels(), "_fwd_tma", lambda args, _: args[0].shape)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
