@@ -120,10 +120,25 @@ def _visited_block(lo, i, skip_from, skip, BLOCK: tl.constexpr, offs):
 
 
 @triton.jit
-def _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    # K^T [BLOCK_D, BLOCK_N] of keys cols
-    return _load_tile(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, cols, offs_d, Skv, D,
-                      MASKED, EVEN_D, False)
+def _head_tile(desc, head_row, base, start, offs, offs_d, stride_s, stride_d, limit, D, MASKED: tl.constexpr,
+               EVEN_D: tl.constexpr, TMA: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # rows start + offs of one head's [S, D] keys or queries, as a [rows, BLOCK_D] tile (or its
+    # transpose). TMA, in unmasked blocks (rows below ``limit``): from the descriptor of every
+    # head's rows, this head's starting at head_row (columns past D zero-filled by the copy).
+    # Else pointer loads from base, masked past limit (MASKED) and past D (not EVEN_D).
+    if TMA and not MASKED:
+        tile = desc.load([head_row + start, 0])
+        if TRANSPOSED:
+            tile = tile.T
+    else:
+        idx = start + offs
+        if TRANSPOSED:
+            tile = _load_tile(base + idx[None, :] * stride_s + offs_d[:, None] * stride_d, idx, offs_d, limit, D,
+                              MASKED, EVEN_D, False)
+        else:
+            tile = _load_tile(base + idx[:, None] * stride_s + offs_d[None, :] * stride_d, idx, offs_d, limit, D,
+                              MASKED, EVEN_D, True)
+    return tile
 
 
 @triton.jit
@@ -138,11 +153,10 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo
     # finite). TMA (unmasked blocks only, which lie below Skv): K and V tiles by tensor
     # descriptors over the keys of all heads as rows, this head's from row kv_row on.
     for i in range(first_block, end_block):
-        cols = _visited_block(lo, i, skip_from, skip, BLOCK_N, offs_n)
-        if TMA and not MASKED:
-            kt = k_desc.load([kv_row + _visited_block(lo, i, skip_from, skip, BLOCK_N, 0), 0]).T
-        else:
-            kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
+        start = _visited_block(lo, i, skip_from, skip, BLOCK_N, 0)
+        cols = start + offs_n
+        kt = _head_tile(k_desc, kv_row, k_base, start, offs_n, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D,
+                        TMA, True)
         if MASKED:
             s, _t = _scores(q, kt, offs_m, cols, Sq, Skv, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP)
         else:
@@ -152,11 +166,8 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA and not MASKED:
-            v = v_desc.load([kv_row + _visited_block(lo, i, skip_from, skip, BLOCK_N, 0), 0])
-        else:
-            v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, cols, offs_d, Skv, D,
-                           MASKED, EVEN_D, True)
+        v = _head_tile(v_desc, kv_row, v_base, start, offs_n, offs_d, stride_vs, stride_vd, Skv, D, MASKED, EVEN_D,
+                       TMA, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -334,13 +345,16 @@ def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, l
                        D, off, LEFT, RIGHT, qk_scale, softcap,
                        SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # dK and dV of this key block from the query blocks of iterations first_block .. end_block - 1
-    # (_visited_block); not MASKED: every row is below Sq and sees every key of the block
+    # (_visited_block); not MASKED: every row is below Sq and sees every key of the block. Pointer
+    # loads only: with q and dO by TMA this kernel spilled 190-280 bytes at three of its configs
+    # (sm_90a), where it spills at most 8 without
     for i in range(first_block, end_block):
-        rows = _visited_block(lo, i, skip_from, skip, BLOCK_M, offs_m)
-        q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, rows, offs_d, Sq, D,
-                       MASKED, EVEN_D, True)
-        do = _load_tile(do_base + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows, offs_d, Sq, D,
-                        MASKED, EVEN_D, True)
+        start = _visited_block(lo, i, skip_from, skip, BLOCK_M, 0)
+        rows = start + offs_m
+        q = _head_tile(None, 0, q_base, start, offs_m, offs_d, stride_qs, stride_qd, Sq, D, MASKED, EVEN_D, False,
+                       False)
+        do = _head_tile(None, 0, do_base, start, offs_m, offs_d, stride_ds, stride_dd, Sq, D, MASKED, EVEN_D, False,
+                        False)
         if MASKED:
             lse = tl.load(lse_base + rows, mask=rows < Sq, other=0.0)
             delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
@@ -356,17 +370,20 @@ def _dkdv_query_blocks(dk, dv, kt, v_t, q_base, do_base, lse_base, delta_base, l
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, first_block, end_block, skip_from, skip,
-                   offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                   qk_scale, softcap,
-                   SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kv_row, lo, first_block, end_block,
+                   skip_from, skip, offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D,
+                   off, LEFT, RIGHT, qk_scale, softcap,
+                   SOFTCAP: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     # dQ of this query block from the key blocks of iterations first_block .. end_block - 1
-    # (_visited_block), masked as in _fwd_key_blocks
+    # (_visited_block), masked and loaded as in _fwd_key_blocks
     for i in range(first_block, end_block):
-        cols = _visited_block(lo, i, skip_from, skip, BLOCK_N, offs_n)
-        kt = _key_tile(k_base, cols, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D)
-        v_t = _load_tile(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd, cols, offs_d, Skv, D,
-                         MASKED, EVEN_D, False)
+        start = _visited_block(lo, i, skip_from, skip, BLOCK_N, 0)
+        cols = start + offs_n
+        kt = _head_tile(k_desc, kv_row, k_base, start, offs_n, offs_d, stride_ks, stride_kd, Skv, D, MASKED, EVEN_D,
+                        TMA, True)
+        v_t = _head_tile(v_desc, kv_row, v_base, start, offs_n, offs_d, stride_vs, stride_vd, Skv, D, MASKED, EVEN_D,
+                         TMA, True)
         p, ds = _probs_and_dscores(q, kt, v_t, do, lse2, delta, offs_m, cols, Sq, Skv, off, LEFT, RIGHT,
                                    qk_scale, softcap, SOFTCAP, MASKED)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
@@ -440,7 +457,7 @@ def flash_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def flash_attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, k_desc, v_desc, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -448,8 +465,9 @@ def flash_attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):
+    # TMA: k_desc and v_desc as in the forward
     b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
     off = Skv - Sq
     offs_n = tl.arange(0, BLOCK_N)
@@ -475,12 +493,13 @@ def flash_attn_bwd_dq_kernel(
     n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
                               BLOCK_N)  # as in the forward
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, i_lo, i_hi, n, 0, offs_m, offs_n, offs_d,
-                        stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap,
-                        SOFTCAP, False, EVEN_D, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, lo, 0, n - (i_hi - i_lo), i_lo, i_hi - i_lo, offs_m,
+    kv_row = ((b * (Hq // GROUP) + hk) * Skv).to(tl.int32)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kv_row, lo, i_lo, i_hi, n, 0, offs_m,
                         offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT,
-                        qk_scale, softcap, SOFTCAP, True, EVEN_D, BLOCK_N)
+                        qk_scale, softcap, SOFTCAP, False, EVEN_D, TMA, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kv_row, lo, 0, n - (i_hi - i_lo),
+                        i_lo, i_hi - i_lo, offs_m, offs_n, offs_d, stride_ks, stride_kd, stride_vs, stride_vd, Sq, Skv,
+                        D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP, True, EVEN_D, TMA, BLOCK_N)
 
     dq = dq * qk_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
@@ -503,9 +522,9 @@ def _configs(*tiles, pre_hook=None) -> list[triton.Config]:
             for m, n, w, st in tiles]
 
 
-def _set_kv_blocks(nargs: dict) -> None:
-    """The forward's K/V descriptors get the config's [BLOCK_N, BLOCK_D] tiles (an autotuning
-    pre-hook; without TMA those arguments are the tensors themselves, left as they are)."""
+def _set_kv_tiles(nargs: dict) -> None:
+    """The forward's and dQ's K/V descriptors get the config's [BLOCK_N, BLOCK_D] tiles (an
+    autotuning pre-hook; without TMA those arguments are the tensors themselves, left as they are)."""
     for name in ("k_desc", "v_desc"):
         if isinstance(nargs[name], TensorDescriptor):
             nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
@@ -517,20 +536,21 @@ def _set_kv_blocks(nargs: dict) -> None:
 # (almost) no registers, compiled as a contiguous, aligned launch would be
 # (tests/test_attention.py checks both); candidates that spilled were left out.
 FWD_CONFIGS = {"d128": _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                                pre_hook=_set_kv_blocks),
+                                pre_hook=_set_kv_tiles),
                "d256": _configs((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2),
-                                pre_hook=_set_kv_blocks)}
+                                pre_hook=_set_kv_tiles)}
 DKDV_CONFIGS = {"d128": _configs((32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)),
                 "d256": _configs((16, 32, 4, 1), (32, 32, 8, 1), (32, 32, 4, 1), (16, 64, 8, 1))}
-DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)),
-              "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 32, 4, 2), (32, 32, 8, 2))}
+DQ_CONFIGS = {"d128": _configs((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), pre_hook=_set_kv_tiles),
+              "d256": _configs((32, 16, 4, 1), (32, 16, 8, 1), (32, 32, 4, 2), (32, 32, 8, 2), pre_hook=_set_kv_tiles)}
 _TUNE_KEY = ["Sq", "Skv", "D", "LEFT", "RIGHT"]
-# TMA in the forward's key: its launches with and without TMA are different kernels, tuned apart
+# TMA in the forward's and dQ's keys: their launches with and without TMA are different kernels, tuned apart
 _fwd_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["TMA"])(flash_attn_fwd_kernel)
               for c, cfgs in FWD_CONFIGS.items()}
 _dkdv_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["GROUP"])(flash_attn_bwd_dkdv_kernel)
                for c, cfgs in DKDV_CONFIGS.items()}
-_dq_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY)(flash_attn_bwd_dq_kernel) for c, cfgs in DQ_CONFIGS.items()}
+_dq_tuned = {c: triton.autotune(cfgs, key=_TUNE_KEY + ["TMA"])(flash_attn_bwd_dq_kernel)
+             for c, cfgs in DQ_CONFIGS.items()}
 
 
 def _d_class(D: int) -> str:
@@ -593,13 +613,13 @@ def _head_rows(t: torch.Tensor) -> torch.Tensor | None:
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, setting: dict):
     """TMA descriptors of k and v as row matrices, in the tiles of ``setting`` (BLOCK_N x
-    BLOCK_D), for the forward's unmasked blocks; None where TMA does not apply (pre-Hopper,
-    non-16-bit, strides that do not flatten or align: the plain loads then)."""
+    BLOCK_D), for the unmasked key blocks of the forward or dQ; None where TMA does not apply
+    (pre-Hopper, non-16-bit, strides that do not flatten or align: the pointer loads then)."""
     rows = [_head_rows(t) for t in (k, v)]
     if k.element_size() != 2 or None in rows or not tma_ready(*rows):
         return None
     descs = [TensorDescriptor.from_tensor(r, [1, 1]) for r in rows]
-    _set_kv_blocks({"k_desc": descs[0], "v_desc": descs[1], **setting})
+    _set_kv_tiles({"k_desc": descs[0], "v_desc": descs[1], **setting})
     return descs
 
 
@@ -677,8 +697,10 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
            (q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
             *dv.stride(), Hq, Hkv, Hq // Hkv, *common), flags,
            _fixed(DKDV_CONFIGS[d_class][0], dict(BLOCK_M=16, BLOCK_N=32)))
+    fixed = _fixed(DQ_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16))
+    kv = _kv_descriptors(k, v, {**fixed_config(fixed), **flags})
     launch(_dq_tuned[d_class], flash_attn_bwd_dq_kernel, lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * Hq),
-           (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), Hq,
-            Hq // Hkv, *common), flags, _fixed(DQ_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16)))
+           (q, k, v, dout, *(kv or (k, v)), lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), Hq, Hq // Hkv, *common), dict(flags, TMA=kv is not None), fixed, device=q.device)
     return dq, dk, dv
 

@@ -183,32 +183,39 @@ def _kernels():
 # ---------------------------------------------------------------------------- TMA loads (forward)
 
 @pytest.fixture
-def kv_descriptor_calls(monkeypatch):
-    """Whether each forward launch made while the test runs read K and V by TMA descriptors."""
+def tma_launches(monkeypatch):
+    """Per forward or dQ launch while the test runs, whether its unmasked blocks read their K and V
+    tiles by TMA descriptors."""
     return record_calls(monkeypatch, _kernels(), "_kv_descriptors", lambda _, descs: descs is not None)
 
 
-# (B, Hq, Hkv, Sq, Skv, D, causal, window, softcap): several unmasked key blocks per query block
-# (the interpreter's 32 x 16 tiles), GQA, D below its 16-multiple block (40: columns past D
-# zero-filled by the copy), a sliding window, a softcap
+# (B, Hq, Hkv, Sq, Skv, D, causal, window, softcap): several unmasked key blocks per tile (the
+# interpreter's 32 x 16 forward and dQ tiles), GQA, D below its
+# 16-multiple block (40: columns past D zero-filled by the copy), a sliding window, a softcap
 TMA_CASES = [(2, 4, 2, 70, 90, 32, False, (-1, -1), 0.0), (1, 6, 2, 50, 100, 40, True, (-1, -1), 0.0),
              (2, 2, 1, 64, 64, 64, False, (40, 30), 5.0)]
 
 
 @pytest.mark.parametrize("case", range(len(TMA_CASES)))
-def test_tma_forward_gives_the_plain_loads_bits(case, monkeypatch, kv_descriptor_calls):
-    """Contiguous fp16 q/k/v take the TMA loads in the unmasked blocks; under the interpreter
-    they compute exactly what the pointer loads do."""
+def test_tma_loads_give_the_pointer_loads_bits(case, monkeypatch, tma_launches):
+    """Contiguous fp16 k/v take the TMA loads in the unmasked blocks of the forward and dQ
+    kernels; under the interpreter they compute exactly what the pointer loads do: output, lse
+    and the three gradients bit for bit."""
     needs_backend("triton")
     B, Hq, Hkv, Sq, Skv, D, causal, window, softcap = TMA_CASES[case]
-    q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False))
-    outs = []
+    x = [t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False)]
+    dout = torch.randn(B, Hq, Sq, D).half()
+    results = []
     for tma in ("1", "0"):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
-        outs.append(_kernels().flash_attn_fwd(q, k, v, causal, 1 / math.sqrt(D), *window, softcap, splits=None))
-    assert kv_descriptor_calls == [True, False]
-    for tma_out, plain_out in zip(*outs):
-        assert torch.equal(tma_out, plain_out)
+        leaves = [t.clone().requires_grad_() for t in x]
+        with ek.use_backend("triton"):
+            out, lse = flash_attention(*leaves, causal=causal, window=window, softcap=softcap, return_lse=True)
+            out.backward(dout)
+        results.append([out, lse, *(t.grad for t in leaves)])
+    assert tma_launches == [True, True, False, False]  # forward, dQ; with TMA, then without
+    for name, with_tma, without in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(with_tma, without), name
 
 
 def test_head_rows_only_for_evenly_spaced_heads():
@@ -222,7 +229,7 @@ def test_head_rows_only_for_evenly_spaced_heads():
     assert kernels._head_rows(torch.randn(2, 3, 5, 8)[:, :2]) is None  # heads sliced: batches not evenly spaced
 
 
-def test_transposed_or_decoding_calls_keep_the_pointer_loads(kv_descriptor_calls):
+def test_transposed_or_decoding_calls_keep_the_pointer_loads(tma_launches):
     """[B, S, H, D] views do not flatten into rows; the split-KV (decoding) forward never uses TMA."""
     needs_backend("triton")
     q, k, v = (t.detach() for t in make(1, 2, 2, 40, 70, 32, True))
@@ -231,7 +238,7 @@ def test_transposed_or_decoding_calls_keep_the_pointer_loads(kv_descriptor_calls
         q, k, v = (t.detach() for t in make(1, 2, 2, 1, 700, 32, False))
         assert _kernels().decode_splits(1, 2, 1, 700, 32, False, -1, -1, q.device) > 1
         flash_attention(q, k, v)
-    assert kv_descriptor_calls == [False]
+    assert tma_launches == [False]
 
 
 @pytest.mark.parametrize("splits", ["auto", 1, 3, 7])
@@ -535,7 +542,7 @@ def _launch_request(kernel, constexprs: dict) -> dict:
     for arg in kernel.arg_names:
         if arg in constexprs:
             continue
-        if arg.endswith("_desc"):  # the forward's K/V descriptors with TMA, else unused tensors
+        if arg.endswith("_desc"):  # K/V descriptors with TMA (forward, dQ), else unused tensors
             tile = f"{constexprs['BLOCK_N']},{constexprs['BLOCK_D']}"
             types[arg] = f"tensordesc<bf16[{tile}]>" if constexprs["TMA"] else "*bf16"
         elif arg.endswith("_ptr"):
@@ -550,6 +557,8 @@ def _launch_request(kernel, constexprs: dict) -> dict:
     launch["divisible"] = [a for a in launch["divisible"] if not types[a].startswith("tensordesc")]
     return dict(launch, constexprs=dict(constexprs, **launch["constexprs"]))
 
+
+TMA_KERNELS = ("flash_attn_fwd_kernel", "flash_attn_bwd_dq_kernel")  # K/V by TMA on Hopper
 
 # Register spill stores per kernel that every config stays within (ptxas -v, sm_90a: at most 20
 # bytes with Triton 3.8; 72 with Triton 3.6, the GPU machines', at dK/dV config 3 of d128;
@@ -570,8 +579,8 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     requests = {}
 
     def add(name, D, label, config: dict, num_warps, num_stages):
-        # the forward as a launch on that GPU runs it: TMA on Hopper, except the decoding split
-        tma = {"TMA": cc == 90 and label != "decode"} if name == "flash_attn_fwd_kernel" else {}
+        # as a launch on that GPU runs them: TMA on Hopper, except in the decoding forward
+        tma = {"TMA": cc == 90 and label != "decode"} if name in TMA_KERNELS else {}
         requests[f"{name}_{label}_d{D}"] = dict(
             kernel=f"effkern.kernels.attention:{name}", cc=cc, num_warps=num_warps, num_stages=num_stages,
             spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
@@ -594,7 +603,7 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     for name, compiled in compile_for_gpu(requests).items():
         elementwise = name.startswith(("merge", "preprocess"))
         assert elementwise or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
-        tma = cc == 90 and name.startswith("flash_attn_fwd_kernel_config")
+        tma = cc == 90 and "_config" in name and name.startswith(TMA_KERNELS)
         assert tma == ("cp.async.bulk.tensor" in compiled["ptx"]), f"{name}: TMA copies {'missing' if tma else 'seen'}"
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
         assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
