@@ -483,17 +483,19 @@ def test_gpu_matches_float64(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous (TMA)", "[B, S, H, D] views"])
 @pytest.mark.parametrize("D,index", [(D, i) for D in (128, 160) for i in range(4)])
-def test_gpu_every_tuned_config_matches_float64(D, index, monkeypatch):
+def test_gpu_every_tuned_config_matches_float64(D, index, transposed, monkeypatch, tma_launches):
     """Each tile config the autotuner may pick (forward, dK/dV, dQ), run as the fixed config, on a
-    causal GQA case whose sizes are no multiple of any tile."""
+    causal GQA case whose sizes are no multiple of any tile; contiguous inputs take the forward's
+    and dQ's TMA loads on Hopper, the transposed views their pointer loads."""
     needs_backend("triton", "cuda")
     kernels = _kernels()
     d_class = kernels._d_class(D)
     for table in (kernels.FWD_CONFIGS, kernels.DKDV_CONFIGS, kernels.DQ_CONFIGS):
         monkeypatch.setitem(table, d_class, [table[d_class][index]])
     B, Hq, Hkv, Sq, Skv = 2, 6, 2, 333, 517
-    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, True, torch.bfloat16, "cuda")
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, torch.bfloat16, "cuda")
     with ek.use_backend("triton"):
         out = flash_attention(q, k, v, causal=True)
         dout = torch.randn_like(out)
@@ -504,6 +506,8 @@ def test_gpu_every_tuned_config_matches_float64(D, index, monkeypatch):
     assert_matches_float64(out, out64, same, Skv, what="out")
     for name, g, w, b in zip("qkv", got, grads(out64, dout.double(), x64), grads(same, dout, (q, k, v))):
         assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert tma_launches == [hopper and not transposed] * 2  # forward, dQ
 
 
 @pytest.mark.gpu
