@@ -109,8 +109,7 @@ def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] 
     timed = every - {"reference"} if quick else every
     out = [_case(d, TOKENS // S, HIDDEN // D, S, S, D, c, providers=timed)
            for d in dts for D in ds for S in ss for c in (False, True)]
-    out += [_case(d, B, DECODE_HQ, 1, Skv, DECODE_D, False, Hkv=DECODE_HKV,
-                  providers=timed - {"effkern-triton-no-tma"})
+    out += [_case(d, B, DECODE_HQ, 1, Skv, DECODE_D, False, Hkv=DECODE_HKV, providers=timed)
             for d in dts for (B, Skv) in decode]
     return out
 
@@ -348,8 +347,8 @@ def providers() -> dict[str, Provider]:
 def _providers() -> dict[str, Provider]:
     return {
         "effkern-triton": _effkern("triton"),
-        # the forward's K/V tiles by plain loads instead of TMA on Hopper: TMA's gain in the same
-        # run (decoding cases leave it out: the split-KV forward never uses TMA)
+        # K/V tiles by plain loads instead of TMA on Hopper (forward, dQ, split-KV decoding):
+        # TMA's gain in the same run
         "effkern-triton-no-tma": _effkern("triton", tma=False),
         "reference": _effkern("reference"),
         "torch-sdpa": _sdpa(None),

@@ -660,10 +660,11 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((splits, B, Hq, Sq), dtype=torch.float32, device=q.device)
     blocks = cdiv(Sq, cfg["BLOCK_M"])
+    kv = _kv_descriptors(k, v, {**cfg, **flags})
     with on_device(q.device):
         flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
-            q, k, v, k, v, part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:], *common,
-            splits, part.stride(0), part_lse.stride(0), **flags, **cfg, TMA=False)
+            q, k, v, *(kv or (k, v)), part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:],
+            *common, splits, part.stride(0), part_lse.stride(0), **flags, **cfg, TMA=kv is not None)
         flash_attn_decode_merge_kernel[(blocks, B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))

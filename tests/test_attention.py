@@ -229,16 +229,28 @@ def test_head_rows_only_for_evenly_spaced_heads():
     assert kernels._head_rows(torch.randn(2, 3, 5, 8)[:, :2]) is None  # heads sliced: batches not evenly spaced
 
 
-def test_transposed_or_decoding_calls_keep_the_pointer_loads(tma_launches):
-    """[B, S, H, D] views do not flatten into rows; the split-KV (decoding) forward never uses TMA."""
+def test_transposed_views_keep_the_pointer_loads(tma_launches):
+    """[B, S, H, D] views do not flatten into rows: forward and dQ keep their pointer loads."""
     needs_backend("triton")
-    q, k, v = (t.detach() for t in make(1, 2, 2, 40, 70, 32, True))
+    q, k, v = make(1, 2, 2, 40, 70, 32, True)
     with ek.use_backend("triton"):
-        flash_attention(q, k, v)
-        q, k, v = (t.detach() for t in make(1, 2, 2, 1, 700, 32, False))
-        assert _kernels().decode_splits(1, 2, 1, 700, 32, False, -1, -1, q.device) > 1
-        flash_attention(q, k, v)
-    assert tma_launches == [False]
+        flash_attention(q, k, v).sum().backward()
+    assert tma_launches == [False, False]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_kv_decoding_with_tma_gives_the_pointer_loads_bits(causal, monkeypatch, tma_launches):
+    """The split-KV (decoding) forward reads its splits' unmasked key blocks by TMA too."""
+    needs_backend("triton")
+    q, k, v = (t.detach() for t in make(1, 2, 1, 3, 700, 32, False))
+    assert _kernels().decode_splits(1, 2, 3, 700, 32, causal, -1, -1, q.device) > 1
+    outs = []
+    for tma in ("1", "0"):
+        monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
+        outs.append(_kernels().flash_attn_fwd(q, k, v, causal, 0.125, -1, -1, 0.0))
+    assert tma_launches == [True, False]
+    for with_tma, without in zip(*outs):
+        assert torch.equal(with_tma, without)
 
 
 @pytest.mark.parametrize("splits", ["auto", 1, 3, 7])
@@ -583,8 +595,8 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     requests = {}
 
     def add(name, D, label, config: dict, num_warps, num_stages):
-        # as a launch on that GPU runs them: TMA on Hopper, except in the decoding forward
-        tma = {"TMA": cc == 90 and label != "decode"} if name in TMA_KERNELS else {}
+        # as a launch on that GPU runs them: TMA on Hopper
+        tma = {"TMA": cc == 90} if name in TMA_KERNELS else {}
         requests[f"{name}_{label}_d{D}"] = dict(
             kernel=f"effkern.kernels.attention:{name}", cc=cc, num_warps=num_warps, num_stages=num_stages,
             spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
@@ -607,7 +619,7 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     for name, compiled in compile_for_gpu(requests).items():
         elementwise = name.startswith(("merge", "preprocess"))
         assert elementwise or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
-        tma = cc == 90 and "_config" in name and name.startswith(TMA_KERNELS)
+        tma = cc == 90 and name.startswith(TMA_KERNELS)
         assert tma == ("cp.async.bulk.tensor" in compiled["ptx"]), f"{name}: TMA copies {'missing' if tma else 'seen'}"
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
         assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
