@@ -247,8 +247,6 @@ _bwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
-
-
 _set_tma_blocks = block_shapes_hook({"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
                                      "y_desc": ("BLOCK_M", "BLOCK_N"), "z_desc": ("BLOCK_M", "BLOCK_N")})
 _fwd_tma_tuned = triton.autotune(

@@ -48,7 +48,6 @@ def poison_empty():
     torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
-
 @pytest.fixture(scope="module")
 def compile_for_gpu():
     """compile(requests) -> results: Triton kernels compiled ahead of time for CUDA GPUs, here,
