@@ -105,6 +105,11 @@ def _effkern(backend: str, quantization: str | None = None, tma: bool = True) ->
     def limits(case, device):
         if quantization == "fused" and case.params["quant"] != "w8a8":
             return False, "W8A8 only (the fused quantization of the activations)"
+        if not tma:  # asked only where the triton backend is available, so its kernels import
+            from effkern.kernels._splitk import SPLIT_MAX_ROWS
+
+            if case.params["quant"] != "w8a8" or case.params["M"] <= SPLIT_MAX_ROWS:
+                return False, f"the TMA GEMM runs for W8A8 with M > {SPLIT_MAX_ROWS} only"
         return True, ""
 
     # W8A8's activation quantization forced to one way, the TMA GEMM off if asked (the variables

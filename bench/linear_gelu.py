@@ -84,9 +84,22 @@ def reference(case: Case, x, w, b):
     return linear_gelu_reference(x, w, b, approximate=case.params["approximate"])
 
 
-def _effkern(backend: str, env: dict[str, str] | None = None) -> Provider:
-    return effkern_provider(
-        backend, lambda case: functools.partial(ek.linear_gelu, approximate=case.params["approximate"]), env=env)
+def _linear_gelu(case: Case):
+    return functools.partial(ek.linear_gelu, approximate=case.params["approximate"])
+
+
+def _effkern(backend: str) -> Provider:
+    return effkern_provider(backend, _linear_gelu)
+
+
+def _tma_rows(case: Case, device: str):
+    # where the TMA forward can run at all (fewer rows always take the plain kernel); asked only
+    # where the triton backend is available, so its kernels import
+    from effkern.kernels.linear_gelu import TMA_MIN_ROWS
+
+    if case.params["M"] < TMA_MIN_ROWS:
+        return False, f"M < {TMA_MIN_ROWS}: the plain kernel either way"
+    return True, ""
 
 
 def _eager(case: Case):
@@ -122,7 +135,8 @@ def providers() -> dict[str, Provider]:
         "effkern-triton": _effkern("triton"),
         # the Triton forward with plain loads everywhere (no TMA kernel on Hopper): the TMA
         # kernel's gain, measured in the same run
-        "effkern-triton-no-tma": _effkern("triton", {"EFFKERN_TRITON_TMA": "0"}),
+        "effkern-triton-no-tma": effkern_provider("triton", _linear_gelu, limits=_tma_rows,
+                                                  env={"EFFKERN_TRITON_TMA": "0"}),
         "effkern-cuda": _effkern("cuda"),
         "reference": _effkern("reference"),
         "torch-eager": Provider(build=_eager),

@@ -95,7 +95,6 @@ def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     assert {mode for _, _, mode in status} == {"fwd"}  # forward only
     assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
     expected = {("effkern-triton", "w8a8"): "ok", ("effkern-triton-fused", "w8a8"): "ok",
-                ("effkern-triton-no-tma", "w8a8"): "ok", ("effkern-triton-no-tma", "w8a16"): "ok",
                 ("reference", "w8a8"): "ok", ("torch-int-mm", "w8a8"): "ok",
                 ("effkern-triton", "w8a16"): "ok", ("reference", "w8a16"): "ok",
                 ("torch-linear", "w8a8"): "timing only", ("torch-linear", "w8a16"): "timing only",
@@ -131,6 +130,19 @@ def test_int8_providers_force_each_quantization(monkeypatch):
     w8a16 = bench_int8._case(torch.float16, "w8a16", 4, 8, 16)
     assert bench_int8.providers()["effkern-triton-fused"].available(w8a16, "cpu", "fwd") == (
         False, "W8A8 only (the fused quantization of the activations)")
+
+
+def test_no_tma_providers_time_only_cases_the_tma_kernels_take():
+    """No-TMA timings only where effkern would run a TMA kernel: linear_gelu from 64 rows, W8A8
+    from 65 (fewer: split-K), and never W8A16."""
+    if not ek.backend_available("triton", "cpu")[0]:
+        pytest.skip("the triton backend is not available here")
+    gelu = bench_linear_gelu.providers()["effkern-triton-no-tma"]
+    assert not gelu.available(bench_linear_gelu._case(torch.float16, "none", 63, 16, 16), "cpu", "fwd")[0]
+    assert gelu.available(bench_linear_gelu._case(torch.float16, "none", 64, 16, 16), "cpu", "fwd")[0]
+    int8 = bench_int8.providers()["effkern-triton-no-tma"]
+    for quant, M, available in (("w8a8", 64, False), ("w8a8", 65, True), ("w8a16", 65, False)):
+        assert int8.available(bench_int8._case(torch.float16, quant, M, 16, 16), "cpu", "fwd")[0] == available
 
 
 @pytest.mark.parametrize("bench_op", [bench_linear_gelu, bench_int8, bench_attention],
