@@ -84,25 +84,35 @@ def tma_tile_dot(a_desc, b_desc, tile, M, N, K, acc, BLOCK_M: tl.constexpr, BLOC
 
 def block_shapes_hook(tiles: dict[str, tuple[str, str]]):
     """An autotuning pre-hook giving each descriptor argument (name -> the config's row and
-    column block names) its config's tile shape: a copy's box size is part of the descriptor."""
+    column block names) its config's tile shape: a copy's box size is part of the descriptor.
+    An argument that is not a descriptor (a kernel launched without TMA) is left as it is."""
     def set_block_shapes(nargs: dict) -> None:
         for name, (rows, cols) in tiles.items():
-            nargs[name].block_shape = [nargs[rows], nargs[cols]]
+            if isinstance(nargs[name], TensorDescriptor):
+                nargs[name].block_shape = [nargs[rows], nargs[cols]]
 
     return set_block_shapes
+
+
+def descriptors(tensors: dict[str, torch.Tensor], set_block_shapes, setting: dict) -> dict[str, TensorDescriptor]:
+    """TMA descriptors of ``tensors`` (argument name -> 2-D tensor; one descriptor per distinct
+    tensor), with the tile shapes ``set_block_shapes`` (a block_shapes_hook) gives them for the
+    config ``setting``; an autotuned launch resets them per config (the same hook as pre-hook)."""
+    descs = {}
+    for name, t in tensors.items():
+        same = next((d for d in descs.values() if d.base is t), None)
+        descs[name] = same or TensorDescriptor.from_tensor(t, [1, 1])
+    set_block_shapes({**descs, **setting})
+    return descs
 
 
 def launch_persistent(tuned, plain, tensors: dict[str, torch.Tensor], args: tuple, M: int, N: int, kwargs: dict,
                       fixed: dict, set_block_shapes) -> None:
     """Launch a persistent TMA GEMM: ``tensors`` (descriptor argument name -> 2-D tensor) become
-    descriptors, passed first in that order, then ``args``, then NUM_PROGRAMS: one program per
-    SM, or per output tile if fewer. Block shapes come from the fixed config here; an autotuned
-    launch resets them per config (``set_block_shapes``, its pre-hook)."""
-    descs = {}
-    for name, t in tensors.items():
-        same = next((d for d in descs.values() if d.base is t), None)
-        descs[name] = same or TensorDescriptor.from_tensor(t, [1, 1])
-    set_block_shapes({**descs, **fixed_config(fixed)})
+    descriptors (at the fixed config's tiles; ``set_block_shapes`` is the autotuner's pre-hook),
+    passed first in that order, then ``args``, then NUM_PROGRAMS: one program per SM, or per
+    output tile if fewer."""
+    descs = descriptors(tensors, set_block_shapes, fixed_config(fixed))
     device = next(iter(tensors.values())).device
     programs = sm_count(device)
 

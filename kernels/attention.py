@@ -41,10 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.tools.tensor_descriptor import TensorDescriptor
-
 from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, on_device, sm_count
-from ._tma import tma_ready
+from ._tma import block_shapes_hook, descriptors, tma_ready
 
 LOG2E = 1.4426950408889634
 # split-KV forward (decoding): up to this many query rows, each split at least this many key blocks
@@ -522,12 +520,9 @@ def _configs(*tiles, pre_hook=None) -> list[triton.Config]:
             for m, n, w, st in tiles]
 
 
-def _set_kv_tiles(nargs: dict) -> None:
-    """The forward's and dQ's K/V descriptors get the config's [BLOCK_N, BLOCK_D] tiles (an
-    autotuning pre-hook; without TMA those arguments are the tensors themselves, left as they are)."""
-    for name in ("k_desc", "v_desc"):
-        if isinstance(nargs[name], TensorDescriptor):
-            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+# The forward's and dQ's K/V descriptors in the config's [BLOCK_N, BLOCK_D] tiles (the
+# autotuning pre-hook; without TMA those arguments are the tensors themselves, left as they are)
+_set_kv_tiles = block_shapes_hook({"k_desc": ("BLOCK_N", "BLOCK_D"), "v_desc": ("BLOCK_N", "BLOCK_D")})
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the query tile x key tile of the forward and the dQ
@@ -618,9 +613,7 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, setting: dict):
     rows = [_head_rows(t) for t in (k, v)]
     if k.element_size() != 2 or None in rows or not tma_ready(*rows):
         return None
-    descs = [TensorDescriptor.from_tensor(r, [1, 1]) for r in rows]
-    _set_kv_tiles({"k_desc": descs[0], "v_desc": descs[1], **setting})
-    return descs
+    return list(descriptors(dict(k_desc=rows[0], v_desc=rows[1]), _set_kv_tiles, setting).values())
 
 
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
