@@ -37,6 +37,8 @@ CASES = [
     ("mqa_64x128_d40_window_00", 1, 2, 1, 64, 128, 40, False, (0, 0), 0.0, True),
     ("mqa_3x79_d59_causal", 2, 3, 1, 3, 79, 59, True, (-1, -1), 0.0, False),
     ("gqa_3x79_d40_window_right_softcap", 1, 6, 2, 3, 79, 40, False, (-1, 5), 3.0, False),
+    ("mha_37x61_d8_causal", 1, 2, 2, 37, 61, 8, True, (-1, -1), 0.0, False),  # D below the 16-wide block
+    ("gqa_37x61_d5_t", 1, 4, 2, 37, 61, 5, False, (-1, -1), 0.0, True),
     ("mha_3x79_d64_t", 1, 2, 2, 3, 79, 64, False, (-1, -1), 0.0, True),
     ("mha_37x1_d32_causal", 1, 2, 2, 37, 1, 32, True, (-1, -1), 0.0, False),  # rows with no visible key
     ("gqa_57x23_d59_causal_softcap_t", 1, 6, 2, 57, 23, 59, True, (-1, -1), 2.0, True),  # Sq > Skv
