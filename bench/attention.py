@@ -7,7 +7,9 @@ have Sq = 1 and GQA 32 query / 8 kv heads, forward only; their bytes are the K a
 alone, so % floor is the share of the copy bandwidth reached (GB/s = bytes / ms).
 
 FLOPs (the issue's convention): forward 4*B*H*Sq*Skv*D, halved when causal; backward 2.5x the
-forward, so fwd_bwd counts 3.5x. Bytes: q, k, v, out (fwd_bwd: + dout, dq, dk, dv).
+forward, so fwd_bwd counts 3.5x. Bytes: q, k, v, out; the backward: q, k, v, out, dout, dq, dk,
+dv (its lse and delta are O(Sq), not counted). bwd times the backward alone (the harness runs its
+forward outside the timed region), the number FlashAttention's papers compare.
 
 causal is effkern's bottom-right alignment; for Sq == Skv it is torch's is_causal. SDPA gets
 torch.nn.attention.bias.causal_lower_right where Sq != Skv (only from --shapes).
@@ -30,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import effkern as ek
 from effkern.attention import flash_attention_reference
 
-from .harness import Case, Provider, effkern_provider, parse_dtypes
+from .harness import GRAD_MODES, Case, Provider, effkern_provider, parse_dtypes
 
 OP = "attention"
 BASELINES = {"torch-sdpa": "x sdpa", "torch-sdpa-flash": "x flash", "torch-sdpa-cudnn": "x cudnn",
@@ -38,6 +40,7 @@ BASELINES = {"torch-sdpa": "x sdpa", "torch-sdpa-flash": "x flash", "torch-sdpa-
 # The op's definition in plain PyTorch (effkern's reference backend, fp32 math) sets "PyTorch's error".
 ERROR_BASELINE = "reference"
 POLICY_BACKENDS = {}  # one effkern backend (triton): no policy
+MODES = ("fwd", "bwd", "fwd_bwd")
 
 TOKENS, HIDDEN = 16384, 2048  # standard sweep: B*S and H*D
 GPU_S = (512, 1024, 2048, 4096, 8192, 16384)
@@ -52,7 +55,7 @@ DECODE_QUICK = ((8, 32768),)  # (B, Skv)
 DECODE_MAX_TOKENS = 2**21
 CPU_CASE = dict(B=1, H=2, S=64, D=32)
 CPU_DECODE = dict(B=1, H=4, Hkv=2, Skv=128, D=32)
-# the math backend materializes the [B, H, Sq, Skv] scores (and their softmax, and for fwd_bwd
+# the math backend materializes the [B, H, Sq, Skv] scores (and their softmax, and with a backward
 # their gradients): skipped above this many bytes of float32 scores
 MATH_MAX_SCORE_BYTES = 8 * 2**30
 # the chunked references (float64 for the harness, fp32 effkern reference provider) work on
@@ -65,16 +68,16 @@ def _case(dtype, B, H, Sq, Skv, D, causal, Hkv=None, providers=None) -> Case:
     s = torch.empty((), dtype=dtype).element_size()
     fwd_flops = 4 * B * H * Sq * Skv * D // (2 if causal else 1)
     q_bytes, kv_bytes = s * B * H * Sq * D, 2 * s * B * Hkv * Skv * D
-    if Sq == 1:  # decoding: the K/V reads are what bounds it
-        fwd_bytes = bwd_bytes = kv_bytes
-    else:
-        fwd_bytes = 2 * q_bytes + kv_bytes  # read q, k, v; write out
-        bwd_bytes = fwd_bytes  # + dout, dq, dk, dv
+    # decoding: the K/V reads are what bounds it (and GB/s, bytes / ms, is their read rate)
+    fwd_bytes = kv_bytes if Sq == 1 else 2 * q_bytes + kv_bytes  # read q, k, v; write out
+    grad_bytes = 2 * q_bytes + kv_bytes  # read dout; write dq, dk, dv
+    bwd_bytes = 2 * q_bytes + kv_bytes + grad_bytes  # the backward alone reads q, k, v, out too
     return Case(params={"dtype": str(dtype).removeprefix("torch."), "B": B, "H": H, "Hkv": Hkv, "Sq": Sq,
                         "Skv": Skv, "D": D, "causal": causal},
-                dtype=dtype, flops={"fwd": fwd_flops, "fwd_bwd": fwd_flops * 7 // 2},
-                bytes={"fwd": fwd_bytes, "fwd_bwd": fwd_bytes + bwd_bytes}, providers=providers,
-                reductions={"out": Skv, "grad": Sq},  # out sums over keys; dq's softmax terms over queries
+                dtype=dtype, flops={"fwd": fwd_flops, "bwd": fwd_flops * 5 // 2, "fwd_bwd": fwd_flops * 7 // 2},
+                bytes={"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd_bwd": fwd_bytes + grad_bytes}, providers=providers,
+                # out and dq sum over keys; dk and dv over the queries of the kv head's group
+                reductions={"out": Skv, "grad0": Skv, "grad1": Sq * (H // Hkv), "grad2": Sq * (H // Hkv)},
                 graph=Sq == 1)  # decoding: also timed from CUDA graphs, as decoding steps are run
 
 
@@ -271,7 +274,7 @@ def _sdpa(backend: str | None) -> Provider:
             return False, (f"the math backend materializes the scores: skipped above "
                            f"{MATH_MAX_SCORE_BYTES // 2**30} GiB of float32 scores")
         why = _sdpa_refusal(backend, device, case.dtype, p["H"], p["Hkv"], p["Sq"] == 1,
-                            p["Sq"] != p["Skv"] and p["Sq"] != 1, p["D"], p["causal"], mode == "fwd_bwd")
+                            p["Sq"] != p["Skv"] and p["Sq"] != 1, p["D"], p["causal"], mode in GRAD_MODES)
         return not why, why
 
     context = functools.partial(sdpa_kernel, SDPA_BACKENDS[backend]) if backend else contextlib.nullcontext
@@ -326,14 +329,14 @@ def _flex_refusal(key: tuple, grad: bool) -> str:
 def _flex_available(case, device, mode):
     if device != "cuda":
         return False, "GPU only (compiled FlexAttention on a CPU is slow and not what is measured)"
-    why = _flex_refusal(tuple(case.params.items()), mode == "fwd_bwd")
+    why = _flex_refusal(tuple(case.params.items()), mode in GRAD_MODES)
     return not why, why
 
 
 def _no_decoding_backward(prov: Provider) -> Provider:
-    """prov, skipped in fwd_bwd on the decoding cases (Sq = 1): those are measured forward only."""
+    """prov, skipped with a backward on the decoding cases (Sq = 1): those are measured forward only."""
     def available(case, device, mode):
-        if mode == "fwd_bwd" and case.params["Sq"] == 1:
+        if mode in GRAD_MODES and case.params["Sq"] == 1:
             return False, "decoding cases (Sq = 1) are measured forward only"
         return prov.available(case, device, mode)
 

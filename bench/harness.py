@@ -9,7 +9,7 @@ An op's benchmark module (bench/<family>.py) supplies:
                 measured in fwd is also timed in fwd_graph where a case asks for it (Case.graph)
   providers()     {name: Provider}
   cases(device, quick, shapes, dtypes) -> [Case]
-  inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in fwd_bwd)
+  inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in bwd, fwd_bwd)
   reference(case, *args) -> Tensor  (run on float64 copies)
 """
 
@@ -35,11 +35,14 @@ import torch
 import effkern as ek
 from effkern.testing import max_error, tolerance
 
+# bwd: the backward alone (the forward that it needs runs before each call, outside the timed
+# region), as flash-attention papers report it.
 # fwd_graph: the forward again, timed as replays of a CUDA graph of many calls (GPU only, cases
 # with Case.graph): the GPU time alone, as a user who captures decoding steps in CUDA graphs sees
 # it. In fwd, small ops are timed through their per-call CPU cost (Python, dispatch, launches)
 # whenever that exceeds their GPU time.
-MODES = ("fwd", "fwd_bwd", "fwd_graph")
+MODES = ("fwd", "bwd", "fwd_bwd", "fwd_graph")
+GRAD_MODES = ("bwd", "fwd_bwd")  # the modes that run the backward and check gradients
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "bench" / "results"
 
@@ -53,12 +56,16 @@ class Case:
     flops: dict  # {mode: FLOPs by the DESIGN's convention}
     bytes: dict  # {mode: minimum bytes moved to and from device memory}
     providers: frozenset | None = None  # restricts which providers run here (None: all)
-    reductions: dict = field(default_factory=dict)  # {"out"/"grad": length of the sums behind an element}
+    # {"out" or "grad<i>" (the gradient of argument i): length of the sums behind one element}
+    reductions: dict = field(default_factory=dict)
     flop_ceiling: str = "gemm_tflops"  # the ceiling its FLOPs are held against ("int8_tops": int8 tensor cores)
     # bytes of the inputs that the leanest provider reads, where providers read different subsets
     # of them (None: all); what the rotation of input copies is sized by
     input_bytes: int | None = None
     graph: bool = False  # also time the forward as CUDA-graph replays (mode fwd_graph)
+    # what the GB/s column counts: the bytes of the operand whose read bounds the op at small sizes
+    # (a quantized or sparse weight in effkern's format, decoding's K and V); None: the mode's bytes
+    gbps_bytes: int | None = None
 
 
 # GEMM cases with at most this many rows (decoding sizes) are also timed from CUDA graphs
@@ -72,6 +79,9 @@ class Provider:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     backward: bool = True  # False: forward only (no autograd formula)
     checked: bool = True  # False: a yardstick computing another function (timed, not compared)
+    # the bytes its GB/s counts where it reads that operand in another format than effkern's
+    # (a bf16 weight, torch's own packing); None: Case.gbps_bytes
+    gbps_bytes: Callable[[Case], int] | None = None
 
 
 @contextlib.contextmanager
@@ -104,6 +114,12 @@ def effkern_provider(backend: str, build: Callable[[Case], Callable], float_dot=
 
     context = functools.partial(_backend_and_env, backend, env) if env else functools.partial(ek.use_backend, backend)
     return Provider(build=build, available=available, context=context)
+
+
+def dense_weight_bytes(case: Case) -> int:
+    """A GEMM-shaped case's weight [N, K] in the activation dtype: what bf16 cuBLAS reads of it
+    (the GB/s of a dense baseline next to a quantized or sparse weight)."""
+    return case.dtype.itemsize * case.params["N"] * case.params["K"]
 
 
 # ---------------------------------------------------------------- command-line values
@@ -284,27 +300,36 @@ class Run:
     skipped: dict = field(default_factory=dict)  # (provider, reason) -> count
 
 
-def _errors(fn, args, g, ref, ref_grad, mode) -> dict:
-    """Max abs error of the output (and, for fwd_bwd, of the first argument's gradient)."""
+def _errors(fn, args, g, ref, ref_grads: dict, mode) -> dict:
+    """Max abs error of the output ("out") and, in the gradient modes, of each float argument's
+    gradient ("grad<i>", i its position; inf where the provider left it without one)."""
     for t in args:
         t.grad = None  # an earlier provider's timing loop leaves its last gradients here
     out = fn(*args)
     errs = {"out": max_error(out, ref)}
-    if mode == "fwd_bwd":
+    if mode in GRAD_MODES:
         out.backward(g)
-        errs["grad"] = max_error(args[0].grad, ref_grad)
+        errs.update({f"grad{i}": math.inf if args[i].grad is None else max_error(args[i].grad, r)
+                     for i, r in ref_grads.items()})
     return errs
 
 
-def _tolerance(case: Case, base: dict, ref: torch.Tensor, ref_grad) -> dict:
+def _tolerance(case: Case, base: dict, ref: torch.Tensor, ref_grads: dict) -> dict:
     # effkern.testing's rule, the tests' own: ~2x PyTorch's error in the same precision + a floor
-    scale = {"out": ref.abs().max().item(), "grad": 0.0 if ref_grad is None else ref_grad.abs().max().item()}
+    scale = {"out": ref.abs().max().item(), **{f"grad{i}": r.abs().max().item() for i, r in ref_grads.items()}}
     return {k: tolerance(v, scale[k], case.dtype, case.reductions.get(k, 1)) for k, v in base.items()}
+
+
+def worst_gradient(row: dict) -> str | None:
+    """The key of the row's gradient error closest to (or furthest past) its tolerance."""
+    grads = [k for k in row.get("errors", {}) if k.startswith("grad")]
+    tol = row.get("tolerance", {})
+    return max(grads, key=lambda k: row["errors"][k] / max(tol.get(k, 0.0), 1e-30), default=None)
 
 
 def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     device = run.device
-    wants_grad = mode == "fwd_bwd"
+    wants_grad = mode in GRAD_MODES
     graphed = mode == "fwd_graph"
     counted = "fwd" if graphed else mode  # the FLOPs and bytes of the forward
     timed = {}
@@ -321,15 +346,14 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     if not timed:  # nothing runs here: spare the float64 reference
         return
     base = [t.requires_grad_(wants_grad and t.is_floating_point()) for t in mod.inputs(case, device)]
-    # float64 reference: output, and the first argument's gradient for a fixed random output gradient
-    ref_args = [t.detach().double() if t.is_floating_point() else t for t in base]
-    ref_args[0].requires_grad_(wants_grad)  # only its gradient is checked: skip the other float64 GEMMs
+    # float64 reference: the output, and every float argument's gradient for a fixed random output gradient
+    ref_args = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in base]
     ref = mod.reference(case, *ref_args)
     g = torch.randn(ref.shape, device=device, dtype=case.dtype)
-    ref_grad = None
+    ref_grads = {}
     if wants_grad:
         ref.backward(g.double())
-        ref_grad = ref_args[0].grad
+        ref_grads = {i: t.grad for i, t in enumerate(ref_args) if t.requires_grad}
     ref = ref.detach()
     del ref_args
 
@@ -339,7 +363,7 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
 
     baseline = mod.providers()[mod.ERROR_BASELINE]  # even when it is not among those timed
     with baseline.context():
-        tol = _tolerance(case, _errors(baseline.build(case), base, g, ref, ref_grad, mode), ref, ref_grad)
+        tol = _tolerance(case, _errors(baseline.build(case), base, g, ref, ref_grads, mode), ref, ref_grads)
 
     ms_by_provider = {}
     case_rows = []
@@ -348,30 +372,34 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
         try:
             with prov.context():
                 fn = prov.build(case)
-
-                def call(i):
-                    args = sets[i % n_sets]
-                    out = fn(*args)
-                    if wants_grad:
-                        out.backward(grads[i % n_sets])
-                    return out
+                pending = []  # bwd: the output whose backward the next call runs
 
                 def reset(i):
                     for t in sets[i % n_sets]:
                         t.grad = None
+                    if mode == "bwd":
+                        pending.append(fn(*sets[i % n_sets]))  # the forward, outside the timed region
+
+                def call(i):
+                    if mode == "bwd":
+                        return pending.pop().backward(grads[i % n_sets])
+                    out = fn(*sets[i % n_sets])
+                    if wants_grad:
+                        out.backward(grads[i % n_sets])
+                    return out
 
                 if prov.checked:
-                    errs = _errors(fn, base, g, ref, ref_grad, mode)  # also the warm-up (compile, autotune)
+                    errs = _errors(fn, base, g, ref, ref_grads, mode)  # also the warm-up (compile, autotune)
                 else:
                     errs = {}
-                    call(0)
                     reset(0)
+                    call(0)
                 # one call on every input copy before any is timed: what a provider derives from
                 # its inputs on first sight (the int4/2:4 CUDA backends' re-laid-out weight) is
                 # then made here, not inside a timed call
                 for i in range(1, n_sets):
-                    call(i)
                     reset(i)
+                    call(i)
                 if graphed:
                     ms, replayed = measure_graph(call, n_sets)
                     if prov.checked:  # what the replays wrote, not only what the eager call did
@@ -385,12 +413,15 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
             case_rows.append(row)
             continue
         tflops = case.flops[counted] / (ms * 1e-3) / 1e12
+        gbps = (prov.gbps_bytes(case) if prov.gbps_bytes else case.gbps_bytes or case.bytes[counted]) / (ms * 1e-3) / 1e9
         rate = run.ceil[case.flop_ceiling]
         floor_ms = 1e3 * max(case.flops[counted] / (rate * 1e12), case.bytes[counted] / (run.ceil["copy_gbps"] * 1e9))
         row.update(
             ms=ms,
             tflops=tflops,
             pct_gemm=100 * tflops / rate,
+            gbps=gbps,
+            pct_copy=100 * gbps / run.ceil["copy_gbps"],
             floor_ms=floor_ms,
             pct_floor=100 * floor_ms / ms,
             err=max(errs.values()) if errs else None,
@@ -413,7 +444,7 @@ def run_op(mod, cases: list[Case], device: str, ceil: dict, providers, modes,
     """Run every case; checkpoint(run) after each, so a run cut short by a time limit leaves its rows."""
     run = Run(op=mod.OP, device=device, ceil=ceil, baselines=mod.BASELINES)
     chosen = {k: v for k, v in mod.providers().items() if providers is None or k in providers}
-    op_modes = getattr(mod, "MODES", MODES[:2])
+    op_modes = getattr(mod, "MODES", ("fwd", "fwd_bwd"))
     if "fwd" in op_modes:
         op_modes = (*op_modes, "fwd_graph")
     for mode in modes:
@@ -449,13 +480,14 @@ def fmt(x, digits=3) -> str:
 def table_rows(rows: list, labels: list) -> tuple[list, list]:
     """Header and string cells for the human-readable tables (markdown, stdout)."""
     params = list(rows[0]["params"]) if rows else []
-    header = ["op", "mode", *params, "provider", "ms", "TFLOP/s", "% GEMM", "% floor", *labels, "max err", "ok"]
+    header = ["op", "mode", *params, "provider", "ms", "TFLOP/s", "% GEMM", "GB/s", "% copy", "% floor", *labels,
+              "max err", "ok"]
     body = []
     for r in rows:
         sp = r.get("speedup", {})
         body.append([r["op"], r["mode"], *(fmt(r["params"][p]) for p in params), r["provider"],
-                     fmt(r.get("ms"), 4), fmt(r.get("tflops")), fmt(r.get("pct_gemm"), 2),
-                     fmt(r.get("pct_floor"), 2), *(fmt(sp.get(lb)) for lb in labels),
+                     fmt(r.get("ms"), 4), fmt(r.get("tflops")), fmt(r.get("pct_gemm"), 2), fmt(r.get("gbps")),
+                     fmt(r.get("pct_copy"), 2), fmt(r.get("pct_floor"), 2), *(fmt(sp.get(lb)) for lb in labels),
                      fmt(r.get("err"), 2), r["status"] if r["status"] != "ERROR" else f"ERROR: {r['note']}"])
     return header, body
 
@@ -494,14 +526,16 @@ def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
     with open(out / f"{run.op}.csv", "w", newline="") as f:
         params = list(run.rows[0]["params"]) if run.rows else []
         w = csv.writer(f)
-        w.writerow(["op", "mode", *params, "provider", "ms", "tflops", "pct_gemm", "floor_ms", "pct_floor",
-                    *labels, "err_out", "err_grad", "tol_out", "tol_grad", "status", "note"])
+        # err_grad/tol_grad: the gradient nearest its tolerance (the JSON has every gradient's)
+        w.writerow(["op", "mode", *params, "provider", "ms", "tflops", "pct_gemm", "gbps", "pct_copy", "floor_ms",
+                    "pct_floor", *labels, "err_out", "err_grad", "tol_out", "tol_grad", "status", "note"])
         for r in run.rows:
             e, t, sp = r.get("errors", {}), r.get("tolerance", {}), r.get("speedup", {})
+            worst = worst_gradient(r)
             w.writerow([r["op"], r["mode"], *(r["params"][p] for p in params), r["provider"], r.get("ms"),
-                        r.get("tflops"), r.get("pct_gemm"), r.get("floor_ms"), r.get("pct_floor"),
-                        *(sp.get(lb) for lb in labels), e.get("out"), e.get("grad"), t.get("out"), t.get("grad"),
-                        r["status"], r.get("note", "")])
+                        r.get("tflops"), r.get("pct_gemm"), r.get("gbps"), r.get("pct_copy"), r.get("floor_ms"),
+                        r.get("pct_floor"), *(sp.get(lb) for lb in labels), e.get("out"), e.get(worst),
+                        t.get("out"), t.get(worst), r["status"], r.get("note", "")])
 
     c = run.ceil
     table = markdown(*table_rows(run.rows, labels))

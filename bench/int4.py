@@ -8,7 +8,9 @@ GEMM. Forward only: an inference op (the weight is frozen).
 
 TFLOP/s counts 2*M*N*K, against the float GEMM rate. Bytes count x, the 4-bit weight (N*K/2), the
 scales and zeros, the bias and the output: at small M the weight is nearly all of them, and
-% floor is the share of the copy bandwidth that the weight reads reach.
+% floor is the share of the copy bandwidth that the weight reads reach. GB/s and % copy are of
+the weight reads alone (torch-linear: its bf16 weight; torch-int4pack: its own packing, the same
+bytes).
 
 torch-int4pack is PyTorch's W4A16 (tinygemm: torch._weight_int4pack_mm on CUDA, bf16 only;
 torch._weight_int4pack_mm_for_cpu on the CPU), given its own packing of the same q, scales and
@@ -25,14 +27,15 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int4 import int4_linear_reference, unpack_int4
 
-from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int4"
 BASELINES = {"torch-linear": "x linear", "torch-int4pack": "x int4pack"}
 # The op's definition in PyTorch (effkern's reference backend: F.linear on the weight dequantized
 # in fp32 and rounded once to the activation dtype) sets "PyTorch's error".
 ERROR_BASELINE = "reference"
-# auto does not read effkern/policies/int4.json yet (effkern.int4.choose_backend picks triton)
+# --write-policy records the faster of these in effkern/policies/int4.json, which auto reads
+# (effkern.int4._auto_backend: "cuda" where the CUDA kernel takes the shape, else triton)
 POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
 MODES = ("fwd",)
 
@@ -56,7 +59,8 @@ def _case(dtype: torch.dtype, M: int, N: int, K: int, group_size: int = GROUP_SI
                 providers=providers, reductions={"out": K},
                 # the int4 providers leave the float weight (torch-linear's) unread: rotate enough
                 # copies that their own inputs leave L2
-                input_bytes=int4_inputs, graph=M <= GRAPH_MAX_ROWS)
+                input_bytes=int4_inputs, graph=M <= GRAPH_MAX_ROWS,
+                gbps_bytes=N * K // 2 + 2 * s * N * groups)  # GB/s of the weight reads: 4-bit q, scales, zeros
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
@@ -172,6 +176,6 @@ def providers() -> dict[str, Provider]:
         # bf16 cuBLAS on the unquantized weight: what int4 has to beat, column "x linear"; another
         # function (no quantization), so timed but not checked
         "torch-linear": Provider(build=lambda case: lambda x, w, qweight, scales, zeros, b, *_: F.linear(x, w, b),
-                                 checked=False),
+                                 checked=False, gbps_bytes=dense_weight_bytes),
         "torch-int4pack": Provider(build=_int4pack_mm, available=_int4pack_available),
     }

@@ -7,6 +7,7 @@ Param "quant": "w8a8" times ek.int8_linear, whose per-token quantization of x is
 goes to the policy that backend "auto" reads; effkern-triton-no-tma: the separate one without the
 TMA GEMM that Hopper runs for M > 64); "w8a16" times ek.int8_weight_only_linear. Forward only: these are inference ops (the weight is frozen).
 
+GB/s is of the weight reads (int8 weight and scales; torch-linear: its bf16 weight).
 TFLOP/s counts 2*M*N*K for both (int8 TOPS for w8a8). % GEMM and the FLOP side of the floor are
 against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16. Bytes
 count x, the int8 weight (1 byte per element), the scales, the bias and the output (not w8a8's
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import effkern as ek
 from effkern.int8 import int8_linear_reference, int8_weight_only_linear_reference, quantize_rows_reference
 
-from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "int8"
 BASELINES = {"torch-linear": "x linear", "torch-int-mm": "x int_mm"}
@@ -57,7 +58,8 @@ def _case(dtype: torch.dtype, quant: str, M: int, N: int, K: int, providers=None
                 flop_ceiling="int8_tops" if quant == "w8a8" else "gemm_tflops",
                 # the int8 providers leave the float weight (torch-linear's) unread: rotate enough
                 # copies that their own inputs leave L2
-                input_bytes=int8_inputs, graph=M <= GRAPH_MAX_ROWS)
+                input_bytes=int8_inputs, graph=M <= GRAPH_MAX_ROWS,
+                gbps_bytes=N * K + 4 * N)  # GB/s of the weight reads: int8 weight, float32 scales
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
@@ -149,7 +151,8 @@ def providers() -> dict[str, Provider]:
         "reference": _effkern("reference"),
         # bf16 cuBLAS on the unquantized weight: what int8 has to beat, column "x linear"; another
         # function (no quantization), so timed but not checked
-        "torch-linear": Provider(build=lambda case: lambda x, w, qw, scale, b: F.linear(x, w, b), checked=False),
+        "torch-linear": Provider(build=lambda case: lambda x, w, qw, scale, b: F.linear(x, w, b), checked=False,
+                                 gbps_bytes=dense_weight_bytes),
         "torch-int-mm": Provider(build=lambda case: _int_mm_w8a8, available=_int_mm_available),
     }
 

@@ -42,7 +42,8 @@ def _case(dtype: torch.dtype, approximate: str, M: int, N: int, K: int, provider
     return Case(params={"dtype": str(dtype).removeprefix("torch."), "approximate": approximate, "M": M, "N": N, "K": K},
                 dtype=dtype, flops={"fwd": 2 * M * N * K, "fwd_bwd": 3 * 2 * M * N * K},  # + grad_input, grad_weight
                 bytes={"fwd": fwd, "fwd_bwd": fwd + bwd}, providers=providers,
-                reductions={"out": K, "grad": N},  # y sums over K; grad_input sums over N
+                # y sums over K; grad_input over N; grad_weight and grad_bias over M
+                reductions={"out": K, "grad0": N, "grad1": M, "grad2": M},
                 graph=M <= GRAPH_MAX_ROWS)
 
 

@@ -30,9 +30,9 @@ def section(doc: dict, path) -> str:
     labels = list(doc["baselines"].values())
     rows = _best_rows(doc)
     params = list(rows[0]["params"]) if rows else []
-    header = ["mode", *params, "fastest effkern", "ms", "TFLOP/s", "% GEMM", "% floor", *labels, "ok"]
+    header = ["mode", *params, "fastest effkern", "ms", "TFLOP/s", "% GEMM", "GB/s", "% floor", *labels, "ok"]
     body = [[r["mode"], *(fmt(r["params"][p]) for p in params), r["provider"].removeprefix("effkern-"),
-             fmt(r["ms"], 4), fmt(r["tflops"]), fmt(r["pct_gemm"], 2), fmt(r["pct_floor"], 2),
+             fmt(r["ms"], 4), fmt(r["tflops"]), fmt(r["pct_gemm"], 2), fmt(r.get("gbps")), fmt(r["pct_floor"], 2),
              *(fmt(r["speedup"].get(lb)) for lb in labels), r["status"]] for r in rows]
     failed = sum(r["status"] in ("FAIL", "ERROR") for r in doc["rows"])
     int8 = f"int8 GEMM {fmt(c['int8_tops'])} TOPS, " if "int8_tops" in c else ""  # older results lack it

@@ -11,7 +11,8 @@ so rates compare directly with dense rows and the float GEMM ceiling: a kernel u
 tensor cores can pass 100 % GEMM. Bytes count x, the values (N*K/2 elements), the metadata
 (N*K/8 bytes), the bias and the output: at small M the weight is nearly all of them, 9/16 of
 the dense weight's bytes in 16 bits, and % floor is the share of the copy bandwidth that these
-reads reach.
+reads reach. GB/s and % copy are of the weight reads alone (values and meta; torch-linear: the
+dense weight).
 
 torch-linear is F.linear on the pruned dense weight: the same function, so it is checked.
 torch-semi-cutlass and torch-semi-cusparselt are F.linear on
@@ -40,7 +41,7 @@ from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensor
 import effkern as ek
 from effkern.sparse24 import sparse24_linear_reference
 
-from .harness import GRAPH_MAX_ROWS, Case, Provider, effkern_provider, parse_dtypes, parse_mnk
+from .harness import GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider, parse_dtypes, parse_mnk
 
 OP = "sparse24"
 BASELINES = {"torch-linear": "x dense", "torch-semi-cutlass": "x cutlass", "torch-semi-cusparselt": "x cusparselt"}
@@ -51,7 +52,9 @@ POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
 MODES = ("fwd",)
 
 GPU_M = (1, 16, 128, 1024, 4096, 16384)
-GPU_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672))
+# (K, N): square; Llama-3-8B gate/up, down, k/v; Llama-3-70B gate/up, down, k/v
+GPU_KN = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 28672), (28672, 8192),
+          (8192, 1024))
 GPU_QUICK_M = (16, 4096)
 GPU_QUICK_KN = ((8192, 8192), (4096, 14336))
 CPU_M, CPU_KN = (1, 3, 64, 130), ((128, 80), (256, 512))
@@ -68,7 +71,8 @@ def _case(dtype: torch.dtype, M: int, N: int, K: int, providers=None) -> Case:
                 providers=providers, reductions={"out": K},
                 # the compressed providers leave the dense weight (torch-linear's) unread: rotate
                 # enough copies that their own inputs leave L2
-                input_bytes=compressed_inputs, graph=M <= GRAPH_MAX_ROWS)
+                input_bytes=compressed_inputs, graph=M <= GRAPH_MAX_ROWS,
+                gbps_bytes=s * N * K // 2 + N * -(-K // 8))  # GB/s of the weight reads: values, meta
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
@@ -231,7 +235,8 @@ def providers() -> dict[str, Provider]:
         "effkern-cuda": _effkern("cuda"),
         "reference": _effkern("reference"),
         # cuBLAS on the same pruned weight, stored dense: the same function, so checked; column "x dense"
-        "torch-linear": Provider(build=lambda case: lambda x, w, values, meta, b, *torch_packed: F.linear(x, w, b)),
+        "torch-linear": Provider(build=lambda case: lambda x, w, values, meta, b, *torch_packed: F.linear(x, w, b),
+                                 gbps_bytes=dense_weight_bytes),
         "torch-semi-cutlass": _torch_semi(cutlass=True),
         "torch-semi-cusparselt": _torch_semi(cutlass=False),
     }

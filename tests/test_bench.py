@@ -34,12 +34,21 @@ def _run(providers: dict, tmp_path):
     return run, table
 
 
+def _doubled_gradient(t):
+    """t's values, with twice its gradient flowing back: a right forward, a wrong backward."""
+    return 2 * t - t.detach()
+
+
 def test_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     wrong = {
         "torch-eager": harness.Provider(build=bench_linear_gelu._eager),
         "bias-dropped": harness.Provider(build=lambda case: lambda x, w, b: F.gelu(F.linear(x, w))),
         "tanh-for-erf": harness.Provider(build=lambda case: lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
         "gemm-only": harness.Provider(build=lambda case: F.linear, checked=False),
+        # right outputs and input gradients: only the weight's or the bias's gradient is wrong
+        "weight-grad-doubled": harness.Provider(build=lambda case: lambda x, w, b: F.gelu(
+            F.linear(x, _doubled_gradient(w), b))),
+        "no-bias-grad": harness.Provider(build=lambda case: lambda x, w, b: F.gelu(F.linear(x, w, b.detach()))),
     }
     monkeypatch.setattr(bench_linear_gelu, "providers", lambda: wrong)
     run, table = _run(wrong, tmp_path)
@@ -47,6 +56,11 @@ def test_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     assert status[("torch-eager", "fwd")] == status[("torch-eager", "fwd_bwd")] == "ok"
     for name in ("bias-dropped", "tanh-for-erf"):
         assert status[(name, "fwd")] == status[(name, "fwd_bwd")] == "FAIL", name
+    for name in ("weight-grad-doubled", "no-bias-grad"):
+        assert (status[(name, "fwd")], status[(name, "fwd_bwd")]) == ("ok", "FAIL"), name
+    errors = {r["provider"]: r["errors"] for r in run.rows if r["mode"] == "fwd_bwd"}
+    assert set(errors["torch-eager"]) == {"out", "grad0", "grad1", "grad2"}  # x, weight, bias
+    assert errors["no-bias-grad"]["grad2"] == float("inf")
     assert status[("gemm-only", "fwd")] == "timing only"
     assert "FAIL" in table
     rows = json.loads((tmp_path / "linear_gelu.json").read_text())["rows"]
@@ -106,6 +120,10 @@ def test_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     for r in run.rows:  # W8A8 runs on int8 tensor cores: held against that ceiling
         rate = CEIL["int8_tops" if r["params"]["quant"] == "w8a8" else "gemm_tflops"]
         assert r["pct_gemm"] == 100 * r["tflops"] / rate
+        # GB/s of the weight reads: the int8 weight and its scales; torch-linear's fp32 weight
+        weight = 4 * 24 * 40 if r["provider"] == "torch-linear" else 24 * 40 + 4 * 24
+        assert r["gbps"] == pytest.approx(weight / (r["ms"] * 1e-3) / 1e9)
+        assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / CEIL["copy_gbps"])
 
 
 def test_int8_policy_records_the_faster_quantization(tmp_path, monkeypatch):
@@ -306,21 +324,62 @@ def test_attention_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_attention, "providers", lambda: provs)
     case = bench_attention._case(torch.float16, 1, 2, 32, 32, 16, True)
     names = ["effkern-triton", "reference", "torch-sdpa", "torch-flex", *wrong]
-    run = harness.run_op(bench_attention, [case], "cpu", CEIL, names, ["fwd", "fwd_bwd"], checkpoint=lambda r: None)
+    modes = ["fwd", "bwd", "fwd_bwd"]
+    run = harness.run_op(bench_attention, [case], "cpu", CEIL, names, modes, checkpoint=lambda r: None)
     status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
     assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
-    for mode in ("fwd", "fwd_bwd"):
+    for mode in modes:
         for name in ("effkern-triton", "reference", "torch-sdpa", "masked-sketch"):
             assert status[(name, mode)] == "ok", (name, mode)
         for name in ("no-scale", "causal-off-by-one", "softmax-all-keys"):
             assert status[(name, mode)] == "FAIL", (name, mode)
     assert {p for p, _ in run.skipped} == {"torch-flex"}  # compiled FlexAttention: GPU only
-    # FLOPs: 4*B*H*S*S*D halved when causal, fwd_bwd 3.5x; bytes q, k, v, out (+ their gradients)
-    assert case.flops == {"fwd": 4 * 2 * 32 * 32 * 16 // 2, "fwd_bwd": 7 * 2 * 32 * 32 * 16}
-    assert case.bytes == {"fwd": 2 * 4 * 2 * 32 * 16, "fwd_bwd": 2 * 8 * 2 * 32 * 16}
+    for r in run.rows:
+        if r["mode"] != "fwd":  # dq, dk and dv all checked
+            assert {"grad0", "grad1", "grad2"} <= set(r["errors"]), r["provider"]
+    # FLOPs: 4*B*H*S*S*D halved when causal, the backward 2.5x, fwd_bwd 3.5x; bytes q, k, v, out
+    # (the backward: q, k, v, out, dout and the three gradients)
+    fwd = 4 * 2 * 32 * 32 * 16 // 2
+    assert case.flops == {"fwd": fwd, "bwd": 5 * fwd // 2, "fwd_bwd": 7 * fwd // 2}
+    tensor = 2 * 2 * 32 * 16  # one of q, k, v [1, 2, 32, 16] in fp16
+    assert case.bytes == {"fwd": 4 * tensor, "bwd": 8 * tensor, "fwd_bwd": 8 * tensor}
     decode = bench_attention._case(torch.bfloat16, 8, 32, 1, 4096, 128, False, Hkv=8)
     assert decode.bytes["fwd"] == 2 * 2 * 8 * 8 * 4096 * 128  # decoding: the K and V reads
-    assert decode.reductions == {"out": 4096, "grad": 1}
+    assert decode.reductions == {"out": 4096, "grad0": 4096, "grad1": 4, "grad2": 4}  # 4 query heads per kv head
+
+
+def test_bwd_mode_times_the_backward_alone(monkeypatch):
+    # the forward runs before each timed call, outside it; the call runs the backward only
+    events = []
+
+    def logged(case):
+        def fn(x, w, b):
+            events.append("forward")
+            y = F.gelu(F.linear(x, w, b))
+            y.register_hook(lambda grad: events.append("backward"))
+            return y
+        return fn
+
+    provs = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager), "logged": harness.Provider(build=logged)}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: provs)
+    monkeypatch.setattr(bench_linear_gelu, "MODES", ("fwd", "bwd"), raising=False)
+    timed = []
+    real_measure = harness.measure
+
+    def measure(call, reset, device, budget_ms=100.0):
+        def watched(i):
+            before = len(events)
+            call(i)
+            timed.append(events[before:])
+        return real_measure(watched, reset, device, budget_ms)
+
+    monkeypatch.setattr(harness, "measure", measure)
+    case = bench_linear_gelu._case(torch.float32, "none", 3, 8, 16)
+    case.flops["bwd"], case.bytes["bwd"] = case.flops["fwd_bwd"], case.bytes["fwd_bwd"]
+    run = harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(provs), ["bwd"], checkpoint=lambda r: None)
+    assert {(r["provider"], r["status"]) for r in run.rows} == {("torch-eager", "ok"), ("logged", "ok")}
+    # torch-eager's timed calls log nothing, the logged provider's each a backward and no forward
+    assert ["backward"] in timed and all(t in ([], ["backward"]) for t in timed)
 
 
 def test_graph_mode_runs_only_on_a_gpu_and_only_for_flagged_cases(tmp_path, capsys):
@@ -418,3 +477,27 @@ def test_every_input_copy_is_used_once_before_the_timing(monkeypatch):
     case = bench_linear_gelu._case(torch.float32, "none", 3, 8, 16)
     harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(provs), ["fwd"], checkpoint=lambda r: None)
     assert len(warmed["ids"]) == 5  # all five copies of x before the first timed call
+
+
+def test_command_line_runs_the_real_providers_and_writes_every_result_file(tmp_path, capsys):
+    from bench.__main__ import main
+
+    threads = torch.get_num_threads()  # main() pins the CPU to one thread for its timings
+    try:
+        rc = main(["linear_gelu", "--shapes", "3x8x16", "--modes", "fwd,fwd_bwd", "--out", str(tmp_path),
+                   "--providers", "effkern-triton,effkern-cuda,reference,torch-eager"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    for ext in ("json", "csv", "md", "png"):
+        assert (tmp_path / f"linear_gelu.{ext}").stat().st_size > 0, ext
+    rows = json.loads((tmp_path / "linear_gelu.json").read_text())["rows"]
+    ran = {(r["provider"], r["mode"], r["params"]["approximate"]) for r in rows}
+    assert ran == {(p, m, a) for p in ("effkern-triton", "effkern-cuda", "reference", "torch-eager")
+                   for m in ("fwd", "fwd_bwd") for a in ("none", "tanh")}
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+    assert all(r["speedup"]["x eager"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| x eager |" in printed and "results in" in printed
+    with pytest.raises(SystemExit):
+        main(["no_such_op"])
