@@ -501,3 +501,39 @@ def test_command_line_runs_the_real_providers_and_writes_every_result_file(tmp_p
     assert "| x eager |" in printed and "results in" in printed
     with pytest.raises(SystemExit):
         main(["no_such_op"])
+
+
+LLAMA_KN = {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)}  # the issues' K x N
+# family -> (the issue's M values, its K x N pairs, the modes it asks for)
+GEMM_SWEEPS = {
+    bench_linear_gelu: ((1, 16, 128, 2048, 8192), {(4096, 16384), (16384, 4096), (1024, 4096), (768, 3072)},
+                        {"fwd", "fwd_bwd"}),
+    bench_int8: ((1, 16, 64, 256, 1024, 4096, 16384), LLAMA_KN, {"fwd"}),
+    bench_int4: ((1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096), LLAMA_KN, {"fwd"}),
+    bench_sparse24: ((1, 16, 128, 1024, 4096, 16384), LLAMA_KN, {"fwd"}),
+}
+
+
+@pytest.mark.parametrize("mod", list(GEMM_SWEEPS), ids=lambda m: m.OP)
+def test_full_gpu_sweep_covers_the_issue_shapes(mod):
+    ms, kns, modes = GEMM_SWEEPS[mod]
+    swept = {(c.params["M"], c.params["K"], c.params["N"]) for c in mod.cases("cuda", False, None, None)}
+    missing = {(M, K, N) for M in ms for K, N in kns} - swept
+    assert not missing, sorted(missing)
+    assert modes <= set(getattr(mod, "MODES", ("fwd", "fwd_bwd")))
+
+
+def test_full_gpu_attention_sweep_is_the_issue_standard_sweep():
+    cases = bench_attention.cases("cuda", False, None, None)
+    prefill = [c.params for c in cases if c.params["Sq"] > 1]
+    decode = [c.params for c in cases if c.params["Sq"] == 1]
+    # B*S = 16k tokens, H*D = 2048, D in 64 and 128, S from 512 to 16k, causal and not
+    assert {(p["Sq"], p["D"], p["causal"]) for p in prefill} == {
+        (S, D, c) for S in (512, 1024, 2048, 4096, 8192, 16384) for D in (64, 128) for c in (False, True)}
+    assert all(p["B"] * p["Sq"] == 16384 and p["H"] * p["D"] == 2048 and p["Sq"] == p["Skv"] for p in prefill)
+    # decoding: Sq = 1 against 4k..128k keys, B from 1 to 64 (within the memory cap), GQA 32/8 heads
+    assert {p["Skv"] for p in decode} == {4096, 16384, 65536, 131072}
+    assert {p["B"] for p in decode} == {1, 8, 64}
+    assert all((p["H"], p["Hkv"]) == (32, 8) and p["B"] * p["Skv"] <= bench_attention.DECODE_MAX_TOKENS
+               for p in decode)
+    assert {"fwd", "bwd", "fwd_bwd"} <= set(bench_attention.MODES)
