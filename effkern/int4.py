@@ -9,7 +9,8 @@ symmetric: zero = 8, scale = 2 * absmax / 15 (q - 8 in [-8, 7]).
 q = clamp(round(w / scale) + zero, 0, 15), divided by the scale *as stored* (rounded up to the
 storage dtype, so the levels still span the group), so every weight is within half a step of
 its dequantized value. Scales and zeros are stored in the
-weight's dtype (zeros hold integers); a group of zeros gets scale 1, zero 8 (q = 8, w = 0).
+weight's dtype (zeros hold integers: in [0, 15] from quantize_int4, up to 16 from a classic GPTQ
+checkpoint); a group of zeros gets scale 1, zero 8 (q = 8, w = 0).
 
 effkern's packed layout, ``qweight`` int32 [N, K / 8], eight 4-bit values along K per word:
 
@@ -129,6 +130,36 @@ def _unpack_along_columns(packed: Tensor, order=range(8)) -> Tensor:
     return nibbles[..., inverse].flatten(-2)
 
 
+def _check_packed(fn: str, name: str, t, layout: str, shape: Optional[tuple] = None) -> None:
+    """A checkpoint's packed tensor: int32, 2-D ``layout``, and ``shape`` where given."""
+    _check_tensor(fn, name, t, (torch.int32,), f"int32 {layout} (eight 4-bit values per word)")
+    if t.dim() != 2 or (shape is not None and tuple(t.shape) != shape):
+        expected = layout if shape is None else f"{layout} = {list(shape)}"
+        raise ValueError(f"effkern.{fn}: {name} must have shape {expected}, got {list(t.shape)}")
+
+
+def _check_checkpoint(fn: str, qweight: Tensor, qzeros, scales, K: int, N: int) -> int:
+    """Checks a checkpoint's qzeros and scales against the K x N weight its qweight holds and
+    returns the group size G = K / scales.shape[0] (K itself for one group per row)."""
+    if K % 8 or N % 8:
+        raise ValueError(f"effkern.{fn}: the weight's K={K} and N={N} (from qweight {list(qweight.shape)}) must be "
+                         f"multiples of 8 (eight 4-bit values per 32-bit word)")
+    _check_tensor(fn, "scales", scales, REFERENCE_DTYPES, "a float tensor")
+    if scales.dim() != 2 or scales.shape[1] != N or scales.shape[0] == 0 or K % scales.shape[0]:
+        raise ValueError(f"effkern.{fn}: scales must have shape [K / G, N] with N={N} and K={K} a multiple of "
+                         f"K / G (from qweight {list(qweight.shape)}), got {list(scales.shape)}")
+    n_groups = scales.shape[0]
+    G = K // n_groups
+    if n_groups > 1 and G not in GROUP_SIZES:
+        raise ValueError(f"effkern.{fn}: K={K} in {n_groups} groups (scales {list(scales.shape)}) is a group size "
+                         f"of {G}; effkern takes {GROUP_SIZES[:-1]} or one group per row")
+    _check_packed(fn, "qzeros", qzeros, "[K / G, N / 8]", (n_groups, N // 8))
+    for name, t in (("qzeros", qzeros), ("scales", scales)):
+        if t.device != qweight.device:
+            raise RuntimeError(f"effkern.{fn}: {name} is on {t.device} but qweight is on {qweight.device}")
+    return G
+
+
 def gptq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optional[Tensor] = None,
                  zero_offset: int = 1) -> tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
     """A GPTQ 4-bit checkpoint's tensors -> (qweight, scales, zeros, group_size, perm) in effkern's layout.
@@ -138,26 +169,38 @@ def gptq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optiona
     minus ``zero_offset`` (1 in the classic format, 0 in "gptq_v2"); scales [K / G, N]; g_idx [K]
     the group of each input feature. Dequantized: W^T[k, n] = scales[g_idx[k], n] *
     (q[k, n] - (qzeros[g_idx[k], n] + zero_offset)).
+    A stored nibble of 15 in the classic format is z = 16 (the quantizer's zero of 0 wrapped
+    around): kept as 16, for which q - z is exact on every backend.
     With act-order (g_idx not k // G) the input features are permuted so that groups are
     contiguous: the layer must read ``input[..., perm]`` (Int4Linear does); perm is None otherwise.
     """
-    K = qweight.shape[0] * 8
-    n_groups, N = scales.shape
-    if K % n_groups:
-        raise ValueError(f"gptq_to_int4: K={K} (from qweight) is not a multiple of the {n_groups} groups of scales")
-    G = K // n_groups
+    fn = "gptq_to_int4"
+    if zero_offset not in (0, 1):
+        raise ValueError(f"effkern.{fn}: zero_offset must be 1 (classic GPTQ) or 0 (gptq_v2), got {zero_offset!r}")
+    _check_packed(fn, "qweight", qweight, "[K / 8, N]")
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    G = _check_checkpoint(fn, qweight, qzeros, scales, K, N)
+    n_groups = K // G
     q = unpack_int4(qweight.t()).t()  # [K, N]: GPTQ packs along K, like effkern, but transposed
-    z = _unpack_along_columns(qzeros) + zero_offset  # [K / G, N]
-    if z.min() < 0 or z.max() > 15:
-        raise ValueError(f"gptq_to_int4: zeros + zero_offset={zero_offset} fall outside [0, 15]; "
-                         f"is zero_offset right for this checkpoint format?")
+    z = _unpack_along_columns(qzeros) + zero_offset  # [K / G, N], in [0, 16]
     perm = None
     if g_idx is not None:
+        _check_tensor(fn, "g_idx", g_idx, (torch.int16, torch.int32, torch.int64), "an integer tensor [K]")
+        if tuple(g_idx.shape) != (K,):
+            raise ValueError(f"effkern.{fn}: g_idx must have shape [K] = [{K}], got {list(g_idx.shape)}")
+        if g_idx.device != qweight.device:
+            raise RuntimeError(f"effkern.{fn}: g_idx is on {g_idx.device} but qweight is on {qweight.device}")
         g_idx = g_idx.to(torch.int64)
+        outside = (g_idx < 0) | (g_idx >= n_groups)
+        if bool(outside.any()):
+            raise ValueError(f"effkern.{fn}: g_idx must hold group indices in [0, {n_groups}) (scales has "
+                             f"{n_groups} groups), got {int(g_idx[outside][0])}")
         if not torch.equal(g_idx, torch.arange(K, device=g_idx.device) // G):
             counts = torch.bincount(g_idx, minlength=n_groups)
             if not bool((counts == G).all()):
-                raise ValueError(f"gptq_to_int4: g_idx must put exactly {G} input features in each group")
+                raise ValueError(f"effkern.{fn}: g_idx must put exactly {G} input features in each group "
+                                 f"(K={K} in {n_groups} groups), got group sizes from {int(counts.min())} "
+                                 f"to {int(counts.max())}")
             perm = torch.argsort(g_idx, stable=True)
             q = q[perm]
     return (pack_int4(q.t().contiguous().to(torch.uint8)), scales.t().contiguous(),
@@ -175,11 +218,10 @@ def awq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> tuple[Tensor
     in the interleaved order AWQ_ORDER; scales [K / G, N]. Dequantized:
     W^T[k, n] = (q[k, n] - z[k // G, n]) * scales[k // G, n].
     """
-    K = qweight.shape[0]
-    n_groups = scales.shape[0]
-    if K % n_groups:
-        raise ValueError(f"awq_to_int4: K={K} (from qweight) is not a multiple of the {n_groups} groups of scales")
-    G = K // n_groups
+    fn = "awq_to_int4"
+    _check_packed(fn, "qweight", qweight, "[K, N / 8]")
+    K, N = qweight.shape[0], qweight.shape[1] * 8
+    G = _check_checkpoint(fn, qweight, qzeros, scales, K, N)
     q = _unpack_along_columns(qweight, AWQ_ORDER)  # [K, N]
     z = _unpack_along_columns(qzeros, AWQ_ORDER)  # [K / G, N]
     return (pack_int4(q.t().contiguous().to(torch.uint8)), scales.t().contiguous(),

@@ -61,7 +61,7 @@ are 128 contiguous bytes, and permuted inside each 64 columns so a lane's 8 valu
 8c + g, c = 0..7, one per subtile) are 16 contiguous bytes::
 
     scales_p[r, 64 nb + 8 g + c] = scales[64 nb + 8 c + g, r]          (zeros_p likewise)
-    zeros_p = zeros + 1024 (float16) or zeros + 128 (bfloat16)          (exact: z in 0..15)
+    zeros_p = zeros + 1024 (float16) or zeros + 128 (bfloat16)          (exact: z in 0..16)
 
 so that (1024 + q) - (1024 + z) = q - z exactly, and the multiplication by the scale is the only
 rounding. Per stage the kernel copies the <= 4 group rows of its 128 k (64 columns each) into
@@ -164,11 +164,11 @@ def shuffle_for_cuda(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size:
 
     ``dtype`` (default: scales.dtype) is the activation dtype the kernel will run in, float16 or
     bfloat16; scales in another dtype are rounded to it once here (the kernel multiplies in the
-    activation dtype). zeros must hold integers in [0, 15]."""
+    activation dtype). zeros must hold integers in [0, 16] (16: a classic GPTQ checkpoint's zero)."""
     N, K, G, dtype = _check_format("shuffle_for_cuda", qweight, scales, zeros, group_size, dtype)
     z = zeros.to(torch.float32)
-    if not bool(((z == z.round()) & (z >= 0) & (z <= 15)).all()):
-        raise ValueError("shuffle_for_cuda: zeros must hold integers in [0, 15] (the kernel forms q - z "
+    if not bool(((z == z.round()) & (z >= 0) & (z <= 16)).all()):
+        raise ValueError("shuffle_for_cuda: zeros must hold integers in [0, 16] (the kernel forms q - z "
                          "exactly with the exponent trick)")
     q = unpack_int4(qweight).view(N // 64, 4, 2, 8, K // 16, 2, 4, 2)  # (nb, i, pc, g, kt, r, t, h)
     qweight_s = pack_int4(q.permute(_DENSE_TO_SHUFFLED).reshape(N // 64, 64 * K))  # 8 K words

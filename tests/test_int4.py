@@ -3,6 +3,7 @@ the interpreter on CPU), autograd, registration, Int4Linear, errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from effkern.int4 import AWQ_ORDER, int4_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
                        assert_cuda_graph_replays_like_eager, assert_linear_matches_float64, assert_matches_float64,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name)
+                       assert_opcheck_passes, needs_backend, parametrize_by_name, record_calls)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 100)
@@ -114,63 +115,138 @@ def _pack_words(values: torch.Tensor, order=range(8)) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def gptq_checkpoint(N, K, G, act_order: bool, seed=0):
-    """Synthetic GPTQ tensors (classic format: zeros stored minus one) and the weight the
-    format's published dequantization gives: W^T[k, n] = scales[g_idx[k], n] * (q[k, n] - (z + 1))."""
+def gptq_checkpoint(N, K, group_size, act_order: bool, seed=0):
+    """Synthetic GPTQ tensors (classic format: zeros stored minus one, every stored nibble 0..15,
+    so z runs over 1..16) and the weight the format's published dequantization gives:
+    W^T[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
+    G = K if group_size == -1 else group_size
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=g)
-    z = torch.randint(1, 16, (K // G, N), generator=g)  # stored as z - 1 in [0, 14]
+    stored = torch.randint(0, 16, (K // G, N), generator=g)
+    stored[0, 0] = 15  # z = 16 at least once
     scales = (torch.rand(K // G, N, generator=g) / 10 + 0.01).half()
     g_idx = torch.arange(K) // G
     if act_order:
         g_idx = g_idx[torch.randperm(K, generator=g)]
     qweight = _pack_words(q.t()).t().contiguous()  # [K / 8, N], packed along K
-    qzeros = _pack_words(z - 1)  # [K / G, N / 8], packed along N
-    weight_t = scales.double()[g_idx] * (q.double() - z.double()[g_idx])
+    qzeros = _pack_words(stored)  # [K / G, N / 8], packed along N
+    weight_t = scales.double()[g_idx] * (q.double() - (stored.double() + 1)[g_idx])
     return (qweight, qzeros, scales, g_idx), weight_t.t()
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("G", [32, 128])
-def test_gptq_import_is_exact(act_order, G):
-    N, K = 24, 256
-    (qweight, qzeros, scales, g_idx), weight = gptq_checkpoint(N, K, G, act_order)
-    layer = ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx if act_order else None)
-    assert (layer.perm is not None) == act_order
-    assert torch.equal(layer.dequantized_weight(torch.float64), weight)
-    x = torch.randn(5, K).half()
-    assert_linear_matches_float64(layer(x), x, weight, weight.to(x.dtype))
-    if not act_order:  # g_idx equal to k // G is not act-order
-        assert ek.nn.Int4Linear.from_gptq(qweight, qzeros, scales, g_idx).perm is None
-
-
-def test_gptq_v2_zero_offset_and_bad_zeros():
-    (qweight, qzeros, scales, _), weight = gptq_checkpoint(16, 64, 32, False)
-    qw, s, z, G, perm = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=1)
-    qw2, _, z2, _, _ = ek.gptq_to_int4(qweight, _pack_words(ek.unpack_int4(qzeros).long() + 1), scales, zero_offset=0)
-    assert torch.equal(qw, qw2) and torch.equal(z, z2) and G == 32 and perm is None
-    with pytest.raises(ValueError, match="zero_offset"):
-        ek.gptq_to_int4(qweight, _pack_words(torch.full((2, 16), 15)), scales, zero_offset=1)
-
-
-def test_awq_import_is_exact():
-    N, K, G = 32, 256, 64
-    g = torch.Generator().manual_seed(1)
+def awq_checkpoint(N, K, group_size, seed=1):
+    """Synthetic AWQ (GEMM format) tensors and the weight AutoAWQ's dequantization gives: unpack
+    the nibbles in order, undo the interleave, (q - z) * s per group."""
+    G = K if group_size == -1 else group_size
+    g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=g)
     z = torch.randint(0, 16, (K // G, N), generator=g)
     scales = (torch.rand(K // G, N, generator=g) / 10 + 0.01).half()
     qweight, qzeros = _pack_words(q, AWQ_ORDER), _pack_words(z, AWQ_ORDER)  # [K, N / 8], [K / G, N / 8]
-    # AutoAWQ's dequantization: unpack the nibbles in order, undo the interleave, (q - z) * s per group
-    nibbles = ek.unpack_int4(qweight).long()
     reverse = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
-    unshuffled = nibbles.unflatten(-1, (-1, 8))[..., reverse].flatten(-2)
+    unshuffled = ek.unpack_int4(qweight).long().unflatten(-1, (-1, 8))[..., reverse].flatten(-2)
     assert torch.equal(unshuffled, q)  # the test's packer matches the published order
     weight = ((q - z.repeat_interleave(G, 0)).double() * scales.double().repeat_interleave(G, 0)).t()
-    bias = torch.randn(N).half()
-    layer = ek.nn.Int4Linear.from_awq(qweight, qzeros, scales, bias)
-    assert layer.group_size == G and torch.equal(layer.dequantized_weight(torch.float64), weight)
-    x = torch.randn(3, K).half()
-    assert_linear_matches_float64(layer(x), x, weight, weight.to(x.dtype), bias)
+    return (qweight, qzeros, scales), weight
+
+
+def imported_layer(fmt: str, N: int, K: int, group_size: int, with_bias: bool, device="cpu"):
+    """(Int4Linear from a synthetic checkpoint, its published float64 weight [N, K], bias or None)."""
+    if fmt == "awq":
+        tensors, weight = awq_checkpoint(N, K, group_size)
+    else:
+        tensors, weight = gptq_checkpoint(N, K, group_size, act_order=fmt == "gptq-act-order")
+        if fmt == "gptq":
+            tensors = tensors[:3]  # no g_idx
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(3)).half().to(device) if with_bias else None
+    from_checkpoint = ek.nn.Int4Linear.from_awq if fmt == "awq" else ek.nn.Int4Linear.from_gptq
+    return from_checkpoint(*(t.to(device) for t in tensors), bias=bias), weight.to(device), bias
+
+
+def check_imported_layer(fmt, N, K, group_size, with_bias, backend, M, device="cpu"):
+    """The layer's weight is the published one exactly, and its output within 2x PyTorch's
+    error of F.linear in float64 on it."""
+    layer, weight, bias = imported_layer(fmt, N, K, group_size, with_bias, device)
+    assert layer.group_size == (-1 if group_size in (-1, K) else group_size)
+    assert (layer.perm is not None) == (fmt == "gptq-act-order")
+    assert torch.equal(layer.dequantized_weight(torch.float64), weight)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half().to(device)
+    with ek.use_backend(backend):
+        y = layer(x)
+    assert_linear_matches_float64(y, x, weight, weight.to(x.dtype), bias)
+
+
+# (format, group size, bias): K = 512, so 256 is a group size and not the whole row
+IMPORT_CASES = [("gptq", 32, False), ("gptq-act-order", 32, True), ("gptq-act-order", 64, False),
+                ("gptq", 128, True), ("gptq-act-order", 256, True), ("gptq", -1, False),
+                ("awq", 64, True), ("awq", -1, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt,group_size,with_bias", IMPORT_CASES)
+def test_import_is_exact(fmt, group_size, with_bias, backend):
+    needs_backend(backend)
+    check_imported_layer(fmt, 24, 512, group_size, with_bias, backend, M=5)
+
+
+def test_gptq_keeps_a_zero_of_16_and_finds_plain_order():
+    (qweight, qzeros, scales, g_idx), weight = gptq_checkpoint(16, 64, 32, act_order=False)
+    qw, s, z, G, perm = ek.gptq_to_int4(qweight, qzeros, scales, g_idx)
+    assert z[0, 0] == 16 and z.max() == 16 and G == 32
+    assert perm is None  # g_idx equal to k // G is not act-order
+    assert torch.equal(ek.dequantize_int4(qw, s, z, G, torch.float64), weight)
+
+
+def test_gptq_v2_zero_offset():
+    """gptq_v2 stores z itself: the same nibbles read one lower than in the classic format."""
+    (qweight, qzeros, scales, _), _ = gptq_checkpoint(16, 64, 32, False)
+    qw, _, z, G, _ = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=1)
+    qw2, _, z2, G2, _ = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=0)
+    assert torch.equal(qw, qw2) and torch.equal(z2, z - 1) and G == G2 == 32
+
+
+def _bad_checkpoints():
+    """(name, call, exception, message): N = 16, K = 64, G = 32, one argument wrong."""
+    (qw, qz, s, g_idx), _ = gptq_checkpoint(16, 64, 32, act_order=True)
+    (aqw, aqz, a_s), _ = awq_checkpoint(16, 64, 32)
+    gptq, awq = ek.gptq_to_int4, ek.awq_to_int4
+    uneven = g_idx.clone()
+    uneven[g_idx == 0] = torch.tensor([0] * 31 + [1])  # 31 features in group 0, 33 in group 1
+    return [
+        ("gptq qzeros shape", lambda: ek.nn.Int4Linear.from_gptq(qw, qz[:, :1], s), ValueError,
+         r"gptq_to_int4: qzeros must have shape \[K / G, N / 8\] = \[2, 2\], got \[2, 1\]"),
+        ("gptq qzeros dtype", lambda: gptq(qw, qz.long(), s), TypeError, "qzeros must be int32"),
+        ("gptq group size 16", lambda: gptq(qw, qz.repeat(2, 1), s.repeat(2, 1)), ValueError,
+         r"K=64 in 4 groups .* group size of 16; effkern takes \(32, 64, 128, 256\) or one group per row"),
+        ("gptq odd N", lambda: gptq(qw[:, :12], qz, s[:, :12]), ValueError, "N=12 .* must be multiples of 8"),
+        ("gptq scales of another N", lambda: gptq(qw, qz, s[:, :8]), ValueError,
+         r"scales must have shape \[K / G, N\] with N=16 .* got \[2, 8\]"),
+        ("gptq K not in whole groups", lambda: gptq(qw, qz.repeat(2, 1)[:3], s.repeat(2, 1)[:3]), ValueError,
+         r"K=64 a multiple of K / G .* got \[3, 16\]"),
+        ("gptq float qweight", lambda: gptq(qw.float(), qz, s), TypeError, r"qweight must be int32 \[K / 8, N\]"),
+        ("gptq float scales", lambda: gptq(qw, qz, s.int()), TypeError, "scales must be a float tensor"),
+        ("gptq g_idx length", lambda: gptq(qw, qz, s, g_idx[:32]), ValueError, r"g_idx must have shape \[K\] = \[64\]"),
+        ("gptq g_idx float", lambda: gptq(qw, qz, s, g_idx.float()), TypeError, "g_idx must be an integer tensor"),
+        ("gptq g_idx out of range", lambda: gptq(qw, qz, s, torch.where(g_idx == 1, 2, g_idx)), ValueError,
+         r"g_idx must hold group indices in \[0, 2\) .* got 2"),
+        ("gptq g_idx uneven groups", lambda: gptq(qw, qz, s, uneven), ValueError,
+         "g_idx must put exactly 32 input features in each group .* from 31 to 33"),
+        ("gptq zero_offset", lambda: gptq(qw, qz, s, zero_offset=2), ValueError, "zero_offset must be 1 .* or 0"),
+        ("awq qzeros shape", lambda: ek.nn.Int4Linear.from_awq(aqw, _pack_words(torch.zeros(2, 24)), a_s),
+         ValueError, r"awq_to_int4: qzeros must have shape \[K / G, N / 8\] = \[2, 2\], got \[2, 3\]"),
+        ("awq group size 16", lambda: awq(aqw, aqz.repeat(2, 1), a_s.repeat(2, 1)), ValueError, "group size of 16"),
+        ("awq K not a multiple of 8", lambda: awq(aqw[:60], aqz, a_s), ValueError, "K=60 and N=16"),
+        ("awq scales shape", lambda: awq(aqw, aqz, a_s.t()), ValueError, r"scales must have shape .* got \[16, 2\]"),
+        ("awq 3-D qweight", lambda: awq(aqw[None], aqz, a_s), ValueError,
+         r"qweight must have shape \[K, N / 8\], got \[1, 64, 2\]"),
+    ]
+
+
+@parametrize_by_name(_bad_checkpoints())
+def test_bad_checkpoints_raise_clear_errors(case):
+    _, call, exc, message = _bad_checkpoints()[case]
+    with pytest.raises(exc, match=message):
+        call()
 
 
 # ---------------------------------------------------------------------------- the kernel
@@ -332,6 +408,58 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         ek.int4_linear(torch.randn(2, 64).half(), qw, scales, zeros, 32)
 
 
+@pytest.fixture
+def recorded_int4_policy(tmp_path, monkeypatch):
+    """record(gpu, entries): ``auto`` reads these measurements in place of effkern/policies/int4.json."""
+    from effkern import _policy
+    from effkern import int4 as int4_module
+
+    def forget():  # the policy file and auto's picks are cached
+        _policy._entries.cache_clear()
+        int4_module._auto_backend.cache_clear()
+
+    def record(gpu: str, entries: list):
+        policy = {"version": 1, "op": "int4", "devices": {gpu: {"entries": entries}}}
+        (tmp_path / "int4.json").write_text(json.dumps(policy))
+        forget()
+
+    monkeypatch.setattr(_policy, "POLICY_DIR", tmp_path)
+    yield record
+    forget()
+
+
+def measured(backend, M, N, K, dtype="bfloat16", group_size=128):
+    return {"dtype": dtype, "group_size": group_size, "M": M, "N": N, "K": K, "fwd": backend}
+
+
+def test_auto_takes_the_recorded_pick_where_the_cuda_kernel_runs(recorded_int4_policy, monkeypatch):
+    """auto on a GPU (its name, triton and effkern._C faked here): the measured winner of the
+    nearest shape of the same dtype and group size; "cuda" only where the CUDA kernel takes the
+    call, triton where it does not or nothing was measured; reference on CPU and for float64."""
+    from effkern import int4 as int4_module
+
+    needs_backend("cuda")  # effkern._C built: the kernel's op is registered
+    recorded_int4_policy("GPU X", [measured("cuda", 1, 4096, 4096), measured("triton", 4096, 4096, 4096)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(int4_module, "backend_available", lambda name, device: (True, ""))
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+
+    def auto(M, N=4096, K=4096, group_size=128, dtype=bf16, scales_dtype=bf16, device=gpu):
+        return int4_module._auto_backend(device, dtype, scales_dtype, M, N, K, group_size)
+
+    assert auto(1) == "cuda" and auto(8, K=11008) == "cuda"  # nearest measured shape: M = 1
+    assert auto(2048) == "triton"
+    assert auto(1, N=4000) == "triton"  # measured "cuda", but the kernel needs N % 64 == 0
+    assert auto(1, group_size=-1) == "triton"  # nothing measured for one group per row
+    assert auto(1, scales_dtype=torch.float32) == "triton"  # the kernel takes scales in the activation dtype
+    assert auto(1, dtype=torch.float16, scales_dtype=torch.float16) == "triton"  # nothing measured in fp16
+    assert auto(1, dtype=torch.float64, scales_dtype=torch.float64) == "reference"
+    assert auto(1, device=torch.device("cpu")) == "reference"
+    int4_module._auto_backend.cache_clear()
+    monkeypatch.setattr(int4_module, "backend_available", lambda name, device: (name != "cuda", "no effkern._C"))
+    assert auto(1) == "triton"
+
+
 def test_derived_values_are_made_once_per_weight():
     """The CUDA backend's pre-shuffled weight (effkern._cache.DerivedCache) is made once per
     weight, again after an in-place change, and dropped with the weight."""
@@ -410,13 +538,16 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
 
 # ---------------------------------------------------------------------------- GPU
 
-# (backend, M): the CUDA kernel is a decoding kernel, it takes M <= 64
-GPU_BACKEND_ROWS = [("triton", M) for M in ODD_M + (64, 1024)] + [("cuda", M) for M in ODD_M + (64,)]
+# (backend, M, group_size): the CUDA kernel is a decoding kernel, it takes M <= 64 (and every
+# group size: tests/test_int4_cuda.py); group sizes 64 and 256 through Triton at a split-K size
+# and an autotuned one
+GPU_CASES = ([(backend, M, G) for backend, Ms in (("triton", ODD_M + (64, 1024)), ("cuda", ODD_M + (64,)))
+              for M in Ms for G in (32, 128, -1)]
+             + [("triton", M, G) for M in (1, 100) for G in (64, 256)])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,M", GPU_BACKEND_ROWS)
-@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("backend,M,group_size", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_matches_float64(backend, M, group_size, dtype, poison_empty):
     """Through the op: Triton on an N that is no multiple of a tile; the Marlin-style CUDA kernel
@@ -444,3 +575,32 @@ def test_gpu_cuda_graph_replays_like_eager(backend, M):
         return [x.to("cuda", torch.bfloat16).requires_grad_()]
 
     assert_cuda_graph_replays_like_eager(backend, lambda x: ek.int4_linear(x, qw, scales, zeros, G, b), inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,expected", [(1, 512, "cuda"), (3, 520, "triton"), (100, 512, "triton")])
+def test_gpu_auto_backend_runs(M, N, expected, recorded_int4_policy, monkeypatch, poison_empty):
+    """auto with a measurement for this GPU that says "cuda": the CUDA kernel where it takes the
+    call, Triton where it does not (N % 64, M > 64); right either way."""
+    from effkern import int4 as int4_module
+
+    needs_backend("cuda", "cuda")
+    K, G, dtype = 1024, 128, torch.bfloat16
+    recorded_int4_policy(torch.cuda.get_device_name(), [measured("cuda", 1, 512, K)])
+    picks = record_calls(monkeypatch, int4_module, "choose_backend", lambda args, backend: backend)
+    qw, scales, zeros = quantized(N, K, G, dtype, device="cuda")
+    x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
+    with ek.use_backend("auto"):
+        y = ek.int4_linear(x, qw, scales, zeros, G, b)
+    assert picks == [expected]
+    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, G, torch.float64),
+                                  ek.dequantize_int4(qw, scales, zeros, G, dtype), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,M", [("triton", 3), ("triton", 100), ("cuda", 3)])
+@pytest.mark.parametrize("fmt", ["gptq-act-order", "awq"])
+def test_gpu_imported_layers_match_float64(fmt, backend, M, poison_empty):
+    """GPTQ (act-order, zeros up to 16) and AWQ layers against their formats' own dequantization."""
+    needs_backend(backend, "cuda")
+    check_imported_layer(fmt, 256, 1024, 128, True, backend, M, device="cuda")

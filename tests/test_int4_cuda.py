@@ -126,9 +126,18 @@ def test_emulated_dequantization_is_q_minus_z_times_s_rounded_once(N, K, group_s
                      "dequantized weight")
 
 
+def shifted_zero_table(zeros_p: torch.Tensor, zero_shift: int) -> torch.Tensor:
+    """The prepared zeros of zeros + zero_shift from those of zeros (the shuffle only moves values,
+    and BIAS + z + 1 is exact): zero_shift 1 makes the zeros 1..16 of a classic GPTQ checkpoint
+    (effkern.gptq_to_int4 keeps its z = 16) from the 0..15 that shuffle_for_cuda takes."""
+    return zeros_p + zero_shift
+
+
+@pytest.mark.parametrize("zero_shift", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_exponent_trick_over_every_q_z_and_extreme_scales(dtype):
-    """All 16 x 16 (q, z) pairs with scales from tiny (subnormal products) to large."""
+def test_exponent_trick_over_every_q_z_and_extreme_scales(dtype, zero_shift):
+    """All (q, z) pairs, q in 0..15 and z in 0..16 (BIAS + 16, 1040 or 144, and (BIAS + q) - (BIAS + 16)
+    are exact), with scales from tiny (subnormal products) to large."""
     N, K, G = 64, 256, 32
     q = (torch.arange(N * K) % 16).view(N, K)
     zeros = (torch.arange(N * K // G) // 3 % 16).view(N, K // G).to(dtype)
@@ -137,7 +146,8 @@ def test_exponent_trick_over_every_q_z_and_extreme_scales(dtype):
                                  info.max / 16, info.eps, 1 / 3, 2.0 ** -20])
     scales = scale_values[torch.arange(N * K // G) % len(scale_values)].view(N, K // G).to(dtype)
     qs, sp, zp = L.shuffle_for_cuda(pack_effkern(q), scales, zeros, G)
-    assert_bit_equal(L.emulate_dequantize(qs, sp, zp, G), dequantized(q, scales, zeros, G), "dequantized weight")
+    assert_bit_equal(L.emulate_dequantize(qs, sp, shifted_zero_table(zp, zero_shift), G),
+                     dequantized(q, scales, zeros + zero_shift, G), "dequantized weight")
 
 
 # ---------------------------------------------------------------------------- the checker fails wrong layouts
@@ -219,7 +229,8 @@ def test_shuffle_validates_its_input():
     with pytest.raises(ValueError, match="integers in"):
         L.shuffle_for_cuda(qweight, scales, zeros + 0.5, 32)
     with pytest.raises(ValueError, match="integers in"):
-        L.shuffle_for_cuda(qweight, scales, zeros + 16, 32)
+        L.shuffle_for_cuda(qweight, scales, torch.full_like(zeros, 17), 32)
+    L.shuffle_for_cuda(qweight, scales, torch.full_like(zeros, 16), 32)  # a classic GPTQ zero: exact
     with pytest.raises(TypeError, match="dtype="):
         L.shuffle_for_cuda(qweight, scales.float(), zeros.float(), 32)
     with pytest.raises(TypeError, match="int32"):
@@ -326,17 +337,19 @@ def test_gpu_kernel_decode_shapes(M, N, K, group_size, dtype, poison_empty):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N, K, group_size", [(128, 256, 32), (64, 512, 256), (192, 2048, -1)])
-def test_gpu_dequantization_is_bit_exact(N, K, group_size, dtype, poison_empty):
+@pytest.mark.parametrize("N, K, group_size, zero_shift", [(128, 256, 32, 0), (64, 512, 256, 0), (192, 2048, -1, 0),
+                                                          (128, 256, 32, 1)])
+def test_gpu_dequantization_is_bit_exact(N, K, group_size, zero_shift, dtype, poison_empty):
     """x = one-hot rows e_k: y[m, n] = W[n, k_m], one exact term in the fp32 sum, so the output is
     the kernel's dequantized weight itself; it must equal (q - z) * s rounded once, bit for bit,
-    also for scales that make subnormal or huge products."""
+    also for scales that make subnormal or huge products, and for zeros up to 16 (zero_shift 1)."""
     q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=7)
     info = torch.finfo(dtype)
     extreme = torch.tensor([info.tiny, 1e-3, 1 / 3, 100.0, info.max / 16]).to(dtype)
     scales[:, 0] = extreme[torch.arange(N) % len(extreme)]  # first group of every row
-    w = dequantized(q, scales, zeros, group_size)
-    qs, sp, zp = (t.cuda() for t in L.shuffle_for_cuda(qweight, scales, zeros, group_size))
+    w = dequantized(q, scales, zeros + zero_shift, group_size)
+    qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
+    qs, sp, zp = qs.cuda(), sp.cuda(), shifted_zero_table(zp, zero_shift).cuda()
     for k0 in range(0, K, 64):
         x = torch.zeros(64, K, dtype=dtype, device="cuda")
         x[torch.arange(64), k0 + torch.arange(64)] = 1
