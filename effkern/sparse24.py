@@ -51,9 +51,12 @@ _VALID_CODES = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)
 def prune_24_reference(weight: Tensor) -> Tensor:
     N, K = weight.shape
     groups = weight.view(N, K // 4, 4)
-    magnitude = torch.where(groups.isnan(), torch.inf, groups.abs().float())
-    # stable descending sort: among equal magnitudes the lower positions come first
-    keep = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices[..., :2]
+    nan = groups.isnan()
+    # Two stable descending sorts, so equal keys keep the lower positions first: by magnitude
+    # (exact: |w| in the weight's own dtype), then NaNs to the front (above inf too).
+    by_magnitude = torch.where(nan, 0, groups.abs()).sort(dim=-1, descending=True, stable=True).indices
+    nan_first = nan.gather(-1, by_magnitude).to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices
+    keep = by_magnitude.gather(-1, nan_first)[..., :2]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return torch.where(mask, groups, torch.zeros_like(groups)).view(N, K)
 

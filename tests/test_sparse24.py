@@ -1,6 +1,7 @@
 """2:4 sparse: pruning, compression, the Triton fallback (through the interpreter on CPU),
-autograd, registration, Sparse24Linear, errors. The mma.sp kernel: tests/test_sparse24_cuda.py;
-the C++ CPU format kernels: tests/test_sparse24_cpu.py."""
+autograd, registration, auto's backend choice, Sparse24Linear, errors. The mma.sp kernel:
+tests/test_sparse24_cuda.py; the C++ CPU format kernels, and the format ops on every backend and
+on GPU against them bit for bit: tests/test_sparse24_cpu.py."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern.sparse24 import (compress_24_reference, decompress_24_reference, prune_24_reference,
-                              sparse24_linear_reference)
+from effkern import sparse24
+from effkern.sparse24 import prune_24_reference, sparse24_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
                        assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
-                       assert_linear_matches_float64, assert_opcheck_passes, needs_backend, parametrize_by_name)
+                       assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
+                       parametrize_by_name, record_calls)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 130)
 FORMAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# the format ops' backends on CPU tensors: the PyTorch reference, effkern._C's C++ kernels
+FORMAT_BACKENDS = ["reference", "cuda"]
 
 
 def needs_cpp_format_ops():
@@ -41,6 +45,16 @@ def compressed_sparse_weight(N, K, dtype=torch.float32, device="cpu"):
     return (w, *ek.compress_24(w))
 
 
+def bits(t):
+    """A float tensor's bit patterns (signed zeros, NaN payloads), as integers of its size."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def needs_format_backend(backend):
+    if backend == "cuda":
+        needs_cpp_format_ops()
+
+
 # ---------------------------------------------------------------------------- pruning
 
 @pytest.mark.parametrize("dtype", FORMAT_DTYPES)
@@ -56,28 +70,46 @@ def test_prune_keeps_the_two_largest_of_every_four(dtype):
         assert torch.equal(kept[n, g], expected), (n, g)
 
 
-def test_prune_ties_and_nan():
-    """Equal magnitudes: the lower positions are kept. NaN counts as the largest."""
+@pytest.mark.parametrize("backend", FORMAT_BACKENDS)
+def test_prune_ties_and_nan(backend):
+    """Equal magnitudes: the lower positions are kept. NaN counts as the largest, above inf."""
+    needs_format_backend(backend)
+    nan, inf = math.nan, math.inf
     w = torch.tensor([[1.0, -1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 2.0],
-                      [0.1, float("nan"), 3.0, 0.2, 0.0, 0.0, 0.0, 0.0]])
-    pruned = ek.prune_24(w)
-    assert torch.equal(pruned[0], torch.tensor([1.0, -1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]))
-    assert pruned[1, 1].isnan() and pruned[1, 2] == 3.0 and (pruned[1, [0, 3]] == 0).all()
-    assert (pruned[1, 4:] == 0).all()
+                      [0.1, nan, 3.0, 0.2, 0.0, 0.0, 0.0, 0.0],
+                      [-inf, inf, 1.0, nan, -0.0, 0.0, -0.0, -0.0]])
+    expected = torch.tensor([[1.0, -1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0],
+                             [0.0, nan, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                             [-inf, 0.0, 0.0, nan, -0.0, 0.0, 0.0, 0.0]])
+    with ek.use_backend(backend):
+        assert torch.equal(bits(ek.prune_24(w)), bits(expected))
+
+
+@pytest.mark.parametrize("backend", FORMAT_BACKENDS)
+@pytest.mark.parametrize("dtype", FORMAT_DTYPES)
+def test_prune_compares_magnitudes_exactly(backend, dtype):
+    """|1 + eps| < |1 + 2 eps| in every dtype: no tie, whatever precision a comparison might use."""
+    needs_format_backend(backend)
+    eps = torch.finfo(dtype).eps
+    w = torch.tensor([[1.0, -(1 + eps), 1 + 2 * eps, 0.5]], dtype=torch.float64).to(dtype)
+    with ek.use_backend(backend):
+        assert torch.equal(bits(ek.prune_24(w)), bits(w * torch.tensor([0, 1, 1, 0], dtype=dtype)))
 
 
 # ---------------------------------------------------------------------------- compression
 
 @pytest.mark.parametrize("dtype", FORMAT_DTYPES)
-@pytest.mark.parametrize("N,K", [(1, 8), (5, 36), (16, 128), (3, 100)])
+@pytest.mark.parametrize("N,K", [(1, 12), (5, 36), (16, 128), (3, 100)])
 def test_compress_decompress_round_trip(dtype, N, K):
+    """Bit for bit; a kept -0.0 stays negative (only dropped zeros come back as +0.0)."""
     w = sparse_weight(N, K, dtype)
-    w[0, :4] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # a group with no nonzero
-    w[-1, -4:] = torch.tensor([0.0, 0.0, 0.5, 0.0])  # and one with a single nonzero
+    w[0, :4] = torch.tensor([-0.0, -0.0, 0.0, 0.0])  # no nonzero: its two lowest zeros are kept
+    w[0, 4:8] = torch.tensor([0.0, -math.inf, 0.0, math.nan])
+    w[-1, -4:] = torch.tensor([-0.0, 0.0, 0.5, 0.0])  # one nonzero, completed by the lowest zero
     values, meta = ek.compress_24(w)
     assert values.shape == (N, K // 2) and values.dtype == dtype
     assert meta.shape == (N, math.ceil(K / 8)) and meta.dtype == torch.uint8
-    assert torch.equal(ek.decompress_24(values, meta), w)
+    assert torch.equal(bits(ek.decompress_24(values, meta)), bits(w))
 
 
 def test_compressed_format_layout():
@@ -95,20 +127,6 @@ def test_compress_refuses_a_weight_that_is_not_2_4():
     w[2, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
     with pytest.raises(ValueError, match=r"row 2, group 2 \(k = 8\.\.11\) has 3 nonzeros"):
         ek.compress_24(w)
-
-
-@pytest.mark.parametrize("op", ["compress_24", "prune_24", "decompress_24"])
-def test_format_ops_agree_across_backends(op):
-    """The C++ CPU kernels (auto on CPU) and the PyTorch reference, bit for bit."""
-    needs_cpp_format_ops()
-    w = sparse_weight(33, 200, torch.bfloat16)
-    args = {"compress_24": (w,), "prune_24": (torch.randn(33, 200),), "decompress_24": ek.compress_24(w)}[op]
-    with ek.use_backend("cuda"):
-        ours = getattr(ek, op)(*args)
-    with ek.use_backend("reference"):
-        reference = getattr(ek, op)(*args)
-    for a, b in zip(ours if isinstance(ours, tuple) else (ours,), reference if isinstance(reference, tuple) else (reference,)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------- the Triton fallback
@@ -176,6 +194,38 @@ def test_backward_gives_the_masked_weight_gradient(backend):
     torch.testing.assert_close(b.grad, grad.sum((0, 1)))
 
 
+def check_backward_against_float64(backend, N, K, lead, dtype, device):
+    """sparse24_linear's grad_input, grad_values and grad_bias against F.linear's on the dense
+    weight in float64 (the weight gradient taken at W's nonzeros, in row order: the values'
+    layout), each within 2x the error of F.linear's backward in ``dtype``."""
+    w, values, meta = compressed_sparse_weight(N, K, dtype, device)
+    kept = w != 0
+    assert int(kept.sum()) == N * K // 2  # a random pruned weight: two nonzeros in every group
+    x, b, grad = (torch.randn(*shape, device=device).to(dtype) for shape in ((*lead, K), (N,), (*lead, N)))
+    ours = [t.clone().requires_grad_() for t in (x, values, b)]
+    with ek.use_backend(backend):
+        ek.sparse24_linear(ours[0], ours[1], meta, ours[2]).backward(grad)
+
+    def dense_grads(x, w, b, grad):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        F.linear(*leaves).backward(grad)
+        grad_x, grad_w, grad_b = (t.grad for t in leaves)
+        return grad_x, grad_w[kept].view(N, K // 2), grad_b
+
+    exact = dense_grads(x.double(), w.double(), b.double(), grad.double())
+    M = grad.numel() // N
+    for name, t, e, same, reduction in zip(("grad_input", "grad_values", "grad_bias"), ours, exact,
+                                           dense_grads(x, w, b, grad), (N, M, M), strict=True):
+        assert t.grad.dtype == dtype, name
+        assert_matches_float64(t.grad, e, same, reduction, what=name)
+
+
+@pytest.mark.parametrize("lead", [(M,) for M in ODD_M] + [(2, 65)])
+def test_backward_matches_float64_in_float16(lead):
+    """The backward runs PyTorch ops on every backend (no Triton kernel): checked on the reference."""
+    check_backward_against_float64("reference", 40, 128, lead, torch.float16, "cpu")
+
+
 def test_reference_gradcheck():
     values, meta = ek.compress_24(sparse_weight(6, 16, torch.float64))
     x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
@@ -196,20 +246,30 @@ def test_fine_tuning_keeps_the_pattern():
 
 # ---------------------------------------------------------------------------- registration
 
-def sample_inputs(requires_grad=False):
-    for lead, N, K, bias in [((), 8, 16, True), ((3,), 4, 12, False), ((2, 3), 8, 32, True)]:
-        values, meta = ek.compress_24(sparse_weight(N, K))
-        values.requires_grad_(requires_grad)
-        x = torch.randn(*lead, K, requires_grad=requires_grad)
-        b = torch.randn(N, requires_grad=requires_grad) if bias else None
-        yield torch.ops.effkern.sparse24_linear.default, (x, values, meta, b)
+SAMPLE_SHAPES = [((), 8, 16, True), ((3,), 4, 12, False), ((2, 3), 8, 32, True)]  # (leading dims, N, K, bias)
+GPU_SAMPLE_SHAPES = [((), 64, 128, True), ((3,), 32, 64, False), ((2, 3), 64, 256, True)]  # mma.sp's too
+
+
+def linear_samples(requires_grad, shapes=SAMPLE_SHAPES, dtype=torch.float32, device="cpu"):
+    """(op, args) of sparse24_linear and, without grad, its backward op; the weight compressed on the CPU."""
+    for lead, N, K, bias in shapes:
+        values, meta = (t.to(device) for t in ek.compress_24(sparse_weight(N, K, dtype)))
+        x, b, grad = (torch.randn(*shape, device=device).to(dtype) for shape in ((*lead, K), (N,), (*lead, N)))
+        for t in (values, x, b):
+            t.requires_grad_(requires_grad)
+        yield torch.ops.effkern.sparse24_linear.default, (x, values, meta, b if bias else None)
         if not requires_grad:
-            w = sparse_weight(N, K)
-            yield torch.ops.effkern.prune_24.default, (torch.randn(N, K),)
-            yield torch.ops.effkern.compress_24.default, (w,)
-            yield torch.ops.effkern.decompress_24.default, (values, meta)
-            grad = torch.randn(*lead, N)
             yield torch.ops.effkern.sparse24_linear_bwd.default, (grad, x, values, meta, [True, True, bias])
+
+
+def sample_inputs(requires_grad=False):
+    yield from linear_samples(requires_grad)
+    if not requires_grad:
+        for _, N, K, _ in SAMPLE_SHAPES:
+            values, meta = ek.compress_24(sparse_weight(N, K))
+            yield torch.ops.effkern.prune_24.default, (torch.randn(N, K),)
+            yield torch.ops.effkern.compress_24.default, (sparse_weight(N, K),)
+            yield torch.ops.effkern.decompress_24.default, (values, meta)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,6 +290,52 @@ def test_autocast_casts_input_values_and_bias():
         y = ek.sparse24_linear(x, values, meta, b)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, sparse24_linear_reference(x.bfloat16(), values.bfloat16(), meta, b.bfloat16()))
+
+
+# ---------------------------------------------------------------------------- auto's choice on CUDA
+
+@pytest.fixture
+def fresh_auto_choices():
+    """auto's choices are cached per (device, dtype, M, N, K): cleared around a test that changes what they read."""
+    sparse24._auto_backend.cache_clear()
+    yield
+    sparse24._auto_backend.cache_clear()
+
+
+BF16 = torch.bfloat16
+AUTO_CASES = [  # (name, recorded winner, extension with the CUDA kernel, dtype, M, N, K, auto's choice)
+    ("measured cuda", "cuda", True, BF16, 16, 64, 256, "cuda"),
+    ("measured cuda, fp16", "cuda", True, torch.float16, 4096, 4096, 4096, "cuda"),
+    ("measured cuda, K % 64 != 0", "cuda", True, BF16, 16, 64, 100, "triton"),
+    ("measured cuda, N % 16 != 0", "cuda", True, BF16, 16, 40, 256, "triton"),
+    ("measured cuda, M over the grid", "cuda", True, BF16, sparse24._cuda_layout().MAX_M + 1, 64, 256, "triton"),
+    ("measured cuda, float32", "cuda", True, torch.float32, 16, 64, 256, "triton"),
+    ("measured cuda, extension without CUDA", "cuda", False, BF16, 16, 64, 256, "triton"),
+    ("measured triton", "triton", True, BF16, 16, 64, 256, "triton"),
+    ("nothing measured", None, True, BF16, 16, 64, 256, "triton"),
+    ("float64", "cuda", True, torch.float64, 16, 64, 256, "reference"),
+]
+
+
+@parametrize_by_name(AUTO_CASES)
+def test_auto_takes_cuda_where_measured_and_the_kernel_runs(case, monkeypatch, fresh_auto_choices):
+    """auto on a CUDA device, decided here (no GPU, no launch): the policy's winner for the GPU and
+    shape, and the Triton fallback where it says cuda but the mma.sp kernel cannot run the problem."""
+    _, winner, cuda_built, dtype, M, N, K, expected = AUTO_CASES[case]
+    asked = []
+
+    def choose(*args, **shape):
+        asked.append((args, shape))
+        return winner
+
+    monkeypatch.setattr(sparse24._policy, "choose", choose)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (name != "cuda" or cuda_built, ""))
+    if cuda_built:  # what a CUDA build registers; the choice only looks it up
+        monkeypatch.setattr(torch.ops.effkern_C, "sparse24_linear", object(), raising=False)
+    assert sparse24._auto_backend(torch.device("cuda", 0), dtype, M, N, K) == expected
+    shape = dict(dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+    assert asked == ([] if dtype == torch.float64 else [(("sparse24", "fwd", "GPU X"), shape)])
 
 
 # ---------------------------------------------------------------------------- errors
@@ -329,14 +435,63 @@ def test_gpu_matches_float64(backend, M, dtype, poison_empty):
 
 
 @pytest.mark.gpu
-def test_gpu_format_ops_match_the_reference():
-    w = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
-    pruned = ek.prune_24(w)
-    assert torch.equal(pruned.cpu(), prune_24_reference(w.cpu()))
-    values, meta = ek.compress_24(pruned)
-    expected = compress_24_reference(pruned.cpu())
-    assert torch.equal(values.cpu(), expected[0]) and torch.equal(meta.cpu(), expected[1])
-    assert torch.equal(ek.decompress_24(values, meta).cpu(), decompress_24_reference(*expected))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("lead", [(1,), (17,), (2, 65)])
+def test_gpu_backward_matches_float64(backend, lead, poison_empty):
+    needs_backend(backend, "cuda")
+    check_backward_against_float64(backend, 512, 1024, lead, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_opcheck_compile_and_autocast(backend):
+    """On CUDA tensors (cuda: the op's cached reordered weight and effkern_C.sparse24_linear):
+    opcheck, a torch.compile(fullgraph=True) training step against eager mode, autocast."""
+    needs_backend(backend, "cuda")
+    # built under auto: the cuda backend runs no format ops on GPU tensors
+    layer = ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(256, 128, device="cuda", dtype=BF16))
+    w = layer.dense_weight()
+    x = torch.randn(64, 256, device="cuda", dtype=BF16)
+    r = torch.randn(64, 128, device="cuda")  # the loss's weights: dL/dy = r in bf16, eager and compiled
+
+    def step(x):
+        return (layer(x).float() * r).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    with ek.use_backend(backend):
+        for requires_grad in (False, True):
+            for op, args in linear_samples(requires_grad, GPU_SAMPLE_SHAPES, BF16, "cuda"):
+                torch.library.opcheck(op, args)
+        results = []
+        for fn in (compiled, step):
+            x_leaf = x.clone().requires_grad_()
+            loss = fn(x_leaf)
+            loss.backward()
+            results.append([loss, x_leaf.grad, layer.values.grad, layer.bias.grad])
+            layer.zero_grad(set_to_none=True)
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        with torch.autocast("cuda", dtype=BF16):
+            y = ek.sparse24_linear(x.float(), layer.values.detach().float(), layer.meta, layer.bias.detach().float())
+    assert y.dtype == BF16
+    assert_linear_matches_float64(y, x, w.double(), w, layer.bias.detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("winner, N, path", [(None, 512, "triton"), ("cuda", 512, "cuda"), ("cuda", 520, "triton")])
+def test_gpu_auto_backend_runs(winner, N, path, monkeypatch, fresh_auto_choices, poison_empty):
+    """auto on a GPU: nothing measured -> the Triton fallback; the policy says cuda -> the mma.sp
+    kernel (the op reorders the new weight for it), except on an N it does not take."""
+    if path == "cuda":
+        needs_backend("cuda", "cuda")
+    monkeypatch.setattr(sparse24._policy, "choose", lambda *args, **shape: winner)
+    reorders = record_calls(monkeypatch, sparse24._cuda_layout(), "reorder_for_mma_sp", lambda args, result: args[0])
+    w, values, meta = compressed_sparse_weight(N, 1024, BF16, device="cuda")
+    x, b = (torch.randn(*shape, device="cuda", dtype=BF16) for shape in ((130, 1024), (N,)))
+    y = ek.sparse24_linear(x, values, meta, b)
+    assert_linear_matches_float64(y, x, w.double(), w, b)
+    assert len(reorders) == (path == "cuda")
 
 
 @pytest.mark.gpu

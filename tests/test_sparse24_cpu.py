@@ -3,7 +3,9 @@
 They are checked bit for bit against the independent pure-PyTorch formulation below (which is
 itself checked against a per-group Python spec of the rules), for every dtype, shapes with
 K % 8 == 0 and K % 8 == 4, N == 1, non-contiguous inputs, ties, NaN, signed zeros and groups
-with 0 or 1 nonzeros, plus round trips and the errors.
+with 0 or 1 nonzeros, plus round trips and the errors. On the same hard cases, effkern's ops
+on the reference backend (effkern.sparse24's PyTorch formulation, what runs on GPU tensors) and,
+marked gpu, on CUDA tensors give the C++ kernels' bits.
 
 The format (csrc/cpu/sparse24.cpp): weight W [N, K], K % 4 == 0, group g of row n = W[n, 4g:4g+4].
   prune_24:      keep the 2 largest |w| of every group, the others become +0.0. Order: NaN first
@@ -26,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import effkern as ek
 from effkern import _ext
 
 if not _ext.available():
@@ -343,6 +346,49 @@ def test_empty_shapes():
         assert values.shape == (N, K // 2) and meta.shape == (N, (K + 7) // 8)
         assert meta.dtype == torch.uint8
         assert decompress_24(values, meta).shape == (N, K)
+
+
+# ---------------------------------------------------------------------------- effkern's ops on every backend
+
+def hard_cases(dtype: torch.dtype):
+    """(w, sparse) pairs for prune_24 and compress_24: nasty and 2:4-sparse weights, K % 8 == 4 and 0."""
+    for N, K in ((37, 44), (9, 136)):
+        yield nasty_weight(N, K, dtype, seed=K), sparse_weight(N, K, dtype, seed=K + 1)
+
+
+def cpp_format_results(w: torch.Tensor, sparse: torch.Tensor) -> list[torch.Tensor]:
+    values, meta = compress_24(sparse)
+    return [prune_24(w), values, meta, decompress_24(values, meta)]
+
+
+def effkern_format_results(w: torch.Tensor, sparse: torch.Tensor, device: str) -> list[torch.Tensor]:
+    """cpp_format_results through effkern's ops on ``device`` tensors under the current backend, on the CPU."""
+    values, meta = ek.compress_24(sparse.to(device))
+    return [t.cpu() for t in (ek.prune_24(w.to(device)), values, meta, ek.decompress_24(values, meta))]
+
+
+def assert_format_results_agree(actual: list, expected: list):
+    for name, a, e in zip(("prune_24", "values", "meta", "decompress_24"), actual, expected, strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), f"{name}: the bits differ"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_effkern_ops_give_the_cpp_bits_on_every_backend(backend, dtype):
+    """ek.prune_24 / compress_24 / decompress_24 on CPU tensors: the PyTorch reference and the
+    op's dispatch to these kernels, on ties, +-0.0, NaN and +-inf."""
+    for w, sparse in hard_cases(dtype):
+        with ek.use_backend(backend):
+            actual = effkern_format_results(w, sparse, "cpu")
+        assert_format_results_agree(actual, cpp_format_results(w, sparse))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_effkern_ops_give_the_cpp_bits(dtype):
+    for w, sparse in hard_cases(dtype):
+        assert_format_results_agree(effkern_format_results(w, sparse, "cuda"), cpp_format_results(w, sparse))
 
 
 # ---------------------------------------------------------------------------- errors
