@@ -119,7 +119,7 @@ def _check_same_device(op: str, ref_name: str, ref: Tensor, **others) -> None:
 
 
 def _check_qweight(op: str, qweight, weight_scale, K: int, scale_name: str = "weight_scale",
-                   weight_name: str = "qweight") -> None:
+                   weight_name: str = "qweight", input_name: str = "input") -> None:
     if isinstance(qweight, Tensor) and qweight.is_floating_point():
         raise TypeError(f"effkern.{op}: {weight_name} must be int8 (quantize a float weight first with "
                         f"effkern.quantize_int8), got a {qweight.dtype} tensor")
@@ -132,7 +132,7 @@ def _check_qweight(op: str, qweight, weight_scale, K: int, scale_name: str = "we
         raise ValueError(f"effkern.{op}: {scale_name} must have shape [N] = [{N}] (one per row of "
                          f"{weight_name} [N, K]), got {tuple(weight_scale.shape)}")
     if qweight.shape[1] != K:
-        raise ValueError(f"effkern.{op}: the input's last dimension K={K} does not match {weight_name}'s "
+        raise ValueError(f"effkern.{op}: {input_name}'s last dimension K={K} does not match {weight_name}'s "
                          f"K={qweight.shape[1]} ({weight_name} is [N, K] like nn.Linear.weight)")
 
 
@@ -177,7 +177,7 @@ def check_matmul_args(op: str, a_q, b_q, a_scale, b_scale, bias, out_dtype) -> N
     _check_tensor(op, "a_q", a_q, (torch.int8,), "int8 (from effkern.quantize_per_token_int8)")
     if a_q.dim() < 1:
         raise ValueError(f"effkern.{op}: a_q must have shape [..., K], got a scalar")
-    _check_qweight(op, b_q, b_scale, a_q.shape[-1], scale_name="b_scale", weight_name="b_q")
+    _check_qweight(op, b_q, b_scale, a_q.shape[-1], scale_name="b_scale", weight_name="b_q", input_name="a_q")
     _check_tensor(op, "a_scale", a_scale, (torch.float32,), "float32 (one scale per row of a_q)")
     if a_scale.shape != a_q.shape[:-1]:
         raise ValueError(f"effkern.{op}: a_scale must have shape {tuple(a_q.shape[:-1])} (one per row of a_q), "

@@ -163,11 +163,11 @@ def assert_fine_tuning_lowers_the_loss(layer: torch.nn.Module, x, target, steps:
 
 def record_calls(monkeypatch, module, name: str, record) -> list:
     """Wrap ``module.name`` for the test: each call appends ``record(args, result)`` to the list
-    returned (e.g. which kernel path a launcher took)."""
+    returned (e.g. which kernel path a launcher took); keyword arguments pass through unrecorded."""
     calls, real = [], getattr(module, name)
 
-    def spy(*args):
-        result = real(*args)
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
         calls.append(record(args, result))
         return result
 

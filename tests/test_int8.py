@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_matmul_reference,
-                          int8_weight_only_linear_reference, quantize_rows_reference)
+from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference,
+                          quantize_rows_reference)
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
                        assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
@@ -28,6 +28,12 @@ def kernels():
     from effkern.kernels import int8
 
     return int8
+
+
+def record_gemm_launches(monkeypatch) -> list:
+    """The shape of A in each launch of the int8 GEMM (kernels.int8_matmul, which every int8 op
+    but the quantization goes through, forward and backward) from now until the test ends."""
+    return record_calls(monkeypatch, kernels(), "int8_matmul", lambda args, _: tuple(args[0].shape))
 
 
 def outlier_weight(N, K, device="cpu", seed=0):
@@ -143,20 +149,24 @@ def test_split_k_is_chosen_for_few_rows_only():
     assert _splitk.choose_split_k(1, 40, 64, cpu, block) == 1  # too short to split
 
 
-def test_int8_matmul_accumulates_past_the_int32_range():
-    """K = 140,000 rows of 127 * 127 sum to 2.26e9 > 2^31: the dequantized result stays exact
-    (int32 slices added in int64) instead of wrapping."""
-    needs_backend("triton")
+def assert_accumulates_past_the_int32_range(M, device):
+    """K = 140,000 products 127 * 127 sum to 2.26e9 > 2^31: int8_matmul's dequantized result on
+    the triton backend stays exact (int32 slices added in int64) instead of wrapping."""
     K = 140_000
-    a = torch.full((1, K), 127, dtype=torch.int8)
-    b = torch.full((16, K), 127, dtype=torch.int8)
+    a = torch.full((M, K), 127, dtype=torch.int8, device=device)
+    b = torch.full((16, K), 127, dtype=torch.int8, device=device)
     b[1] = -127
-    ones = torch.ones(1), torch.ones(16)
+    ones = torch.ones(M, device=device), torch.ones(16, device=device)
     with ek.use_backend("triton"):
         out = ek.int8_matmul(a, b, *ones, out_dtype=torch.float32)
-    expected = torch.full((1, 16), 127.0 * 127 * K, dtype=torch.float64)
-    expected[0, 1] *= -1
-    assert torch.equal(out, expected.float())
+    expected = torch.full((M, 16), 127.0 * 127 * K, dtype=torch.float64)
+    expected[:, 1] *= -1
+    assert torch.equal(out.cpu(), expected.float())
+
+
+def test_int8_matmul_accumulates_past_the_int32_range():
+    needs_backend("triton")
+    assert_accumulates_past_the_int32_range(1, "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,14 +186,16 @@ def test_int8_matmul_dequantizes_in_fp32(backend, out_dtype, M, N, K, poison_emp
     assert_rounded_from(out, exact32)  # the same fp32 operations in the same order
 
 
-def test_int8_matmul_leading_dims_and_default_dtype():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_matmul_leading_dims_and_default_dtype(backend, poison_empty):
+    needs_backend(backend)
     a, b = int8_pair(6, 10, 24)
-    a3 = a.view(2, 3, 24)
     a_scale = torch.rand(2, 3)
     b_scale = torch.rand(10)
-    out = ek.int8_matmul(a3, b, a_scale, b_scale)
+    with ek.use_backend(backend):
+        out = ek.int8_matmul(a.view(2, 3, 24), b, a_scale, b_scale)
     assert out.shape == (2, 3, 10) and out.dtype == torch.bfloat16
-    assert torch.equal(out.view(6, 10), int8_matmul_reference(a, b, a_scale.view(6), b_scale, None, torch.bfloat16))
+    assert_rounded_from(out.view(6, 10), (a.int() @ b.int().t()).float() * a_scale.view(6, 1) * b_scale)
 
 
 # ---------------------------------------------------------------------------- linear layers
@@ -274,23 +286,37 @@ def test_tma_gemm_compiles_onto_wgmma_and_tma(compile_for_gpu, out):
         dict(DEQUANT=dequant, SCALE_ROWS=dequant, SCALE_COLS=dequant, HAS_BIAS=dequant), r"s32\.s8\.s8", 0)
 
 
+def plain_quantize(t):
+    """Per-row quantization as a PyTorch user writes it: (integer values in fp32 [..., K], fp32
+    scales absmax / 127 [...]). Rows of zeros are not handled (the inputs here are random)."""
+    scale = t.float().abs().amax(-1) / 127
+    return torch.round(t.float() / scale[..., None]).clamp(-127, 127), scale
+
+
 def plain_pytorch_w8a8(x, w, b):
     """What a PyTorch user writes for the same quantization: per-channel weight and per-token
     activation scales, fp32 matmul of the integer values, dequantize, add bias."""
-    ws = w.float().abs().amax(1) / 127
-    qw = torch.round(w.float() / ws[:, None]).clamp(-127, 127)
-    xs = x.float().abs().amax(-1, keepdim=True) / 127
-    qx = torch.round(x.float() / xs).clamp(-127, 127)
-    return ((qx @ qw.t()) * xs * ws + b.float()).to(x.dtype)
+    qw, ws = plain_quantize(w)
+    qx, xs = plain_quantize(x)
+    return ((qx @ qw.t()) * xs[..., None] * ws + b.float()).to(x.dtype)
 
 
 def plain_pytorch_w8a16(x, w, b):
-    ws = w.float().abs().amax(1) / 127
-    w_dq = (torch.round(w.float() / ws[:, None]).clamp(-127, 127) * ws[:, None]).to(x.dtype)
-    return F.linear(x, w_dq, b)
+    qw, ws = plain_quantize(w)
+    return F.linear(x, (qw * ws[:, None]).to(x.dtype), b)
 
 
 PLAIN = {"w8a8": plain_pytorch_w8a8, "w8a16": plain_pytorch_w8a16}
+
+
+def quantized_linear_float64(mode, x, w, b):
+    """The quantized layer's exact output: plain_quantize's integers and scales, dequantized
+    (exactly: 8-bit times 24-bit products) and multiplied in float64. W8A8 quantizes x too."""
+    qw, ws = (t.double() for t in plain_quantize(w))
+    if mode == "w8a8":
+        qx, xs = (t.double() for t in plain_quantize(x))
+        x = qx * xs[..., None]
+    return F.linear(x.double(), qw * ws[:, None], b.double())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -330,6 +356,24 @@ def test_w8a16_matches_float64_on_the_dequantized_weight(backend, M, K, poison_e
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M", ODD_M)
+@pytest.mark.parametrize("K", ODD_K)
+def test_reference_in_bfloat16_matches_the_quantization_in_float64(mode, M, K):
+    """bf16 activations on the reference backend (the interpreter cannot run bf16 tl.dot, so the
+    triton backend in bf16 is tested on a GPU): against the same quantization in float64, within
+    2x the error of plain PyTorch in bf16."""
+    N = 40
+    torch.manual_seed(M + K)
+    w = outlier_weight(N, K).bfloat16()
+    x, b = torch.randn(M, K).bfloat16(), torch.randn(N).bfloat16()
+    qw, scale = ek.quantize_int8(w)
+    with ek.use_backend("reference"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+    assert y.dtype == torch.bfloat16
+    assert_matches_float64(y, quantized_linear_float64(mode, x, w, b), PLAIN[mode](x, w, b), reduction=K)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_triton_matches_reference_backend(mode):
     """Same quantization and accumulation: the two backends agree to fp32 rounding."""
     needs_backend("triton")
@@ -358,15 +402,17 @@ def test_w8a8_in_bfloat16_through_the_interpreter():
     assert_rounded_from(y, exact32)
 
 
-def _strided_inputs():
+def _strided_inputs(device="cpu"):
+    """(name, x [..., 30]): views made on ``device`` (copying a view to another device may make it
+    contiguous)."""
     torch.manual_seed(5)
     return [
-        ("x transposed", torch.randn(30, 7).t()),
-        ("x column slice", torch.randn(7, 60)[:, ::2]),
-        ("3-D x, permuted", torch.randn(30, 2, 3).permute(1, 2, 0)),
-        ("1-D x", torch.randn(30)),
-        ("zero-stride x", torch.randn(1, 30).expand(4, 30)),
-        ("empty batch", torch.randn(0, 30)),
+        ("x transposed", torch.randn(30, 7, device=device).t()),
+        ("x column slice", torch.randn(7, 60, device=device)[:, ::2]),
+        ("3-D x, permuted", torch.randn(30, 2, 3, device=device).permute(1, 2, 0)),
+        ("1-D x", torch.randn(30, device=device)),
+        ("zero-stride x", torch.randn(1, 30, device=device).expand(4, 30)),
+        ("empty batch", torch.randn(0, 30, device=device)),
     ]
 
 
@@ -431,15 +477,12 @@ def test_quantization_choice(monkeypatch):
     assert measured(torch.device("cpu"), torch.bfloat16, 8, 4096, 4096) == "separate"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-@parametrize_by_name(_strided_inputs())
-def test_any_strides_and_ranks(backend, mode, case, poison_empty):
-    needs_backend(backend)
-    x = _strided_inputs()[case][1]
-    qw, scale = ek.quantize_int8(outlier_weight(12, 30))
+def assert_any_strides_and_ranks(backend, mode, x):
+    """The linear op on x (any view), a non-contiguous int8 weight and a strided bias equals the
+    reference on contiguous copies."""
+    qw, scale = ek.quantize_int8(outlier_weight(12, 30, device=x.device))
     qw_t = qw.t().contiguous().t()  # a non-contiguous int8 weight too
-    b = torch.randn(24)[::2]
+    b = torch.randn(24, device=x.device)[::2]
     with ek.use_backend(backend):
         y = LINEAR_OPS[mode](x, qw_t, scale, b)
     reference = int8_linear_reference if mode == "w8a8" else int8_weight_only_linear_reference
@@ -449,18 +492,32 @@ def test_any_strides_and_ranks(backend, mode, case, poison_empty):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-@pytest.mark.parametrize("M,N,K", [(0, 4, 5), (3, 0, 5), (3, 4, 0)])
-def test_empty_dimensions_like_f_linear(backend, mode, M, N, K, poison_empty):
-    """Sizes F.linear accepts: no tokens, no outputs, or K = 0 (the output is the bias)."""
+@parametrize_by_name(_strided_inputs())
+def test_any_strides_and_ranks(backend, mode, case, poison_empty):
     needs_backend(backend)
-    qw, scale = ek.quantize_int8(torch.randn(N, K))
-    x, b = torch.randn(M, K, requires_grad=True), torch.randn(N, requires_grad=True)
+    assert_any_strides_and_ranks(backend, mode, _strided_inputs()[case][1])
+
+
+def assert_empty_dimensions_like_f_linear(backend, mode, M, N, K, device):
+    """Sizes F.linear accepts: no tokens, no outputs, or K = 0 (the output is the bias); forward
+    and backward."""
+    qw, scale = ek.quantize_int8(torch.randn(N, K, device=device))
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    b = torch.randn(N, device=device, requires_grad=True)
     with ek.use_backend(backend):
         y = LINEAR_OPS[mode](x, qw, scale, b)
         y.sum().backward()
     assert torch.equal(y, b.detach().expand(M, N)) if K == 0 else y.shape == (M, N)
-    assert torch.equal(x.grad, torch.zeros(M, K)) if N == 0 else x.grad.shape == (M, K)
-    assert torch.equal(b.grad, torch.full((N,), float(M)))
+    assert torch.equal(x.grad, torch.zeros(M, K, device=device)) if N == 0 else x.grad.shape == (M, K)
+    assert torch.equal(b.grad, torch.full((N,), float(M), device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M,N,K", [(0, 4, 5), (3, 0, 5), (3, 4, 0)])
+def test_empty_dimensions_like_f_linear(backend, mode, M, N, K, poison_empty):
+    needs_backend(backend)
+    assert_empty_dimensions_like_f_linear(backend, mode, M, N, K, "cpu")
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -481,6 +538,28 @@ def test_backward_goes_through_the_dequantized_weight(backend, mode, dtype, pois
     assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
                            grad @ dequantize_int8(qw, scale, dtype), reduction=N)
     torch.testing.assert_close(b.grad.double(), grad.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M,K", [(1, 24), (1, 100), (17, 24), (17, 100)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_backward_kernel_on_odd_shapes_and_strides(mode, M, K, strided, monkeypatch, poison_empty):
+    """The triton backward (through the interpreter) on sizes no multiple of a tile (M = 1 takes
+    the split-K launch), also with a column-sliced input and a transposed grad_out: grad_input
+    and grad_bias against float64 through the dequantized weight."""
+    needs_backend("triton")
+    N = 12
+    qw, scale = ek.quantize_int8(outlier_weight(N, K, seed=M + K))
+    x = (torch.randn(M, 2 * K)[:, ::2] if strided else torch.randn(M, K)).requires_grad_()
+    grad = torch.randn(N, M).t() if strided else torch.randn(M, N)
+    b = torch.randn(N, requires_grad=True)
+    launches = record_gemm_launches(monkeypatch)
+    with ek.use_backend("triton"):
+        LINEAR_OPS[mode](x, qw, scale, b).backward(grad)
+    assert launches[-1] == (M, N)  # the backward GEMM ran, on grad_out
+    assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
+                           grad @ dequantize_int8(qw, scale, torch.float32), reduction=N, what="grad_input")
+    assert_matches_float64(b.grad, grad.double().sum(0), grad.sum(0), reduction=M, what="grad_bias")
 
 
 def test_w8a16_reference_gradcheck():
@@ -523,13 +602,13 @@ def test_backward_kernel_split_k(split_k):
 
 # ---------------------------------------------------------------------------- registration
 
-def sample_inputs(requires_grad=False):
-    """(op, args) for every int8 op: ranks 1-3, with and without bias."""
+def sample_inputs(requires_grad=False, device="cpu", dtype=torch.float32):
+    """(op, args) for every int8 op: ranks 1-3, with and without bias, activations in ``dtype``."""
     torch.manual_seed(0)
     for lead, N, K, bias in [((), 5, 7, True), ((3,), 6, 4, False), ((2, 3), 5, 9, True)]:
-        x = torch.randn(*lead, K, requires_grad=requires_grad)
-        qw, scale = ek.quantize_int8(torch.randn(N, K))
-        b = torch.randn(N, requires_grad=requires_grad) if bias else None
+        x = torch.randn(*lead, K, device=device, dtype=dtype, requires_grad=requires_grad)
+        qw, scale = ek.quantize_int8(torch.randn(N, K, device=device))
+        b = torch.randn(N, device=device, dtype=dtype, requires_grad=requires_grad) if bias else None
         yield torch.ops.effkern.int8_linear.default, (x, qw, scale, b)
         yield torch.ops.effkern.int8_weight_only_linear.default, (x, qw, scale, b)
         if not requires_grad:
@@ -537,7 +616,7 @@ def sample_inputs(requires_grad=False):
             yield torch.ops.effkern.quantize_per_token_int8.default, (x,)
             yield torch.ops.effkern.int8_matmul.default, (xq, qw, xs, scale, b, torch.float16)
             yield torch.ops.effkern.int8_mm.default, (xq.reshape(-1, K), qw)
-            grad = torch.randn(*lead, N)
+            grad = torch.randn(*lead, N, device=device, dtype=dtype)
             yield torch.ops.effkern.int8_linear_bwd.default, (grad, qw, scale, [True, bias])
 
 
@@ -553,29 +632,45 @@ def test_torch_compile_fullgraph_forward_backward(backend, mode):
     assert_compiles_like_eager(ek.nn.Int8Linear.from_linear(torch.nn.Linear(24, 40), mode=mode), backend)
 
 
-def test_torch_compile_quantize_and_matmul_have_no_graph_break():
+def assert_quantize_and_matmul_compile_in_one_graph(backend, device):
+    """quantize_per_token_int8 then int8_matmul under ``backend``: one graph, no break, and the
+    torch.compile(fullgraph=True) result equals eager mode's."""
     torch._dynamo.reset()
-    qw, scale = ek.quantize_int8(torch.randn(10, 12))
+    qw, scale = ek.quantize_int8(torch.randn(10, 12, device=device))
 
     def fn(x):
         xq, xs = ek.quantize_per_token_int8(x)
         return ek.int8_matmul(xq, qw, xs, scale, out_dtype=torch.float32) * 2
 
-    x = torch.randn(6, 12)
-    explanation = torch._dynamo.explain(fn)(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))
+    x = torch.randn(6, 12, device=device)
+    with ek.use_backend(backend):
+        explanation = torch._dynamo.explain(fn)(x)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_quantize_and_matmul_have_no_graph_break(backend, monkeypatch):
+    needs_backend(backend)
+    launches = record_gemm_launches(monkeypatch) if backend == "triton" else None
+    assert_quantize_and_matmul_compile_in_one_graph(backend, "cpu")
+    assert launches is None or launches, "the triton kernels did not run"
+
+
+def assert_autocast_casts_input_and_bias_not_the_scales(device):
+    """Under torch.autocast(bf16), the linear ops on float32 input and bias give the bits of the
+    same op called on bf16 copies of them (a cast float32 scale would be an error)."""
+    qw, scale = ek.quantize_int8(torch.randn(6, 8, device=device))
+    x, b = torch.randn(4, 8, device=device), torch.randn(6, device=device)
+    for op in LINEAR_OPS.values():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = op(x, qw, scale, b)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, op(x.bfloat16(), qw, scale, b.bfloat16()))
 
 
 def test_autocast_casts_input_and_bias_not_the_scales():
-    qw, scale = ek.quantize_int8(torch.randn(6, 8))
-    x, b = torch.randn(4, 8), torch.randn(6)
-    for op, reference in ((ek.int8_linear, int8_linear_reference),
-                          (ek.int8_weight_only_linear, int8_weight_only_linear_reference)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = op(x, qw, scale, b)
-        assert y.dtype == torch.bfloat16
-        torch.testing.assert_close(y, reference(x.bfloat16(), qw, scale, b.bfloat16()))
+    assert_autocast_casts_input_and_bias_not_the_scales("cpu")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -604,16 +699,57 @@ def test_bad_inputs_raise_clear_errors(backend, mode, case):
     assert_bad_call_raises(backend, LINEAR_OPS[mode], _bad_calls()[case])
 
 
-def test_bad_matmul_and_quantize_inputs():
+def _device_mismatch_calls(device="cpu", other="meta"):
+    """(name, op, args, message): calls with one tensor on ``other`` and the rest on ``device``."""
+    qw, scale = quantize_rows_reference(torch.randn(6, 8, device=device))
+    x, b = torch.randn(4, 8, device=device), torch.randn(6, device=device)
+    xq, xs = quantize_rows_reference(x)
+    return [
+        ("w8a8 weight_scale", ek.int8_linear, (x, qw, scale.to(other), b),
+         f"weight_scale is on {other} but input is on {device}"),
+        ("w8a16 bias", ek.int8_weight_only_linear, (x, qw, scale, b.to(other)), f"bias is on {other} but input"),
+        ("int8_matmul b_q", ek.int8_matmul, (xq, qw.to(other), xs, scale), f"b_q is on {other} but a_q is on {device}"),
+        ("int8_matmul a_scale", ek.int8_matmul, (xq, qw, xs.to(other), scale), f"a_scale is on {other} but a_q"),
+        ("int8_mm b", ek.int8_mm, (xq, qw.to(other)), f"b is on {other} but a is on {device}"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(_device_mismatch_calls())
+def test_device_mismatch_is_a_clear_error(backend, case):
+    name, op, args, message = _device_mismatch_calls()[case]
+    assert_bad_call_raises(backend, op, (name, args, RuntimeError, message))
+
+
+def _bad_matmul_calls():
+    a, b = int8_pair(4, 6, 8)
+    a_scale, b_scale = torch.rand(4), torch.rand(6)
+    return [
+        ("b_scale shape", (a, b, a_scale, b_scale[:5]), ValueError, r"b_scale must have shape \[N\] = \[6\]"),
+        ("b_scale dtype", (a, b, a_scale, b_scale.double()), TypeError, "b_scale must be float32"),
+        ("float b_q", (a, b.float(), a_scale, b_scale), TypeError, "b_q must be int8 .*quantize_int8"),
+        ("K mismatch", (a, b[:, :7], a_scale, b_scale), ValueError,
+         "a_q's last dimension K=8 does not match b_q's K=7"),
+        ("float a_q", (a.float(), b, a_scale, b_scale), TypeError, "a_q must be int8"),
+        ("a_scale shape", (a, b, a_scale[:3], b_scale), ValueError, r"a_scale must have shape \(4,\)"),
+        ("bias shape", (a, b, a_scale, b_scale, torch.randn(5)), ValueError, r"bias must have shape \[N\] = \[6\]"),
+        ("out_dtype", (a, b, a_scale, b_scale, None, torch.int32), TypeError, "out_dtype must be"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", [ek.int8_matmul, torch.ops.effkern.int8_matmul], ids=["function", "registered op"])
+@parametrize_by_name(_bad_matmul_calls())
+def test_bad_int8_matmul_inputs_raise_clear_errors(backend, op, case):
+    assert_bad_call_raises(backend, op, _bad_matmul_calls()[case])
+
+
+def test_bad_mm_and_quantize_inputs():
     a, b = int8_pair(4, 6, 8)
     with pytest.raises(ValueError, match="K must match"):
         ek.int8_mm(a, b[:, :7])
     with pytest.raises(TypeError, match="b must be int8"):
         ek.int8_mm(a, b.float())
-    with pytest.raises(ValueError, match=r"a_scale must have shape \(4,\)"):
-        ek.int8_matmul(a, b, torch.ones(3), torch.ones(6))
-    with pytest.raises(TypeError, match="out_dtype"):
-        ek.int8_matmul(a, b, torch.ones(4), torch.ones(6), out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"2-D \[N, K\] weight"):
         ek.quantize_int8(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="input must be float16"):
@@ -631,25 +767,31 @@ def test_backends_without_int8_kernels_are_clear_errors():
 
 # ---------------------------------------------------------------------------- nn module
 
-@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-def test_int8_linear_module_and_state_dict_round_trip(mode):
-    linear = torch.nn.Linear(32, 24)
+def assert_module_round_trips(mode, device):
+    """Int8Linear.from_linear on ``device`` computes the linear op on the quantized weight; a
+    fresh layer loaded from its state_dict computes the same bits. Runs on the backend in use."""
+    linear = torch.nn.Linear(32, 24, device=device)
     layer = ek.nn.Int8Linear.from_linear(linear, mode=mode)
     assert layer.bias is linear.bias and layer.qweight.dtype == torch.int8
-    x = torch.randn(2, 5, 32)
+    assert layer.qweight.device == layer.weight_scale.device == linear.weight.device
+    x = torch.randn(2, 5, 32, device=device)
     y = layer(x)
-    op = LINEAR_OPS[mode]
-    assert torch.equal(y, op(x, *ek.quantize_int8(linear.weight), linear.bias))
+    assert torch.equal(y, LINEAR_OPS[mode](x, *ek.quantize_int8(linear.weight), linear.bias))
     state = layer.state_dict()
     assert set(state) == {"qweight", "weight_scale", "bias"}
-    fresh = ek.nn.Int8Linear(32, 24, mode=mode)
+    fresh = ek.nn.Int8Linear(32, 24, mode=mode, device=device)
     fresh.load_state_dict(state)
     assert torch.equal(fresh(x), y)
     assert torch.equal(fresh.dequantized_weight(torch.float64),
                        layer.qweight.double() * layer.weight_scale.double()[:, None])
-    assert mode in repr(fresh)
-    no_bias = ek.nn.Int8Linear.from_linear(torch.nn.Linear(32, 24, bias=False), mode=mode)
+    no_bias = ek.nn.Int8Linear.from_linear(torch.nn.Linear(32, 24, bias=False, device=device), mode=mode)
     assert no_bias.bias is None and no_bias(x).shape == (2, 5, 24)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_int8_linear_module_and_state_dict_round_trip(mode):
+    assert_module_round_trips(mode, "cpu")
+    assert mode in repr(ek.nn.Int8Linear(32, 24, mode=mode))
     with pytest.raises(ValueError, match="mode"):
         ek.nn.Int8Linear(4, 4, mode="w4a16")
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -789,6 +931,7 @@ def test_quantization_keeps_its_rounding_on_a_gpu(compiled_for_gpus, kernel):
 @pytest.mark.parametrize("shape", [(1, 4096), (5, 100), (129, 4100), (4096, 1024)])
 def test_gpu_quantize_per_token_matches_reference(dtype, shape):
     x = torch.randn(*shape, device="cuda").to(dtype)
+    x[1:2] = 0  # an all-zero token (scale 0, q 0), where there is more than one
     with ek.use_backend("triton"):
         q, scale = ek.quantize_per_token_int8(x)
     q_ref, scale_ref = quantize_rows_reference(x)
@@ -890,3 +1033,75 @@ def test_gpu_cuda_graph_replays_like_eager(mode, M):
         return [x.to("cuda", torch.bfloat16).requires_grad_()]
 
     assert_cuda_graph_replays_like_eager("triton", lambda x: LINEAR_OPS[mode](x, qw, scale, b), inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile_and_autocast(monkeypatch):
+    """On CUDA tensors, with the Triton kernels: torch.library.opcheck of every int8 op in bf16,
+    quantize_per_token_int8 then int8_matmul compiled in one graph, and autocast (auto backend)."""
+    with ek.use_backend("triton"):
+        for requires_grad in (False, True):
+            for op, args in sample_inputs(requires_grad, "cuda", torch.bfloat16):
+                torch.library.opcheck(op, args)
+    launches = record_gemm_launches(monkeypatch)
+    assert_quantize_and_matmul_compile_in_one_graph("triton", "cuda")
+    assert_autocast_casts_input_and_bias_not_the_scales("cuda")
+    assert launches, "the triton kernels did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_gpu_compiled_training_step_like_eager(mode):
+    """Int8Linear under torch.compile(fullgraph=True) on CUDA in bf16: the output and the input
+    and bias gradients of eager mode."""
+    torch._dynamo.reset()
+    layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16), mode=mode)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    with ek.use_backend("triton"):
+        for fn in (torch.compile(layer, fullgraph=True), layer):
+            x_grad = x.clone().requires_grad_()
+            y = fn(x_grad)
+            y.float().square().mean().backward()
+            results.append((y, x_grad.grad, layer.bias.grad))
+            layer.zero_grad(set_to_none=True)
+    (y, x_grad, b_grad), (y_eager, x_grad_eager, b_grad_eager) = results
+    assert torch.equal(y, y_eager)
+    torch.testing.assert_close(x_grad, x_grad_eager)
+    torch.testing.assert_close(b_grad, b_grad_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@parametrize_by_name(_strided_inputs())
+def test_gpu_any_strides_and_ranks(mode, case, poison_empty):
+    assert_any_strides_and_ranks("triton", mode, _strided_inputs("cuda")[case][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M,N,K", [(0, 4, 5), (3, 0, 5), (3, 4, 0)])
+def test_gpu_empty_dimensions_like_f_linear(mode, M, N, K, poison_empty):
+    assert_empty_dimensions_like_f_linear("triton", mode, M, N, K, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_gpu_int8_linear_module_round_trip_on_the_auto_backend(mode, monkeypatch):
+    launches = record_gemm_launches(monkeypatch)
+    assert_module_round_trips(mode, "cuda")
+    assert launches, "auto did not run the triton kernels on CUDA"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@parametrize_by_name(_device_mismatch_calls())
+def test_gpu_device_mismatch_is_a_clear_error(backend, case):
+    name, op, args, message = _device_mismatch_calls("cuda", "cpu")[case]
+    assert_bad_call_raises(backend, op, (name, args, RuntimeError, message))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 80])  # split-K for few rows; more rows: K split only to stay exact
+def test_gpu_int8_matmul_accumulates_past_the_int32_range(M):
+    assert_accumulates_past_the_int32_range(M, "cuda")
