@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 
 import torch
@@ -11,7 +12,9 @@ import torch
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
     try:
-        from . import _C  # noqa: F401  (importing registers the effkern_C ops)
+        # Importing registers the effkern_C ops. Not `from . import _C`: that would replace
+        # the import's own error ("No module named ...") by "cannot import name '_C'".
+        importlib.import_module(f"{__package__}._C")
     except Exception as exc:  # ImportError, or an OSError from a missing shared library
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""

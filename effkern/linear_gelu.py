@@ -43,8 +43,10 @@ def linear_gelu_reference(input: Tensor, weight: Tensor, bias: Optional[Tensor] 
     return F.gelu(F.linear(input, weight, bias), approximate=approximate)
 
 
-def check_args(input, weight, bias, approximate) -> None:
-    """Raise a clear error for anything the kernels must never see."""
+def check_args(input, weight, bias, approximate, mixed_dtypes_allowed: bool = False) -> None:
+    """Raise a clear error for anything the kernels must never see. ``mixed_dtypes_allowed``:
+    skip the one-dtype check, for a caller that autocast will cast before the op runs (the op
+    itself checks again after the cast)."""
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is None and name == "bias":
             continue
@@ -67,7 +69,7 @@ def check_args(input, weight, bias, approximate) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not mixed_dtypes_allowed:
             raise TypeError(f"linear_gelu: {name} has dtype {t.dtype} but input has {input.dtype}; "
                             f"all tensors must share one dtype (use torch.autocast to mix)")
         if t.device != input.device:
@@ -253,17 +255,27 @@ def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, reco
 LIB.impl("linear_gelu", _linear_gelu_composite, "CompositeImplicitAutograd")
 
 
+def _autocast_on(input) -> bool:
+    """Whether torch.autocast is enabled for input's device type (autocast knows no meta device)."""
+    if not isinstance(input, Tensor):
+        return False
+    device_type = input.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
                 recompute_preact: bool = False) -> Tensor:
     """``F.gelu(F.linear(input, weight, bias), approximate=approximate)`` in one fused kernel.
 
     input [..., K] (any leading dims, any strides), weight [N, K], bias [N] or None; float16,
-    bfloat16 or float32, all one dtype. ``approximate`` is "none" (exact erf) or "tanh".
+    bfloat16 or float32, all one dtype (mixed inside torch.autocast, as F.linear takes them).
+    ``approximate`` is "none" (exact erf) or "tanh".
     ``recompute_preact=True`` saves activation memory in training: the pre-activation
     (M*N elements) is recomputed in the backward instead of kept.
     """
     # The same as torch.ops.effkern.linear_gelu, minus one dispatch: this checks first (before the
-    # dispatcher's own, less clear, type errors) and calls the differentiable op directly.
-    check_args(input, weight, bias, approximate)
+    # dispatcher's own, less clear, type errors) and calls the differentiable op directly. Inside
+    # torch.autocast for input's device, mixed dtypes are fine: autocast casts them, as for F.linear.
+    check_args(input, weight, bias, approximate, mixed_dtypes_allowed=_autocast_on(input))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
                                              _needs_preact(input, weight, bias, recompute_preact))[0]

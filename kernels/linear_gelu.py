@@ -342,8 +342,10 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
         grad_bias = grad_out.new_empty((N,))
     if need_weight or need_bias:
         # grad_weight = gz^T @ x: p = n, r = m, so dy and z are read through transposed strides.
-        # Without a weight gradient (bias only), a [M, 1] zero B gives the row sums alone.
-        b = x if need_weight else grad_out.new_zeros((M, 1))
+        # Without a weight gradient (bias only), or an empty one (K = 0: no output tiles, so no
+        # program would write the row sums), a [M, 1] zero B gives the row sums alone.
+        sums_only = not need_weight or x.shape[1] == 0
+        b = grad_out.new_zeros((M, 1)) if sums_only else x
         c = grad_out.new_empty((N, b.shape[1]))
         if M == 0 or N == 0:
             c.zero_()
@@ -351,5 +353,6 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
                 grad_bias.zero_()
         else:
             _bwd_gemm(grad_out.t(), preact.t(), b, c, grad_bias, approximate)
-        grad_weight = c if need_weight else None
+        if need_weight:
+            grad_weight = c[:, :0] if sums_only else c
     return grad_input, grad_weight, grad_bias

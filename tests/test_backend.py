@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,3 +100,48 @@ def test_info_reports_versions_extension_and_backends(capsys):
         assert f"{family}: auto on cpu -> reference" in printed
     if not report["extension"]["built"]:
         assert report["extension"]["error"]
+
+
+# A fresh interpreter in which importing effkern._C fails, as where it was never built: effkern
+# must import, run linear_gelu on the CPU through the reference, and say in info() why _C is missing.
+_WITHOUT_EXTENSION = """
+import sys
+
+
+class BlockExtension:
+    def find_spec(self, name, path=None, target=None):
+        if name == "effkern._C":
+            raise ModuleNotFoundError("No module named 'effkern._C' (blocked by the test)", name=name)
+
+
+sys.meta_path.insert(0, BlockExtension())
+import json
+import torch
+import torch.nn.functional as F
+import effkern as ek
+
+x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+torch.testing.assert_close(ek.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+try:
+    with ek.use_backend("cuda"):
+        ek.linear_gelu(x, w, b)
+    cuda_backend_error = None
+except RuntimeError as exc:
+    cuda_backend_error = str(exc)
+report = ek.info()
+print(json.dumps({"extension": report["extension"], "cuda_backend_error": cuda_backend_error}))
+"""
+
+
+def test_effkern_works_without_the_extension():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    *printed, last = done.stdout.strip().splitlines()
+    result = json.loads(last)
+    why = "ModuleNotFoundError: No module named 'effkern._C' (blocked by the test)"
+    assert result["extension"] == {"built": False, "error": why}
+    assert f"effkern._C: missing ({why})" in printed
+    assert "backend 'cuda' cannot run on cpu tensors" in result["cuda_backend_error"]
+    assert why in result["cuda_backend_error"]

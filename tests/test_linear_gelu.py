@@ -27,8 +27,9 @@ def make_inputs(M, N, K, dtype, device="cpu", bias=True, lead=()):
 
 
 def forward_backward(fn, x, w, b, grad):
-    """Run fn(x, w, b) on fresh leaf copies; return (y, grad_x, grad_w, grad_b)."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    """Run fn(x, w, b) on fresh leaves (detached, not cloned: a clone of a sliced or expanded
+    view is contiguous, and the op would never see the strides); return (y, grad_x, grad_w, grad_b)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
     y = fn(*leaves)
     y.backward(grad)
     return (y.detach(), *(t.grad if t is not None else None for t in leaves))
@@ -41,7 +42,7 @@ def check_against_float64(fn, x, w, b, approximate, factor=2.0):
                            *(t.double() if t is not None else None for t in (x, w, b)), grad.double())
     torch_same = forward_backward(lambda *a: linear_gelu_reference(*a, approximate), x, w, b, grad)
     ours = forward_backward(fn, x, w, b, grad)
-    M, K, N = x.numel() // x.shape[-1], x.shape[-1], w.shape[0]
+    M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
     for name, o, r, t, n in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, ref, torch_same,
                                 (K, N, M, M)):
         if r is not None:
@@ -97,34 +98,40 @@ def test_kernel_without_bias(backend, poison_empty):
         check_against_float64(lambda x, w, b: ek.linear_gelu(x, w, None), x, w, None, "none")
 
 
-def _non_contiguous_cases():
-    """(name, x, w, b): transposed, strided, sliced and expanded views, 1-D to 4-D inputs."""
+def _non_contiguous_cases(dtype=torch.float32, device="cpu"):
+    """(name, x, w, b): transposed, strided, sliced and expanded views, 1-D to 4-D inputs; views
+    of tensors made on ``device`` (moving a sliced or expanded view would make it contiguous)."""
     torch.manual_seed(1)
-    w = (torch.randn(29, 24) / 5).t()  # [N=24, K=29] as a transposed view
-    b = torch.randn(48)[::2]  # strided bias
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    w = (randn(29, 24) / 5).t()  # [N=24, K=29] as a transposed view
+    b = randn(48)[::2]  # strided bias
     return [
-        ("x transposed", torch.randn(29, 21).t(), w, b),
-        ("x column slice", torch.randn(21, 58)[:, ::2], w, b),
-        ("3-D x, permuted", torch.randn(29, 5, 3).permute(1, 2, 0), w, b),
-        ("1-D x", torch.randn(29), w, b),
-        ("4-D x", torch.randn(2, 3, 2, 29), w, b),
-        ("zero-stride x", torch.randn(1, 29).expand(6, 29), w, b),
+        ("x transposed", randn(29, 21).t(), w, b),
+        ("x column slice", randn(21, 58)[:, ::2], w, b),
+        ("3-D x, permuted", randn(29, 5, 3).permute(1, 2, 0), w, b),
+        ("1-D x", randn(29), w, b),
+        ("4-D x", randn(2, 3, 2, 29), w, b),
+        ("zero-stride x", randn(1, 29).expand(6, 29), w, b),
     ]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype,approximate", [(torch.float32, "tanh"), (torch.float16, "none")],
+                         ids=["fp32-tanh", "fp16-erf"])
 @parametrize_by_name(_non_contiguous_cases())
-def test_any_strides_and_ranks(backend, case, poison_empty):
+def test_any_strides_and_ranks(backend, dtype, approximate, case, poison_empty):
     needs_backend(backend)
-    _, x, w, b = _non_contiguous_cases()[case]
+    _, x, w, b = _non_contiguous_cases(dtype)[case]
     with ek.use_backend(backend):
-        check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_strided_bias_passed_as_is(backend):
-    """A strided bias view reaches the op uncopied (check_against_float64 clones its inputs,
-    and clone() makes a strided vector contiguous)."""
+    """A strided bias view reaches the forward without autograd (no pre-activation stored)."""
     needs_backend(backend)
     x, w, _ = make_inputs(5, 24, 29, torch.float32)
     b = torch.randn(48)[::2]
@@ -146,18 +153,25 @@ def test_non_contiguous_grad_out(backend, poison_empty):
         torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_recompute_preact_gives_the_same_gradients(backend, approximate):
-    needs_backend(backend)
-    x, w, b = make_inputs(9, 20, 24, torch.float32)
-    grad = torch.randn(9, 20)
+def assert_recompute_preact_gives_the_same_results(backend, approximate, x, w, b):
+    """recompute_preact=True: the same gradients, bit for bit, as keeping z (the backward
+    recomputes z with the very call that stored it). The output may take another kernel variant
+    (on a GPU, cuBLASLt's GELU_BIAS epilogue instead of GELU_AUX_BIAS), so it need only be close."""
+    grad = torch.randn(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)
     with ek.use_backend(backend):
         saved = forward_backward(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, grad)
         recomputed = forward_backward(lambda *a: ek.linear_gelu(*a, approximate, recompute_preact=True),
                                       x, w, b, grad)
-    for s, r in zip(saved, recomputed):
-        torch.testing.assert_close(s, r, rtol=0, atol=0)
+    torch.testing.assert_close(saved[0], recomputed[0])
+    for name, s, r in zip(("grad_input", "grad_weight", "grad_bias"), saved[1:], recomputed[1:]):
+        torch.testing.assert_close(s, r, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_recompute_preact_gives_the_same_gradients(backend, approximate):
+    needs_backend(backend)
+    assert_recompute_preact_gives_the_same_results(backend, approximate, *make_inputs(9, 20, 24, torch.float32))
 
 
 def _saved_bytes(fn, *args) -> int:
@@ -203,27 +217,55 @@ def test_only_requested_gradients(backend, needs):
             assert leaf.grad is None
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
-def test_zero_input_features(backend, poison_empty):
-    """K = 0, which F.linear accepts: z = bias, no gradient for the (empty) input and weight."""
-    needs_backend(backend)
-    x, w, b = (t.requires_grad_() for t in make_inputs(3, 4, 0, torch.float32))
+def _single_gradient(backend, wrt, x, w, grad):
+    """The gradient of linear_gelu(x, w) with respect to x alone (wrt="input") or w alone
+    ("weight"): the other requires none, so autograd keeps only z and the operand the gradient
+    needs. Checked against float64; returns the bytes the backward allocated at its peak beyond
+    what was allocated before it on a GPU (None on a CPU)."""
+    index = ("input", "weight").index(wrt)
+
+    def leaves(*tensors):
+        out = [t.detach() for t in tensors]
+        out[index].requires_grad_()
+        return out
+
+    args = leaves(x, w)
+    cuda = x.device.type == "cuda"
     with ek.use_backend(backend):
-        y = ek.linear_gelu(x, w, b)
-        y.sum().backward()
-    torch.testing.assert_close(y, F.gelu(b.detach()).expand(3, 4))
-    assert x.grad.shape == (3, 0) and w.grad.shape == (4, 0) and b.grad.shape == (4,)
+        y = ek.linear_gelu(*args)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        got, = torch.autograd.grad(y, args[index], grad)
+        peak = torch.cuda.max_memory_allocated() - before if cuda else None
+    exact, torch_same = (torch.autograd.grad(linear_gelu_reference(*a), a[index], g)[0]
+                         for a, g in ((leaves(x.double(), w.double()), grad.double()), (leaves(x, w), grad)))
+    reduction = w.shape[0] if wrt == "input" else x.shape[0]  # sums over N for grad_input, M for grad_weight
+    assert_within_tolerance(got, exact, torch_same, f"grad_{wrt}", reduction=reduction)
+    return peak
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
-def test_empty_batch(backend):
+@pytest.mark.parametrize("wrt", ["input", "weight"])
+def test_single_gradient_without_the_other_operand(backend, wrt, poison_empty):
     needs_backend(backend)
-    x, w, b = (t.requires_grad_() for t in make_inputs(0, 8, 5, torch.float32))
+    x, w, _ = make_inputs(7, 10, 12, torch.float32, bias=False)
+    assert _single_gradient(backend, wrt, x, w, torch.randn(7, 10)) is None
+
+
+# (M, N, K) with one of them 0: F.linear gives an empty output, or for K = 0 z = bias
+EMPTY_SHAPES = [(0, 8, 5), (3, 4, 0), (3, 0, 5)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("M,N,K", EMPTY_SHAPES)
+def test_empty_dimensions(backend, M, N, K, poison_empty):
+    """Output and all three gradients (zeros where a sum is empty) against float64."""
+    needs_backend(backend)
+    x, w, b = make_inputs(M, N, K, torch.float32)
     with ek.use_backend(backend):
-        y = ek.linear_gelu(x, w, b)
-        y.sum().backward()
-    assert y.shape == (0, 8)
-    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+        check_against_float64(ek.linear_gelu, x, w, b, "none")
 
 
 # ---------------------------------------------------------------------------- the TMA forward
@@ -415,15 +457,15 @@ def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
         yield x, w, b, approximate
 
 
-def op_samples(requires_grad):
+def op_samples(requires_grad, device="cpu", dtype=torch.float32):
     """(op, args): effkern::linear_gelu, its forward (saving the pre-activation when the inputs
     require grad) and its backward, on each of sample_inputs."""
-    for args in sample_inputs(requires_grad=requires_grad):
+    for args in sample_inputs(device, dtype, requires_grad):
         yield torch.ops.effkern.linear_gelu.default, args
         save = requires_grad
         yield torch.ops.effkern.linear_gelu_fwd.default, (*args, save)
         x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        grad = torch.randn(*x.shape[:-1], w.shape[0])
+        grad = torch.randn(*x.shape[:-1], w.shape[0], device=device, dtype=dtype)
         preact = (x @ w.t()).reshape(-1, w.shape[0]) if save else None
         mask = [True, True, b is not None]
         yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, preact, approximate, mask)
@@ -449,14 +491,31 @@ def test_torch_compile_inductor_has_no_graph_break():
     torch.testing.assert_close(compiled(x), linear_gelu_reference(x, w, b, "tanh") * 2)
 
 
-def test_autocast_casts_to_the_active_dtype():
-    x, w, b = make_inputs(4, 6, 8, torch.float32)
+def assert_autocast_like_f_linear(backend, device):
+    """Inside torch.autocast(device, dtype) ek.linear_gelu and torch.ops.effkern.linear_gelu take
+    float32 tensors, alone or mixed with tensors already in the autocast dtype, and run in that
+    dtype, like F.linear; outside it, mixed dtypes are a clear TypeError."""
+    x, w, b = make_inputs(4, 6, 8, torch.float32, device)
     for dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", dtype=dtype):
-            y = ek.linear_gelu(x, w, b)
-        assert y.dtype == dtype
-        expected = linear_gelu_reference(x.to(dtype), w.to(dtype), b.to(dtype))
-        torch.testing.assert_close(y, expected)
+        mixes = {"all float32": (x, w, b), "weight in the autocast dtype": (x, w.to(dtype), b),
+                 "input and bias in the autocast dtype": (x.to(dtype), w, b.to(dtype))}
+        for mix, args in mixes.items():
+            cast = [t.to(dtype) for t in args]
+            exact, torch_same = linear_gelu_reference(*(t.double() for t in cast)), linear_gelu_reference(*cast)
+            for op in (ek.linear_gelu, torch.ops.effkern.linear_gelu):
+                with ek.use_backend(backend), torch.autocast(device, dtype=dtype):
+                    y = op(*args)
+                    assert y.dtype == F.linear(*args).dtype == dtype, (mix, op)
+                assert_within_tolerance(y, exact, torch_same, f"{mix}, {dtype}", reduction=x.shape[-1])
+                if mix != "all float32":
+                    with ek.use_backend(backend), pytest.raises(TypeError, match="all tensors must share one dtype"):
+                        op(*args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])  # the interpreter has no bf16 dot
+def test_autocast_like_f_linear(backend):
+    needs_backend(backend)
+    assert_autocast_like_f_linear(backend, "cpu")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -563,12 +622,14 @@ def test_gpu_kernel_matches_float64(backend, dtype, approximate, M, N, K, poison
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,approximate", [(torch.float32, "none"), (torch.bfloat16, "tanh")],
+                         ids=["fp32-erf", "bf16-tanh"])
 @parametrize_by_name(_non_contiguous_cases())
-def test_gpu_any_strides_and_ranks(backend, case, poison_empty):
+def test_gpu_any_strides_and_ranks(backend, dtype, approximate, case, poison_empty):
     needs_backend(backend, "cuda")
-    _, x, w, b = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _non_contiguous_cases()[case])
+    _, x, w, b = _non_contiguous_cases(dtype, "cuda")[case]
     with ek.use_backend(backend):
-        check_against_float64(lambda *a: ek.linear_gelu(*a, "none"), x, w, b, "none")
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
 @pytest.mark.gpu
@@ -577,16 +638,84 @@ def test_gpu_opcheck_compile_and_autocast(backend):
     needs_backend(backend, "cuda")
     with ek.use_backend(backend):
         for requires_grad in (False, True):
-            for args in sample_inputs("cuda", torch.bfloat16, requires_grad):
-                torch.library.opcheck(torch.ops.effkern.linear_gelu.default, args)
-        layer = ek.nn.LinearGELU(256, 512, device="cuda", dtype=torch.bfloat16)
-        compiled = torch.compile(layer, fullgraph=True)
-        x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        compiled(x).float().square().mean().backward()
-        assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = ek.linear_gelu(x.float(), layer.weight.float(), layer.bias.float())
-        assert y.dtype == torch.bfloat16
+            for op, args in op_samples(requires_grad, "cuda", torch.bfloat16):
+                torch.library.opcheck(op, args)
+    # compiled == eager: the graph calls the same ops on the same tensors
+    torch._dynamo.reset()
+    x, w, b = make_inputs(64, 512, 256, torch.bfloat16, device="cuda")
+    grad = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda *a: ek.linear_gelu(*a, "tanh"), fullgraph=True)
+    with ek.use_backend(backend):
+        eager = forward_backward(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, grad)
+        ours = forward_backward(compiled, x, w, b, grad)
+    for name, o, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, eager):
+        torch.testing.assert_close(o, e, msg=name)
+    assert_autocast_like_f_linear(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("M,N,K", EMPTY_SHAPES)
+def test_gpu_empty_dimensions(backend, M, N, K, poison_empty):
+    needs_backend(backend, "cuda")
+    x, w, b = make_inputs(M, N, K, torch.bfloat16, device="cuda")
+    with ek.use_backend(backend):
+        check_against_float64(ek.linear_gelu, x, w, b, "none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["weight", "bias", "input"])
+def test_gpu_mixed_devices_raise(which):
+    """One tensor on the CPU, the others on the GPU: a RuntimeError naming it (or, for the input,
+    the weight that is not on the input's device), before any kernel."""
+    x, w, b = make_inputs(4, 6, 8, torch.float32, device="cuda")
+    args = dict(input=x, weight=w, bias=b)
+    args[which] = args[which].cpu()
+    message = ("weight is on cuda:0 but input is on cpu" if which == "input"
+               else f"{which} is on cpu but input is on cuda")
+    for backend in GPU_BACKENDS:
+        assert_bad_call_raises(backend, ek.linear_gelu, (which, (*args.values(), "none"), RuntimeError, message))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_recompute_preact_keeps_less_and_gives_the_same_gradients(backend, approximate):
+    """recompute_preact=True: bit-identical gradients, and M*N elements (z) less kept between the
+    forward and the backward, measured as the memory the forward leaves allocated."""
+    needs_backend(backend, "cuda")
+    M, N, K = 1024, 2048, 512
+    x, w, b = (t.requires_grad_() for t in make_inputs(M, N, K, torch.bfloat16, device="cuda"))
+    assert_recompute_preact_gives_the_same_results(backend, approximate, x, w, b)
+
+    def kept_bytes(recompute_preact):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = ek.linear_gelu(x, w, b, approximate, recompute_preact=recompute_preact)
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - before - y.nbytes  # saved for backward, beyond y itself
+
+    with ek.use_backend(backend):
+        saved, recomputed = kept_bytes(False), kept_bytes(True)
+    z_bytes = M * N * x.element_size()
+    assert saved == pytest.approx(z_bytes, rel=0.02) and recomputed < 0.02 * z_bytes, (saved, recomputed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("wrt", ["input", "weight"])
+def test_gpu_single_gradient_allocates_no_copy_of_the_unsaved_operand(backend, wrt):
+    """Only grad_input or only grad_weight: autograd keeps w, resp. x, and the backward gets a
+    zero-stride stand-in for the other, which has the gradient's shape. The backward may allocate
+    the gradient plus scratch (cuBLASLt's 32 MiB workspace, gz [M, N] of 1 MiB); a dense copy of
+    the stand-in would add as much again as the gradient (128 MiB here)."""
+    needs_backend(backend, "cuda")
+    big, small = 8192, 64
+    M, N = (big, small) if wrt == "input" else (small, big)
+    x, w, _ = make_inputs(M, N, big, torch.bfloat16, device="cuda", bias=False)
+    gradient_bytes = big * big * 2
+    peak = _single_gradient(backend, wrt, x, w, torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
+    assert peak < 1.5 * gradient_bytes, f"the backward allocated {peak / 2**20:.0f} MiB at its peak"
 
 
 @pytest.mark.gpu

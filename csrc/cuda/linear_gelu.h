@@ -64,8 +64,8 @@ struct LinearGeluBwdArgs {
   int64_t m, n, k;
   const void* grad_out;  // [m, n] dense row-major
   const void* preact;    // [m, n] dense row-major
-  Matrix input;          // [m, k]
-  Matrix weight;         // [n, k]
+  Matrix input;          // [m, k]; read only when grad_weight is computed (else may be empty)
+  Matrix weight;         // [n, k]; read only when grad_input is computed (else may be empty)
   void* grad_z;          // [m, n] dense row-major scratch (required): grad_out * gelu'(preact)
   void* grad_input;      // [m, k] or nullptr (not computed)
   void* grad_weight;     // [n, k] or nullptr (not computed)

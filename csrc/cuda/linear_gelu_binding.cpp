@@ -169,11 +169,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
   args.k = K;
   args.grad_out = grad_out_c.data_ptr();
   args.preact = preact_c.data_ptr();
-  args.input = matrix_view(input, input_holder);
-  args.weight = matrix_view(weight, weight_holder);
+  // Views only of the operands the requested GEMMs read: grad_input reads weight, grad_weight
+  // reads input. The other may be the Python layer's zero-stride stand-in for a tensor autograd
+  // did not save, which matrix_view would copy into a dense [M, K] or [N, K] buffer.
+  const bool run_gi = need_gi && K > 0, run_gw = need_gw && K > 0;
+  args.input = run_gw ? matrix_view(input, input_holder) : Matrix{};
+  args.weight = run_gi ? matrix_view(weight, weight_holder) : Matrix{};
   args.grad_z = grad_z.data_ptr();
-  args.grad_input = (need_gi && K > 0) ? grad_input.data_ptr() : nullptr;
-  args.grad_weight = (need_gw && K > 0) ? grad_weight.data_ptr() : nullptr;
+  args.grad_input = run_gi ? grad_input.data_ptr() : nullptr;
+  args.grad_weight = run_gw ? grad_weight.data_ptr() : nullptr;
   args.grad_bias = need_gb ? grad_bias.data_ptr() : nullptr;
   args.tanh_approx = tanh_approx;
   args.allow_tf32 = allow_tf32(input.scalar_type());
