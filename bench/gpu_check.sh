@@ -9,6 +9,9 @@
 #   OPS="int8 int4" bench/gpu_check.sh only these op families' GPU tests (tests/test_<op>.py,
 #                                      tests/test_<op>_*.py, and the harness's tests/test_bench.py)
 #                                      and benchmarks (default: all)
+#   STEPS="build pytest" bench/gpu_check.sh   only these of the steps build, pytest, bench (default
+#                                      all three): a family's tests and its benchmark can then go in
+#                                      two device calls, each within the per-call limit
 # Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
 OPS=${OPS:-}
+STEPS=${STEPS:-build pytest bench}
+for s in $STEPS; do
+    [[ $s == build || $s == pytest || $s == bench ]] || { echo "STEPS: unknown step '$s' (build, pytest, bench)"; exit 2; }
+done
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 TEST_PATHS=tests
 # with OPS, also the harness's own GPU test (its CUDA-graph timing; seconds)
 # (|| true: ls fails on a family without test_<op>_*.py files, which set -e must not take as fatal)
@@ -58,15 +66,17 @@ build() {  # the build's status; effkern.info() after it either way, to show wha
 
 export -f env_info build  # timeout runs programs, not shell functions: run them in a child bash
 step env 60 "$OUT/env.txt" bash -c env_info
-step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -c build
+if wanted build; then step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -c build; fi
 # pytest-xdist, where installed, spreads the Triton compiles of the GPU tests over the cores
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST $TEST_PATHS
+if wanted pytest; then
+    step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST $TEST_PATHS
+fi
 SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || echo unknown-device)
 RES=bench/results/$SLUG
-# the named families that have a benchmark (flash attention has none yet)
+# the named families that have a benchmark (all five have one)
 BENCH_OPS=$($PY -c "import sys; from bench.__main__ import OPS; print(' '.join(o for o in sys.argv[1:] if o in OPS))" $OPS)
-if [[ -z $OPS || -n $BENCH_OPS ]]; then
+if wanted bench && [[ -z $OPS || -n $BENCH_OPS ]]; then
     # the autotuners' choices go to bench.log: which tile configs the numbers were measured at
     export TRITON_PRINT_AUTOTUNING=1
     step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench $BENCH_OPS --quick --write-policy --out "$RES"
@@ -80,8 +90,10 @@ cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.js
     echo
     echo "================ gpu_check summary ($((SECONDS - START)) s, $(head -c 80 < <(grep -m1 '^device' "$OUT/env.txt" || echo 'device ?')))"
     printf '%s\n' "${SUMMARY[@]}"
-    echo "pytest: $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$OUT/pytest_gpu.log" | tail -n 1 || echo 'no summary line')"
-    echo "bench:  $(grep -E 'FAIL or ERROR|^skipped' "$OUT/bench.log" | tr '\n' ';' || true)"
+    if wanted pytest; then
+        echo "pytest: $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$OUT/pytest_gpu.log" | tail -n 1 || echo 'no summary line')"
+    fi
+    if wanted bench; then echo "bench:  $(grep -E 'FAIL or ERROR|^skipped' "$OUT/bench.log" | tr '\n' ';' || true)"; fi
     echo
     cat "$RES"/*.md 2>/dev/null || echo "no benchmark tables in $RES"
 } | tee "$OUT/summary.txt"
