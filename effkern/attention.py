@@ -265,7 +265,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 def _sdpa_fast_path(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> bool:
     if attn_mask is not None or dropout_p != 0.0:
         return False
-    if scale is not None and not (isinstance(scale, (int, float)) and -math.inf < scale < math.inf):
+    # a bool is an int to isinstance; torch's SDPA takes True as 1.0 and False as 0.0: its own path runs it
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                                              and -math.inf < scale < math.inf)):
         return False
     if not all(isinstance(t, Tensor) for t in (query, key, value)):
         return False
@@ -296,9 +298,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for F.scaled_dot_product_attention, same signature and semantics (top-left causal
-    alignment). effkern's kernel runs when attn_mask is None, dropout_p == 0, the tensors are 4-D
-    of one supported dtype with one head dim <= 256, and the selected backend takes them (auto:
-    CUDA float16/bfloat16); every other call is torch's own SDPA."""
+    alignment). effkern's kernel runs when attn_mask is None, dropout_p == 0, scale is None or a
+    finite number (not a bool), the tensors are 4-D of one supported dtype with one head dim <= 256,
+    and the selected backend takes them (auto: CUDA float16/bfloat16); every other call is torch's
+    own SDPA."""
     if not _sdpa_fast_path(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -43,6 +43,15 @@ CASES = [
     ("mha_37x1_d32_causal", 1, 2, 2, 37, 1, 32, True, (-1, -1), 0.0, False),  # rows with no visible key
     ("gqa_57x23_d59_causal_softcap_t", 1, 6, 2, 57, 23, 59, True, (-1, -1), 2.0, True),  # Sq > Skv
     ("mha_40x40_d16_window_both", 1, 2, 2, 40, 40, 16, False, (3, 4), 0.0, False),
+    # the head dims of two-step blocks: 128 (the d128 class's widest), 160 (padded to a 256 block), 256
+    ("mha_128x217_d160_causal", 1, 2, 2, 128, 217, 160, True, (-1, -1), 0.0, False),
+    ("mqa_128x217_d128_window_softcap_t", 1, 2, 1, 128, 217, 128, False, (40, 20), 4.0, True),
+    ("mqa_239x1_d128_causal", 1, 3, 1, 239, 1, 128, True, (-1, -1), 0.0, False),  # only the last row sees a key
+    ("mha_239x1_d256_t", 1, 2, 2, 239, 1, 256, False, (-1, -1), 0.0, True),
+    # (3, 799): the split-KV forward (decode_splits > 1 here), its gradients by the backward kernels
+    ("mha_3x799_d32", 1, 2, 2, 3, 799, 32, False, (-1, -1), 0.0, False),
+    ("mqa_3x799_d256_causal_window_softcap_t", 1, 2, 1, 3, 799, 256, True, (300, -1), 3.0, True),
+    ("gqa_64x128_d160_window_left_t", 1, 4, 2, 64, 128, 160, False, (24, -1), 0.0, True),
 ]
 
 
@@ -59,7 +68,8 @@ def make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype=torch.float16, device="cpu"):
 
 def attention_in(dtype, q, k, v, causal, window, softcap, scale=None):
     """PyTorch's own attention computed in ``dtype`` (an independent formulation: an explicit mask,
-    softmax, repeat_interleave for GQA): (out, lse); rows with no visible key give 0 and -inf."""
+    softmax, repeat_interleave for GQA): (out, lse), lse float64 for float64, else float32; rows
+    with no visible key give 0 and -inf."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     Hq, Sq, Skv, D = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
@@ -69,7 +79,7 @@ def attention_in(dtype, q, k, v, causal, window, softcap, scale=None):
         s = softcap * torch.tanh(s / softcap)
     keep = visible(Sq, Skv, causal, *window, q.device)
     s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s.float(), -1)
+    lse = torch.logsumexp(s if dtype == torch.float64 else s.float(), -1)
     p = torch.softmax(s, -1).masked_fill(~keep.any(-1)[:, None], 0.0)
     return p @ v, lse
 
@@ -79,14 +89,15 @@ def grads(outs, grad_outs, inputs):
 
 
 def assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap):
-    """out and lse (fp16 inputs q, k, v) against float64, within twice PyTorch's fp16 error; rows
-    with no visible key exactly 0 and -inf. Returns (the float64 leaves, their (out, lse), fp16's)."""
+    """out and lse (16-bit inputs q, k, v) against float64, within twice PyTorch's error in q's
+    dtype; rows with no visible key exactly 0 and -inf. Returns (the float64 leaves, their (out,
+    lse), PyTorch's in q's dtype)."""
     B, Hq, Sq, _ = q.shape
     Skv = k.shape[2]
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
-    same, lse_same = attention_in(torch.float16, q, k, v, causal, window, softcap)
+    same, lse_same = attention_in(q.dtype, q, k, v, causal, window, softcap)
     assert_matches_float64(out, out64, same, Skv, what="out")
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
@@ -97,12 +108,11 @@ def assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap):
 
 # ---------------------------------------------------------------------------- against float64
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@parametrize_by_name(CASES)
-def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
-    needs_backend(backend)
-    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = CASES[case]
-    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed)
+def check_forward_lse_and_gradients(case, backend, dtype=torch.float16, device="cpu"):
+    """A case of CASES (or GPU_LSE_CASES) under ``backend``: out, lse and the gradients of q, k
+    and v from a loss on both out and lse (the backward's dlse term) against float64."""
+    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = case
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype, device)
     with ek.use_backend(backend):
         out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
     x64, (out64, lse64), (same, lse_same) = assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap)
@@ -116,8 +126,30 @@ def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
     base = grads((same, lse_same), (dout, dlse), (q, k, v))
     group = Hq // Hkv
     for name, g, w, b, n in zip("qkv", got, want, base, (Skv, Sq * group, Sq * group)):
-        assert g.shape == w.shape and g.dtype == torch.float16
+        assert g.shape == w.shape and g.dtype == dtype
         assert_matches_float64(g, w, b, n, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(CASES)
+def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
+    needs_backend(backend)
+    check_forward_lse_and_gradients(CASES[case], backend)
+
+
+def test_backward_is_deterministic(poison_empty):
+    """GQA, causal: two backward passes give dq, dk and dv bit for bit (no atomics)."""
+    needs_backend("triton")
+    x = [t.detach() for t in make(1, 6, 2, 45, 70, 32, True)]
+    dout = torch.randn(1, 6, 45, 32).half()
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in x]
+        with ek.use_backend("triton"):
+            flash_attention(*leaves, causal=True).backward(dout)
+        runs.append([t.grad for t in leaves])
+    for name, first, second in zip("qkv", *runs):
+        assert torch.equal(first, second), f"d{name}"
 
 
 def test_reference_matches_torch_sdpa_with_a_mask():
@@ -163,6 +195,68 @@ def test_fully_masked_rows_and_empty_inputs(poison_empty):
             assert o.shape == (1, 2, 0, 16)
             o, l = flash_attention(*(t.detach() for t in make(1, 2, 1, 4, 0, 16, False)), return_lse=True)
             assert bool((o == 0).all()) and bool((l == float("-inf")).all())
+
+
+# ---------------------------------------------------------------------------- skipped blocks
+
+def _rows(*spans) -> list[int]:
+    return [i for lo, hi in spans for i in range(lo, hi)]
+
+
+# (name, Sq, Skv, causal, window, keys poisoned, query rows checked, query rows poisoned, keys
+# checked): poisoning (NaN) the keys and values of key blocks that no query tile holding a
+# checked row may visit leaves those rows' out, lse and dq bit for bit as they were; poisoning
+# the q and dO rows of query blocks that no key block holding a checked key may visit leaves
+# those keys' dk and dv so. A kernel that visited such a block, even fully masked, would
+# multiply the poison by a zero probability: NaN. The spans leave a margin of a whole tile
+# over the interpreter's (forward and dQ 32 x 16, dK/dV 16 x 32, decoding 16 x 16), so they
+# hold for tiles up to 64 x 32 too.
+SKIP_CASES = [
+    # causal: the key blocks right of a tile's diagonal; the query blocks above a key block's
+    ("causal", 160, 160, True, (-1, -1), [(64, 160)], [(0, 32)], [(0, 64)], [(96, 160)]),
+    # causal with a left window: both sides of the band
+    ("causal_window", 160, 160, True, (16, -1), [(0, 32), (128, 160)], [(64, 96)], [(0, 48), (128, 160)],
+     [(64, 96)]),
+    # decoding (the split-KV forward divides only the window's key blocks among its splits): all
+    # rows checked, and every key's dk and dv (the poisoned ones' 0: their blocks see no query)
+    ("decode_window", 2, 799, True, (300, -1), [(0, 400)], [(0, 2)], [], [(0, 799)]),
+]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the rows that see poison
+@parametrize_by_name(SKIP_CASES)
+def test_fully_masked_blocks_are_skipped(case, poison_empty):
+    """Key blocks (query blocks, in the dK/dV kernel) that the causal or window band masks in full
+    are skipped, not visited: poison in them changes nothing (SKIP_CASES)."""
+    needs_backend("triton")
+    _, Sq, Skv, causal, window, bad_keys, rows, bad_rows, keys = SKIP_CASES[case]
+    x = [t.detach() for t in make(1, 2, 1, Sq, Skv, 16, False)]  # GQA: the dK/dV kernel's head loop too
+    dout = torch.randn(1, 2, Sq, 16).half()
+    if Sq <= 16:
+        assert _kernels().decode_splits(1, 2, Sq, Skv, 16, causal, *window, x[0].device) > 1  # the split path
+
+    def run(q, k, v, do):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with ek.use_backend("triton"):
+            out, lse = flash_attention(*leaves, causal=causal, window=window, return_lse=True)
+            out.backward(do)
+        return out, lse, *(t.grad for t in leaves)
+
+    def poisoned(t, index):
+        t = t.clone()
+        t[:, :, index] = float("nan")
+        return t
+
+    clean = run(*x, dout)
+    rows, keys, bad_keys, bad_rows = _rows(*rows), _rows(*keys), _rows(*bad_keys), _rows(*bad_rows)
+    q, k, v = x
+    out, lse, dq, dk, dv = run(q, poisoned(k, bad_keys), poisoned(v, bad_keys), dout)
+    for name, got, want in zip(("out", "lse", "dq"), (out, lse, dq), clean[:3]):
+        assert torch.equal(got[:, :, rows], want[:, :, rows]), f"{name}: a skipped key block was computed"
+    if bad_rows:
+        *_, dk, dv = run(poisoned(q, bad_rows), k, v, poisoned(dout, bad_rows))
+    for name, got, want in zip(("dk", "dv"), (dk, dv), clean[3:]):
+        assert torch.equal(got[:, :, keys], want[:, :, keys]), f"{name}: a skipped query block was computed"
 
 
 # ---------------------------------------------------------------------------- split-KV (decoding)
@@ -310,13 +404,14 @@ SDPA_CASES = [
 ]
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "bshd_views"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @parametrize_by_name(SDPA_CASES)
-def test_sdpa_matches_torch(backend, case):
+def test_sdpa_matches_torch(backend, case, transposed):
     needs_backend(backend)
     _, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, gqa = SDPA_CASES[case]
     dtype = torch.float16 if backend == "triton" else torch.float64
-    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, False, dtype)
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype)
     with ek.use_backend(backend):
         assert _sdpa_fast_path(q, k, v, None, 0.0, scale, gqa)  # effkern's op, not torch's SDPA
         out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
@@ -333,6 +428,44 @@ def test_sdpa_matches_torch(backend, case):
         assert_matches_float64(out, exact, same, Skv)
         for g, w, b in zip((dq, dk, dv), want, grads(same, torch.ones_like(same), (q, k, v))):
             assert_matches_float64(g, w, b, Sq * Skv)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_passes_transposed_views_to_the_kernels_without_a_copy(is_causal, monkeypatch):
+    """q, k, v as [B, S, H, D]-transposed views (Sq < Skv; causal slices k and v, itself a view):
+    the forward and backward launchers get their storage and strides as they are, no copy."""
+    needs_backend("triton")
+    kernels = _kernels()
+    q, k, v = make(1, 4, 2, 9, 23, 32, True)
+    keys = 9 if is_causal else 23  # causal: keys past Sq are seen by no query (top-left alignment)
+    expected = [(t.data_ptr(), t[:, :, :n].shape, t.stride()) for t, n in ((q, 9), (k, keys), (v, keys))]
+
+    def layouts(tensors):
+        return [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
+
+    fwd = record_calls(monkeypatch, kernels, "flash_attn_fwd", lambda args, _: layouts(args[:3]))
+    bwd = record_calls(monkeypatch, kernels, "flash_attn_bwd", lambda args, _: layouts(args[2:5]))
+    with ek.use_backend("triton"):
+        assert _sdpa_fast_path(q, k, v, None, 0.0, None, True)
+        scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True).sum().backward()
+    assert fwd == [expected] and bwd == [expected]
+    assert q.stride()[1] == 32 and q.stride()[2] == 4 * 32  # really [B, S, H, D] underneath
+
+
+def test_sdpa_bool_scale_is_torchs():
+    """torch's SDPA takes scale=True as 1.0 (and False as 0.0); a bool goes to torch's own SDPA."""
+    q, k, v = (t.detach() for t in make(1, 2, 2, 5, 9, 16, False, torch.float32))
+    for backend in ("reference", "auto"):
+        with ek.use_backend(backend):
+            for flag in (True, False):
+                assert not _sdpa_fast_path(q, k, v, None, 0.0, flag, False)
+                # bit for bit, NaN included: torch's CPU SDPA gives NaN for scale 0 with is_causal
+                torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=flag, is_causal=True),
+                                           F.scaled_dot_product_attention(q, k, v, scale=flag, is_causal=True),
+                                           rtol=0, atol=0, equal_nan=True)
+    with ek.use_backend("reference"):  # the number True stands for, on effkern's path
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=1.0),
+                                   F.scaled_dot_product_attention(q, k, v, scale=True))
 
 
 def test_sdpa_falls_back_to_torch():
@@ -525,18 +658,86 @@ def test_gpu_every_tuned_config_matches_float64(D, index, transposed, monkeypatc
 
 
 @pytest.mark.gpu
-def test_gpu_split_kv_decoding_matches_float64():
-    """One query row over 32768 keys, GQA 32/8, D = 128, bf16: the split-KV path."""
+@pytest.mark.parametrize("Sq,window,softcap", [(1, (-1, -1), 0.0), (4, (3000, -1), 30.0)],
+                         ids=["causal", "causal_window_softcap"])
+def test_gpu_split_kv_decoding_matches_float64(Sq, window, softcap):
+    """Query rows over 32768 keys, GQA 32/8, D = 128, bf16, causal (and a window of 3000 keys
+    with a softcap): the split-KV path."""
     needs_backend("triton", "cuda")
-    B, Hq, Hkv, Sq, Skv, D = 1, 32, 8, 1, 32768, 128
-    assert _kernels().decode_splits(B, Hq, Sq, Skv, D, True, -1, -1, torch.device("cuda")) > 1
+    B, Hq, Hkv, Skv, D = 1, 32, 8, 32768, 128
+    assert _kernels().decode_splits(B, Hq, Sq, Skv, D, True, *window, torch.device("cuda")) > 1
     q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False, torch.bfloat16, "cuda"))
     with ek.use_backend("triton"):
-        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
-    out64, lse64 = attention_in(torch.float64, q, k, v, True, (-1, -1), 0.0)
-    same, _ = attention_in(torch.bfloat16, q, k, v, True, (-1, -1), 0.0)
+        out, lse = flash_attention(q, k, v, causal=True, window=window, softcap=softcap, return_lse=True)
+    out64, lse64 = attention_in(torch.float64, q, k, v, True, window, softcap)
+    same, _ = attention_in(torch.bfloat16, q, k, v, True, window, softcap)
     assert_matches_float64(out, out64, same, Skv, what="out")
     torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
+
+
+# (as CASES) D = 64, 40 and 59, fwd, lse and the gradients from a loss on out and lse (dlse)
+GPU_LSE_CASES = [
+    ("gqa_300x700_d64_causal", 2, 6, 2, 300, 700, 64, True, (-1, -1), 0.0, False),
+    ("mha_257x513_d40_window_t", 1, 4, 4, 257, 513, 40, False, (100, 30), 0.0, True),
+    ("mqa_129x1025_d59_causal_softcap", 1, 4, 1, 129, 1025, 59, True, (-1, -1), 20.0, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@parametrize_by_name(GPU_LSE_CASES)
+def test_gpu_forward_lse_and_gradients_match_float64(case, dtype):
+    needs_backend("triton", "cuda")
+    check_forward_lse_and_gradients(GPU_LSE_CASES[case], "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    """GQA, causal, bf16: two backward passes give dq, dk and dv bit for bit (no atomics)."""
+    needs_backend("triton", "cuda")
+    x = [t.detach() for t in make(2, 8, 2, 1000, 1000, 128, True, torch.bfloat16, "cuda")]
+    dout = torch.randn(2, 8, 1000, 128, device="cuda").bfloat16()
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in x]
+        with ek.use_backend("triton"):
+            flash_attention(*leaves, causal=True).backward(dout)
+        runs.append([t.grad for t in leaves])
+    for name, first, second in zip("qkv", *runs):
+        assert torch.equal(first, second), f"d{name}"
+
+
+# (name, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, enable_gqa, transposed)
+GPU_SDPA_CASES = [
+    ("causal_sq_lt_skv", 2, 8, 8, 300, 1000, 128, True, None, False, False),
+    ("causal_sq_gt_skv_t", 1, 8, 8, 700, 200, 64, True, None, False, True),
+    ("gqa_causal_scale", 2, 16, 4, 513, 513, 128, True, 0.1, True, False),
+]
+
+
+@pytest.mark.gpu
+@parametrize_by_name(GPU_SDPA_CASES)
+def test_gpu_sdpa_takes_the_kernels_and_matches_torch(case, monkeypatch):
+    """On CUDA the auto backend runs effkern's kernels for an SDPA call (forward and backward),
+    within the float64 rule of torch's own SDPA."""
+    needs_backend("triton", "cuda")
+    kernels = _kernels()
+    _, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, gqa, transposed = GPU_SDPA_CASES[case]
+    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, torch.bfloat16, "cuda")
+    fwd = record_calls(monkeypatch, kernels, "flash_attn_fwd", lambda *_: True)
+    bwd = record_calls(monkeypatch, kernels, "flash_attn_bwd", lambda *_: True)
+    with ek.use_backend("auto"):
+        assert _sdpa_fast_path(q, k, v, None, 0.0, scale, gqa)
+        out = scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        dout = torch.randn_like(out)
+        got = grads(out, dout, (q, k, v))
+    assert fwd == [True] and bwd == [True]  # effkern's kernels, not torch's SDPA
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*x64, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    same = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    assert_matches_float64(out, exact, same, Skv, what="out")
+    for name, g, w, b in zip("qkv", got, grads(exact, dout.double(), x64), grads(same, dout, (q, k, v))):
+        assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
 
 
 @pytest.mark.gpu
