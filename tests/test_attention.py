@@ -109,7 +109,7 @@ def assert_forward_matches_float64(out, lse, q, k, v, causal, window, softcap):
 # ---------------------------------------------------------------------------- against float64
 
 def check_forward_lse_and_gradients(case, backend, dtype=torch.float16, device="cpu"):
-    """A case of CASES (or GPU_LSE_CASES) under ``backend``: out, lse and the gradients of q, k
+    """A case of CASES (or GPU_CASES) under ``backend``: out, lse and the gradients of q, k
     and v from a loss on both out and lse (the backward's dlse term) against float64."""
     _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = case
     q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype, device)
@@ -137,11 +137,10 @@ def test_forward_lse_and_gradients_match_float64(backend, case, poison_empty):
     check_forward_lse_and_gradients(CASES[case], backend)
 
 
-def test_backward_is_deterministic(poison_empty):
-    """GQA, causal: two backward passes give dq, dk and dv bit for bit (no atomics)."""
-    needs_backend("triton")
-    x = [t.detach() for t in make(1, 6, 2, 45, 70, 32, True)]
-    dout = torch.randn(1, 6, 45, 32).half()
+def assert_backward_is_deterministic(B, Hq, Hkv, Sq, Skv, D, dtype, device):
+    """GQA, causal, [B, S, H, D] views: two backward passes give dq, dk and dv bit for bit (no atomics)."""
+    x = [t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, True, dtype, device)]
+    dout = torch.randn(B, Hq, Sq, D, device=device).to(dtype)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in x]
@@ -150,6 +149,11 @@ def test_backward_is_deterministic(poison_empty):
         runs.append([t.grad for t in leaves])
     for name, first, second in zip("qkv", *runs):
         assert torch.equal(first, second), f"d{name}"
+
+
+def test_backward_is_deterministic(poison_empty):
+    needs_backend("triton")
+    assert_backward_is_deterministic(1, 6, 2, 45, 70, 32, torch.float16, "cpu")
 
 
 def test_reference_matches_torch_sdpa_with_a_mask():
@@ -603,30 +607,19 @@ GPU_CASES = [
     ("mqa_1000x1000_d160_window_softcap", 1, 4, 1, 1000, 1000, 160, False, (128, 0), 30.0, False),
     ("mha_777x513_d96", 2, 4, 4, 777, 513, 96, False, (-1, -1), 0.0, True),
     ("gqa_128x217_d224_causal", 1, 6, 2, 128, 217, 224, True, (-1, -1), 0.0, False),
+    ("gqa_300x700_d64_causal", 2, 6, 2, 300, 700, 64, True, (-1, -1), 0.0, False),
+    ("mha_257x513_d40_window_t", 1, 4, 4, 257, 513, 40, False, (100, 30), 0.0, True),
+    ("mqa_129x1025_d59_causal_softcap", 1, 4, 1, 129, 1025, 59, True, (-1, -1), 20.0, False),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @parametrize_by_name(GPU_CASES)
-def test_gpu_matches_float64(case, dtype):
+def test_gpu_forward_lse_and_gradients_match_float64(case, dtype):
+    """out, lse and the gradients from a loss on out and lse (the backward's dlse term)."""
     needs_backend("triton", "cuda")
-    _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap, transposed = GPU_CASES[case]
-    q, k, v = make(B, Hq, Hkv, Sq, Skv, D, transposed, dtype, "cuda")
-    with ek.use_backend("triton"):
-        out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
-        dout = torch.randn_like(out)
-        got = grads(out, dout, (q, k, v))
-    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap)
-    same, _ = attention_in(dtype, q, k, v, causal, window, softcap)
-    assert_matches_float64(out, out64, same, Skv, what="out")
-    finite = torch.isfinite(lse64)
-    torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-3, rtol=1e-3)
-    want = grads(out64, dout.double(), x64)
-    base = grads(same, dout, (q, k, v))
-    for name, g, w, b in zip("qkv", got, want, base):
-        assert_matches_float64(g, w, b, Sq * Skv, what=f"d{name}")
+    check_forward_lse_and_gradients(GPU_CASES[case], "triton", dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -675,36 +668,10 @@ def test_gpu_split_kv_decoding_matches_float64(Sq, window, softcap):
     torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
 
 
-# (as CASES) D = 64, 40 and 59, fwd, lse and the gradients from a loss on out and lse (dlse)
-GPU_LSE_CASES = [
-    ("gqa_300x700_d64_causal", 2, 6, 2, 300, 700, 64, True, (-1, -1), 0.0, False),
-    ("mha_257x513_d40_window_t", 1, 4, 4, 257, 513, 40, False, (100, 30), 0.0, True),
-    ("mqa_129x1025_d59_causal_softcap", 1, 4, 1, 129, 1025, 59, True, (-1, -1), 20.0, False),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@parametrize_by_name(GPU_LSE_CASES)
-def test_gpu_forward_lse_and_gradients_match_float64(case, dtype):
-    needs_backend("triton", "cuda")
-    check_forward_lse_and_gradients(GPU_LSE_CASES[case], "triton", dtype, "cuda")
-
-
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    """GQA, causal, bf16: two backward passes give dq, dk and dv bit for bit (no atomics)."""
     needs_backend("triton", "cuda")
-    x = [t.detach() for t in make(2, 8, 2, 1000, 1000, 128, True, torch.bfloat16, "cuda")]
-    dout = torch.randn(2, 8, 1000, 128, device="cuda").bfloat16()
-    runs = []
-    for _ in range(2):
-        leaves = [t.clone().requires_grad_() for t in x]
-        with ek.use_backend("triton"):
-            flash_attention(*leaves, causal=True).backward(dout)
-        runs.append([t.grad for t in leaves])
-    for name, first, second in zip("qkv", *runs):
-        assert torch.equal(first, second), f"d{name}"
+    assert_backward_is_deterministic(2, 8, 2, 1000, 1000, 128, torch.bfloat16, "cuda")
 
 
 # (name, B, Hq, Hkv, Sq, Skv, D, is_causal, scale, enable_gqa, transposed)
