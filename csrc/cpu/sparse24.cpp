@@ -22,8 +22,9 @@
 // All three work on the raw bit patterns (uint16/32/64): a magnitude is the bit pattern without
 // the sign bit, which orders like |w| for IEEE formats (NaN patterns above inf); NaNs are
 // clamped to one key just above inf. No float conversions, no per-element allocation; rows are
-// split over threads with at::parallel_for, and each group is handled by a fixed, branch-free
-// comparison network (prune) or a 16-entry table on the nonzero mask (compress, decompress).
+// split over threads with at::parallel_for, and each group is handled by fixed, branch-free
+// arithmetic (prune: a comparison network; compress: which positions are kept, from the nonzero
+// flags; decompress: a select per position), all in one integer width, which gcc vectorizes.
 // A bad group does not throw inside the parallel loop: the first bad (row, group) is recorded
 // and the error is raised afterwards, naming the lowest such row and group.
 //
@@ -80,35 +81,28 @@ inline typename Bits<scalar_t>::type magnitude_key(typename Bits<scalar_t>::type
   return a < nan_key ? a : nan_key;  // a min: a conditional move, not a branch
 }
 
+// Branch-free selection in one integer width (what lets gcc vectorize the group loops):
+// all ones if c (0 or 1) is 1, else 0; and c ? a : b through that mask.
+template <typename T>
+inline T all_ones_if(T c) {
+  return T(T(0) - c);
+}
+template <typename T>
+inline T select(T c, T a, T b) {
+  const T m = all_ones_if(c);
+  return T((a & m) | (b & T(~m)));
+}
+
 // ------------------------------------------------------------------------------ code tables
 
-// For a 4-bit mask of the nonzero positions of a group: the meta code of the kept positions
-// (the nonzeros, completed with the lowest-index zero positions), and whether the group has
-// more than 2 nonzeros (then the code is a harmless placeholder; the op raises).
-struct CompressTable {
-  std::array<uint8_t, 16> code{};
-  std::array<uint8_t, 16> too_many{};
-  std::array<uint8_t, 16> count{};
-};
-
-constexpr CompressTable make_compress_table() {
-  CompressTable t{};
-  for (int mask = 0; mask < 16; ++mask) {
-    int pos[4] = {0, 0, 0, 0};
-    int n = 0, nnz = 0;
-    for (int i = 0; i < 4; ++i)
-      if (mask & (1 << i)) pos[n++] = i, ++nnz;
-    for (int i = 0; i < 4 && n < 2; ++i)
-      if (!(mask & (1 << i))) pos[n++] = i;
-    int i0 = pos[0] < pos[1] ? pos[0] : pos[1], i1 = pos[0] < pos[1] ? pos[1] : pos[0];
-    if (nnz > 2) i0 = 0, i1 = 1;
-    t.code[mask] = static_cast<uint8_t>(i0 | (i1 << 2));
-    t.too_many[mask] = nnz > 2 ? 1 : 0;
-    t.count[mask] = static_cast<uint8_t>(nnz);
-  }
+// For a 4-bit mask of the nonzero positions of a group: its number of nonzeros (the error
+// message's; more than 2 is an error).
+constexpr std::array<uint8_t, 16> make_nonzero_count_table() {
+  std::array<uint8_t, 16> t{};
+  for (int mask = 0; mask < 16; ++mask) t[mask] = (mask & 1) + (mask >> 1 & 1) + (mask >> 2 & 1) + (mask >> 3);
   return t;
 }
-constexpr CompressTable kCompress = make_compress_table();
+constexpr std::array<uint8_t, 16> kNonzeroCount = make_nonzero_count_table();
 
 // A 4-bit code i0 | (i1 << 2) is valid iff i0 < i1.
 constexpr std::array<uint8_t, 16> make_invalid_code_table() {
@@ -197,10 +191,10 @@ void prune_row(const typename Bits<scalar_t>::type* __restrict in,
     const T r2 = T(1) + b02 + b12 - b23;
     const T r3 = b03 + b13 + b23;
     // keep -> all ones, drop -> 0 (then the entry becomes +0.0)
-    out[4 * g] = w0 & T(T(0) - T(r0 < 2));
-    out[4 * g + 1] = w1 & T(T(0) - T(r1 < 2));
-    out[4 * g + 2] = w2 & T(T(0) - T(r2 < 2));
-    out[4 * g + 3] = w3 & T(T(0) - T(r3 < 2));
+    out[4 * g] = w0 & all_ones_if(T(r0 < 2));
+    out[4 * g + 1] = w1 & all_ones_if(T(r1 < 2));
+    out[4 * g + 2] = w2 & all_ones_if(T(r2 < 2));
+    out[4 * g + 3] = w3 & all_ones_if(T(r3 < 2));
   }
 }
 
@@ -234,31 +228,47 @@ inline uint32_t nonzero_mask(const typename Bits<scalar_t>::type* w) {
          (static_cast<uint32_t>((w[3] & B::abs_mask) != 0) << 3);
 }
 
-// One group: writes its 2 values and returns (code, too_many) packed as code | too_many << 4.
+// One group: writes its 2 values and returns code | too_many << 4 (too_many: more than 2
+// nonzeros; the op then raises, and code and values are don't-cares).
+// Kept: the nonzeros, completed with the lowest-index zeros: zero j is kept iff fewer than
+// 2 - nonzeros zeros come before it. i0 is the first kept position, i1 the last. Selects, no
+// indexing by data, all in T.
 template <typename scalar_t>
-inline uint32_t compress_group(const typename Bits<scalar_t>::type* w,
-                               typename Bits<scalar_t>::type* v) {
-  const uint32_t mask = nonzero_mask<scalar_t>(w);
-  const uint32_t code = kCompress.code[mask];
-  v[0] = w[code & 3];
-  v[1] = w[code >> 2];
-  return code | (static_cast<uint32_t>(kCompress.too_many[mask]) << 4);
+inline typename Bits<scalar_t>::type compress_group(const typename Bits<scalar_t>::type* w,
+                                                    typename Bits<scalar_t>::type* v) {
+  using T = typename Bits<scalar_t>::type;
+  constexpr T m = Bits<scalar_t>::abs_mask;
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  const T z0 = (w0 & m) == 0, z1 = (w1 & m) == 0, z2 = (w2 & m) == 0, z3 = (w3 & m) == 0;
+  const T nonzeros = T(4) - z0 - z1 - z2 - z3;
+  const T zeros_needed = select(T(nonzeros < 2), T(T(2) - nonzeros), T(0));
+  const T k0 = T(1 - z0) | T(zeros_needed > 0);
+  const T k1 = T(1 - z1) | T(z1 & T(z0 < zeros_needed));
+  const T k2 = T(1 - z2) | T(z2 & T(T(z0 + z1) < zeros_needed));
+  const T k3 = T(1 - z3) | T(z3 & T(T(z0 + z1 + z2) < zeros_needed));
+  v[0] = select(k0, w0, select(k1, w1, w2));
+  v[1] = select(k3, w3, select(k2, w2, w1));
+  const T i0 = select(k0, T(0), select(k1, T(1), T(2)));
+  const T i1 = select(k3, T(3), select(k2, T(2), T(1)));
+  return T(i0 | i1 << 2 | T(nonzeros > 2) << 4);
 }
 
 // One row; returns nonzero iff some group of the row has more than 2 nonzeros.
 template <typename scalar_t>
-uint32_t compress_row(const typename Bits<scalar_t>::type* in, typename Bits<scalar_t>::type* vals,
-                      uint8_t* meta, int64_t groups) {
-  uint32_t bad = 0;
+uint32_t compress_row(const typename Bits<scalar_t>::type* __restrict in,
+                      typename Bits<scalar_t>::type* __restrict vals, uint8_t* __restrict meta,
+                      int64_t groups) {
+  using T = typename Bits<scalar_t>::type;
+  T bad = 0;
   const int64_t pairs = groups / 2;
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t lo = compress_group<scalar_t>(in + 8 * p, vals + 4 * p);
-    const uint32_t hi = compress_group<scalar_t>(in + 8 * p + 4, vals + 4 * p + 2);
+    const T lo = compress_group<scalar_t>(in + 8 * p, vals + 4 * p);
+    const T hi = compress_group<scalar_t>(in + 8 * p + 4, vals + 4 * p + 2);
     meta[p] = static_cast<uint8_t>((lo & 15) | ((hi & 15) << 4));
     bad |= (lo | hi) >> 4;
   }
   if (groups % 2) {
-    const uint32_t lo = compress_group<scalar_t>(in + 8 * pairs, vals + 4 * pairs);
+    const T lo = compress_group<scalar_t>(in + 8 * pairs, vals + 4 * pairs);
     meta[pairs] = static_cast<uint8_t>(lo & 15);
     bad |= lo >> 4;
   }
@@ -288,11 +298,11 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& weight) {
                                         G);
         },
         [&](int64_t n, int64_t g) {
-          return kCompress.too_many[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)] != 0;
+          return kNonzeroCount[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)] > 2;
         });
     if (bad != kNoError) {
       const int64_t n = bad / G, g = bad % G;
-      const int count = kCompress.count[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)];
+      const int count = kNonzeroCount[nonzero_mask<scalar_t>(in_ptr + n * K + 4 * g)];
       TORCH_CHECK_VALUE(false, op, "weight is not 2:4 sparse: row ", n, ", group ", g, " (k = ",
                         4 * g, "..", 4 * g + 3, ") has ", count,
                         " nonzeros, at most 2 are allowed in every group of 4 along K "
@@ -304,34 +314,31 @@ std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& weight) {
 
 // ------------------------------------------------------------------------------ decompress_24
 
-// One group from its code (invalid codes write something and are reported by the caller).
+// One group from its code: position j gets v[0] if j == i0, else v[1] if j == i1, else +0.0
+// (invalid codes write something and are reported by the caller).
 template <typename T>
-inline void decompress_group(const T* v, uint32_t code, T* out) {
-  T tmp[4] = {0, 0, 0, 0};
-  tmp[code & 3] = v[0];
-  tmp[code >> 2] = v[1];
-  out[0] = tmp[0];
-  out[1] = tmp[1];
-  out[2] = tmp[2];
-  out[3] = tmp[3];
+inline void decompress_group(const T* v, T code, T* out) {
+  const T i0 = code & 3, i1 = code >> 2;
+  for (int j = 0; j < 4; ++j) out[j] = select(T(i0 == T(j)), v[0], select(T(i1 == T(j)), v[1], T(0)));
 }
 
 // One row; returns nonzero iff some code of the row is invalid (or the unused nibble is set).
 template <typename T>
-uint32_t decompress_row(const T* vals, const uint8_t* meta, T* out, int64_t groups) {
-  uint32_t bad = 0;
+uint32_t decompress_row(const T* __restrict vals, const uint8_t* __restrict meta, T* __restrict out,
+                        int64_t groups) {
+  T bad = 0;  // a code is valid iff i0 < i1
   const int64_t pairs = groups / 2;
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t byte = meta[p];
-    const uint32_t lo = byte & 15, hi = byte >> 4;
-    bad |= kInvalidCode[lo] | kInvalidCode[hi];
+    const T byte = meta[p];
+    const T lo = byte & 15, hi = byte >> 4;
+    bad |= T((lo & 3) >= (lo >> 2)) | T((hi & 3) >= (hi >> 2));
     decompress_group<T>(vals + 4 * p, lo, out + 8 * p);
     decompress_group<T>(vals + 4 * p + 2, hi, out + 8 * p + 4);
   }
   if (groups % 2) {
-    const uint32_t byte = meta[pairs];
-    const uint32_t lo = byte & 15;
-    bad |= kInvalidCode[lo] | static_cast<uint32_t>((byte >> 4) != 0);
+    const T byte = meta[pairs];
+    const T lo = byte & 15;
+    bad |= T((lo & 3) >= (lo >> 2)) | T((byte >> 4) != 0);
     decompress_group<T>(vals + 4 * pairs, lo, out + 8 * pairs);
   }
   return bad;
