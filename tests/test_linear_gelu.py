@@ -477,7 +477,7 @@ def test_opcheck(backend, requires_grad):
     assert_opcheck_passes(backend, op_samples(requires_grad))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_torch_compile_fullgraph_forward_backward(backend):
     assert_compiles_like_eager(ek.nn.LinearGELU(24, 40), backend)
 
@@ -529,6 +529,8 @@ def _bad_calls():
         ("bias length", (x, w, torch.randn(5), "none"), ValueError, "bias must have shape"),
         ("bias rank", (x, w, torch.randn(1, 6), "none"), ValueError, "bias must have shape"),
         ("mixed dtypes", (x, w.half(), b, "none"), TypeError, "weight has dtype torch.float16"),
+        ("bias dtype", (x, w, b.half(), "none"), TypeError, "bias has dtype torch.float16"),
+        ("bias device", (x, w, b.to("meta"), "none"), RuntimeError, "bias is on meta"),
         ("integer input", (x.int(), w.int(), b.int(), "none"), TypeError, "input has dtype torch.int32"),
         ("approximate", (x, w, b, "sigmoid"), ValueError, "approximate must be one of"),
         ("not a tensor", (x.tolist(), w, b, "none"), TypeError, "input must be a torch.Tensor"),
@@ -536,7 +538,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @parametrize_by_name(_bad_calls())
 def test_bad_inputs_raise_clear_errors(backend, case):
     assert_bad_call_raises(backend, ek.linear_gelu, _bad_calls()[case])
