@@ -102,7 +102,8 @@ def _choose_backend(mode: str, like: Tensor, M: int, N: int, K: int, approximate
     # The C++ CPU kernel also takes float64; the GPU kernels and Triton's do not.
     if dtype not in KERNEL_DTYPES.get(name, DTYPES) and (name == "triton" or device.type == "cuda"):
         raise TypeError(f"linear_gelu: backend {name!r} supports float16, bfloat16 and float32 on "
-                        f"{device.type} tensors, got {dtype}")
+                        f"{device.type} tensors, got input of dtype {dtype} (the reference backend "
+                        f"takes float64)")
     return name
 
 
