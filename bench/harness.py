@@ -413,7 +413,8 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
             case_rows.append(row)
             continue
         tflops = case.flops[counted] / (ms * 1e-3) / 1e12
-        gbps = (prov.gbps_bytes(case) if prov.gbps_bytes else case.gbps_bytes or case.bytes[counted]) / (ms * 1e-3) / 1e9
+        gbps_bytes = prov.gbps_bytes(case) if prov.gbps_bytes else case.gbps_bytes or case.bytes[counted]
+        gbps = gbps_bytes / (ms * 1e-3) / 1e9
         rate = run.ceil[case.flop_ceiling]
         floor_ms = 1e3 * max(case.flops[counted] / (rate * 1e12), case.bytes[counted] / (run.ceil["copy_gbps"] * 1e9))
         row.update(
