@@ -43,7 +43,6 @@ from ._tensors import empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: reference only
-_VALID_CODES = (0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110)
 
 
 # ---------------------------------------------------------------------------- references
@@ -85,32 +84,52 @@ def compress_24_reference(weight: Tensor) -> tuple[Tensor, Tensor]:
     return values, codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-def _codes(meta: Tensor, n_groups: int) -> Tensor:
-    """meta uint8 [N, ceil(G / 2)] -> int64 codes [N, G] (and checks them)."""
-    nibbles = torch.stack((meta & 0xF, meta >> 4), dim=-1).flatten(-2).to(torch.int64)
+def _codes(meta: Tensor, n_groups: int, check: bool = True) -> Tensor:
+    """meta uint8 [N, ceil(G / 2)] -> uint8 codes [N, G]. ``check``: raise on a code that is not
+    two ascending positions or on a nonzero nibble past the last group (a wait for the GPU: the
+    backward, whose meta the forward has taken, skips it)."""
+    nibbles = torch.stack((meta & 0xF, meta >> 4), dim=-1).flatten(-2)
     codes, rest = nibbles[:, :n_groups], nibbles[:, n_groups:]
-    valid = torch.zeros(16, dtype=torch.bool, device=meta.device)
-    valid[list(_VALID_CODES)] = True
-    bad = ~valid[codes]
-    if bool(bad.any()):
-        n, g = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"effkern.decompress_24: meta row {n}, group {g} holds the code {int(codes[n, g]):#06b}, "
-                         f"which is not two ascending positions i0 | i1 << 2")
-    if bool((rest != 0).any()):
-        raise ValueError("effkern.decompress_24: meta has a nonzero nibble past the last group")
+    if check:
+        bad = (codes & 3) >= (codes >> 2)  # valid: i0 < i1
+        if bool(bad.any()):
+            n, g = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"effkern.decompress_24: meta row {n}, group {g} holds the code "
+                             f"{int(codes[n, g]):#06b}, which is not two ascending positions i0 | i1 << 2")
+        if bool((rest != 0).any()):
+            raise ValueError("effkern.decompress_24: meta has a nonzero nibble past the last group")
     return codes
 
 
-def kept_indices(meta: Tensor, K: int) -> Tensor:
-    """int64 [N, K / 2]: the dense column k of each entry of values."""
-    codes = _codes(meta, K // 4)
-    base = torch.arange(0, K, 4, device=meta.device)
-    return torch.stack((base + (codes & 3), base + (codes >> 2)), dim=-1).flatten(-2)
+# Expansion and its inverse by selects on the codes (i0 in 0..2, i1 in 1..3), which copy bits
+# (-0.0, NaN payloads) and need no int64 index tensor: scatter/gather would take 8 bytes per
+# kept entry, 2x the size of 16-bit values, as scratch in every backward.
+
+def _expand(values: Tensor, codes: Tensor) -> Tensor:
+    """values [N, K / 2], codes [N, K / 4] -> W [N, K]: position p of group g holds
+    values[n, 2g] if p == i0, values[n, 2g + 1] if p == i1, else +0.0."""
+    N, G = codes.shape
+    pairs = values.unflatten(1, (G, 2))
+    position = torch.arange(4, device=codes.device, dtype=codes.dtype)
+    i0, i1 = (codes & 3).unsqueeze(-1), (codes >> 2).unsqueeze(-1)
+    zero = values.new_zeros(())
+    return torch.where(position == i0, pairs[..., :1],
+                       torch.where(position == i1, pairs[..., 1:], zero)).view(N, 4 * G)
 
 
-def decompress_24_reference(values: Tensor, meta: Tensor) -> Tensor:
-    N, K = values.shape[0], values.shape[1] * 2
-    return values.new_zeros((N, K)).scatter_(1, kept_indices(meta, K), values)
+def _kept(dense: Tensor, codes: Tensor) -> Tensor:
+    """dense [N, K], codes [N, K / 4] -> [N, K / 2]: each group's entries at i0 and i1 (what
+    _expand placed there)."""
+    N, G = codes.shape
+    quads = dense.unflatten(1, (G, 4))
+    i0, i1 = codes & 3, codes >> 2
+    first = torch.where(i0 == 0, quads[..., 0], torch.where(i0 == 1, quads[..., 1], quads[..., 2]))
+    second = torch.where(i1 == 3, quads[..., 3], torch.where(i1 == 2, quads[..., 2], quads[..., 1]))
+    return torch.stack((first, second), dim=-1).view(N, 2 * G)
+
+
+def decompress_24_reference(values: Tensor, meta: Tensor, check: bool = True) -> Tensor:
+    return _expand(values, _codes(meta, values.shape[1] // 2, check))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -353,12 +372,12 @@ def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Opti
     grad_input = grad_values = grad_bias = empty(grad_out)
     if need_input:
         # through the dense expansion of W (N x K scratch) and one GEMM
-        weight = decompress_24_reference(values, meta)
+        weight = decompress_24_reference(values, meta, check=False)
         grad_input = (g2d @ weight).view(*grad_out.shape[:-1], weight.shape[1])
     if need_values:
         # dL/dW = grad_out^T @ input, kept only where W has its values: the pattern stays 2:4
         x2d = rows(input)
-        grad_values = (g2d.t() @ x2d).gather(1, kept_indices(meta, x2d.shape[1]))
+        grad_values = _kept(g2d.t() @ x2d, _codes(meta, x2d.shape[1] // 4, check=False))
     if need_bias:
         grad_bias = g2d.sum(0)
     return grad_input, grad_values, grad_bias
