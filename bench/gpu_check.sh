@@ -70,7 +70,8 @@ if wanted build; then step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -
 # pytest-xdist, where installed, spreads the Triton compiles of the GPU tests over the cores
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 if wanted pytest; then
-    step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs $XDIST $TEST_PATHS
+    # the slowest tests in the log: what to split off when a family's tests outgrow one call
+    step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs --durations=25 $XDIST $TEST_PATHS
 fi
 SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || echo unknown-device)
 RES=bench/results/$SLUG
