@@ -19,6 +19,17 @@ def register_family(name: str, describe_auto: Callable[[torch.device], str]) -> 
     FAMILIES[name] = describe_auto
 
 
+def autocast_on(input) -> bool:
+    """Whether torch.autocast is enabled for input's device type, so an op registered with
+    register_autocast will see its float tensors cast to one dtype: a public wrapper that checks
+    its arguments before the dispatcher then lets mixed dtypes through, as F.linear does (the
+    op checks again after the cast). False for a non-tensor or a device autocast does not know."""
+    if not isinstance(input, torch.Tensor):
+        return False
+    device_type = input.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def register_autocast(op_name: str, device_types=("cuda", "cpu"), cast_args: tuple[int, ...] | None = None) -> None:
     """Autocast rule for a matmul-like op: inside ``torch.autocast(device, dtype)`` its
     floating-point tensor arguments on that device are cast to the autocast dtype that is

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import _policy
 from ._backend import backend_available, require, selected_backend
-from ._registry import register_autocast, register_family
+from ._registry import autocast_on, register_autocast, register_family
 from ._tensors import empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,12 +147,14 @@ def _check_bias(op: str, bias, N: int, dtypes: tuple, like: Optional[Tensor] = N
         raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
 
 
-def check_linear_args(op: str, input, qweight, weight_scale, bias) -> None:
+def check_linear_args(op: str, input, qweight, weight_scale, bias, mixed_dtypes_allowed: bool = False) -> None:
+    """``mixed_dtypes_allowed``: a bias of another float dtype than input, for a caller that
+    autocast will cast before the op runs (the op checks again after the cast)."""
     _check_tensor(op, "input", input, REFERENCE_DTYPES, "float16, bfloat16 or float32")
     if input.dim() < 1:
         raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
     _check_qweight(op, qweight, weight_scale, input.shape[-1])
-    _check_bias(op, bias, qweight.shape[0], REFERENCE_DTYPES, like=input)
+    _check_bias(op, bias, qweight.shape[0], REFERENCE_DTYPES, like=None if mixed_dtypes_allowed else input)
     _check_same_device(op, "input", input, qweight=qweight, weight_scale=weight_scale, bias=bias)
 
 
@@ -422,7 +424,7 @@ def int8_linear(input: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Opti
     the fly, multiplied by qweight int8 [N, K] in int8 with an exact int32 accumulator, and
     dequantized with weight_scale float32 [N]; bias [N] in input's dtype. Output in input's dtype.
     Differentiable in input and bias (straight-through the activation quantization)."""
-    check_linear_args("int8_linear", input, qweight, weight_scale, bias)
+    check_linear_args("int8_linear", input, qweight, weight_scale, bias, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.int8_linear(input, qweight, weight_scale, bias)
 
 
@@ -431,6 +433,7 @@ def int8_weight_only_linear(input: Tensor, qweight: Tensor, weight_scale: Tensor
     """W8A16 ``F.linear``: ``(input @ qweight.T) * weight_scale + bias`` with the int8 weight
     converted to input's dtype inside the kernel, fp32 accumulation. Differentiable in input
     and bias."""
-    check_linear_args("int8_weight_only_linear", input, qweight, weight_scale, bias)
+    check_linear_args("int8_weight_only_linear", input, qweight, weight_scale, bias,
+                      mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.int8_weight_only_linear(input, qweight, weight_scale, bias)
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _policy
 from ._backend import backend_available, require, selected_backend
-from ._registry import LIB, register_autocast, register_family
+from ._registry import LIB, autocast_on, register_autocast, register_family
 from ._tensors import empty, rows
 
 APPROXIMATIONS = ("none", "tanh")
@@ -256,14 +256,6 @@ def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, reco
 LIB.impl("linear_gelu", _linear_gelu_composite, "CompositeImplicitAutograd")
 
 
-def _autocast_on(input) -> bool:
-    """Whether torch.autocast is enabled for input's device type (autocast knows no meta device)."""
-    if not isinstance(input, Tensor):
-        return False
-    device_type = input.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
                 recompute_preact: bool = False) -> Tensor:
     """``F.gelu(F.linear(input, weight, bias), approximate=approximate)`` in one fused kernel.
@@ -277,6 +269,6 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     # The same as torch.ops.effkern.linear_gelu, minus one dispatch: this checks first (before the
     # dispatcher's own, less clear, type errors) and calls the differentiable op directly. Inside
     # torch.autocast for input's device, mixed dtypes are fine: autocast casts them, as for F.linear.
-    check_args(input, weight, bias, approximate, mixed_dtypes_allowed=_autocast_on(input))
+    check_args(input, weight, bias, approximate, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
                                              _needs_preact(input, weight, bias, recompute_preact))[0]

@@ -38,7 +38,7 @@ from torch import Tensor
 from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._cache import DerivedCache
-from ._registry import register_autocast, register_family
+from ._registry import autocast_on, register_autocast, register_family
 from ._tensors import empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -165,7 +165,9 @@ def check_compressed(op: str, values, meta) -> None:
         raise RuntimeError(f"effkern.{op}: meta is on {meta.device} but values is on {values.device}")
 
 
-def check_linear_args(op: str, input, values, meta, bias) -> None:
+def check_linear_args(op: str, input, values, meta, bias, mixed_dtypes_allowed: bool = False) -> None:
+    """``mixed_dtypes_allowed``: values and bias of other float dtypes than input, for a caller
+    that autocast will cast before the op runs (the op checks again after the cast)."""
     _check_tensor(op, "input", input, FLOAT_DTYPES, "float16, bfloat16 or float32")
     if input.dim() < 1:
         raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
@@ -177,7 +179,7 @@ def check_linear_args(op: str, input, values, meta, bias) -> None:
     for name, t in (("values", values), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not mixed_dtypes_allowed:
             raise TypeError(f"effkern.{op}: {name} has dtype {t.dtype} but input has {input.dtype}; use one dtype "
                             f"(or torch.autocast)")
         if t.device != input.device:
@@ -418,5 +420,5 @@ def sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional[
     compressed: input [..., K] (float16, bfloat16 or float32; float64 on the reference backend),
     values [N, K / 2] and bias [N] in input's dtype, meta from compress_24. Differentiable in
     input, values and bias."""
-    check_linear_args("sparse24_linear", input, values, meta, bias)
+    check_linear_args("sparse24_linear", input, values, meta, bias, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.sparse24_linear(input, values, meta, bias)

@@ -658,15 +658,20 @@ def test_torch_compile_quantize_and_matmul_have_no_graph_break(backend, monkeypa
 
 
 def assert_autocast_casts_input_and_bias_not_the_scales(device):
-    """Under torch.autocast(bf16), the linear ops on float32 input and bias give the bits of the
-    same op called on bf16 copies of them (a cast float32 scale would be an error)."""
+    """Under torch.autocast(bf16), the linear ops on float32 input and bias (also with the bias
+    already in bf16, as F.linear takes such a mix) give the bits of the same op called on bf16
+    copies of them (a cast float32 scale would be an error); outside it, the mix is a TypeError."""
     qw, scale = ek.quantize_int8(torch.randn(6, 8, device=device))
     x, b = torch.randn(4, 8, device=device), torch.randn(6, device=device)
     for op in LINEAR_OPS.values():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            y = op(x, qw, scale, b)
-        assert y.dtype == torch.bfloat16
-        assert torch.equal(y, op(x.bfloat16(), qw, scale, b.bfloat16()))
+        want = op(x.bfloat16(), qw, scale, b.bfloat16())
+        for bias in (b, b.bfloat16()):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y = op(x, qw, scale, bias)
+            assert y.dtype == torch.bfloat16
+            assert torch.equal(y, want)
+        with pytest.raises(TypeError, match="bias has dtype torch.bfloat16 but input has torch.float32"):
+            op(x, qw, scale, b.bfloat16())
 
 
 def test_autocast_casts_input_and_bias_not_the_scales():

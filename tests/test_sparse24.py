@@ -284,12 +284,18 @@ def test_torch_compile_fullgraph_forward_backward(backend):
 
 
 def test_autocast_casts_input_values_and_bias():
+    """float32 tensors, alone or mixed with values already in bf16 (as F.linear takes such a mix),
+    run in bf16 under torch.autocast; outside it, the mix is a TypeError."""
     values, meta = ek.compress_24(sparse_weight(8, 32))
     x, b = torch.randn(4, 32), torch.randn(8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ek.sparse24_linear(x, values, meta, b)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, sparse24_linear_reference(x.bfloat16(), values.bfloat16(), meta, b.bfloat16()))
+    want = sparse24_linear_reference(x.bfloat16(), values.bfloat16(), meta, b.bfloat16())
+    for v in (values, values.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ek.sparse24_linear(x, v, meta, b)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want)
+    with pytest.raises(TypeError, match="values has dtype torch.bfloat16 but input has torch.float32"):
+        ek.sparse24_linear(x, values.bfloat16(), meta, b)
 
 
 # ---------------------------------------------------------------------------- auto's choice on CUDA
