@@ -371,7 +371,8 @@ def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Opti
                          output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     need_input, need_values, need_bias = output_mask
     g2d = rows(grad_out)
-    grad_input = grad_values = grad_bias = empty(grad_out)
+    # each output not asked for is its own empty tensor: a custom op's outputs may not alias
+    grad_input, grad_values, grad_bias = (empty(grad_out) for _ in range(3))
     if need_input:
         # through the dense expansion of W (N x K scratch) and one GEMM
         weight = decompress_24_reference(values, meta, check=False)

@@ -194,6 +194,26 @@ def test_backward_gives_the_masked_weight_gradient(backend):
     torch.testing.assert_close(b.grad, grad.sum((0, 1)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=3) if any(n)])
+def test_backward_gives_just_the_gradients_asked_for(backend, needs):
+    """Every subset of (input, values, bias) requiring grad, e.g. a frozen layer that passes the
+    gradient on (input alone) or a bias-free layer fine-tuned on data (values alone)."""
+    needs_backend(backend)
+    w, values, meta = compressed_sparse_weight(24, 64)
+    leaves = [t.requires_grad_(need) for t, need in zip((torch.randn(3, 64), values, torch.randn(24)), needs)]
+    grad = torch.randn(3, 24)
+    with ek.use_backend(backend):
+        ek.sparse24_linear(leaves[0], leaves[1], meta, leaves[2]).backward(grad)
+    mask = w != 0
+    expected = (grad @ w, (grad.t() @ leaves[0].detach())[mask].view(24, 32), grad.sum(0))
+    for leaf, need, want in zip(leaves, needs, expected, strict=True):
+        if need:
+            torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert leaf.grad is None
+
+
 def check_backward_against_float64(backend, N, K, lead, dtype, device):
     """sparse24_linear's grad_input, grad_values and grad_bias against F.linear's on the dense
     weight in float64 (the weight gradient taken at W's nonzeros, in row order: the values'
