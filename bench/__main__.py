@@ -53,8 +53,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--providers", type=_csv, help="comma-separated provider names (default all)")
     ap.add_argument("--modes", type=_csv, default=list(harness.MODES),
                     help="fwd,bwd,fwd_bwd,fwd_graph (default all, each where the op is measured in it; bwd: the "
-                         "backward alone, attention only; fwd_graph: the forward timed as CUDA-graph "
-                         "replays, GPU only, for the decode-sized cases)")
+                         "backward alone, attention and sparse24 (its input gradient); fwd_graph: the forward "
+                         "timed as CUDA-graph replays, GPU only, for the decode-sized cases)")
     ap.add_argument("--out", type=Path, help="results folder (default bench/results/<device>)")
     ap.add_argument("--write-policy", action="store_true",
                     help="record the faster effkern backend per shape in effkern/policies/<op>.json (GPU only)")

@@ -10,6 +10,7 @@ An op's benchmark module (bench/<family>.py) supplies:
   providers()     {name: Provider}
   cases(device, quick, shapes, dtypes) -> [Case]
   inputs(case, device) -> [Tensor]  (the op's arguments; float tensors get gradients in bwd, fwd_bwd)
+  GRAD_INPUTS     (optional) positions of the inputs that get gradients there, default every float one
   reference(case, *args) -> Tensor  (run on float64 copies)
 """
 
@@ -345,7 +346,9 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
             run.skipped[(name, why)] = run.skipped.get((name, why), 0) + 1
     if not timed:  # nothing runs here: spare the float64 reference
         return
-    base = [t.requires_grad_(wants_grad and t.is_floating_point()) for t in mod.inputs(case, device)]
+    grad_inputs = getattr(mod, "GRAD_INPUTS", None)
+    base = [t.requires_grad_(wants_grad and t.is_floating_point() and (grad_inputs is None or i in grad_inputs))
+            for i, t in enumerate(mod.inputs(case, device))]
     # float64 reference: the output, and every float argument's gradient for a fixed random output gradient
     ref_args = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in base]
     ref = mod.reference(case, *ref_args)

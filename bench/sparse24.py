@@ -4,7 +4,15 @@ PyTorch's own 2:4 GEMMs (CUTLASS, cuSPARSELt) on the same weight.
 Shapes are (M, N, K): input x [M, K] in the activation dtype; a random weight [N, K] pruned once
 per case (offline, untimed) by ek.prune_24 and compressed by ek.compress_24 to values [N, K / 2]
 in the activation dtype and meta uint8 [N, ceil(K / 8)]; bias [N]; output [M, N]. Times
-ek.sparse24_linear. Forward only: an inference benchmark (the weight is frozen).
+ek.sparse24_linear in two modes:
+  fwd  inference (the weight frozen);
+  bwd  the backward alone with only x's gradient asked for (GRAD_INPUTS): grad_x = dY @ W, the
+       part of the fine-tuning backward where effkern has two ways to choose from (the values'
+       gradient is one dense GEMM either way). effkern-triton runs kernels/sparse24.py's
+       sparse24_dgrad_kernel on the compressed W, effkern-cuda (and reference) expand W into
+       an N x K scratch and run one cuBLAS GEMM; --write-policy records the faster per shape as
+       the bwd entry that auto reads (effkern/sparse24.py, dgrad_path). torch-linear is cuBLAS's
+       dY @ W on the dense weight.
 
 TFLOP/s counts 2*M*N*K, the dense GEMM's FLOPs (not the half that sparse tensor cores execute),
 so rates compare directly with dense rows and the float GEMM ceiling: a kernel using sparse
@@ -25,7 +33,9 @@ runs as M = 8), and returns the transpose (in torch 2.14 cuSPARSELt writes it tr
 CUTLASS's [N, M] result is copied; older torch returned transposed views). CUDA only, float16
 and bfloat16. Where torch refuses, the provider is skipped with torch's message: its CUTLASS
 GEMM runs on compute capability 8.x only, cuSPARSELt needs a torch built with it (0.6 or later
-on Hopper).
+on Hopper). They are not timed in bwd: torch's input gradient runs mm(dY, W), which needs the
+transposed compression (packed_t) that to_sparse_semi_structured does not make; torch 2.14
+raises NotImplementedError ("matmul: operation is not supported") there.
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ BASELINES = {"torch-linear": "x dense", "torch-semi-cutlass": "x cutlass", "torc
 # weight) sets "PyTorch's error".
 ERROR_BASELINE = "reference"
 POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
-MODES = ("fwd",)
+MODES = ("fwd", "bwd")
+GRAD_INPUTS = (0,)  # bwd: x alone (see above)
 
 GPU_M = (1, 16, 128, 1024, 4096, 16384)
 # (K, N): square; Llama-3-8B gate/up, down, k/v; Llama-3-70B gate/up, down, k/v
@@ -65,14 +76,17 @@ TORCH_SEMI_DTYPES = (torch.float16, torch.bfloat16)
 
 def _case(dtype: torch.dtype, M: int, N: int, K: int, providers=None) -> Case:
     s = torch.empty((), dtype=dtype).element_size()
-    compressed_inputs = s * (M * K + N * K // 2 + N) + N * -(-K // 8)  # x, values, bias; meta
+    weight = s * N * K // 2 + N * -(-K // 8)  # values, meta
+    compressed_inputs = s * (M * K + N) + weight  # x, bias
     return Case(params={"dtype": str(dtype).removeprefix("torch."), "M": M, "N": N, "K": K},
-                dtype=dtype, flops={"fwd": 2 * M * N * K}, bytes={"fwd": compressed_inputs + s * M * N},
-                providers=providers, reductions={"out": K},
+                dtype=dtype, flops={"fwd": 2 * M * N * K, "bwd": 2 * M * N * K},
+                # bwd reads dY and W, writes grad_x
+                bytes={"fwd": compressed_inputs + s * M * N, "bwd": s * (M * N + M * K) + weight},
+                providers=providers, reductions={"out": K, "grad0": N},
                 # the compressed providers leave the dense weight (torch-linear's) unread: rotate
                 # enough copies that their own inputs leave L2
                 input_bytes=compressed_inputs, graph=M <= GRAPH_MAX_ROWS,
-                gbps_bytes=s * N * K // 2 + N * -(-K // 8))  # GB/s of the weight reads: values, meta
+                gbps_bytes=weight)  # GB/s of the weight reads
 
 
 def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
@@ -132,6 +146,8 @@ def _torch_semi_available(cutlass: bool):
     cls = _torch_semi_class(cutlass)
 
     def available(case, device, mode):
+        if mode != "fwd":
+            return False, "torch's input gradient needs a packed_t that to_sparse_semi_structured does not make"
         if device != "cuda":
             return False, "torch's semi-structured sparse tensors are CUDA only"
         if case.dtype not in TORCH_SEMI_DTYPES:

@@ -28,7 +28,7 @@ def _entries(op: str, device_name: str) -> tuple[dict, ...]:
 
 
 def choose(op: str, mode: str, device_name: str, dtype: str, M: int, N: int, K: int, **match) -> str | None:
-    """The recorded winner ("triton"/"cuda") for ``mode`` ("fwd"/"fwd_bwd") nearest to (M, N, K)."""
+    """The recorded winner ("triton"/"cuda") for ``mode`` ("fwd", "bwd", "fwd_bwd") nearest to (M, N, K)."""
     candidates = [
         e for e in _entries(op, device_name)
         if e.get("dtype") == dtype and mode in e and all(e.get(k) == v for k, v in match.items())

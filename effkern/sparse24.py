@@ -23,7 +23,8 @@ Ops (schemas defined here and nowhere else):
       in input, values (the weight gradient at the kept positions: fine-tuning keeps the
       pattern) and bias
   effkern::sparse24_linear_bwd(grad_out, input, values, meta, output_mask)
-      -> (grad_input, grad_values, grad_bias), through the dense expansion of W
+      -> (grad_input, grad_values, grad_bias); grad_input = grad_out @ W by dgrad_path:
+      the Triton kernel on the compressed W, or W expanded once and one dense GEMM
 """
 
 from __future__ import annotations
@@ -239,6 +240,33 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: i
     return "triton"
 
 
+@functools.lru_cache(maxsize=4096)
+def _auto_dgrad_path(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
+    if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
+        return "dense"
+    # the bwd benchmark times grad_input alone: its effkern-triton rows run the dgrad kernel,
+    # its effkern-cuda rows the dense expansion and cuBLAS
+    choice = _policy.choose("sparse24", "bwd", torch.cuda.get_device_name(device),
+                            dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+    return "triton" if choice == "triton" else "dense"
+
+
+def dgrad_path(grad_out: Tensor, K: int) -> str:
+    """How the backward computes grad_input = grad_out @ W, W [N, K] 2:4 compressed: "triton"
+    (kernels/sparse24.py's sparse24_dgrad_kernel expands W's tiles in registers) under backend
+    triton, and under auto where effkern/policies/sparse24.json records it faster (mode bwd);
+    "dense" (W expanded once into an N x K scratch, then one GEMM: cuBLAS on a GPU) under the
+    other backends and where nothing is measured."""
+    name = selected_backend()
+    M, N = rows(grad_out).shape
+    if name == "auto":
+        return _auto_dgrad_path(grad_out.device, grad_out.dtype, M, N, K)
+    if name == "triton":
+        require(name, grad_out.device, "sparse24_linear_bwd")
+        return name
+    return "dense"
+
+
 def linear_backend(op: str, input: Tensor, N: int) -> str:
     """triton, cuda or reference for sparse24_linear: auto follows effkern/policies/sparse24.json
     (per GPU and shape), the Triton fallback where nothing is measured."""
@@ -374,9 +402,14 @@ def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Opti
     # each output not asked for is its own empty tensor: a custom op's outputs may not alias
     grad_input, grad_values, grad_bias = (empty(grad_out) for _ in range(3))
     if need_input:
-        # through the dense expansion of W (N x K scratch) and one GEMM
-        weight = decompress_24_reference(values, meta, check=False)
-        grad_input = (g2d @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+        K = values.shape[1] * 2
+        if dgrad_path(grad_out, K) == "triton":
+            from .kernels import sparse24 as kernels
+
+            grad_input = kernels.sparse24_dgrad(g2d, values, meta)
+        else:
+            grad_input = g2d @ decompress_24_reference(values, meta, check=False)
+        grad_input = grad_input.view(*grad_out.shape[:-1], K)
     if need_values:
         # dL/dW = grad_out^T @ input, kept only where W has its values: the pattern stays 2:4
         x2d = rows(input)

@@ -30,13 +30,19 @@ SPLIT_MAX_ROWS = 64
 
 
 @triton.jit
-def weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # This program's output tile (grouped order) and K slice. Rows/columns past the edge wrap
-    # onto valid ones (rm, rn), so only K needs load masks; store_tile drops the duplicates.
+def weight_gemm_place(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # This program's output tile (pid_m, pid_n), in grouped order, and K slice [k_start, k_end).
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
     k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    return split, k_start, tl.minimum(K, k_start + K_PER_SPLIT), pid_m, pid_n
+
+
+@triton.jit
+def weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # weight_gemm_place's tile as row and column offsets. Rows/columns past the edge wrap onto
+    # valid ones (rm, rn), so only K needs load masks; store_tile drops the duplicates.
+    split, k_start, k_end, pid_m, pid_n = weight_gemm_place(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return split, k_start, k_end, offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)

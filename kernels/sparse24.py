@@ -9,6 +9,13 @@ and metadata compressed (9/16 of the dense bytes in 16 bits), expands them in re
 dense [BLOCK_K, BLOCK_N] tile of W^T:
     W^T[4g + p, n] = values[n, 2g] if p == i0, values[n, 2g + 1] if p == i1, else 0
 and runs a dense tl.dot with fp32 accumulation: memory saving, no compute saving.
+
+``sparse24_dgrad_kernel``, the backward's grad_input G[m, k] = sum_n dY[m, n] * W[n, k], reads the
+same compressed W along the other side: its reduction runs over W's rows, its output columns are
+W's columns, so each step expands a [BLOCK_N rows of W, BLOCK_K columns] tile (the groups now lie
+along the output columns) and runs tl.dot(dY tile, W tile). The alternative, expanding all of W
+once and running one dense GEMM (effkern/sparse24.py), writes and reads an N x K scratch; which
+is faster is measured (bench/sparse24.py, mode bwd) and recorded for auto.
 """
 
 from __future__ import annotations
@@ -18,7 +25,24 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_precision
-from ._splitk import launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_tile
+from ._splitk import launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_place, weight_gemm_tile
+
+
+@triton.jit
+def expand_24(values, meta, DENSE: tl.constexpr, COLS: tl.constexpr):
+    # values [DENSE / 2, COLS] and meta [DENSE / 8, COLS] (the bytes, as loaded) -> the dense
+    # [DENSE, COLS] tile, 2:4 groups along axis 0: entry 4g + p is values[2g] if p == i0,
+    # values[2g + 1] if p == i1, else 0, with (i0, i1) the code in nibble g % 2 of meta[g // 2].
+    # The groups' first (v0) and second (v1) values, [DENSE / 4, COLS]:
+    v0, v1 = tl.split(tl.permute(tl.reshape(values, (DENSE // 4, 2, COLS)), (0, 2, 1)))
+    # [DENSE / 8, COLS] bytes -> [DENSE / 4, COLS] codes, group 2b in the low nibble
+    nibble_shift = (tl.arange(0, 2) * 4)[None, :, None]
+    codes = tl.reshape((meta.to(tl.int32)[:, None, :] >> nibble_shift) & 0xF, (DENSE // 4, COLS))
+    i0 = (codes & 3)[:, None, :]
+    i1 = (codes >> 2)[:, None, :]
+    position = tl.arange(0, 4)[None, :, None]
+    w = tl.where(position == i0, v0[:, None, :], tl.where(position == i1, v1[:, None, :], 0.0))
+    return tl.reshape(w, (DENSE, COLS))
 
 
 @triton.jit
@@ -40,8 +64,6 @@ def sparse24_matmul_kernel(
     offs_b = tl.arange(0, BLOCK_K // 8)
     v_ptrs = v_ptr + rn[None, :] * stride_vn + (k_start // 2 + offs_v)[:, None] * stride_vk
     meta_ptrs = meta_ptr + rn[None, :] * stride_metan + (k_start // 8 + offs_b)[:, None] * stride_metak
-    nibble_shift = (tl.arange(0, 2) * 4)[None, :, None]
-    position = tl.arange(0, 4)[None, :, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
@@ -54,20 +76,63 @@ def sparse24_matmul_kernel(
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             values = tl.load(v_ptrs, mask=offs_v[:, None] * 2 < k_left, other=0.0)
             meta = tl.load(meta_ptrs, mask=offs_b[:, None] * 8 < k_left, other=0)
-        # [BLOCK_K / 2, BLOCK_N] -> the groups' first (v0) and second (v1) values, [BLOCK_K / 4, BLOCK_N]
-        v0, v1 = tl.split(tl.permute(tl.reshape(values, (BLOCK_K // 4, 2, BLOCK_N)), (0, 2, 1)))
-        # [BLOCK_K / 8, BLOCK_N] bytes -> [BLOCK_K / 4, BLOCK_N] codes, group 2b in the low nibble
-        codes = tl.reshape((meta.to(tl.int32)[:, None, :] >> nibble_shift) & 0xF, (BLOCK_K // 4, BLOCK_N))
-        i0 = (codes & 3)[:, None, :]
-        i1 = (codes >> 2)[:, None, :]
-        w = tl.where(position == i0, v0[:, None, :], tl.where(position == i1, v1[:, None, :], 0.0))
-        acc = tl.dot(a, tl.reshape(w, (BLOCK_K, BLOCK_N)).to(a.dtype), acc, input_precision=DOT_PRECISION)
+        w = expand_24(values, meta, BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         v_ptrs += (BLOCK_K // 2) * stride_vk
         meta_ptrs += (BLOCK_K // 8) * stride_metak
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
+
+
+@triton.jit
+def sparse24_dgrad_kernel(
+    a_ptr, v_ptr, meta_ptr, c_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_vn, stride_vk, stride_metan, stride_metak,
+    stride_cs, stride_cm, stride_cn,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C [M, N] = A [M, K] @ W [K, N] in the shared launcher's names (kernels/_splitk.py): A is dY,
+    # the reduction K runs over W's rows (the layer's outputs), C's N columns are W's columns (the
+    # layer's inputs). W's row r: values[r, :N / 2], meta[r, :ceil(N / 8)].
+    split, k_start, k_end, pid_m, pid_n = weight_gemm_place(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    # The tile's BLOCK_N columns of W start at a multiple of 8: BLOCK_N / 2 values and BLOCK_N / 8
+    # whole meta bytes per row, contiguous along the row, loaded as [those, BLOCK_K rows] so that
+    # expand_24 (groups along axis 0) gives W's tile transposed.
+    offs_v = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    offs_b = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    rows = (k_start + offs_k).to(tl.int64)
+    v_ptrs = v_ptr + rows[None, :] * stride_vn + offs_v[:, None] * stride_vk
+    meta_ptrs = meta_ptr + rows[None, :] * stride_metan + offs_b[:, None] * stride_metak
+    # past W's last column: nothing loaded, zeros expanded, and store_tile leaves those columns out
+    v_cols = offs_v[:, None] < N // 2
+    meta_cols = offs_b[:, None] < tl.cdiv(N, 8)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K and EVEN_N:
+            a = tl.load(a_ptrs)
+            values = tl.load(v_ptrs)
+            meta = tl.load(meta_ptrs)
+        else:
+            in_k = offs_k < k_end - k
+            a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
+            values = tl.load(v_ptrs, mask=in_k[None, :] & v_cols, other=0.0)
+            meta = tl.load(meta_ptrs, mask=in_k[None, :] & meta_cols, other=0)
+        w_t = expand_24(values, meta, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]: W's tile transposed
+        acc = tl.dot(a, tl.trans(w_t).to(a.dtype), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        v_ptrs += BLOCK_K * stride_vn
+        meta_ptrs += BLOCK_K * stride_metan
+
     store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
 
 
@@ -88,6 +153,9 @@ _GEMM_SHAPES = [
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 _SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
 _gemm, _gemm_tuned = weight_gemm_kernels(sparse24_matmul_kernel, _GEMM_SHAPES)
+# the dgrad's tiles are the same shapes (its BLOCK_N, like the forward's BLOCK_K, is the expanded side)
+_dgrad, _dgrad_tuned = weight_gemm_kernels(
+    triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(sparse24_dgrad_kernel), _GEMM_SHAPES)
 
 
 def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -106,3 +174,20 @@ def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     # split: the bias is added once, by the reduction
     return launch_weight_gemm(_gemm, _gemm_tuned, a, weight, strides, c, K, flags, _FIXED, _SPLIT, split_k=split_k,
                               split_flags=dict(flags, HAS_BIAS=False), bias=bias)
+
+
+def sparse24_dgrad(grad_out: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                   split_k: int | None = None) -> torch.Tensor:
+    """grad_input [M, K] = grad_out [M, N] @ W for W in effkern's compressed 2:4 format (values
+    [N, K / 2], meta [N, ceil(K / 8)]), without expanding W in memory; grad_out any strides.
+    ``split_k`` forces slices of the reduction over N (tests)."""
+    M, N = grad_out.shape
+    K = values.shape[1] * 2
+    c = torch.empty((M, K), dtype=grad_out.dtype, device=grad_out.device)
+    if M == 0 or K == 0:
+        return c
+    flags = dict(DOT_PRECISION=dot_precision(grad_out.dtype))
+    strides = (values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
+    # N == 0: launch_weight_gemm's single pass stores the zero sums
+    return launch_weight_gemm(_dgrad, _dgrad_tuned, grad_out, (values, meta), strides, c, N, flags, _FIXED, _SPLIT,
+                              split_k=split_k)

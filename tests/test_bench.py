@@ -252,23 +252,35 @@ def test_sparse24_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
                                          sparse24_linear_reference(x, values, meta)),
         "unpruned": harness.Provider(build=lambda case: lambda x, w, values, meta, b, *_:
                                      F.linear(x, unpruned[id(w)], b)),
+        # a right forward, twice the input gradient
+        "input-grad-doubled": harness.Provider(build=lambda case: lambda x, w, values, meta, b, *_:
+                                               sparse24_linear_reference(_doubled_gradient(x), values, meta, b)),
     }
     provs = {**bench_sparse24.providers(), **wrong}
     monkeypatch.setattr(bench_sparse24, "providers", lambda: provs)
     case = bench_sparse24._case(torch.float32, 5, 32, 64)
-    run = harness.run_op(bench_sparse24, [case], "cpu", CEIL, list(provs), ["fwd", "fwd_bwd"],
+    run = harness.run_op(bench_sparse24, [case], "cpu", CEIL, list(provs), ["fwd", "bwd", "fwd_bwd"],
                          checkpoint=lambda r: None)
     status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
     assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
-    # forward only; torch-linear runs the same function on the pruned weight stored dense
-    assert status == {("effkern-triton", "fwd"): "ok", ("reference", "fwd"): "ok", ("torch-linear", "fwd"): "ok",
-                      ("metadata-ignored", "fwd"): "FAIL", ("bias-dropped", "fwd"): "FAIL",
-                      ("unpruned", "fwd"): "FAIL"}
-    skipped = {p: why for p, why in run.skipped}
-    assert set(skipped) == {"effkern-cuda", "torch-semi-cutlass", "torch-semi-cusparselt"}
-    assert "CUDA only" in skipped["torch-semi-cutlass"] and "CUDA only" in skipped["torch-semi-cusparselt"]
-    # bytes: x, bias, output in fp32, half the weight's values, 4 bits of metadata per group of 4
+    # fwd and bwd (not fwd_bwd); torch-linear runs the same function on the pruned weight stored dense
+    right, wrong_forward = ("effkern-triton", "reference", "torch-linear"), ("metadata-ignored", "bias-dropped",
+                                                                             "unpruned")
+    assert status == {**{(p, m): "ok" for p in right for m in ("fwd", "bwd")},
+                      **{(p, m): "FAIL" for p in wrong_forward for m in ("fwd", "bwd")},
+                      ("input-grad-doubled", "fwd"): "ok", ("input-grad-doubled", "bwd"): "FAIL"}
+    # bwd: x's gradient alone (GRAD_INPUTS), so the dense weight torch-linear reads needs none
+    assert all(set(r["errors"]) == {"out", "grad0"} for r in run.rows if r["mode"] == "bwd")
+    skipped = {(p, why) for p, why in run.skipped}
+    assert {p for p, _ in skipped} == {"effkern-cuda", "torch-semi-cutlass", "torch-semi-cusparselt"}
+    for p in ("torch-semi-cutlass", "torch-semi-cusparselt"):
+        assert {why for q, why in skipped if q == p} == {
+            "torch's semi-structured sparse tensors are CUDA only",
+            "torch's input gradient needs a packed_t that to_sparse_semi_structured does not make"}
+    # bytes: x, bias, output in fp32, half the weight's values, 4 bits of metadata per group of 4;
+    # bwd: dY, W compressed, grad_x
     assert case.bytes["fwd"] == 4 * (5 * 64 + 32 * 64 // 2 + 32 + 5 * 32) + 32 * 64 // 8
+    assert case.bytes["bwd"] == 4 * (5 * 32 + 32 * 64 // 2 + 5 * 64) + 32 * 64 // 8
 
 
 def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
@@ -278,20 +290,25 @@ def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
         run.rows += [{"provider": "effkern-triton", "mode": "fwd", "params": params, "ms": triton_ms, "status": "ok"},
                      {"provider": "effkern-cuda", "mode": "fwd", "params": params, "ms": cuda_ms, "status": "ok"},
                      {"provider": "torch-semi-cusparselt", "mode": "fwd", "params": params, "ms": 0.1,
-                      "status": "ok"}]
+                      "status": "ok"},
+                     # bwd, the input gradient: the dgrad kernel (triton) against the dense expansion (cuda)
+                     {"provider": "effkern-triton", "mode": "bwd", "params": params, "ms": cuda_ms, "status": "ok"},
+                     {"provider": "effkern-cuda", "mode": "bwd", "params": params, "ms": triton_ms, "status": "ok"},
+                     {"provider": "torch-linear", "mode": "bwd", "params": params, "ms": 0.1, "status": "ok"}]
     monkeypatch.setattr(harness, "REPO", tmp_path)
     monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
     path = harness.write_policy(run, bench_sparse24.POLICY_BACKENDS, "test")
     assert path == tmp_path / "effkern" / "policies" / "sparse24.json"
     entries = json.loads(path.read_text())["devices"]["GPU X"]["entries"]
-    assert [sorted(e) for e in entries] == [["K", "M", "N", "dtype", "fwd"]] * 2
+    assert [sorted(e) for e in entries] == [["K", "M", "N", "bwd", "dtype", "fwd"]] * 2
     monkeypatch.setattr(_policy, "POLICY_DIR", path.parent)
     _policy._entries.cache_clear()
     try:  # what effkern.sparse24's auto asks; a baseline never wins
-        def choose(M, dtype="bfloat16"):
-            return _policy.choose("sparse24", "fwd", "GPU X", dtype=dtype, M=M, N=4096, K=4096)
+        def choose(M, dtype="bfloat16", mode="fwd"):
+            return _policy.choose("sparse24", mode, "GPU X", dtype=dtype, M=M, N=4096, K=4096)
 
         assert choose(2) == "cuda" and choose(2048) == "triton"
+        assert choose(2, mode="bwd") == "triton" and choose(2048, mode="bwd") == "cuda"
         assert choose(2, dtype="float16") is None  # no measurement in that dtype
     finally:
         _policy._entries.cache_clear()

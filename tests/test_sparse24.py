@@ -240,10 +240,37 @@ def check_backward_against_float64(backend, N, K, lead, dtype, device):
         assert_matches_float64(t.grad, e, same, reduction, what=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lead", [(M,) for M in ODD_M] + [(2, 65)])
-def test_backward_matches_float64_in_float16(lead):
-    """The backward runs PyTorch ops on every backend (no Triton kernel): checked on the reference."""
-    check_backward_against_float64("reference", 40, 128, lead, torch.float16, "cpu")
+def test_backward_matches_float64_in_float16(backend, lead, monkeypatch):
+    """grad_input through the Triton dgrad kernel (backend triton) or the dense expansion
+    (reference); K = 100 ends in half a meta byte and crosses the interpreter's 32-column tiles."""
+    needs_backend(backend)
+    from effkern.kernels import sparse24 as kernels
+
+    launches = record_calls(monkeypatch, kernels, "sparse24_dgrad", lambda args, result: args[0].shape)
+    check_backward_against_float64(backend, 40, 100, lead, torch.float16, "cpu")
+    assert launches == ([(math.prod(lead), 40)] if backend == "triton" else [])
+
+
+# grad_out [M, N] @ W [N, K]: (M, N, K, forced split of the reduction over N). N = 70 and 130 are no
+# multiple of the interpreter's 32-row reduction step, K = 36 and 100 end in half a meta byte and
+# cross its 32-column tiles; N = 0 (an empty layer) gives zeros.
+DGRAD_SHAPES = [(1, 40, 64, None), (17, 70, 36, None), (130, 24, 100, None), (3, 130, 200, 3), (2, 96, 64, 2),
+                (4, 0, 16, None)]
+
+
+@pytest.mark.parametrize("M, N, K, split_k", DGRAD_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dgrad_kernel_matches_float64(M, N, K, split_k, dtype, poison_empty):
+    needs_backend("triton")
+    from effkern.kernels import sparse24 as kernels
+
+    w, values, meta = compressed_sparse_weight(N, K, dtype)
+    grad = torch.randn(N, M).to(dtype).t()  # any strides: a transposed grad_out
+    got = kernels.sparse24_dgrad(grad, values.t().contiguous().t(), meta, split_k=split_k)
+    assert got.dtype == dtype and got.shape == (M, K)
+    assert_matches_float64(got, grad.double() @ w.double(), grad @ w, N, what="grad_input")
 
 
 def test_reference_gradcheck():
@@ -323,9 +350,11 @@ def test_autocast_casts_input_values_and_bias():
 @pytest.fixture
 def fresh_auto_choices():
     """auto's choices are cached per (device, dtype, M, N, K): cleared around a test that changes what they read."""
-    sparse24._auto_backend.cache_clear()
+    for cached in (sparse24._auto_backend, sparse24._auto_dgrad_path):
+        cached.cache_clear()
     yield
-    sparse24._auto_backend.cache_clear()
+    for cached in (sparse24._auto_backend, sparse24._auto_dgrad_path):
+        cached.cache_clear()
 
 
 BF16 = torch.bfloat16
@@ -421,6 +450,46 @@ def test_sparse24_linear_module_and_state_dict():
         ek.nn.Sparse24Linear(30, 8)
 
 
+AUTO_DGRAD_CASES = [  # (name, recorded bwd winner, Triton runs, dtype, path)
+    ("measured triton", "triton", True, BF16, "triton"),
+    ("measured triton, fp16", "triton", True, torch.float16, "triton"),
+    ("measured cuda", "cuda", True, BF16, "dense"),
+    ("nothing measured", None, True, BF16, "dense"),
+    ("measured triton, no Triton", "triton", False, BF16, "dense"),
+    ("float64", "triton", True, torch.float64, "dense"),
+]
+
+
+@parametrize_by_name(AUTO_DGRAD_CASES)
+def test_auto_dgrad_path_follows_the_bwd_measurements(case, monkeypatch, fresh_auto_choices):
+    """grad_input's path under auto on a CUDA device, decided here (no GPU, no launch): the Triton
+    dgrad kernel where the bwd benchmark recorded effkern-triton faster, else W expanded and one
+    dense GEMM (cuBLAS)."""
+    _, winner, triton_runs, dtype, expected = AUTO_DGRAD_CASES[case]
+    asked = []
+
+    def choose(*args, **shape):
+        asked.append((args, shape))
+        return winner
+
+    monkeypatch.setattr(sparse24._policy, "choose", choose)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (name != "triton" or triton_runs, ""))
+    assert sparse24._auto_dgrad_path(torch.device("cuda", 0), dtype, 6, 64, 256) == expected
+    shape = dict(dtype=str(dtype).removeprefix("torch."), M=6, N=64, K=256)
+    asks = triton_runs and dtype != torch.float64
+    assert asked == ([(("sparse24", "bwd", "GPU X"), shape)] if asks else [])
+
+
+@pytest.mark.parametrize("backend, path", [("triton", "triton"), ("cuda", "dense"), ("reference", "dense")])
+def test_dgrad_path_of_an_explicit_backend(backend, path, monkeypatch):
+    monkeypatch.setattr(sparse24, "require", lambda name, device, op: None)
+    monkeypatch.setattr(sparse24._policy, "choose",
+                        lambda *args, **shape: pytest.fail("an explicit backend reads no measurements"))
+    with ek.use_backend(backend):
+        assert sparse24.dgrad_path(torch.empty(2, 3, 64, dtype=BF16, device="meta"), 256) == path
+
+
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
 SPARSE_TYPES = dict(a_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", bias_ptr="*bf16", c_ptr="*bf16",
@@ -438,6 +507,27 @@ def test_triton_fallback_compiles_for_gpus(compile_for_gpu, cc):
     configs = {"fixed": tile_kwargs(kernels._FIXED["gpu"]), "split-k": tile_kwargs(kernels._SPLIT["gpu"])}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_matmul_kernel",
                                            SPARSE_TYPES, dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
+                                           configs, cc,
+                                           unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
+
+
+DGRAD_TYPES = {k: v for k, v in SPARSE_TYPES.items() if k != "bias_ptr"}
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_dgrad_kernel_compiles_for_gpus(compile_for_gpu, cc):
+    """The dgrad kernel at its fixed and split-K configs, and on sm_90 at every autotuned one
+    (its tiles expand W along the output columns and transpose them: layouts the forward lacks)."""
+    needs_backend("triton")
+    from effkern.kernels import sparse24 as kernels
+    from effkern.kernels._splitk import tile_kwargs
+
+    configs = {"fixed": tile_kwargs(kernels._FIXED["gpu"]), "split-k": tile_kwargs(kernels._SPLIT["gpu"])}
+    if cc == 90:
+        configs.update({f"{bm}x{bn}x{bk}": tile_kwargs(((bm, bn, bk, 8), stages, warps))
+                        for bm, bn, bk, stages, warps in kernels._GEMM_SHAPES})
+    assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_dgrad_kernel",
+                                           DGRAD_TYPES, dict(DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True),
                                            configs, cc,
                                            unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
 
@@ -464,8 +554,26 @@ def test_gpu_matches_float64(backend, M, dtype, poison_empty):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("lead", [(1,), (17,), (2, 65)])
 def test_gpu_backward_matches_float64(backend, lead, poison_empty):
+    """grad_input through the dgrad kernel (triton) or the dense expansion and cuBLAS (cuda)."""
     needs_backend(backend, "cuda")
     check_backward_against_float64(backend, 512, 1024, lead, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, K", [(512, 1024), (520, 1004)])
+@pytest.mark.parametrize("M", ODD_M + (1024,))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_dgrad_kernel_matches_float64(N, K, M, dtype, poison_empty):
+    """grad_out @ W from the compressed W: on whole tiles, and with a reduction (N) and output
+    columns (K, ending in half a meta byte) that are no multiple of the GPU's tiles; few rows
+    take the split over N."""
+    needs_backend("triton", "cuda")
+    from effkern.kernels import sparse24 as kernels
+
+    w, values, meta = compressed_sparse_weight(N, K, dtype, device="cuda")
+    grad = torch.randn(M, N, device="cuda").to(dtype)
+    got = kernels.sparse24_dgrad(grad, values, meta)
+    assert_matches_float64(got, grad.double() @ w.double(), grad @ w, N, what="grad_input")
 
 
 @pytest.mark.gpu
