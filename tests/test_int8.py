@@ -3,6 +3,7 @@ registration, Int8Linear, errors. Triton kernels run through the interpreter on 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -801,6 +802,26 @@ def test_int8_linear_module_and_state_dict_round_trip(mode):
         ek.nn.Int8Linear(4, 4, mode="w4a16")
     with pytest.raises(TypeError, match="nn.Linear"):
         ek.nn.Int8Linear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_linear_module_cast_to_a_16_bit_model_keeps_its_float32_scale(mode, dtype):
+    """model.half() / model.to(bf16) on a quantized model: the bias follows, the scale stays the
+    exact float32 the ops take (a cast scale was a TypeError at the next call), the layer then
+    computes the op in that dtype, and a float32 checkpoint loads into it."""
+    layer = ek.nn.Int8Linear.from_linear(torch.nn.Linear(32, 24), mode=mode)
+    qweight, scale = layer.qweight.clone(), layer.weight_scale.clone()
+    for cast in (lambda m: m.to(dtype), lambda m: m.half().to(dtype) if dtype == torch.bfloat16 else m.half()):
+        model = cast(copy.deepcopy(layer))
+        assert model.bias.dtype == dtype
+        assert torch.equal(model.weight_scale, scale) and model.weight_scale.dtype == torch.float32
+        assert torch.equal(model.qweight, qweight)
+        x = torch.randn(3, 32).to(dtype)
+        assert torch.equal(model(x), LINEAR_OPS[mode](x, qweight, scale, model.bias.detach()))
+        model.load_state_dict(layer.state_dict())
+        assert model.weight_scale.dtype == torch.float32 and model.bias.dtype == dtype
+    assert copy.deepcopy(layer).to("meta").weight_scale.device.type == "meta"  # device moves apply
 
 
 def test_int8_linear_module_fine_tunes_the_bias_only():

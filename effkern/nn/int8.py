@@ -17,7 +17,8 @@ class Int8Linear(nn.Module):
     (``effkern.int8_linear``); "w8a16": the int8 weight is converted inside the kernel and
     multiplied with the activations in their own dtype (``effkern.int8_weight_only_linear``).
     Buffers ``qweight`` (int8 [out, in]) and ``weight_scale`` (float32 [out]) are in the
-    state_dict with the (float, trainable) ``bias``; the weight is frozen.
+    state_dict with the (float, trainable) ``bias``; the weight is frozen. ``.half()``,
+    ``.to(torch.bfloat16)`` and the like cast the bias only: the scale stays float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
@@ -44,6 +45,16 @@ class Int8Linear(nn.Module):
         layer.qweight, layer.weight_scale = qweight, scale
         layer.bias = linear.bias
         return layer
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / model.to(torch.bfloat16) cast the bias with the rest of the model, but
+        # the scale stays the float32 the int8 ops take, bit for bit (not rounded through the
+        # new dtype); device moves still apply to it.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight this layer multiplies by, in ``dtype`` (default: the bias's, else float32)."""
