@@ -291,8 +291,9 @@ def _describe_auto(device: torch.device) -> str:
         return "reference (auto on CPU; compress/decompress/prune: the C++ CPU kernels)"
     gpu = torch.cuda.get_device_name(device)
     if _policy._entries("sparse24", gpu):
-        return f"per shape from effkern/policies/sparse24.json (measured on {gpu}), triton elsewhere"
-    return f"triton fallback (no measurements recorded for {gpu})"
+        return (f"per shape from effkern/policies/sparse24.json (measured on {gpu}), triton elsewhere; "
+                f"grad_input: the dgrad kernel where measured faster, else W expanded and cuBLAS")
+    return f"triton fallback (no measurements recorded for {gpu}); grad_input: W expanded and cuBLAS"
 
 
 register_family("sparse24", _describe_auto)

@@ -481,6 +481,18 @@ def test_auto_dgrad_path_follows_the_bwd_measurements(case, monkeypatch, fresh_a
     assert asked == ([(("sparse24", "bwd", "GPU X"), shape)] if asks else [])
 
 
+@pytest.mark.parametrize("measured", [False, True])
+def test_info_describes_auto_on_a_gpu_with_its_grad_input_path(measured, monkeypatch):
+    monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (True, ""))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(sparse24._policy, "_entries", lambda op, gpu: ({"M": 1},) if measured else ())
+    text = sparse24._describe_auto(torch.device("cuda", 0))
+    if measured:
+        assert "measured on GPU X" in text and "grad_input: the dgrad kernel where measured faster" in text
+    else:
+        assert "no measurements recorded for GPU X" in text and "grad_input: W expanded and cuBLAS" in text
+
+
 @pytest.mark.parametrize("backend, path", [("triton", "triton"), ("cuda", "dense"), ("reference", "dense")])
 def test_dgrad_path_of_an_explicit_backend(backend, path, monkeypatch):
     monkeypatch.setattr(sparse24, "require", lambda name, device, op: None)
