@@ -1,0 +1,91 @@
+"""torch.distributed: effkern's modules train under DistributedDataParallel like nn.Linear does.
+
+Two CPU processes (gloo) each run one batch through a DDP-wrapped model; after backward, every
+trainable parameter's gradient on every rank must be the mean over both ranks' batches, which
+each rank also computes alone on an unwrapped copy. A failing worker's traceback fails the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import effkern as ek
+
+from op_checks import needs_backend
+
+WORLD = 2
+FEATURES, OUT = 32, 16
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """A projection to q, k, v (2 heads) and effkern's SDPA in float16: the attention op's
+    backward between DDP's gradient hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(FEATURES, 3 * FEATURES)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, FEATURES // 2)).permute(1, 2, 0, 3).half().unbind(0)
+        return ek.scaled_dot_product_attention(q, k, v, is_causal=True).float()
+
+
+def build(name: str) -> torch.nn.Module:
+    """The same model on every rank (seeded)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(FEATURES, OUT)
+    return {
+        "linear_gelu": lambda: ek.nn.LinearGELU.from_linear(linear),
+        "int8": lambda: ek.nn.Int8Linear.from_linear(linear, mode="w8a16"),
+        "int4": lambda: ek.nn.Int4Linear.from_linear(linear, group_size=32),
+        "sparse24": lambda: ek.nn.Sparse24Linear.from_linear(linear, prune=True),
+        "attention": CausalSelfAttention,
+    }[name]()
+
+
+def batch(rank: int) -> torch.Tensor:
+    return torch.randn(5, FEATURES, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def train_step_on_each_rank(rank: int, port: int, backend: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for name in names:
+            model = build(name)
+            alone = copy.deepcopy(model)
+            ddp = DistributedDataParallel(model)  # kept alive: its reducer all-reduces in the backward
+            with ek.use_backend(backend):
+                ddp(batch(rank)).square().mean().backward()
+                for r in range(WORLD):  # summed over the ranks' batches, averaged below
+                    alone(batch(r)).square().mean().backward()
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            assert trained, name
+            for (param, got), want in zip(trained, (p for p in alone.parameters() if p.requires_grad), strict=True):
+                assert got.grad is not None, (name, param)
+                torch.testing.assert_close(got.grad, want.grad / WORLD, msg=lambda m: f"{name}.{param}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ddp_averages_every_trainable_gradient(backend):
+    needs_backend(backend)
+    # spawned workers inherit the environment, TRITON_INTERPRET included (set by conftest)
+    mp.spawn(train_step_on_each_rank, args=(free_port(), backend, ["linear_gelu", "int8", "int4", "sparse24",
+                                                                   "attention"]), nprocs=WORLD)
