@@ -41,7 +41,7 @@ from torch import Tensor
 from . import _policy
 from ._cache import DerivedCache
 from ._backend import backend_available, require, selected_backend
-from ._registry import register_autocast, register_family
+from ._registry import autocast_on, register_autocast, register_family
 from ._tensors import empty, rows
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
@@ -266,7 +266,10 @@ def check_weight(op: str, qweight, scales, zeros, group_size) -> None:
             raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but qweight is on {qweight.device}")
 
 
-def check_linear_args(op: str, input, qweight, scales, zeros, group_size, bias) -> None:
+def check_linear_args(op: str, input, qweight, scales, zeros, group_size, bias,
+                      mixed_dtypes_allowed: bool = False) -> None:
+    """``mixed_dtypes_allowed``: a bias of another float dtype than input, for a caller inside
+    torch.autocast, which casts both before the op runs (the op checks again after the cast)."""
     _check_tensor(op, "input", input, REFERENCE_DTYPES, "float16, bfloat16 or float32")
     if input.dim() < 1:
         raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
@@ -277,8 +280,9 @@ def check_linear_args(op: str, input, qweight, scales, zeros, group_size, bias) 
                          f"weight's K={K} (qweight is [N, K / 8] = {list(qweight.shape)})")
     if bias is not None:
         _check_tensor(op, "bias", bias, REFERENCE_DTYPES, "a float tensor")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"effkern.{op}: bias has dtype {bias.dtype} but input has {input.dtype}")
+        if bias.dtype != input.dtype and not mixed_dtypes_allowed:
+            raise TypeError(f"effkern.{op}: bias has dtype {bias.dtype} but input has {input.dtype}; "
+                            f"use one dtype (or torch.autocast)")
         if tuple(bias.shape) != (N,):
             raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
     for name, t in (("qweight", qweight), ("bias", bias)):
@@ -435,5 +439,6 @@ def int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g
     (qweight int32 [N, K / 8], scales and zeros [N, K / group_size], from quantize_int4 or the
     GPTQ/AWQ importers) dequantized inside the kernel, fp32 accumulation, + bias [N] (input's
     dtype). Differentiable in input and bias."""
-    check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias)
+    check_linear_args("int4_linear", input, qweight, scales, zeros, group_size, bias,
+                      mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.int4_linear(input, qweight, scales, zeros, group_size, bias)

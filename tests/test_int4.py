@@ -361,12 +361,18 @@ def test_torch_compile_fullgraph_forward_backward(backend):
 
 
 def test_autocast_casts_input_and_bias_only():
+    """float32 input and bias, or float32 input with a bias already in bf16 (a mix F.linear takes
+    under autocast), run in bf16 under torch.autocast; outside it the mix is a TypeError."""
     qw, scales, zeros = quantized(16, 64, 32, torch.float32)
     x, b = torch.randn(4, 64), torch.randn(16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ek.int4_linear(x, qw, scales, zeros, 32, b)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, int4_linear_reference(x.bfloat16(), qw, scales, zeros, 32, b.bfloat16()))
+    want = int4_linear_reference(x.bfloat16(), qw, scales, zeros, 32, b.bfloat16())
+    for bias in (b, b.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ek.int4_linear(x, qw, scales, zeros, 32, bias)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want)
+    with pytest.raises(TypeError, match="bias has dtype torch.bfloat16 but input has torch.float32"):
+        ek.int4_linear(x, qw, scales, zeros, 32, b.bfloat16())
 
 
 # ---------------------------------------------------------------------------- errors
