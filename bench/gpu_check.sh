@@ -12,6 +12,9 @@
 #   STEPS="build pytest" bench/gpu_check.sh   only these of the steps build, pytest, bench (default
 #                                      all three): a family's tests and its benchmark can then go in
 #                                      two device calls, each within the per-call limit
+#   TEST_MARK="gpu and smoke" bench/gpu_check.sh   the pytest step's -m expression (default gpu):
+#                                      "gpu and smoke" runs the few tests per family that check each
+#                                      kernel against float64 or bit for bit, every family in one call
 # Per-step limits (seconds): BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +74,7 @@ if wanted build; then step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 if wanted pytest; then
     # the slowest tests in the log: what to split off when a family's tests outgrow one call
-    step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m gpu -q -rfEs --durations=25 $XDIST $TEST_PATHS
+    step pytest "${TEST_TIMEOUT:-150}" "$OUT/pytest_gpu.log" $PY -m pytest -m "${TEST_MARK:-gpu}" -q -rfEs --durations=25 $XDIST $TEST_PATHS
 fi
 SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || echo unknown-device)
 RES=bench/results/$SLUG

@@ -20,6 +20,9 @@ os.environ.setdefault("EFFKERN_TRITON_AUTOTUNE", "0")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by bench/gpu_check.sh")
+    config.addinivalue_line("markers", "smoke: among the few GPU tests per family that check each kernel against "
+                                       "float64 or bit for bit, to run first when GPU time is short "
+                                       "(TEST_MARK='gpu and smoke' bench/gpu_check.sh)")
     config.addinivalue_line("markers", "aot: compiles Triton kernels for a GPU here (the compile_for_gpu fixture)")
 
 

@@ -613,6 +613,7 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @parametrize_by_name(GPU_CASES)
@@ -650,6 +651,7 @@ def test_gpu_every_tuned_config_matches_float64(D, index, transposed, monkeypatc
     assert tma_launches == [hopper and not transposed] * 2  # forward, dQ
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("Sq,window,softcap", [(1, (-1, -1), 0.0), (4, (3000, -1), 30.0)],
                          ids=["causal", "causal_window_softcap"])
@@ -668,6 +670,7 @@ def test_gpu_split_kv_decoding_matches_float64(Sq, window, softcap):
     torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
     needs_backend("triton", "cuda")
@@ -682,6 +685,7 @@ GPU_SDPA_CASES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @parametrize_by_name(GPU_SDPA_CASES)
 def test_gpu_sdpa_takes_the_kernels_and_matches_torch(case, monkeypatch):

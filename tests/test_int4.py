@@ -583,6 +583,7 @@ def test_gpu_cuda_graph_replays_like_eager(backend, M):
     assert_cuda_graph_replays_like_eager(backend, lambda x: ek.int4_linear(x, qw, scales, zeros, G, b), inputs)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,expected", [(1, 512, "cuda"), (3, 520, "triton"), (100, 512, "triton")])
 def test_gpu_auto_backend_runs(M, N, expected, recorded_int4_policy, monkeypatch, poison_empty):
@@ -603,6 +604,7 @@ def test_gpu_auto_backend_runs(M, N, expected, recorded_int4_policy, monkeypatch
                                   ek.dequantize_int4(qw, scales, zeros, G, dtype), b)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,M", [("triton", 3), ("triton", 100), ("cuda", 3)])
 @pytest.mark.parametrize("fmt", ["gptq-act-order", "awq"])

@@ -327,6 +327,7 @@ def test_gpu_kernel_matches_float64(N, K, M, dtype, group_size, with_bias, poiso
     check_against_float64(M, N, K, group_size, dtype, with_bias)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, N, K, group_size", [(1, 4096, 4096, 128), (16, 4096, 4096, -1), (4, 11008, 4096, 64),
@@ -335,6 +336,7 @@ def test_gpu_kernel_decode_shapes(M, N, K, group_size, dtype, poison_empty):
     check_against_float64(M, N, K, group_size, dtype, with_bias=True)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N, K, group_size, zero_shift", [(128, 256, 32, 0), (64, 512, 256, 0), (192, 2048, -1, 0),

@@ -952,6 +952,7 @@ def test_quantization_keeps_its_rounding_on_a_gpu(compiled_for_gpus, kernel):
 
 # ---------------------------------------------------------------------------- GPU
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 4096), (5, 100), (129, 4100), (4096, 1024)])
@@ -964,6 +965,7 @@ def test_gpu_quantize_per_token_matches_reference(dtype, shape):
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", ODD_M + (256,))
 @pytest.mark.parametrize("K", ODD_K)
@@ -991,6 +993,7 @@ def test_gpu_linear_error_is_that_of_the_quantization(mode, dtype, M, K, poison_
     assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", (1, 16, 100, 2048))
 @pytest.mark.parametrize("autotune", ["0", "1"])
@@ -1004,6 +1007,7 @@ def test_gpu_fused_quantization_gives_the_same_bits(M, autotune, monkeypatch):
         x, qw, scale, torch.randn(N, device="cuda", dtype=torch.bfloat16), monkeypatch)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(5))
 def test_gpu_every_tma_config_is_exact(index, monkeypatch, tma_launches):
@@ -1027,6 +1031,7 @@ def test_gpu_every_tma_config_is_exact(index, monkeypatch, tma_launches):
     assert len(tma_launches) == (2 if bm * bn <= 128 * 128 else 1)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):

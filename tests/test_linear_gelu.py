@@ -635,6 +635,7 @@ def test_gpu_any_strides_and_ranks(backend, dtype, approximate, case, poison_emp
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_opcheck_compile_and_autocast(backend):
@@ -721,6 +722,7 @@ def test_gpu_single_gradient_allocates_no_copy_of_the_unsaved_operand(backend, w
     assert peak < 1.5 * gradient_bytes, f"the backward allocated {peak / 2**20:.0f} MiB at its peak"
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(16, 1000, 1536), (300, 500, 700), (1024, 2048, 1024)])
 def test_gpu_autotuned_triton_configs_match_float64(M, N, K, monkeypatch):
@@ -730,6 +732,7 @@ def test_gpu_autotuned_triton_configs_match_float64(M, N, K, monkeypatch):
         check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(5))
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -747,6 +750,7 @@ def test_gpu_every_tma_config_matches_float64(index, approximate, monkeypatch, t
     assert tma_launches, "the TMA kernel did not run"
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 def test_gpu_backward_runs_on_the_selected_backend(monkeypatch):
     """The autograd engine runs CUDA backward ops on its own thread: the choice must reach it."""

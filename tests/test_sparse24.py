@@ -562,6 +562,7 @@ def test_gpu_matches_float64(backend, M, dtype, poison_empty):
     assert_linear_matches_float64(y, x, w.double(), w, b)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("lead", [(1,), (17,), (2, 65)])
@@ -624,6 +625,7 @@ def test_gpu_opcheck_compile_and_autocast(backend):
     assert_linear_matches_float64(y, x, w.double(), w, layer.bias.detach())
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("winner, N, path", [(None, 512, "triton"), ("cuda", 512, "cuda"), ("cuda", 520, "triton")])
 def test_gpu_auto_backend_runs(winner, N, path, monkeypatch, fresh_auto_choices, poison_empty):

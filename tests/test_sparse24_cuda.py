@@ -498,6 +498,7 @@ def test_gpu_kernel_matches_float64(N, K, M, dtype, with_bias, poison_empty):
     check_against_float64(M, N, K, dtype, with_bias)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, N, K", [(1, 4096, 4096), (8, 4096, 4096), (16, 11008, 4096), (33, 4096, 11008),
@@ -506,6 +507,7 @@ def test_gpu_kernel_llm_shapes(M, N, K, dtype, poison_empty):
     check_against_float64(M, N, K, dtype, with_bias=True)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M_rows, N, K", [(64, 208, 320), (16, 128, 256)])
@@ -545,6 +547,7 @@ def test_gpu_kernel_rejects_tensors_on_another_device():
     assert_rejects_tensors_on_another_device("sparse24_linear", _op_args()[0], "values")
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 def test_gpu_reorder_on_cuda_tensors_is_the_cpu_reorder():
     W, values, meta = make_24(208, 320, torch.bfloat16, seed=5)
