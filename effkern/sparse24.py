@@ -228,27 +228,33 @@ def _cuda_kernel_runs(device: torch.device, dtype: torch.dtype, M: int, N: int, 
             and _cuda_layout().cuda_kernel_supports(M, N, K, dtype))
 
 
+def _kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether auto runs effkern's kernels at all here (else the PyTorch ops)."""
+    return device.type == "cuda" and dtype != torch.float64 and backend_available("triton", device)[0]
+
+
+def _recorded_winner(mode: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str | None:
+    return _policy.choose("sparse24", mode, torch.cuda.get_device_name(device),
+                          dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
+
+
 @functools.lru_cache(maxsize=4096)
 def _auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
     # Cached: at decoding sizes the lookup would cost as much as the GPU work.
-    if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
+    if not _kernels_run(device, dtype):
         return "reference"
-    choice = _policy.choose("sparse24", "fwd", torch.cuda.get_device_name(device),
-                            dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
-    if choice == "cuda" and _cuda_kernel_runs(device, dtype, M, N, K):
+    if _recorded_winner("fwd", device, dtype, M, N, K) == "cuda" and _cuda_kernel_runs(device, dtype, M, N, K):
         return "cuda"
     return "triton"
 
 
 @functools.lru_cache(maxsize=4096)
 def _auto_dgrad_path(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
-    if device.type != "cuda" or dtype == torch.float64 or not backend_available("triton", device)[0]:
-        return "dense"
     # the bwd benchmark times grad_input alone: its effkern-triton rows run the dgrad kernel,
     # its effkern-cuda rows the dense expansion and cuBLAS
-    choice = _policy.choose("sparse24", "bwd", torch.cuda.get_device_name(device),
-                            dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
-    return "triton" if choice == "triton" else "dense"
+    if _kernels_run(device, dtype) and _recorded_winner("bwd", device, dtype, M, N, K) == "triton":
+        return "triton"
+    return "dense"
 
 
 def dgrad_path(grad_out: Tensor, K: int) -> str:

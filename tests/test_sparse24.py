@@ -357,6 +357,20 @@ def fresh_auto_choices():
         cached.cache_clear()
 
 
+def policy_answering(monkeypatch, winner) -> list:
+    """auto's policy lookups on a GPU named "GPU X", each answered ``winner``; returns the list of
+    questions asked ((op, mode, gpu), shape), filled as they come."""
+    asked = []
+
+    def choose(*args, **shape):
+        asked.append((args, shape))
+        return winner
+
+    monkeypatch.setattr(sparse24._policy, "choose", choose)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    return asked
+
+
 BF16 = torch.bfloat16
 AUTO_CASES = [  # (name, recorded winner, extension with the CUDA kernel, dtype, M, N, K, auto's choice)
     ("measured cuda", "cuda", True, BF16, 16, 64, 256, "cuda"),
@@ -377,14 +391,7 @@ def test_auto_takes_cuda_where_measured_and_the_kernel_runs(case, monkeypatch, f
     """auto on a CUDA device, decided here (no GPU, no launch): the policy's winner for the GPU and
     shape, and the Triton fallback where it says cuda but the mma.sp kernel cannot run the problem."""
     _, winner, cuda_built, dtype, M, N, K, expected = AUTO_CASES[case]
-    asked = []
-
-    def choose(*args, **shape):
-        asked.append((args, shape))
-        return winner
-
-    monkeypatch.setattr(sparse24._policy, "choose", choose)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    asked = policy_answering(monkeypatch, winner)
     monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (name != "cuda" or cuda_built, ""))
     if cuda_built:  # what a CUDA build registers; the choice only looks it up
         monkeypatch.setattr(torch.ops.effkern_C, "sparse24_linear", object(), raising=False)
@@ -466,14 +473,7 @@ def test_auto_dgrad_path_follows_the_bwd_measurements(case, monkeypatch, fresh_a
     dgrad kernel where the bwd benchmark recorded effkern-triton faster, else W expanded and one
     dense GEMM (cuBLAS)."""
     _, winner, triton_runs, dtype, expected = AUTO_DGRAD_CASES[case]
-    asked = []
-
-    def choose(*args, **shape):
-        asked.append((args, shape))
-        return winner
-
-    monkeypatch.setattr(sparse24._policy, "choose", choose)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    asked = policy_answering(monkeypatch, winner)
     monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (name != "triton" or triton_runs, ""))
     assert sparse24._auto_dgrad_path(torch.device("cuda", 0), dtype, 6, 64, 256) == expected
     shape = dict(dtype=str(dtype).removeprefix("torch."), M=6, N=64, K=256)
