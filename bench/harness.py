@@ -588,21 +588,31 @@ def _plot(run: Run, path: Path) -> None:
 
 
 def write_policy(run: Run, backends: dict, command: str) -> Path | None:
-    """Record, per measured shape, the faster effkern backend for each mode (read by backend "auto").
-    Only this card's entry in effkern/policies/<op>.json is replaced."""
+    """Record, per measured shape, the faster correct effkern backend for each mode (read by backend
+    "auto"), where more than one backend ran. Only this card's entry in
+    effkern/policies/<op>.json is replaced."""
     if not backends:  # one effkern backend: nothing to choose
         return None
     if run.device != "cuda":
         print("--write-policy: skipped, policies are per GPU and this run is on the CPU")
         return None
-    best: dict = {}
+    ran: dict = {}  # (shape, mode) -> the backends that ran there, correct or not
+    times: dict = {}  # (shape, mode) -> {backend: ms} of the correct ones
     for r in run.rows:
-        if r["provider"] in backends and r["status"] == "ok":
-            key = tuple(r["params"].items())
-            cur = best.setdefault(key, {}).get(r["mode"])
-            if cur is None or r["ms"] < cur[1]:
-                best[key][r["mode"]] = (backends[r["provider"]], r["ms"])
-    entries = [{**dict(k), **{m: v[0] for m, v in modes.items()}} for k, modes in best.items()]
+        if r["provider"] not in backends:
+            continue
+        where, backend = (tuple(r["params"].items()), r["mode"]), backends[r["provider"]]
+        ran.setdefault(where, set()).add(backend)
+        if r["status"] == "ok":
+            ms = times.setdefault(where, {})
+            ms[backend] = min(r["ms"], ms.get(backend, r["ms"]))
+    best: dict = {}
+    for (key, mode), ms in times.items():
+        # a backend that ran alone (the others unavailable there) beat nothing: no entry, and
+        # auto keeps its default for such shapes; one that failed or raised there still loses
+        if len(ran[(key, mode)]) > 1:
+            best.setdefault(key, {})[mode] = min(ms, key=ms.get)
+    entries = [{**dict(k), **modes} for k, modes in best.items()]
     path = REPO / "effkern" / "policies" / f"{run.op}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc = {"version": 1, "op": run.op, "devices": doc.get("devices", {})}

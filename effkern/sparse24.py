@@ -269,6 +269,9 @@ def dgrad_path(grad_out: Tensor, K: int) -> str:
         return _auto_dgrad_path(grad_out.device, grad_out.dtype, M, N, K)
     if name == "triton":
         require(name, grad_out.device, "sparse24_linear_bwd")
+        if grad_out.dtype not in KERNEL_DTYPES:  # a forward on another backend, its backward under triton
+            raise TypeError(f"effkern.sparse24_linear: backend 'triton' takes float16, bfloat16 or float32, got "
+                            f"a {grad_out.dtype} gradient (float64 runs on the reference backend)")
         return name
     return "dense"
 

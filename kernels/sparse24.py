@@ -103,13 +103,13 @@ def sparse24_dgrad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    rows = (k_start + offs_k).to(tl.int64)  # of W; dY's columns
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + rows[None, :] * stride_ak
     # The tile's BLOCK_N columns of W start at a multiple of 8: BLOCK_N / 2 values and BLOCK_N / 8
     # whole meta bytes per row, contiguous along the row, loaded as [those, BLOCK_K rows] so that
     # expand_24 (groups along axis 0) gives W's tile transposed.
     offs_v = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     offs_b = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    rows = (k_start + offs_k).to(tl.int64)
     v_ptrs = v_ptr + rows[None, :] * stride_vn + offs_v[:, None] * stride_vk
     meta_ptrs = meta_ptr + rows[None, :] * stride_metan + offs_b[:, None] * stride_metak
     # past W's last column: nothing loaded, zeros expanded, and store_tile leaves those columns out

@@ -76,10 +76,13 @@ def test_policy_records_the_faster_backend(tmp_path, monkeypatch):
         run.rows.append({"provider": provider, "mode": mode, "params": params, "ms": ms, "status": status})
     monkeypatch.setattr(harness, "REPO", tmp_path)
     monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
+    # a shape where one backend ran alone (the other unavailable there) compared nothing
+    alone = {**params, "M": 4096}
+    run.rows.append({"provider": "effkern-triton", "mode": "fwd", "params": alone, "ms": 1.0, "status": "ok"})
     path = harness.write_policy(run, bench_linear_gelu.POLICY_BACKENDS, "test")
-    entry = json.loads(path.read_text())["devices"]["GPU X"]["entries"][0]
+    entries = json.loads(path.read_text())["devices"]["GPU X"]["entries"]
     # a failing row never wins, however fast
-    assert entry == {**params, "fwd": "triton", "fwd_bwd": "cuda"}
+    assert entries == [{**params, "fwd": "triton", "fwd_bwd": "cuda"}]
 
 
 def _only(quant: str, fn) -> harness.Provider:

@@ -8,8 +8,6 @@ each rank also computes alone on an unwrapped copy. A failing worker's traceback
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -55,9 +53,8 @@ def batch(rank: int) -> torch.Tensor:
     return torch.randn(5, FEATURES, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def train_step_on_each_rank(rank: int, port: int, backend: str, names: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def train_step_on_each_rank(rank: int, store: str, backend: str, names: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         for name in names:
             model = build(name)
@@ -76,16 +73,11 @@ def train_step_on_each_rank(rank: int, port: int, backend: str, names: list[str]
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ddp_averages_every_trainable_gradient(backend):
+def test_ddp_averages_every_trainable_gradient(backend, tmp_path):
     needs_backend(backend)
-    # spawned workers inherit the environment, TRITON_INTERPRET included (set by conftest)
-    mp.spawn(train_step_on_each_rank, args=(free_port(), backend, ["linear_gelu", "int8", "int4", "sparse24",
-                                                                   "attention"]), nprocs=WORLD)
+    # the ranks meet through a file (no port to race for); spawned workers inherit the
+    # environment, TRITON_INTERPRET included (set by conftest)
+    mp.spawn(train_step_on_each_rank, args=(str(tmp_path / "store"), backend,
+                                            ["linear_gelu", "int8", "int4", "sparse24", "attention"]), nprocs=WORLD)

@@ -260,6 +260,30 @@ DGRAD_SHAPES = [(1, 40, 64, None), (17, 70, 36, None), (130, 24, 100, None), (3,
                 (4, 0, 16, None)]
 
 
+def check_every_tile(monkeypatch, place: str, dtype, device: str, shapes):
+    """Both Triton 2:4 kernels, the forward and the dgrad, at each tile config their autotuners
+    may pick, forced as the fixed config of ``place`` ("interpreter" or "gpu"), against float64
+    on (M, N, K) ``shapes`` (one program per output tile: no split)."""
+    needs_backend("triton", device)
+    from effkern.kernels import sparse24 as kernels
+
+    for bm, bn, bk, stages, warps in kernels._GEMM_SHAPES:
+        monkeypatch.setitem(kernels._FIXED, place, ((bm, bn, bk, 8), stages, warps))
+        for M, N, K in shapes:
+            tile = f"tile {bm}x{bn}x{bk}, M={M}, N={N}, K={K}"
+            w, values, meta = compressed_sparse_weight(N, K, dtype, device)
+            x, grad, b = (torch.randn(*shape, device=device).to(dtype) for shape in ((M, K), (M, N), (N,)))
+            assert_linear_matches_float64(kernels.sparse24_matmul(x, values, meta, b, split_k=1), x, w.double(), w,
+                                          b, what=f"forward, {tile}")
+            assert_matches_float64(kernels.sparse24_dgrad(grad, values, meta, split_k=1),
+                                   grad.double() @ w.double(), grad @ w, N, what=f"dgrad, {tile}")
+
+
+def test_every_tuned_tile_matches_float64(monkeypatch):
+    """Under the interpreter; K = 268 ends in half a meta byte, N = 300 is no multiple of a tile."""
+    check_every_tile(monkeypatch, "interpreter", torch.float16, "cpu", [(70, 300, 268), (130, 256, 512)])
+
+
 @pytest.mark.parametrize("M, N, K, split_k", DGRAD_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dgrad_kernel_matches_float64(M, N, K, split_k, dtype, poison_empty):
@@ -502,6 +526,16 @@ def test_dgrad_path_of_an_explicit_backend(backend, path, monkeypatch):
         assert sparse24.dgrad_path(torch.empty(2, 3, 64, dtype=BF16, device="meta"), 256) == path
 
 
+def test_float64_backward_under_triton_is_a_clear_error():
+    """A float64 forward (auto on CPU: the reference) whose backward runs inside use_backend("triton")."""
+    needs_backend("triton")
+    _, values, meta = compressed_sparse_weight(8, 32, torch.float64)
+    x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    y = ek.sparse24_linear(x, values, meta)
+    with ek.use_backend("triton"), pytest.raises(TypeError, match="got a torch.float64 gradient"):
+        y.sum().backward()
+
+
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
 SPARSE_TYPES = dict(a_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", bias_ptr="*bf16", c_ptr="*bf16",
@@ -529,7 +563,8 @@ DGRAD_TYPES = {k: v for k, v in SPARSE_TYPES.items() if k != "bias_ptr"}
 @pytest.mark.parametrize("cc", [80, 90])
 def test_dgrad_kernel_compiles_for_gpus(compile_for_gpu, cc):
     """The dgrad kernel at its fixed and split-K configs, and on sm_90 at every autotuned one
-    (its tiles expand W along the output columns and transpose them: layouts the forward lacks)."""
+    (its tiles expand W along the output columns and transpose them: layouts the forward lacks),
+    with whole and with partial (masked) tiles."""
     needs_backend("triton")
     from effkern.kernels import sparse24 as kernels
     from effkern.kernels._splitk import tile_kwargs
@@ -538,10 +573,11 @@ def test_dgrad_kernel_compiles_for_gpus(compile_for_gpu, cc):
     if cc == 90:
         configs.update({f"{bm}x{bn}x{bk}": tile_kwargs(((bm, bn, bk, 8), stages, warps))
                         for bm, bn, bk, stages, warps in kernels._GEMM_SHAPES})
-    assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_dgrad_kernel",
-                                           DGRAD_TYPES, dict(DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True),
-                                           configs, cc,
-                                           unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
+    for even in (True, False):  # whole tiles, and the masked loads of partial ones
+        assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_dgrad_kernel",
+                                               DGRAD_TYPES, dict(DOT_PRECISION="tf32", EVEN_K=even, EVEN_N=even),
+                                               configs, cc,
+                                               unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -570,6 +606,14 @@ def test_gpu_backward_matches_float64(backend, lead, poison_empty):
     """grad_input through the dgrad kernel (triton) or the dense expansion and cuBLAS (cuda)."""
     needs_backend(backend, "cuda")
     check_backward_against_float64(backend, 512, 1024, lead, torch.bfloat16, "cuda")
+
+
+@pytest.mark.smoke
+@pytest.mark.gpu
+def test_gpu_every_tuned_tile_matches_float64(monkeypatch):
+    """The tiles users get (the GPU tests otherwise run the fixed one): whole tiles, and partial
+    ones with K ending in half a meta byte."""
+    check_every_tile(monkeypatch, "gpu", torch.bfloat16, "cuda", [(256, 512, 1024), (300, 520, 1004)])
 
 
 @pytest.mark.gpu
