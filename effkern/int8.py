@@ -56,7 +56,9 @@ BACKENDS = ("triton", "reference")
 def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int8 quantization of x [..., K] in fp32: (q [..., K], scale [...])."""
     xf = x.float()
-    scale = xf.abs().amax(-1) / 127 if x.shape[-1] else xf.new_zeros(x.shape[:-1])
+    # 127 as a tensor on x's device: CUDA divides by a Python number as a multiply by its
+    # reciprocal, one rounding off the correctly rounded quotient the kernels compute
+    scale = xf.abs().amax(-1) / xf.new_full((), 127.0) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
     q = torch.round(xf / divisor).clamp_(-127, 127).to(torch.int8)
     return q, scale

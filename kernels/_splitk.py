@@ -59,7 +59,8 @@ def store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, st
 @triton.jit
 def dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
                      SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # (acc * a_scale[m]) * b_scale[n] + bias[n], in fp32, in that order (as the reference does).
+    # (acc * a_scale[m]) * b_scale[n] + bias[n], in fp32, in that order (as the reference does);
+    # on a GPU the last multiply and the add may become one fma (one rounding fewer).
     out = acc.to(tl.float32)
     if SCALE_ROWS:
         out = out * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
