@@ -48,7 +48,12 @@ GROUP_SIZES = (32, 64, 128, 256, -1)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = ACTIVATION_DTYPES + (torch.float64,)
 BACKENDS = ("triton", "cuda", "reference")
-_SHIFTS = tuple(range(0, 32, 4))
+
+
+def _nibble_shifts(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # 0, 4, ..., 28 made on the device (torch.tensor of a list would copy from the host and wait
+    # for the stream: not allowed while a CUDA graph captures the int4 backward, which unpacks)
+    return torch.arange(0, 32, 4, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -58,15 +63,14 @@ def pack_int4(q: Tensor) -> Tensor:
     eight values per word, the lowest k in the lowest bits."""
     if q.shape[-1] % 8:
         raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
-    words = (q.to(torch.int64).unflatten(-1, (-1, 8)) << shifts).sum(-1)  # disjoint bits: sum == or
+    # disjoint bits: sum == or
+    words = (q.to(torch.int64).unflatten(-1, (-1, 8)) << _nibble_shifts(torch.int64, q.device)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 is the sign bit
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:
     """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)
-    return ((qweight.unsqueeze(-1) >> shifts) & 0xF).flatten(-2).to(torch.uint8)
+    return ((qweight.unsqueeze(-1) >> _nibble_shifts(torch.int32, qweight.device)) & 0xF).flatten(-2).to(torch.uint8)
 
 
 def _group(group_size: int, K: int) -> int:

@@ -7,7 +7,9 @@ ops, effkern's custom ops, and those the autograd engine runs for a backward) wi
 it read and returned. Replay runs them again in order and writes each result into the tensor
 the capture returned, as a real graph re-runs its kernels on the same memory. What happened
 outside ops during the capture (Python arithmetic, a value read to the host, a tensor cached in
-Python) is not replayed, as on a GPU.
+Python) is not replayed, as on a GPU. A tensor made from host data during the capture
+(torch.tensor, torch.as_tensor: a host-to-device copy that waits for the stream, which CUDA
+refuses while capturing) raises, as it does on a GPU.
 """
 
 from __future__ import annotations
@@ -52,13 +54,26 @@ class _FakeStream:
 _capturing = [False]
 
 
+def _refused_while_capturing(name: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"torch.{name} of host data during a CUDA graph capture: a synchronizing "
+                           f"host-to-device copy, which CUDA does not permit while a stream is capturing")
+
+    return refuse
+
+
 @contextlib.contextmanager
 def _graph(g: FakeCUDAGraph):
     _capturing[0] = True
+    made_from_host = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+    for name in made_from_host:
+        setattr(torch, name, _refused_while_capturing(name))
     try:
         with _Recorder(g.log):
             yield
     finally:
+        for name, real in made_from_host.items():
+            setattr(torch, name, real)
         _capturing[0] = False
 
 

@@ -51,6 +51,39 @@ def test_catches_a_value_read_to_the_host_at_capture(fake_graphs):
         assert_cuda_graph_replays_like_eager("reference", per_tensor_scaled, _inputs(4, 8))
 
 
+def test_catches_a_tensor_made_from_host_data_at_capture(fake_graphs):
+    def doubled(x):
+        return x * torch.tensor([2.0], device=x.device)
+
+    with pytest.raises(RuntimeError, match="during a CUDA graph capture"):
+        assert_cuda_graph_replays_like_eager("reference", doubled, _inputs(4, 8))
+
+
+def _training_steps():
+    """(name, backend, fn, inputs): one op of each family, whose forward and backward capture."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    qw, scale = ek.quantize_int8(w)
+    q4 = ek.quantize_int4(w, group_size=32)
+    values, meta = ek.compress_24(ek.prune_24(w))
+    yield "linear_gelu", "triton", lambda x: ek.linear_gelu(x, w, b), _inputs(3, 64)
+    yield "int8_linear", "triton", lambda x: ek.int8_linear(x, qw, scale, b), _inputs(3, 64)
+    yield "int4_linear", "triton", lambda x: ek.int4_linear(x, *q4, group_size=32, bias=b), _inputs(3, 64)
+    yield "sparse24_linear", "triton", lambda x: ek.sparse24_linear(x, values, meta, b), _inputs(3, 64)
+    yield ("flash_attention", "triton", lambda q: ek.flash_attention(q, q * 0.5, q * 2.0, causal=True).float(),
+           lambda seed: [torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(seed)).half()
+                         .requires_grad_()])
+
+
+@pytest.mark.parametrize("case", list(_training_steps()), ids=lambda case: case[0])
+def test_every_family_captures_forward_and_backward(fake_graphs, case):
+    """Each family's op and its backward under the fake graph: no value read to the host, no tensor
+    made from host data (the int4 backward made its nibble shifts with torch.tensor until it
+    was caught here), the replays follow their inputs."""
+    _, backend, fn, inputs = case
+    assert_cuda_graph_replays_like_eager(backend, fn, inputs)
+
+
 def test_catches_an_output_kept_in_python(fake_graphs):
     kept = {}
 

@@ -547,7 +547,8 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
 # (backend, M, group_size): the CUDA kernel is a decoding kernel, it takes M <= 64 (and every
 # group size: tests/test_int4_cuda.py); group sizes 64 and 256 through Triton at a split-K size
 # and an autotuned one
-GPU_CASES = ([(backend, M, G) for backend, Ms in (("triton", ODD_M + (64, 1024)), ("cuda", ODD_M + (64,)))
+GPU_CASES = ([(backend, M, G) for backend, Ms in (("triton", ODD_M + (64, 1024)),
+                                                  ("cuda", tuple(M for M in ODD_M + (64,) if M <= 64)))
               for M in Ms for G in (32, 128, -1)]
              + [("triton", M, G) for M in (1, 100) for G in (64, 256)])
 
