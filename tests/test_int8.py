@@ -1065,7 +1065,7 @@ def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 @pytest.mark.parametrize("M", [1, 100])  # split-K (two kernels, a partial buffer), one program per tile
 def test_gpu_cuda_graph_replays_like_eager(mode, M):
-    K, N = 1024, 768
+    K, N = 4096, 768  # K >= 2048 for M = 1 to split (choose_split_k: 4 slices on 114-132 SMs; 1024 gave 1)
     qw, scale = ek.quantize_int8(outlier_weight(N, K, device="cuda"))
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
 
