@@ -67,6 +67,9 @@ def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] 
     dts = parse_dtypes(dtypes)
     if shapes:  # explicit shapes: every provider, group size 128
         mnk = [parse_mnk(s) for s in shapes]
+        if any(K % GROUP_SIZE or N % 8 for _, N, K in mnk):
+            raise SystemExit(f"--shapes: K must be a multiple of the group size {GROUP_SIZE} and N of 8 "
+                             f"(int4 packs eight values per word), got {shapes}")
         dts = dts or ([torch.bfloat16] if device == "cuda" else [torch.float32])
         return [_case(d, *s) for d in dts for s in mnk]
     if device == "cpu":  # the interpreter is slow and has no bf16 tl.dot: tiny shapes, fp32 and fp16

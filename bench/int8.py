@@ -9,7 +9,9 @@ TMA GEMM that Hopper runs for M > 64); "w8a16" times ek.int8_weight_only_linear.
 
 GB/s is of the weight reads (int8 weight and scales; torch-linear: its bf16 weight).
 TFLOP/s counts 2*M*N*K for both (int8 TOPS for w8a8). % GEMM and the FLOP side of the floor are
-against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16. Bytes
+against the measured int8 GEMM rate (torch._int_mm) for w8a8, the float GEMM rate for w8a16,
+for every row of the case: torch-linear's bf16 GEMM in a w8a8 case is held against the int8 rate
+too (so its % GEMM there is about half that in the w8a16 row of the same shape). Bytes
 count x, the int8 weight (1 byte per element), the scales, the bias and the output (not w8a8's
 int8 copy of x, which a fused kernel would not write): at small M the weight is nearly all of
 them, and % floor is the share of the copy bandwidth that the weight reads reach.

@@ -2,6 +2,7 @@
 hold what the README table and the auto policy are built from."""
 
 import json
+import math
 import os
 
 import pytest
@@ -497,6 +498,30 @@ def test_every_input_copy_is_used_once_before_the_timing(monkeypatch):
     case = bench_linear_gelu._case(torch.float32, "none", 3, 8, 16)
     harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(provs), ["fwd"], checkpoint=lambda r: None)
     assert len(warmed["ids"]) == 5  # all five copies of x before the first timed call
+
+
+def test_ceilings_survive_an_int8_gemm_that_cublas_refuses(monkeypatch):
+    """cuBLAS lacks some int8 layouts on some GPUs: the int8 rate is then unknown, the run goes on."""
+    def refuse(a, b):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    ceil = harness.ceilings("cpu")
+    assert math.isnan(ceil["int8_tops"]) and "CUBLAS_STATUS_NOT_SUPPORTED" in ceil["int8_method"]
+    assert ceil["gemm_tflops"] > 0 and ceil["copy_gbps"] > 0
+
+
+def test_int4_shapes_that_cannot_be_packed_are_refused_up_front():
+    with pytest.raises(SystemExit, match="multiple of the group size 128"):
+        bench_int4.cases("cpu", quick=True, shapes=["4x64x100"], dtypes=None)
+
+
+@pytest.mark.smoke
+@pytest.mark.gpu
+def test_gpu_ceilings_measure_every_rate():
+    """The card's bf16 and int8 GEMM rates and copy bandwidth, as every benchmark run measures them first."""
+    ceil = harness.ceilings("cuda")
+    assert all(ceil[k] > 0 for k in ("gemm_tflops", "int8_tops", "copy_gbps")), ceil
 
 
 def test_command_line_runs_the_real_providers_and_writes_every_result_file(tmp_path, capsys):
