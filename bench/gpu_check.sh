@@ -80,14 +80,19 @@ SLUG=$($PY -c "from bench.harness import device_slug; print(device_slug())" || e
 RES=bench/results/$SLUG
 # the named families that have a benchmark (all five have one)
 BENCH_OPS=$($PY -c "import sys; from bench.__main__ import OPS; print(' '.join(o for o in sys.argv[1:] if o in OPS))" $OPS)
+# this run's result files only: $RES also holds earlier runs' committed files
+NEW_RESULTS=()
 if wanted bench && [[ -z $OPS || -n $BENCH_OPS ]]; then
     # the autotuners' choices go to bench.log: which tile configs the numbers were measured at
     export TRITON_PRINT_AUTOTUNING=1
     step bench "${BENCH_TIMEOUT:-240}" "$OUT/bench.log" $PY -m bench $BENCH_OPS --quick --write-policy --out "$RES"
+    for op in ${BENCH_OPS:-$($PY -c "from bench.__main__ import OPS; print(' '.join(OPS))")}; do
+        for f in "$RES/$op".*; do [[ -e $f ]] && NEW_RESULTS+=("$f"); done
+    done
 fi
 
-# the device tool returns few files: one tarball with the card's results and the policies
-tar -czf "$OUT/results.tgz" "$RES" effkern/policies 2>/dev/null || echo "tar: nothing to pack"
+# the device tool returns few files: one tarball with this run's results and the policies
+tar -czf "$OUT/results.tgz" ${NEW_RESULTS[@]+"${NEW_RESULTS[@]}"} effkern/policies 2>/dev/null || echo "tar: nothing to pack"
 cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.json"
 
 {
@@ -99,5 +104,7 @@ cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.js
     fi
     if wanted bench; then echo "bench:  $(grep -E 'FAIL or ERROR|^skipped' "$OUT/bench.log" | tr '\n' ';' || true)"; fi
     echo
-    cat "$RES"/*.md 2>/dev/null || echo "no benchmark tables in $RES"
+    tables=0
+    for f in ${NEW_RESULTS[@]+"${NEW_RESULTS[@]}"}; do [[ $f == *.md ]] && cat "$f" && tables=1; done
+    ((tables)) || echo "no benchmark tables from this run"
 } | tee "$OUT/summary.txt"

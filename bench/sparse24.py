@@ -51,7 +51,8 @@ from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensor
 import effkern as ek
 from effkern.sparse24 import sparse24_linear_reference
 
-from .harness import GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider, parse_dtypes, parse_mnk
+from .harness import (GRAD_MODES, GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider, parse_dtypes,
+                      parse_mnk)
 
 OP = "sparse24"
 BASELINES = {"torch-linear": "x dense", "torch-semi-cutlass": "x cutlass", "torch-semi-cusparselt": "x cusparselt"}
@@ -146,7 +147,7 @@ def _torch_semi_available(cutlass: bool):
     cls = _torch_semi_class(cutlass)
 
     def available(case, device, mode):
-        if mode != "fwd":
+        if mode in GRAD_MODES:
             return False, "torch's input gradient needs a packed_t that to_sparse_semi_structured does not make"
         if device != "cuda":
             return False, "torch's semi-structured sparse tensors are CUDA only"
@@ -162,13 +163,24 @@ def _torch_semi_available(cutlass: bool):
     return available
 
 
+# (cutlass, N, K, dtype) -> torch's error compressing a weight of that case: inputs() run outside
+# the per-provider error handling, so the provider itself raises it, in its own row
+_COMPRESSION_ERRORS: dict = {}
+
+
 def _torch_semi_tensors(case: Case, device: str, w: torch.Tensor) -> list[torch.Tensor]:
     """[CUTLASS packed, CUTLASS meta, cuSPARSELt packed]: the tensors inside torch's two
     compressions of w, the float ones viewed as int16. Plain tensors: the harness copies them
     for its rotation and passes over them when it makes its float64 reference inputs, which
     torch's subclass would refuse."""
     def compressed(cutlass: bool) -> SparseSemiStructuredTensor | None:
-        return _to_semi_structured(w, cutlass) if _torch_semi_available(cutlass)(case, device, "fwd")[0] else None
+        if not _torch_semi_available(cutlass)(case, device, "fwd")[0]:
+            return None
+        try:
+            return _to_semi_structured(w, cutlass)
+        except RuntimeError as exc:  # the availability probe was a 128 x 128 weight
+            _COMPRESSION_ERRORS[(cutlass, *w.shape, w.dtype)] = (str(exc).splitlines() or [""])[0][:160]
+            return None
 
     cutlass, cusparselt = compressed(True), compressed(False)
     stand_in = torch.empty(0, device=device)  # for a skipped provider
@@ -186,6 +198,9 @@ def _torch_semi(cutlass: bool) -> Provider:
 
         def fn(x, w, values, meta, b, cutlass_packed, cutlass_meta, cusparselt_packed):
             packed, packed_meta = (cutlass_packed, cutlass_meta) if cutlass else (cusparselt_packed, None)
+            if packed.numel() == 0:  # the stand-in: torch could not compress this weight
+                raise RuntimeError(f"to_sparse_semi_structured failed on this weight: "
+                                   f"{_COMPRESSION_ERRORS.get((cutlass, *w.shape, w.dtype), '?')}")
             sparse = weights.get(id(packed))
             if sparse is None:
                 sparse = weights[id(packed)] = cls(

@@ -287,6 +287,31 @@ def test_sparse24_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     assert case.bytes["bwd"] == 4 * (5 * 32 + 32 * 64 // 2 + 5 * 64) + 32 * 64 // 8
 
 
+def test_sparse24_torch_semi_baselines_run_in_graph_mode_not_in_gradient_modes(monkeypatch):
+    monkeypatch.setattr(bench_sparse24, "_torch_semi_refusal", lambda cutlass, dtype: "")  # a GPU that takes it
+    case = bench_sparse24._case(torch.bfloat16, 16, 4096, 4096)
+    for cutlass in (True, False):
+        available = bench_sparse24._torch_semi_available(cutlass)
+        assert available(case, "cuda", "fwd") == available(case, "cuda", "fwd_graph") == (True, "")
+        assert not any(available(case, "cuda", mode)[0] for mode in harness.GRAD_MODES)
+
+
+def test_sparse24_a_weight_torch_cannot_compress_is_an_error_row_not_a_crash(monkeypatch):
+    """torch's conversion runs in inputs(), outside the per-provider error handling: a refusal
+    there becomes its provider's ERROR row with torch's message, and the run goes on."""
+    def refuse(weight, cutlass):
+        raise RuntimeError("CUDA out of memory (a stand-in refusal)")
+
+    monkeypatch.setattr(bench_sparse24, "_torch_semi_available", lambda cutlass: lambda case, device, mode: (True, ""))
+    monkeypatch.setattr(bench_sparse24, "_to_semi_structured", refuse)
+    case = bench_sparse24._case(torch.float32, 5, 32, 64)
+    run = harness.run_op(bench_sparse24, [case], "cpu", CEIL, ["torch-semi-cutlass", "reference"], ["fwd"],
+                         checkpoint=lambda r: None)
+    status = {r["provider"]: (r["status"], r.get("note", "")) for r in run.rows}
+    assert status["reference"][0] == "ok"
+    assert status["torch-semi-cutlass"][0] == "ERROR" and "a stand-in refusal" in status["torch-semi-cutlass"][1]
+
+
 def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
     run = harness.Run(op="sparse24", device="cuda", ceil={}, baselines={})
     for M, triton_ms, cuda_ms in [(1, 2.0, 1.0), (4096, 1.0, 2.0)]:
