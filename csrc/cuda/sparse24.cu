@@ -15,9 +15,9 @@
 //   kDecode8   64    8  128     4    4 x 1 x 2                    16 x  8 x 64    >= 2     M <= 8
 //   kDecode16  64   16  128     4    4 x 1 x 2                    16 x 16 x 64    >= 2     M <= 16
 //   kMedium   128   64   64     4    4 x 2 x 1                    32 x 32 x 64    >= 2     M <= 64
-//   kLarge    128  128   64     4    2 x 4 x 1                    64 x 32 x 64       1     M > 64
+//   kLarge    128  128   64     3    2 x 4 x 1                    64 x 32 x 64       1     M > 64
 // (blocks/SM: the __launch_bounds__ minimum; kLarge's 64 fp32 accumulators per thread spill
-// under the 128-register cap of 2 blocks, so it takes 1 block of 8 warps and a 4-deep pipeline.)
+// under the 128-register cap of 2 blocks, so it takes 1 block of 8 warps and a 3-deep pipeline.)
 // Decode (M <= 16) reads the weight once per 16 rows of x: the 9/16 of the dense bytes (values +
 // metadata) dominate; its warps split each 128-deep stage in two k halves and add their sums in
 // shared memory at the end, and when the N / 64 blocks cannot fill the GPU, K is split over
@@ -25,7 +25,7 @@
 // (deterministic, no atomics). The large tile is the compute-bound shape (16 mma.sp per k32 step
 // per warp, 64 fp32 accumulators per thread).
 //
-// One pipeline stage in shared memory (kLarge: 8 KiB + 1 KiB + 16 KiB, 100 KiB for 4 stages):
+// One pipeline stage in shared memory (kLarge: 8 KiB + 1 KiB + 16 KiB, 75 KiB for 3 stages):
 //   [ values: BN / 16 m16 tiles x BK / 32 k32 steps x 512 B, exactly as in values_r            ]
 //   [ meta:   BN / 16 m16 tiles x BK / 64 k64 blocks x 128 B, exactly as in meta_r             ]
 //   [ x:      BM rows x BK k (2 B each); 16-byte chunk c of row r stored at chunk c ^ (r & 7)   ]

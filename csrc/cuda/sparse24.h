@@ -41,7 +41,7 @@ enum class Config : int {
   kDecode8 = 0,   //  64 x   8 x 128, 4 stages; warps 4 (W rows) x 2 (k halves): M <= 8
   kDecode16 = 1,  //  64 x  16 x 128, 4 stages; as kDecode8 with two n8 tiles:   M <= 16
   kMedium = 2,    // 128 x  64 x  64, 4 stages; warps 4 (W rows) x 2 (x rows):   M <= 64
-  kLarge = 3,     // 128 x 128 x  64, 4 stages; warps 2 (W rows) x 4 (x rows):   M > 64
+  kLarge = 3,     // 128 x 128 x  64, 3 stages; warps 2 (W rows) x 4 (x rows):   M > 64
 };
 
 // Status codes (0 = ok); message() says more.
