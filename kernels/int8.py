@@ -145,8 +145,12 @@ def int8_matmul_tma_kernel(
     a_desc, w_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr,
     M, N, K, NUM_PROGRAMS,
     DEQUANT: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_BYTES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # OUT_BYTES, c's element size, is in the autotune key (c_desc's dtype cannot be: a descriptor
+    # has none for the autotuner to read), so that a float32 output, whose staging tile takes
+    # twice the shared memory, never reuses a tile chosen for a 16-bit one that it cannot fit.
     # int8 A [M, K] times the int8 weight W [N, K], transposed, as the persistent TMA GEMM of
     # kernels/_tma.py (Hopper): exact int32 accumulators (K <= MAX_EXACT_K), then
     # int8_matmul_kernel's epilogue. Descriptors: a in [BLOCK_M, BLOCK_K] tiles, w in
@@ -205,7 +209,7 @@ _set_tma_blocks = block_shapes_hook({"a_desc": ("BLOCK_M", "BLOCK_K"), "w_desc":
 _gemm_tma_tuned = triton.autotune(
     configs=[config(TILE_NAMES, (bm, bn, bk, 8), stages, warps, pre_hook=_set_tma_blocks)
              for bm, bn, bk, stages, warps in _TMA_SHAPES],
-    key=["M", "N", "K", "DEQUANT"],
+    key=["M", "N", "K", "DEQUANT", "OUT_BYTES"],
     prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
 )(int8_matmul_tma_kernel)
 
@@ -282,7 +286,8 @@ def _int8_matmul_tma(a: torch.Tensor, weight: torch.Tensor, a_scale, b_scale, bi
     M, N = c.shape
     dequant = c.dtype != torch.int32
     flags = dict(DEQUANT=dequant, SCALE_ROWS=dequant and a_scale is not None,
-                 SCALE_COLS=dequant and b_scale is not None, HAS_BIAS=dequant and bias is not None)
+                 SCALE_COLS=dequant and b_scale is not None, HAS_BIAS=dequant and bias is not None,
+                 OUT_BYTES=c.element_size())
     launch_persistent(_gemm_tma_tuned, int8_matmul_tma_kernel, dict(a_desc=a, w_desc=weight, c_desc=c),
                       tuple(v if v is not None else c for v in (a_scale, b_scale, bias)) + (M, N, a.shape[1]),
                       M, N, flags, {where: tile_kwargs(setting) for where, setting in _FIXED_TMA.items()},

@@ -274,25 +274,28 @@ def test_calls_tma_cannot_take_keep_the_plain_kernels(tma_launches):
     assert tma_launches == []
 
 
-@pytest.mark.parametrize("out", ["bf16", "i32"])
+@pytest.mark.parametrize("out", ["bf16", "fp32", "i32"])
 def test_tma_gemm_compiles_onto_wgmma_and_tma(compile_for_gpu, out):
     """Every config the TMA GEMM may run with, compiled here for sm_90a: int8 wgmma, TMA copies,
-    no spills; with the int32 output of int8_mm only the fixed config (the autotuner skips the
-    candidates whose staging tile no longer fits)."""
+    no spills. With a 32-bit output the staging tile is twice as big: float32 (int8_matmul's
+    out_dtype) at the tiles up to 128 x 128, which fit, the int32 of int8_mm at the fixed one;
+    the autotuner skips the bigger ones (and OUT_BYTES keys its choice by the output size)."""
     needs_backend("triton")
     from op_checks import assert_tma_gemm_compiles_for_hopper
 
     k = kernels()
     (bm, bn, bk, _), stages, warps = k._FIXED_TMA["gpu"]
-    dequant = out == "bf16"
+    dequant = out != "i32"
+    shapes = {"bf16": k._TMA_SHAPES, "fp32": [s for s in k._TMA_SHAPES if s[0] * s[1] <= 128 * 128],
+              "i32": [(bm, bn, bk, stages, warps)]}[out]
     assert_tma_gemm_compiles_for_hopper(
-        compile_for_gpu, "effkern.kernels.int8:int8_matmul_tma_kernel",
-        k._TMA_SHAPES if dequant else [(bm, bn, bk, stages, warps)],
+        compile_for_gpu, "effkern.kernels.int8:int8_matmul_tma_kernel", shapes,
         dict(a_desc=("i8", "BLOCK_M", "BLOCK_K"), w_desc=("i8", "BLOCK_N", "BLOCK_K"),
              c_desc=(out, "BLOCK_M", "BLOCK_N")),
         dict(a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16", M="i32", N="i32", K="i32",
              NUM_PROGRAMS="i32"),
-        dict(DEQUANT=dequant, SCALE_ROWS=dequant, SCALE_COLS=dequant, HAS_BIAS=dequant), r"s32\.s8\.s8", 0)
+        dict(DEQUANT=dequant, SCALE_ROWS=dequant, SCALE_COLS=dequant, HAS_BIAS=dequant,
+             OUT_BYTES={"bf16": 2, "fp32": 4, "i32": 4}[out]), r"s32\.s8\.s8", 0)
 
 
 def plain_quantize(t):
