@@ -277,7 +277,8 @@ def ceilings(device: str) -> dict:
         torch._int_mm(qa, qb)
         int8_tops = 2 * n**3 / (measure(lambda i: torch._int_mm(qa, qb), lambda i: None, device) * 1e-3) / 1e12
     except RuntimeError as exc:
-        int8_tops, int8_method = math.nan, f"not measured: torch._int_mm raised {(str(exc).splitlines() or [''])[0][:120]}"
+        first_line = (str(exc).splitlines() or [""])[0][:120]
+        int8_tops, int8_method = math.nan, f"not measured: torch._int_mm raised {first_line}"
     del qa, qb
     src = torch.randn(copy_elems, device=device)
     dst = torch.empty_like(src)

@@ -70,7 +70,8 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(qweight: Tensor) -> Tensor:
     """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
-    return ((qweight.unsqueeze(-1) >> _nibble_shifts(torch.int32, qweight.device)) & 0xF).flatten(-2).to(torch.uint8)
+    nibbles = (qweight.unsqueeze(-1) >> _nibble_shifts(torch.int32, qweight.device)) & 0xF
+    return nibbles.flatten(-2).to(torch.uint8)
 
 
 def _group(group_size: int, K: int) -> int:

@@ -12,8 +12,9 @@ and runs a dense tl.dot with fp32 accumulation: memory saving, no compute saving
 
 ``sparse24_dgrad_kernel``, the backward's grad_input G[m, k] = sum_n dY[m, n] * W[n, k], reads the
 same compressed W along the other side: its reduction runs over W's rows, its output columns are
-W's columns, so each step expands a [BLOCK_N rows of W, BLOCK_K columns] tile (the groups now lie
-along the output columns) and runs tl.dot(dY tile, W tile). The alternative, expanding all of W
+W's columns, so each step expands a tile of BLOCK_K rows of W by BLOCK_N columns (the shared
+launcher's names: the kernel's K is W's rows; the groups now lie along the output columns) and
+runs tl.dot(dY tile, W tile). The alternative, expanding all of W
 once and running one dense GEMM (effkern/sparse24.py), writes and reads an N x K scratch; which
 is faster is measured (bench/sparse24.py, mode bwd) and recorded for auto.
 """
