@@ -3,23 +3,27 @@
 Forward, ``linear_gelu_fwd_kernel`` (weight in nn.Linear layout [N, K]):
     z[m, n] = sum_k x[m, k] * w[n, k] + b[n]        fp32 accumulation
     y[m, n] = gelu(z[m, n])                          in the epilogue, on the fp32 accumulator
-    z is written too when the backward will need it.
+    and, when the backward will need it, one auxiliary output: z itself, or gelu'(z) (the
+    epilogue has the fp32 z at hand, and gelu' shares most of its work with gelu).
 ``linear_gelu_fwd_tma_kernel`` computes the same on Hopper (and under the interpreter) when x, w
 and the outputs suit TMA (16-bit, 16-byte aligned rows, M >= TMA_MIN_ROWS): the persistent TMA
 GEMM of kernels/_tma.py with this epilogue.
 
 Backward, ``linear_gelu_bwd_kernel``: both weight-side GEMMs have the form
     C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * gelu'(z)
-with gz formed from tiles of dy and z inside the K loop (a prologue), never stored:
+with gz formed from tiles of dy and the saved tensor inside the K loop (a prologue), never stored:
     grad_input  [M, K]: p = m, r = n, B = w            C = gz @ w
-    grad_weight [N, K]: p = n, r = m, B = x            C = gz^T @ x  (dy, z read transposed)
+    grad_weight [N, K]: p = n, r = m, B = x            C = gz^T @ x  (dy, saved read transposed)
 and, in the grad_weight launch, grad_bias[n] = sum_m gz[m, n] from the same tiles.
+Each element of gz is formed once per tile of the other output dimension (K / BLOCK_Q times):
+from a saved gelu'(z) that is one multiply; from a saved z it is an erf or tanh each time,
+which on an H100 cost more than the GEMMs' tensor-core work (bench/NOTES.md). So the forward
+stores gelu'(z) when this kernel will run the backward, and z for the other backends.
 
-GELU (approximate="none"):  gelu(z) = z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2))
-                            gelu'(z) = Phi(z) + z * phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
-GELU (approximate="tanh"):  u = sqrt(2/pi) (z + 0.044715 z^3),  t = tanh(u)
-                            gelu(z) = 0.5 z (1 + t)
-                            gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+GELU, written as gelu(z) = z * s(z), so gelu'(z) = s(z) + z * s'(z):
+  approximate="none":  s = Phi(z) = 0.5 (1 + erf(z / sqrt 2)),  s' = phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+  approximate="tanh":  u = sqrt(2/pi) (z + 0.044715 z^3),  t = tanh(u)
+                       s = 0.5 (1 + t),  s' = 0.5 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2)
 """
 
 from __future__ import annotations
@@ -61,32 +65,40 @@ def _tanh(u, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def gelu(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
+def gelu_parts(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
+    """(s, s') with gelu(z) = z * s and gelu'(z) = s + z * s' (the formulas above). A caller
+    that uses only s pays nothing for s': the compiler drops what is not used."""
     if APPROX_TANH:
         t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI, PRECISE)
-        return 0.5 * z * (1.0 + t)
+        return 0.5 * (1.0 + t), 0.5 * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
     else:
-        return 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT_2))
+        return 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2)), _exp(-0.5 * z * z, PRECISE) * INV_SQRT_2PI
 
 
 @triton.jit
 def gelu_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
-    if APPROX_TANH:
-        t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI, PRECISE)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
+    s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
+    return s + z * ds
+
+
+@triton.jit
+def gelu_epilogue(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, AUX_GELU_GRAD: tl.constexpr):
+    """(gelu(z), aux) from the fp32 accumulator: aux = gelu'(z) with AUX_GELU_GRAD, else z."""
+    s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
+    if AUX_GELU_GRAD:
+        return z * s, s + z * ds
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2))
-        return cdf + z * _exp(-0.5 * z * z, PRECISE) * INV_SQRT_2PI
+        return z * s, z
 
 
 @triton.jit
 def linear_gelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
-    stride_ym, stride_yn, stride_zm, stride_zn,
+    stride_ym, stride_yn, stride_am, stride_an,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_Z: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_AUX: tl.constexpr, AUX_GELU_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -118,23 +130,23 @@ def linear_gelu_fwd_kernel(
         acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     om = offs_m.to(tl.int64)[:, None]
-    if STORE_Z:
-        tl.store(z_ptr + om * stride_zm + offs_n[None, :] * stride_zn, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    y, aux = gelu_epilogue(acc, APPROX_TANH, PRECISE, AUX_GELU_GRAD)
+    if STORE_AUX:
+        tl.store(aux_ptr + om * stride_am + offs_n[None, :] * stride_an, aux.to(aux_ptr.dtype.element_ty), mask=mask)
     if STORE_Y:
-        y = gelu(acc, APPROX_TANH, PRECISE)
         tl.store(y_ptr + om * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def linear_gelu_fwd_tma_kernel(
-    x_desc, w_desc, y_desc, z_desc, b_ptr,
+    x_desc, w_desc, y_desc, aux_desc, b_ptr,
     M, N, K, NUM_PROGRAMS,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_AUX: tl.constexpr, AUX_GELU_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The persistent TMA GEMM of kernels/_tma.py. Descriptors: x [M, K] in [BLOCK_M, BLOCK_K]
-    # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and z [M, N] in [BLOCK_M, BLOCK_N].
+    # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and aux [M, N] in [BLOCK_M, BLOCK_N].
     tile_out = tl.program_id(0) - NUM_PROGRAMS
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS, flatten=True):
         acc = tma_tile_dot(x_desc, w_desc, tile, M, N, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
@@ -144,19 +156,20 @@ def linear_gelu_fwd_tma_kernel(
         if HAS_BIAS:
             # columns past N wrap onto valid ones; the store drops them
             acc += tl.load(b_ptr + (col + tl.arange(0, BLOCK_N)) % N).to(tl.float32)[None, :]
-        if STORE_Z:
-            z_desc.store([row, col], acc.to(z_desc.dtype))
+        y, aux = gelu_epilogue(acc, APPROX_TANH, PRECISE, AUX_GELU_GRAD)
+        if STORE_AUX:
+            aux_desc.store([row, col], aux.to(aux_desc.dtype))
         if STORE_Y:
-            y_desc.store([row, col], gelu(acc, APPROX_TANH, PRECISE).to(y_desc.dtype))
+            y_desc.store([row, col], y.to(y_desc.dtype))
 
 
 @triton.jit
 def linear_gelu_bwd_kernel(
-    dy_ptr, z_ptr, b_ptr, c_ptr, rowsum_ptr,
+    dy_ptr, saved_ptr, b_ptr, c_ptr, rowsum_ptr,
     P, Q, R,
-    stride_dyp, stride_dyr, stride_zp, stride_zr,
+    stride_dyp, stride_dyr, stride_sp, stride_sr,
     stride_br, stride_bq, stride_cp, stride_cq,
-    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, ROWSUM: tl.constexpr,
+    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr, ROWSUM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
 ):
@@ -167,7 +180,7 @@ def linear_gelu_bwd_kernel(
     rp = (offs_p % P).to(tl.int64)
     rq = offs_q % Q
     dy_ptrs = dy_ptr + rp[:, None] * stride_dyp + offs_r[None, :] * stride_dyr
-    z_ptrs = z_ptr + rp[:, None] * stride_zp + offs_r[None, :] * stride_zr
+    saved_ptrs = saved_ptr + rp[:, None] * stride_sp + offs_r[None, :] * stride_sr
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + rq[None, :] * stride_bq
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -175,20 +188,24 @@ def linear_gelu_bwd_kernel(
     for r in range(0, tl.cdiv(R, BLOCK_R)):
         if EVEN_R:
             dy = tl.load(dy_ptrs)
-            z = tl.load(z_ptrs)
+            saved = tl.load(saved_ptrs)
             b = tl.load(b_ptrs)
         else:
             r_left = R - r * BLOCK_R
             dy = tl.load(dy_ptrs, mask=offs_r[None, :] < r_left, other=0.0)  # dy = 0 makes gz = 0 there
-            z = tl.load(z_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
+            saved = tl.load(saved_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        gz = dy.to(tl.float32) * gelu_grad(z.to(tl.float32), APPROX_TANH, PRECISE)
+        # saved is gelu'(z) (SAVED_GELU_GRAD) or z
+        if SAVED_GELU_GRAD:
+            gz = dy.to(tl.float32) * saved.to(tl.float32)
+        else:
+            gz = dy.to(tl.float32) * gelu_grad(saved.to(tl.float32), APPROX_TANH, PRECISE)
         if ROWSUM:
             rowsum += tl.sum(gz, axis=1)
         # Round gz to the operand dtype like eager's gelu_backward output, then use the tensor cores.
         acc = tl.dot(gz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
         dy_ptrs += BLOCK_R * stride_dyr
-        z_ptrs += BLOCK_R * stride_zr
+        saved_ptrs += BLOCK_R * stride_sr
         b_ptrs += BLOCK_R * stride_br
 
     mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
@@ -248,7 +265,7 @@ _bwd_tuned = triton.autotune(
 )(_bwd)
 
 _set_tma_blocks = block_shapes_hook({"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
-                                     "y_desc": ("BLOCK_M", "BLOCK_N"), "z_desc": ("BLOCK_M", "BLOCK_N")})
+                                     "y_desc": ("BLOCK_M", "BLOCK_N"), "aux_desc": ("BLOCK_M", "BLOCK_N")})
 _fwd_tma_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa, pre_hook=_set_tma_blocks)
              for bm, bn, bk, st, wa in _TMA_SHAPES],
@@ -271,77 +288,89 @@ def _precise(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not interpreted()
 
 
+# What the forward can store beside y for the backward (effkern/linear_gelu.py's `save`).
+AUX_KINDS = ("preact", "gelu_grad")
+
+
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
-                    store_out: bool = True, store_preact: bool = False):
-    """x [M, K] (any strides), weight [N, K], bias [N] or None -> (y [M, N] or None, z [M, N] or None)."""
+                    store_out: bool = True, aux: str | None = None):
+    """x [M, K] (any strides), weight [N, K], bias [N] or None -> (y [M, N] or None, aux [M, N] or
+    None), aux = z with aux="preact", gelu'(z) with aux="gelu_grad"."""
+    assert aux is None or aux in AUX_KINDS, aux
     M, K = x.shape
     N = weight.shape[0]
     y = x.new_empty((M, N)) if store_out else None
-    z = x.new_empty((M, N)) if store_preact else None
+    a = x.new_empty((M, N)) if aux is not None else None
     if M == 0 or N == 0:
-        return y, z
-    y_arg = y if y is not None else z
-    z_arg = z if z is not None else y_arg
+        return y, a
+    y_arg = y if y is not None else a
+    a_arg = a if a is not None else y_arg
     kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
-                  STORE_Y=store_out, STORE_Z=store_preact, DOT_PRECISION=dot_precision(x.dtype))
+                  STORE_Y=store_out, STORE_AUX=aux is not None, AUX_GELU_GRAD=aux == "gelu_grad",
+                  DOT_PRECISION=dot_precision(x.dtype))
     # fp32 keeps the plain kernel (its K tiles would be twice as wide in bytes; not worth a variant)
     if M >= TMA_MIN_ROWS and x.element_size() == 2 and tma_ready(x, weight, y_arg):
-        _fwd_tma(x, weight, bias, y_arg, z_arg, kwargs)
-        return y, z
+        _fwd_tma(x, weight, bias, y_arg, a_arg, kwargs)
+        return y, a
     args = (
-        x, weight, bias if bias is not None else x, y_arg, z_arg,
+        x, weight, bias if bias is not None else x, y_arg, a_arg,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        y_arg.stride(0), y_arg.stride(1), z_arg.stride(0), z_arg.stride(1),
+        y_arg.stride(0), y_arg.stride(1), a_arg.stride(0), a_arg.stride(1),
     )
     launch(_fwd_tuned, _fwd, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs, _fixed(_FWD_NAMES))
-    return y, z
+    return y, a
 
 
-def _fwd_tma(x, weight, bias, y, z, kwargs) -> None:
-    """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, z [M, N] (y and z may be one
+def _fwd_tma(x, weight, bias, y, aux, kwargs) -> None:
+    """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, aux [M, N] (y and aux may be one
     tensor when only one is stored)."""
     M, N = x.shape[0], weight.shape[0]
-    launch_persistent(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel, dict(x_desc=x, w_desc=weight, y_desc=y, z_desc=z),
+    launch_persistent(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel,
+                      dict(x_desc=x, w_desc=weight, y_desc=y, aux_desc=aux),
                       (bias if bias is not None else x, M, N, x.shape[1]), M, N, kwargs,
                       _fixed(_FWD_NAMES, _FIXED_TMA), _set_tma_blocks)
 
 
-def _bwd_gemm(dy, z, b, out, rowsum, approximate):
-    """out[p, q] = sum_r (dy * gelu'(z))[p, r] * b[r, q]; rowsum[p] = sum_r (dy * gelu'(z))[p, r]."""
+def _bwd_gemm(dy, saved, saved_kind, b, out, rowsum, approximate):
+    """out[p, q] = sum_r gz[p, r] * b[r, q]; rowsum[p] = sum_r gz[p, r]; gz = dy * gelu'(z), from
+    saved = z or gelu'(z) as saved_kind says."""
     P, R = dy.shape
     Q = b.shape[1]
     args = (
-        dy, z, b, out, rowsum if rowsum is not None else out,
+        dy, saved, b, out, rowsum if rowsum is not None else out,
         P, Q, R,
-        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1),
+        dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1),
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
-    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype), ROWSUM=rowsum is not None,
+    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype),
+                  SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=rowsum is not None,
                   DOT_PRECISION=dot_precision(b.dtype))
     launch(_bwd_tuned, _bwd, tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs, _fixed(_BWD_NAMES))
 
 
 def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
-                    preact: torch.Tensor, approximate: str, output_mask):
-    """Gradients of y = gelu(x @ w^T + b) given dy [M, N] and the saved z [M, N].
+                    saved: torch.Tensor, saved_kind: str, approximate: str, output_mask):
+    """Gradients of y = gelu(x @ w^T + b) given dy [M, N] and what the forward saved [M, N]:
+    z (saved_kind "preact") or gelu'(z) ("gelu_grad").
 
     Returns (grad_input [M, K], grad_weight [N, K], grad_bias [N]); entries not asked for in
     ``output_mask`` are None.
     """
+    assert saved_kind in AUX_KINDS, saved_kind
     M, N = grad_out.shape
     need_input, need_weight, need_bias = output_mask
     grad_input = grad_weight = grad_bias = None
     if need_input:
         grad_input = grad_out.new_empty((M, weight.shape[1]))
         if grad_input.numel():
-            _bwd_gemm(grad_out, preact, weight, grad_input, None, approximate)
+            _bwd_gemm(grad_out, saved, saved_kind, weight, grad_input, None, approximate)
         else:
             grad_input.zero_()
     if need_bias:
         grad_bias = grad_out.new_empty((N,))
     if need_weight or need_bias:
-        # grad_weight = gz^T @ x: p = n, r = m, so dy and z are read through transposed strides.
+        # grad_weight = gz^T @ x: p = n, r = m, so dy and saved are read through transposed strides.
         # Without a weight gradient (bias only), or an empty one (K = 0: no output tiles, so no
         # program would write the row sums), a [M, 1] zero B gives the row sums alone.
         sums_only = not need_weight or x.shape[1] == 0
@@ -352,7 +381,7 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
             if grad_bias is not None:
                 grad_bias.zero_()
         else:
-            _bwd_gemm(grad_out.t(), preact.t(), b, c, grad_bias, approximate)
+            _bwd_gemm(grad_out.t(), saved.t(), saved_kind, b, c, grad_bias, approximate)
         if need_weight:
             grad_weight = c[:, :0] if sums_only else c
     return grad_input, grad_weight, grad_bias

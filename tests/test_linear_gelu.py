@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 
 import pytest
@@ -26,22 +28,24 @@ def make_inputs(M, N, K, dtype, device="cpu", bias=True, lead=()):
     return x, w, b
 
 
-def forward_backward(fn, x, w, b, grad):
+def forward_backward(fn, x, w, b, grad, backward_backend=None):
     """Run fn(x, w, b) on fresh leaves (detached, not cloned: a clone of a sliced or expanded
-    view is contiguous, and the op would never see the strides); return (y, grad_x, grad_w, grad_b)."""
+    view is contiguous, and the op would never see the strides), and its backward (under
+    ``backward_backend`` if given); return (y, grad_x, grad_w, grad_b)."""
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
     y = fn(*leaves)
-    y.backward(grad)
+    with ek.use_backend(backward_backend) if backward_backend else contextlib.nullcontext():
+        y.backward(grad)
     return (y.detach(), *(t.grad if t is not None else None for t in leaves))
 
 
-def check_against_float64(fn, x, w, b, approximate, factor=2.0):
+def check_against_float64(fn, x, w, b, approximate, factor=2.0, backward_backend=None):
     """fn's output and all three grads vs float64, within `factor` x PyTorch's own error."""
     grad = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
     ref = forward_backward(lambda *a: linear_gelu_reference(*a, approximate),
                            *(t.double() if t is not None else None for t in (x, w, b)), grad.double())
     torch_same = forward_backward(lambda *a: linear_gelu_reference(*a, approximate), x, w, b, grad)
-    ours = forward_backward(fn, x, w, b, grad)
+    ours = forward_backward(fn, x, w, b, grad, backward_backend)
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
     for name, o, r, t, n in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, ref, torch_same,
                                 (K, N, M, M)):
@@ -200,6 +204,81 @@ def test_saved_activation_memory_is_at_most_eager(backend):
     assert recomputed <= eager - z_bytes + b.numel() * 4  # no z; keeps the bias to recompute it
 
 
+def _saved_activation(fn, x, w, b):
+    """The one [M, N] tensor autograd keeps for the backward of fn(x, w, b) (x, w, b leaves)."""
+    M, N = math.prod(x.shape[:-1]), w.shape[0]
+    kept = []
+
+    def pack(t):
+        if t.shape == (M, N):
+            kept.append(t.detach().clone())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, w, b)
+    assert len(kept) == 1, f"{len(kept)} tensors of shape [M, N] kept"
+    return kept[0]
+
+
+@pytest.mark.parametrize("backend,kept", [("triton", "gelu_grad"), ("cuda", "preact"), ("reference", "preact")])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_forward_keeps_what_the_backends_backward_reads(backend, kept, approximate):
+    """gelu'(z) for the Triton backward (its GEMMs would otherwise evaluate gelu' K / BLOCK times
+    per element), z for the others."""
+    needs_backend(backend)
+    x, w, b = (t.requires_grad_() for t in make_inputs(9, 20, 24, torch.float64 if backend != "triton"
+                                                       else torch.float32))
+    with ek.use_backend(backend):
+        saved = _saved_activation(lambda *a: ek.linear_gelu(*a, approximate), x, w, b)
+    z = F.linear(x, w, b).detach().double()
+    expected = z if kept == "preact" else torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
+    torch.testing.assert_close(saved.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_keeps_what_the_backward_it_picks_reads(monkeypatch):
+    """auto: per shape, the fwd_bwd choice (here made to say triton) decides what is kept; under
+    torch.compile, where a traced shape may be symbolic, z."""
+    module = importlib.import_module("effkern.linear_gelu")  # effkern.linear_gelu is also the function
+    picks = []
+    monkeypatch.setattr(module, "_auto_backend", lambda mode, *a: picks.append(mode) or "triton")
+    saves = record_calls(monkeypatch, module, "_forward_2d", lambda args, result: args[6])
+    x, w, b = (t.requires_grad_() for t in make_inputs(5, 6, 7, torch.float32))
+    with ek.use_backend("reference"):
+        ek.linear_gelu(x, w, b)  # the kernel-free backend: what the forward ran is not what it keeps
+    assert saves == ["preact"]
+    with ek.use_backend("auto"):
+        y = ek.linear_gelu(x, w, b)
+        assert saves[-1] == "gelu_grad" and "fwd_bwd" in picks
+        torch.compile(lambda *a: ek.linear_gelu(*a), fullgraph=True, backend="aot_eager")(x, w, b)
+        assert saves[-1] == "preact"
+    with torch.no_grad():
+        ek.linear_gelu(x, w, b)
+    assert saves[-1] == "none"
+    torch.testing.assert_close(y, linear_gelu_reference(x, w, b))
+
+
+BACKENDS_WITH_REFERENCE = KERNEL_BACKENDS + ["reference"]
+
+
+@pytest.mark.parametrize("forward_backend", BACKENDS_WITH_REFERENCE)
+@pytest.mark.parametrize("backward_backend", BACKENDS_WITH_REFERENCE)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_any_backward_backend_takes_what_any_forward_kept(forward_backend, backward_backend, approximate,
+                                                          poison_empty):
+    """The backend may change between forward and backward (or auto may pick differently for
+    the two): each backward reads z and gelu'(z) alike, and the forward keeps for the backend
+    selected when it ran."""
+    needs_backend(forward_backend)
+    needs_backend(backward_backend)
+    x, w, b = make_inputs(11, 19, 26, torch.float32)
+
+    def forward(*leaves):
+        with ek.use_backend(forward_backend):
+            return ek.linear_gelu(*leaves, approximate)
+
+    check_against_float64(forward, x, w, b, approximate, backward_backend=backward_backend)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True), (True, True, True)])
@@ -310,14 +389,14 @@ def test_tma_and_plain_forward_agree_bit_for_bit(M, N, K, monkeypatch, tma_launc
     needs_backend("triton")
     kernels = _kernels()
     x, w, b = make_inputs(M, N, K, torch.float16)
-    for store_out, store_preact in ((True, True), (False, True)):
+    for store_out, aux in ((True, "preact"), (True, "gelu_grad"), (False, "gelu_grad")):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", "1")
-        tma = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_preact)
+        tma = kernels.linear_gelu_fwd(x, w, b, "none", store_out, aux)
         monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
-        plain = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_preact)
+        plain = kernels.linear_gelu_fwd(x, w, b, "none", store_out, aux)
         for t, p in zip(tma, plain):
             assert (t is None) == (p is None) and (t is None or torch.equal(t, p))
-    assert len(tma_launches) == 2
+    assert len(tma_launches) == 3
 
 
 def test_tma_ready_only_for_what_tma_can_copy(monkeypatch):
@@ -353,17 +432,22 @@ def _plain_kernel_requests(cc: int, dtype: str) -> dict:
 
     kernels = _kernels()
     ptr = f"*{dtype}"
-    fwd_types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, M="i32", N="i32", K="i32",
-                     **{f"stride_{s}": "i32" for s in ("xm", "xk", "wn", "wk", "ym", "yn", "zm", "zn")})
-    bwd_types = dict(dy_ptr=ptr, z_ptr=ptr, b_ptr=ptr, c_ptr=ptr, rowsum_ptr=ptr, P="i32", Q="i32", R="i32",
-                     **{f"stride_{s}": "i32" for s in ("dyp", "dyr", "zp", "zr", "br", "bq", "cp", "cq")})
+    fwd_types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, aux_ptr=ptr, M="i32", N="i32", K="i32",
+                     **{f"stride_{s}": "i32" for s in ("xm", "xk", "wn", "wk", "ym", "yn", "am", "an")})
+    bwd_types = dict(dy_ptr=ptr, saved_ptr=ptr, b_ptr=ptr, c_ptr=ptr, rowsum_ptr=ptr, P="i32", Q="i32", R="i32",
+                     **{f"stride_{s}": "i32" for s in ("dyp", "dyr", "sp", "sr", "br", "bq", "cp", "cq")})
     flags = dict(APPROX_TANH=False, PRECISE=dtype == "fp32", DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    # the grad_weight launch: dy and the saved tensor read transposed (unit stride along p), B = x
+    bwd = ("linear_gelu_bwd_kernel", bwd_types, ("stride_dyp", "stride_sp", "stride_bq", "stride_cq"))
     kinds = {
-        "fwd": ("linear_gelu_fwd_kernel", fwd_types, ("stride_xk", "stride_wk", "stride_yn", "stride_zn"),
-                dict(flags, HAS_BIAS=True, STORE_Y=True, STORE_Z=True, EVEN_K=True), ("M",), kernels._FWD_NAMES),
-        # the grad_weight launch: dy and z read transposed (unit stride along p), B = x
-        "bwd": ("linear_gelu_bwd_kernel", bwd_types, ("stride_dyp", "stride_zp", "stride_bq", "stride_cq"),
-                dict(flags, ROWSUM=True, EVEN_R=True), ("R",), kernels._BWD_NAMES),
+        # y and gelu'(z): the forward of training on this backend, the most epilogue work
+        "fwd": ("linear_gelu_fwd_kernel", fwd_types, ("stride_xk", "stride_wk", "stride_yn", "stride_an"),
+                dict(flags, HAS_BIAS=True, STORE_Y=True, STORE_AUX=True, AUX_GELU_GRAD=True, EVEN_K=True), ("M",),
+                kernels._FWD_NAMES),
+        "bwd": (*bwd, dict(flags, SAVED_GELU_GRAD=True, ROWSUM=True, EVEN_R=True), ("R",), kernels._BWD_NAMES),
+        # from z (saved where another backend made the forward): gelu' in the prologue
+        "bwd from z": (*bwd, dict(flags, SAVED_GELU_GRAD=False, ROWSUM=True, EVEN_R=True), ("R",),
+                       kernels._BWD_NAMES),
     }
     settings = {"fixed": kernels._FIXED["gpu"]}
     if cc == 90 and dtype == "bf16":
@@ -395,27 +479,32 @@ def test_plain_kernels_compile_for_gpus(compile_for_gpu, cc, dtype):
 
 
 # Register spill stores the TMA forward may have on sm_90a at any of its configs. Today: none with
-# the tanh GELU; with erf at the 128x256 and 256x128 tiles up to 128 bytes (Triton 3.8) and 200
-# (Triton 3.6), at 255 registers per thread (the plain kernel spills up to 232
-# bytes at the same tiles). A 128x128 tile with 4 warps spilled 148 (3.8) and was left out.
-TMA_SPILL_LIMIT = 256
+# the tanh GELU; with erf at the 128x256 and 256x128 tiles, storing z, up to 128 bytes (Triton
+# 3.8) and 240 (Triton 3.6), at 255 registers per thread (the plain kernel spills up to 232
+# bytes at the same tiles); storing gelu'(z), whose exp adds to the epilogue, up to 336 (both).
+# Smaller tiles spill nothing, so where spilling costs, the autotuner has a tile without. A
+# 128x128 tile with 4 warps spilled 148 (3.8, storing z) and was left out.
+TMA_SPILL_LIMIT = {"preact": 256, "gelu_grad": 384}
 
 
+@pytest.mark.parametrize("aux", ["preact", "gelu_grad"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate):
+def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate, aux):
     """Every config the TMA forward may run with, compiled here for sm_90a as a bf16 launch
-    storing y and z (the most shared memory: two staging tiles)."""
+    storing y and z or gelu'(z) (the most shared memory: two staging tiles; gelu'(z) is the
+    most epilogue arithmetic)."""
     needs_backend("triton")
     from op_checks import assert_tma_gemm_compiles_for_hopper
 
     tile = ("bf16", "BLOCK_M", "BLOCK_N")
     assert_tma_gemm_compiles_for_hopper(
         compile_for_gpu, "effkern.kernels.linear_gelu:linear_gelu_fwd_tma_kernel", _kernels()._TMA_SHAPES,
-        dict(x_desc=("bf16", "BLOCK_M", "BLOCK_K"), w_desc=("bf16", "BLOCK_N", "BLOCK_K"), y_desc=tile, z_desc=tile),
+        dict(x_desc=("bf16", "BLOCK_M", "BLOCK_K"), w_desc=("bf16", "BLOCK_N", "BLOCK_K"), y_desc=tile,
+             aux_desc=tile),
         dict(b_ptr="*bf16", M="i32", N="i32", K="i32", NUM_PROGRAMS="i32"),
-        dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh", PRECISE=False, STORE_Y=True, STORE_Z=True,
-             DOT_PRECISION="tf32"),
-        r"f32\.bf16\.bf16", TMA_SPILL_LIMIT)
+        dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh", PRECISE=False, STORE_Y=True, STORE_AUX=True,
+             AUX_GELU_GRAD=aux == "gelu_grad", DOT_PRECISION="tf32"),
+        r"f32\.bf16\.bf16", TMA_SPILL_LIMIT[aux])
 
 
 # ---------------------------------------------------------------------------- the checker itself
@@ -458,17 +547,19 @@ def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
 
 
 def op_samples(requires_grad, device="cpu", dtype=torch.float32):
-    """(op, args): effkern::linear_gelu, its forward (saving the pre-activation when the inputs
-    require grad) and its backward, on each of sample_inputs."""
-    for args in sample_inputs(device, dtype, requires_grad):
+    """(op, args): effkern::linear_gelu, its forward (saving z or gelu'(z) when the inputs require
+    grad, nothing else) and its backward from each, on each of sample_inputs."""
+    saves = ["preact", "gelu_grad"] if requires_grad else ["none"]
+    for i, args in enumerate(sample_inputs(device, dtype, requires_grad)):
         yield torch.ops.effkern.linear_gelu.default, args
-        save = requires_grad
+        save = saves[i % len(saves)]
         yield torch.ops.effkern.linear_gelu_fwd.default, (*args, save)
         x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         grad = torch.randn(*x.shape[:-1], w.shape[0], device=device, dtype=dtype)
-        preact = (x @ w.t()).reshape(-1, w.shape[0]) if save else None
+        z = (x @ w.t()).reshape(-1, w.shape[0])
+        saved = {"none": None, "preact": z, "gelu_grad": torch.sigmoid(z)}[save]  # any [M, N] tensor will do
         mask = [True, True, b is not None]
-        yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, preact, approximate, mask)
+        yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, saved, save, approximate, mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
