@@ -252,15 +252,19 @@ _BWD_NAMES = ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P")
 
 _fwd = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
 _bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
+# The epilogue is part of the cost: erf or tanh, storing y, z or gelu'(z) (the erf gelu'(z) epilogue
+# spills at the big tiles where the others do not), so the best tile for a shape is tuned per epilogue.
+_FWD_KEY = ["M", "N", "K", "APPROX_TANH", "STORE_Y", "STORE_AUX", "AUX_GELU_GRAD"]
 _fwd_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    key=["M", "N", "K"],
+    key=_FWD_KEY,
     prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
 )(_fwd)
 _bwd_tuned = triton.autotune(
     configs=[config(_BWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one.
-    key=["P", "Q", "R", "stride_dyp"],
+    # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one;
+    # the prologue is one multiply from a saved gelu'(z), an erf or tanh from z.
+    key=["P", "Q", "R", "stride_dyp", "SAVED_GELU_GRAD", "APPROX_TANH"],
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
@@ -269,7 +273,7 @@ _set_tma_blocks = block_shapes_hook({"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc":
 _fwd_tma_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa, pre_hook=_set_tma_blocks)
              for bm, bn, bk, st, wa in _TMA_SHAPES],
-    key=["M", "N", "K"],
+    key=_FWD_KEY,
     prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
 )(linear_gelu_fwd_tma_kernel)
 

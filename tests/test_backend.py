@@ -145,3 +145,24 @@ def test_effkern_works_without_the_extension():
     assert f"effkern._C: missing ({why})" in printed
     assert "backend 'cuda' cannot run on cpu tensors" in result["cuda_backend_error"]
     assert why in result["cuda_backend_error"]
+
+
+def test_every_autotune_key_names_a_kernel_argument():
+    """Triton's autotuner silently leaves out of its cache key any name that is not an argument
+    of the kernel: a misspelt key would reuse one shape's (or one epilogue's) tuned tile for
+    another, found only by a slow or failed launch on a GPU."""
+    pytest.importorskip("triton")
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    import effkern.kernels
+
+    tuned = {}
+    for module in pkgutil.iter_modules(effkern.kernels.__path__):
+        found = importlib.import_module(f"effkern.kernels.{module.name}")
+        tuned.update({f"{module.name}.{name}": obj for name, obj in vars(found).items() if isinstance(obj, Autotuner)})
+    assert {"linear_gelu._fwd_tuned", "int8._gemm_tma_tuned", "sparse24._dgrad_tuned"} <= tuned.keys()
+    for name, autotuner in tuned.items():
+        assert autotuner.keys and set(autotuner.keys) <= set(autotuner.arg_names), (name, autotuner.keys)
