@@ -202,6 +202,11 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
     # Only what the requested gradients need was saved: K comes from whichever is present.
     K = weight.shape[1] if weight is not None else input.shape[-1] if input is not None else 0
     backend = _choose_backend("fwd_bwd", g2d, g2d.shape[0], N, K, approximate)
+    if backend == "triton" and save == "preact" and selected_backend() == "auto" \
+            and backend_available("cuda", g2d.device)[0]:
+        # auto's measurements timed the Triton backward reading gelu'(z); from z (kept under
+        # torch.compile) it evaluates gelu' K / BLOCK times per element, and cuBLASLt's is faster.
+        backend = "cuda"
     if save == "none":  # recompute_preact: nothing was kept; one extra GEMM makes what this backend reads
         save = _preferred_save(backend)
         _, saved = _forward_2d(backend, x2d, weight, bias, approximate, False, save)
@@ -282,7 +287,7 @@ def _save_for_backward(input, weight, bias, approximate: str, recompute_preact: 
     """What the forward keeps for the backward: nothing without a gradient to compute or with
     recompute_preact, else what the backend expected to run the backward reads fastest. Under
     torch.compile with the auto backend that is z: auto decides per shape, and a traced shape
-    may be symbolic (the Triton backward then reads z, at its slower speed)."""
+    may be symbolic (and the backward on auto then avoids Triton's, which is slower from z)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if not needs_grad or recompute_preact:
         return "none"

@@ -257,6 +257,25 @@ def test_auto_keeps_what_the_backward_it_picks_reads(monkeypatch):
     torch.testing.assert_close(y, linear_gelu_reference(x, w, b))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_auto_backward_runs_triton_only_on_gelu_grad(monkeypatch, compiled):
+    """auto's choice of the Triton backward was measured reading gelu'(z); where z was kept
+    (under torch.compile) the backward takes cuBLASLt's (here its C++ CPU kernel) instead."""
+    needs_backend("triton")
+    needs_backend("cuda")
+    from effkern.kernels import linear_gelu as kernels
+
+    module = importlib.import_module("effkern.linear_gelu")
+    monkeypatch.setattr(module, "_auto_backend", lambda *a: "triton")
+    triton_backwards = record_calls(monkeypatch, kernels, "linear_gelu_bwd", lambda args, result: args[4])
+    cpp_backwards = record_calls(monkeypatch, torch.ops.effkern_C, "linear_gelu_bwd", lambda args, result: 1)
+    x, w, b = make_inputs(5, 6, 7, torch.float32)
+    fn = torch.compile(ek.linear_gelu, fullgraph=True, backend="aot_eager") if compiled else ek.linear_gelu
+    with ek.use_backend("auto"):
+        check_against_float64(fn, x, w, b, "none")
+    assert (triton_backwards, cpp_backwards) == (([], [1]) if compiled else (["gelu_grad"], []))
+
+
 BACKENDS_WITH_REFERENCE = KERNEL_BACKENDS + ["reference"]
 
 
