@@ -95,28 +95,28 @@ def block_shapes_hook(tiles: dict[str, tuple[str, str]]):
 
 
 def descriptors(tensors: dict[str, torch.Tensor], set_block_shapes, setting: dict) -> dict[str, TensorDescriptor]:
-    """TMA descriptors of ``tensors`` (argument name -> 2-D tensor; one descriptor per distinct
-    tensor), with the tile shapes ``set_block_shapes`` (a block_shapes_hook) gives them for the
-    config ``setting``; an autotuned launch resets them per config (the same hook as pre-hook)."""
-    descs = {}
-    for name, t in tensors.items():
-        same = next((d for d in descs.values() if d.base is t), None)
-        descs[name] = same or TensorDescriptor.from_tensor(t, [1, 1])
+    """TMA descriptors of ``tensors`` (argument name -> 2-D tensor), with the tile shapes
+    ``set_block_shapes`` (a block_shapes_hook) gives them for the config ``setting``; an autotuned
+    launch resets them per config (the same hook as pre-hook). One descriptor per argument even
+    where two arguments are one tensor (linear_gelu(w, w), a gradient that is the input): a
+    descriptor's tile shape is per argument."""
+    descs = {name: TensorDescriptor.from_tensor(t, [1, 1]) for name, t in tensors.items()}
     set_block_shapes({**descs, **setting})
     return descs
 
 
 def launch_persistent(tuned, plain, tensors: dict[str, torch.Tensor], args: tuple, M: int, N: int, kwargs: dict,
-                      fixed: dict, set_block_shapes) -> None:
+                      fixed: dict, set_block_shapes, tile_blocks: tuple[str, str] = ("BLOCK_M", "BLOCK_N")) -> None:
     """Launch a persistent TMA GEMM: ``tensors`` (descriptor argument name -> 2-D tensor) become
     descriptors (at the fixed config's tiles; ``set_block_shapes`` is the autotuner's pre-hook),
     passed first in that order, then ``args``, then NUM_PROGRAMS: one program per SM, or per
-    output tile if fewer."""
+    output tile if fewer. The output is M x N in tiles of ``tile_blocks`` (the config's names)."""
     descs = descriptors(tensors, set_block_shapes, fixed_config(fixed))
     device = next(iter(tensors.values())).device
     programs = sm_count(device)
+    rows_block, cols_block = tile_blocks
 
     def grid(meta):
-        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        return (min(programs, cdiv(M, meta[rows_block]) * cdiv(N, meta[cols_block])),)
 
     launch(tuned, plain, grid, (*descs.values(), *args, programs), kwargs, fixed, device=device)

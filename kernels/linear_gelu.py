@@ -82,6 +82,15 @@ def gelu_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def gelu_grad_times(dy, saved, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr):
+    """gz = dy * gelu'(z) in fp32, from saved = gelu'(z) (SAVED_GELU_GRAD: one multiply) or z."""
+    if SAVED_GELU_GRAD:
+        return dy.to(tl.float32) * saved.to(tl.float32)
+    else:
+        return dy.to(tl.float32) * gelu_grad(saved.to(tl.float32), APPROX_TANH, PRECISE)
+
+
+@triton.jit
 def gelu_epilogue(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, AUX_GELU_GRAD: tl.constexpr):
     """(gelu(z), aux) from the fp32 accumulator: aux = gelu'(z) with AUX_GELU_GRAD, else z."""
     s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
@@ -195,11 +204,7 @@ def linear_gelu_bwd_kernel(
             dy = tl.load(dy_ptrs, mask=offs_r[None, :] < r_left, other=0.0)  # dy = 0 makes gz = 0 there
             saved = tl.load(saved_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        # saved is gelu'(z) (SAVED_GELU_GRAD) or z
-        if SAVED_GELU_GRAD:
-            gz = dy.to(tl.float32) * saved.to(tl.float32)
-        else:
-            gz = dy.to(tl.float32) * gelu_grad(saved.to(tl.float32), APPROX_TANH, PRECISE)
+        gz = gelu_grad_times(dy, saved, APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
         if ROWSUM:
             rowsum += tl.sum(gz, axis=1)
         # Round gz to the operand dtype like eager's gelu_backward output, then use the tensor cores.
@@ -214,6 +219,46 @@ def linear_gelu_bwd_kernel(
     if ROWSUM:
         # Every column of tiles has the row sums; only the first writes them.
         tl.store(rowsum_ptr + offs_p, rowsum.to(rowsum_ptr.dtype.element_ty), mask=(offs_p < P) & (pid_q == 0))
+
+
+@triton.jit
+def linear_gelu_bwd_tma_kernel(
+    dy_desc, saved_desc, b_desc, c_desc, rowsum_ptr,
+    P, Q, R, NUM_PROGRAMS,
+    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr, ROWSUM: tl.constexpr,
+    TRANS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
+):
+    # linear_gelu_bwd_kernel's C = gz @ B, persistent, every tile moved by TMA (kernels/_tma.py's
+    # loop). Descriptors: B [R, Q] in [BLOCK_R, BLOCK_Q] tiles, C [P, Q] in [BLOCK_P, BLOCK_Q];
+    # dy and saved are [P, R] in [BLOCK_P, BLOCK_R] tiles for grad_input, and for grad_weight
+    # (TRANS_A) the same [M, N] tensors, read as [R, P] in [BLOCK_R, BLOCK_P] tiles and transposed
+    # in registers (a descriptor needs unit stride along its rows: dy.t() has none).
+    tile_out = tl.program_id(0) - NUM_PROGRAMS
+    for tile in tl.range(tl.program_id(0), tl.cdiv(P, BLOCK_P) * tl.cdiv(Q, BLOCK_Q), NUM_PROGRAMS, flatten=True):
+        off_p, off_q = tile_origin(tile, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        rowsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for r in range(tl.cdiv(R, BLOCK_R)):
+            # past R the copy engine reads zeros: dy = 0 there makes gz = 0
+            if TRANS_A:
+                dy = dy_desc.load([r * BLOCK_R, off_p]).T
+                saved = saved_desc.load([r * BLOCK_R, off_p]).T
+            else:
+                dy = dy_desc.load([off_p, r * BLOCK_R])
+                saved = saved_desc.load([off_p, r * BLOCK_R])
+            gz = gelu_grad_times(dy, saved, APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+            if ROWSUM:
+                rowsum += tl.sum(gz, axis=1)
+            b = b_desc.load([r * BLOCK_R, off_q])
+            acc = tl.dot(gz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        tile_out += NUM_PROGRAMS
+        row, col = tile_origin(tile_out, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
+        c_desc.store([row, col], acc.to(c_desc.dtype))
+        if ROWSUM:
+            # Every column of tiles has the row sums; only the first writes them.
+            offs_p = row + tl.arange(0, BLOCK_P)
+            tl.store(rowsum_ptr + offs_p, rowsum.to(rowsum_ptr.dtype.element_ty), mask=(offs_p < P) & (col == 0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,6 +285,16 @@ GROUP = 8
 _TMA_SHAPES = [
     (128, 256, 64, 3, 8),
     (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+]
+# The TMA backward (same rule): a stage holds tiles of dy, saved and B, so the 128x256 tile takes
+# 2 stages (3 would leave under 1 KB of the H100's shared memory). Compiled for sm_90a, reading
+# gelu'(z) none of these spills; a 256x128 tile spilled 156 bytes in the grad_weight launch
+# (Triton 3.8) and was left out.
+_TMA_BWD_SHAPES = [
+    (128, 256, 64, 2, 8),
     (128, 128, 64, 4, 8),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -279,10 +334,31 @@ _fwd_tma_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_by_rows("M", "BLOCK_M")},
 )(linear_gelu_fwd_tma_kernel)
 
+
+
+def _set_tma_bwd_blocks(trans_a: bool):
+    # dy and saved are read as [BLOCK_R, BLOCK_P] tiles of [M, N] by the grad_weight launch
+    a_tile = ("BLOCK_R", "BLOCK_P") if trans_a else ("BLOCK_P", "BLOCK_R")
+    return block_shapes_hook({"dy_desc": a_tile, "saved_desc": a_tile, "b_desc": ("BLOCK_R", "BLOCK_Q"),
+                              "c_desc": ("BLOCK_P", "BLOCK_Q")})
+
+
+# One autotuner per launch orientation: the descriptors' tile shapes (the pre-hook) differ.
+_bwd_tma_tuned = {
+    trans_a: triton.autotune(
+        configs=[config(_BWD_NAMES, (bp, bq, br, GROUP), st, wa, pre_hook=_set_tma_bwd_blocks(trans_a))
+                 for bp, bq, br, st, wa in _TMA_BWD_SHAPES],
+        key=["P", "Q", "R", "SAVED_GELU_GRAD", "APPROX_TANH"],
+        prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
+    )(linear_gelu_bwd_tma_kernel)
+    for trans_a in (False, True)
+}
+
 # One config for the interpreter (small tiles: quick, and odd test sizes cross tile edges),
 # and one for GPUs with EFFKERN_TRITON_AUTOTUNE=0 (GPU tests: no autotuning per test shape).
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 _FIXED_TMA = {"interpreter": _FIXED["interpreter"], "gpu": ((128, 128, 64, 8), 4, 8)}
+_FIXED_TMA_BWD = {"interpreter": _FIXED["interpreter"], "gpu": ((128, 128, 64, 8), 4, 8)}
 
 
 def _fixed(names: tuple[str, ...], settings: dict = _FIXED) -> dict:
@@ -338,9 +414,23 @@ def _fwd_tma(x, weight, bias, y, aux, kwargs) -> None:
                       _fixed(_FWD_NAMES, _FIXED_TMA), _set_tma_blocks)
 
 
-def _bwd_gemm(dy, saved, saved_kind, b, out, rowsum, approximate):
+def _bwd_gemm(dy, saved, saved_kind, b, out, rowsum, approximate, transpose):
     """out[p, q] = sum_r gz[p, r] * b[r, q]; rowsum[p] = sum_r gz[p, r]; gz = dy * gelu'(z), from
-    saved = z or gelu'(z) as saved_kind says."""
+    saved = z or gelu'(z) as saved_kind says. dy and saved are [M, N]: gz is [P, R] = [M, N], or
+    with ``transpose`` its transpose [N, M]."""
+    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype),
+                  SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=rowsum is not None,
+                  DOT_PRECISION=dot_precision(b.dtype))
+    if out.shape[0] >= TMA_MIN_ROWS and b.element_size() == 2 and tma_ready(dy, saved, b, out):
+        R = dy.shape[0] if transpose else dy.shape[1]
+        launch_persistent(_bwd_tma_tuned[transpose], linear_gelu_bwd_tma_kernel,
+                          dict(dy_desc=dy, saved_desc=saved, b_desc=b, c_desc=out),
+                          (rowsum if rowsum is not None else out, *out.shape, R), *out.shape,
+                          dict(kwargs, TRANS_A=transpose), _fixed(_BWD_NAMES, _FIXED_TMA_BWD),
+                          _set_tma_bwd_blocks(transpose), tile_blocks=("BLOCK_P", "BLOCK_Q"))
+        return
+    if transpose:
+        dy, saved = dy.t(), saved.t()
     P, R = dy.shape
     Q = b.shape[1]
     args = (
@@ -349,9 +439,6 @@ def _bwd_gemm(dy, saved, saved_kind, b, out, rowsum, approximate):
         dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1),
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
-    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype),
-                  SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=rowsum is not None,
-                  DOT_PRECISION=dot_precision(b.dtype))
     launch(_bwd_tuned, _bwd, tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs, _fixed(_BWD_NAMES))
 
 
@@ -370,7 +457,7 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
     if need_input:
         grad_input = grad_out.new_empty((M, weight.shape[1]))
         if grad_input.numel():
-            _bwd_gemm(grad_out, saved, saved_kind, weight, grad_input, None, approximate)
+            _bwd_gemm(grad_out, saved, saved_kind, weight, grad_input, None, approximate, False)
         else:
             grad_input.zero_()
     if need_bias:
@@ -387,7 +474,7 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
             if grad_bias is not None:
                 grad_bias.zero_()
         else:
-            _bwd_gemm(grad_out.t(), saved.t(), saved_kind, b, c, grad_bias, approximate)
+            _bwd_gemm(grad_out, saved, saved_kind, b, c, grad_bias, approximate, True)
         if need_weight:
             grad_weight = c[:, :0] if sums_only else c
     return grad_input, grad_weight, grad_bias

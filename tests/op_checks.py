@@ -208,24 +208,27 @@ def assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, kernel: str, types: 
 
 
 def assert_tma_gemm_compiles_for_hopper(compile_for_gpu, kernel: str, shapes: list, descs: dict, types: dict,
-                                        constexprs: dict, mma: str, spill_limit: int) -> None:
+                                        constexprs: dict, mma: str, spill_limit: int,
+                                        names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
+                                        aligned_sizes=("N", "K")) -> None:
     """A persistent TMA GEMM (kernels/_tma.py, ``kernel`` = "module:function") at each of its
     ``shapes`` [(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)], compiled for sm_90a: ``descs`` maps
     its descriptor arguments to (element type, row block name, column block name), ``types`` the
-    other runtime arguments (pointers and N, K taken as 16-divisible, as an aligned launch has
-    them). Asserts Hopper's warpgroup MMA (``mma``, a regex, e.g. the operand types) and bulk
+    other runtime arguments (pointers and ``aligned_sizes`` taken as 16-divisible, as an aligned
+    launch has them); ``names``: the kernel's names for the three blocks and the group size.
+    Asserts Hopper's warpgroup MMA (``mma``, a regex, e.g. the operand types) and bulk
     tensor copies in the PTX, shared memory (stages and the epilogue's staging tiles) within
     the card, and at most ``spill_limit`` bytes of register spills."""
     import re
 
     requests = {}
     for bm, bn, bk, stages, warps in shapes:
-        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        blocks = dict(zip(names, (bm, bn, bk, 8)))
         desc_types = {arg: f"tensordesc<{ty}[{blocks[rows]},{blocks[cols]}]>" for arg, (ty, rows, cols) in descs.items()}
         requests[f"{bm}x{bn}x{bk}/{stages}/{warps}"] = dict(
-            kernel=kernel, types={**desc_types, **types}, constexprs=dict(constexprs, **blocks, GROUP_M=8), cc=90,
+            kernel=kernel, types={**desc_types, **types}, constexprs=dict(constexprs, **blocks), cc=90,
             num_warps=warps, num_stages=stages, spills=True,
-            divisible=[a for a, t in types.items() if t.startswith("*") or a in ("N", "K")])
+            divisible=[a for a, t in types.items() if t.startswith("*") or a in aligned_sizes])
     for name, compiled in compile_for_gpu(requests).items():
         ptx = compiled["ptx"]
         assert re.search(r"wgmma\.mma_async\S*" + mma, ptx), f"{name}: no wgmma {mma} in the PTX"

@@ -418,6 +418,65 @@ def test_tma_and_plain_forward_agree_bit_for_bit(M, N, K, monkeypatch, tma_launc
     assert len(tma_launches) == 3
 
 
+# (M, N, K) for the TMA backward: both its launches have 64+ output rows (grad_input: M,
+# grad_weight: N), sizes no multiple of the interpreter's tiles, several tiles per program
+TMA_BWD_SHAPES = [(64, 64, 8), (70, 72, 48), (130, 96, 40)]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,N,K", TMA_BWD_SHAPES)
+def test_tma_backward_matches_float64(approximate, bias, M, N, K, monkeypatch, poison_empty):
+    """Aligned fp16 tensors take the TMA backward for grad_input and grad_weight (+ grad_bias)."""
+    needs_backend("triton")
+    kernels = _kernels()
+    calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: (args[1], args[6].get("TRANS_A")))
+    x, w, b = make_inputs(M, N, K, torch.float16, bias=bias)
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    assert sorted(t for k, t in calls if k is kernels.linear_gelu_bwd_tma_kernel) == [False, True]
+
+
+@pytest.mark.parametrize("M,N,K", TMA_BWD_SHAPES)
+@pytest.mark.parametrize("saved_kind", ["preact", "gelu_grad"])
+def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, saved_kind, monkeypatch):
+    """The interpreter runs both backward kernels with the same tiles and the same fp32 arithmetic
+    in the same order: any difference is a wrong tile, edge, transpose or row sum in one."""
+    needs_backend("triton")
+    kernels = _kernels()
+    calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: args[1])
+    x, w, b = make_inputs(M, N, K, torch.float16)
+    _, saved = kernels.linear_gelu_fwd(x, w, b, "tanh", False, saved_kind)
+    dy = torch.randn(M, N, dtype=torch.float16)
+    grads = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
+        grads[tma] = kernels.linear_gelu_bwd(dy, x, w, saved, saved_kind, "tanh", (True, True, True))
+    for name, t, p in zip(("grad_input", "grad_weight", "grad_bias"), grads["1"], grads["0"]):
+        assert torch.equal(t, p), name
+    assert calls.count(kernels.linear_gelu_bwd_tma_kernel) == 2
+
+
+def test_tma_kernels_take_one_tensor_as_two_arguments(monkeypatch):
+    """The launchers given one tensor object as two operands (x that is the weight; dy that is x),
+    at tiles whose operands' shapes differ: each argument keeps its own descriptor and tile shape."""
+    needs_backend("triton")
+    kernels = _kernels()
+    monkeypatch.setitem(kernels._FIXED_TMA, "interpreter", ((64, 32, 16, 8), 1, 4))
+    monkeypatch.setitem(kernels._FIXED_TMA_BWD, "interpreter", ((64, 32, 16, 8), 1, 4))
+    calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: args[1])
+    w = make_inputs(1, 72, 72, torch.float16)[1]
+    y, saved = kernels.linear_gelu_fwd(w, w, None, "none", True, "gelu_grad")
+    grad_input, grad_weight, _ = kernels.linear_gelu_bwd(w, w, w, saved, "gelu_grad", "none", (True, True, False))
+    w64 = w.double()
+    z = w64 @ w64.t()
+    gz = w64 * torch.ops.aten.gelu_backward(torch.ones_like(z), z)
+    for name, ours, exact in (("y", y, F.gelu(z)), ("grad_input", grad_input, gz @ w64),
+                              ("grad_weight", grad_weight, gz.t() @ w64)):
+        torch.testing.assert_close(ours.double(), exact, rtol=2e-2, atol=2e-2, msg=name)
+    assert calls == [kernels.linear_gelu_fwd_tma_kernel] + [kernels.linear_gelu_bwd_tma_kernel] * 2
+
+
 def test_tma_ready_only_for_what_tma_can_copy(monkeypatch):
     needs_backend("triton")
     kernels = _kernels()
@@ -550,6 +609,32 @@ def test_checker_rejects_wrong_kernels():
         assert not within_tolerance(out, ref, torch_same)[0], name
     with pytest.raises(AssertionError):
         max_error(torch_same[:-1], ref)
+
+
+# Register spill stores the TMA backward may have on sm_90a: none reading gelu'(z) (what the
+# forward keeps for it); from z (another backend made the forward) with erf, up to 1004 bytes at the
+# 128x64 tile in the grad_weight launch (Triton 3.6; 774 with 3.8), none with tanh.
+TMA_BWD_SPILL_LIMIT = {"gelu_grad": 0, "preact": 1100}
+
+
+@pytest.mark.parametrize("saved_kind", ["gelu_grad", "preact"])
+@pytest.mark.parametrize("trans_a", [False, True], ids=["grad_input", "grad_weight"])
+def test_tma_backward_compiles_onto_wgmma_and_tma(compile_for_gpu, trans_a, saved_kind):
+    """Every config the TMA backward may run with, compiled here for sm_90a as a bf16 launch of
+    either orientation (grad_weight also sums grad_bias), erf GELU (the dearer prologue from z)."""
+    needs_backend("triton")
+    from op_checks import assert_tma_gemm_compiles_for_hopper
+
+    kernels = _kernels()
+    a_tile = ("bf16", "BLOCK_R", "BLOCK_P") if trans_a else ("bf16", "BLOCK_P", "BLOCK_R")
+    assert_tma_gemm_compiles_for_hopper(
+        compile_for_gpu, "effkern.kernels.linear_gelu:linear_gelu_bwd_tma_kernel", kernels._TMA_BWD_SHAPES,
+        dict(dy_desc=a_tile, saved_desc=a_tile, b_desc=("bf16", "BLOCK_R", "BLOCK_Q"),
+             c_desc=("bf16", "BLOCK_P", "BLOCK_Q")),
+        dict(rowsum_ptr="*bf16", P="i32", Q="i32", R="i32", NUM_PROGRAMS="i32"),
+        dict(APPROX_TANH=False, PRECISE=False, SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=trans_a,
+             TRANS_A=trans_a, DOT_PRECISION="tf32"),
+        r"f32\.bf16\.bf16", TMA_BWD_SPILL_LIMIT[saved_kind], names=kernels._BWD_NAMES, aligned_sizes=("Q",))
 
 
 # ---------------------------------------------------------------------------- registration
@@ -858,6 +943,26 @@ def test_gpu_every_tma_config_matches_float64(index, approximate, monkeypatch, t
     with ek.use_backend("triton"):
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
     assert tma_launches, "the TMA kernel did not run"
+
+
+@pytest.mark.smoke
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_every_tma_backward_config_matches_float64(index, approximate, monkeypatch):
+    """Each config the TMA backward's autotuners may pick, as the fixed config, in both launches
+    (grad_input over M = 1000 rows, grad_weight + grad_bias over N = 392), with N a partial last
+    reduction step for grad_input and M one for grad_weight."""
+    needs_backend("triton", "cuda")
+    kernels = _kernels()
+    bp, bq, br, stages, warps = kernels._TMA_BWD_SHAPES[index]
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "0")
+    monkeypatch.setitem(kernels._FIXED_TMA_BWD, "gpu", ((bp, bq, br, kernels.GROUP), stages, warps))
+    calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: (args[1], args[6].get("TRANS_A")))
+    x, w, b = make_inputs(1000, 392, 520, torch.bfloat16, device="cuda")
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    assert sorted(t for k, t in calls if k is kernels.linear_gelu_bwd_tma_kernel) == [False, True]
 
 
 @pytest.mark.smoke
