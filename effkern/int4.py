@@ -50,28 +50,23 @@ REFERENCE_DTYPES = ACTIVATION_DTYPES + (torch.float64,)
 BACKENDS = ("triton", "cuda", "reference")
 
 
-def _nibble_shifts(dtype: torch.dtype, device: torch.device) -> Tensor:
-    # 0, 4, ..., 28 made on the device (torch.tensor of a list would copy from the host and wait
-    # for the stream: not allowed while a CUDA graph captures the int4 backward, which unpacks)
-    return torch.arange(0, 32, 4, dtype=dtype, device=device)
-
-
-# ---------------------------------------------------------------------------- packing
-
 def pack_int4(q: Tensor) -> Tensor:
     """q [..., K] with integers in [0, 15] (any integer dtype), K % 8 == 0 -> int32 [..., K / 8],
     eight values per word, the lowest k in the lowest bits."""
     if q.shape[-1] % 8:
         raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
-    # disjoint bits: sum == or
-    words = (q.to(torch.int64).unflatten(-1, (-1, 8)) << _nibble_shifts(torch.int64, q.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 is the sign bit
+    # Byte by byte: byte b of a little-endian word holds nibbles 2b (low) and 2b + 1 (high), so
+    # the bytes in order are q[2i] | q[2i + 1] << 4, and 4 of them viewed as int32 are a word.
+    # Nothing wider than the input is made (an int64 copy of a 16k x 16k weight is 2 GB).
+    q8 = q.to(torch.uint8)
+    pairs = q8[..., 0::2] | (q8[..., 1::2] << 4)
+    return pairs.contiguous().view(torch.int32)
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:
     """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
-    nibbles = (qweight.unsqueeze(-1) >> _nibble_shifts(torch.int32, qweight.device)) & 0xF
-    return nibbles.flatten(-2).to(torch.uint8)
+    pairs = qweight.contiguous().view(torch.uint8)  # byte i: q[2i] low, q[2i + 1] high
+    return torch.stack((pairs & 0xF, pairs >> 4), dim=-1).flatten(-2)
 
 
 def _group(group_size: int, K: int) -> int:

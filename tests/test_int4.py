@@ -56,6 +56,29 @@ def test_pack_unpack_round_trip(shape):
     assert torch.equal(ek.pack_int4(ek.unpack_int4(words)), words)  # every bit pattern
 
 
+def test_packing_makes_nothing_wider_than_its_unpacked_side():
+    """pack_int4 / unpack_int4 run on whole weights (the CUDA layout's shuffle, the backward's
+    dequantization): no intermediate may be larger than the uint8 [N, K] side (an int64 copy would
+    be 8x that: 2 GB for a 16k x 16k weight)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.untyped_storage().nbytes())
+            return out
+
+    q = torch.randint(0, 16, (64, 256), dtype=torch.uint8)
+    with LargestOutput():
+        words = ek.pack_int4(q)
+        ek.unpack_int4(words)
+    assert 0 < LargestOutput.largest <= q.numel(), LargestOutput.largest
+
+
 # ---------------------------------------------------------------------------- quantization
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
