@@ -232,8 +232,9 @@ def linear_gelu_bwd_tma_kernel(
     # linear_gelu_bwd_kernel's C = gz @ B, persistent, every tile moved by TMA (kernels/_tma.py's
     # loop). Descriptors: B [R, Q] in [BLOCK_R, BLOCK_Q] tiles, C [P, Q] in [BLOCK_P, BLOCK_Q];
     # dy and saved are [P, R] in [BLOCK_P, BLOCK_R] tiles for grad_input, and for grad_weight
-    # (TRANS_A) the same [M, N] tensors, read as [R, P] in [BLOCK_R, BLOCK_P] tiles and transposed
-    # in registers (a descriptor needs unit stride along its rows: dy.t() has none).
+    # (TRANS_A) the same [M, N] tensors, read as [R, P] in [BLOCK_R, BLOCK_P] tiles (a descriptor
+    # needs unit stride along its rows: dy.t() has none), gz formed in that layout and transposed
+    # once, in the operand dtype, for the dot.
     tile_out = tl.program_id(0) - NUM_PROGRAMS
     for tile in tl.range(tl.program_id(0), tl.cdiv(P, BLOCK_P) * tl.cdiv(Q, BLOCK_Q), NUM_PROGRAMS, flatten=True):
         off_p, off_q = tile_origin(tile, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
@@ -241,17 +242,20 @@ def linear_gelu_bwd_tma_kernel(
         rowsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for r in range(tl.cdiv(R, BLOCK_R)):
             # past R the copy engine reads zeros: dy = 0 there makes gz = 0
-            if TRANS_A:
-                dy = dy_desc.load([r * BLOCK_R, off_p]).T
-                saved = saved_desc.load([r * BLOCK_R, off_p]).T
-            else:
-                dy = dy_desc.load([off_p, r * BLOCK_R])
-                saved = saved_desc.load([off_p, r * BLOCK_R])
-            gz = gelu_grad_times(dy, saved, APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
-            if ROWSUM:
-                rowsum += tl.sum(gz, axis=1)
             b = b_desc.load([r * BLOCK_R, off_q])
-            acc = tl.dot(gz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+            if TRANS_A:
+                gz_t = gelu_grad_times(dy_desc.load([r * BLOCK_R, off_p]), saved_desc.load([r * BLOCK_R, off_p]),
+                                       APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+                if ROWSUM:
+                    rowsum += tl.sum(gz_t, axis=0)
+                gz = gz_t.to(b.dtype).T
+            else:
+                gz = gelu_grad_times(dy_desc.load([off_p, r * BLOCK_R]), saved_desc.load([off_p, r * BLOCK_R]),
+                                     APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+                if ROWSUM:
+                    rowsum += tl.sum(gz, axis=1)
+                gz = gz.to(b.dtype)
+            acc = tl.dot(gz, b, acc, input_precision=DOT_PRECISION)
         tile_out += NUM_PROGRAMS
         row, col = tile_origin(tile_out, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
         c_desc.store([row, col], acc.to(c_desc.dtype))
@@ -321,7 +325,7 @@ _bwd_tuned = triton.autotune(
     configs=[config(_BWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one;
     # the prologue is one multiply from a saved gelu'(z), an erf or tanh from z.
-    key=["P", "Q", "R", "stride_dyp", "SAVED_GELU_GRAD", "APPROX_TANH"],
+    key=["P", "Q", "R", "stride_dyp", "SAVED_GELU_GRAD", "APPROX_TANH", "ROWSUM"],
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
@@ -348,7 +352,7 @@ _bwd_tma_tuned = {
     trans_a: triton.autotune(
         configs=[config(_BWD_NAMES, (bp, bq, br, GROUP), st, wa, pre_hook=_set_tma_bwd_blocks(trans_a))
                  for bp, bq, br, st, wa in _TMA_BWD_SHAPES],
-        key=["P", "Q", "R", "SAVED_GELU_GRAD", "APPROX_TANH"],
+        key=["P", "Q", "R", "SAVED_GELU_GRAD", "APPROX_TANH", "ROWSUM"],
         prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
     )(linear_gelu_bwd_tma_kernel)
     for trans_a in (False, True)

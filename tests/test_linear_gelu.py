@@ -441,7 +441,10 @@ def test_tma_backward_matches_float64(approximate, bias, M, N, K, monkeypatch, p
 @pytest.mark.parametrize("saved_kind", ["preact", "gelu_grad"])
 def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, saved_kind, monkeypatch):
     """The interpreter runs both backward kernels with the same tiles and the same fp32 arithmetic
-    in the same order: any difference is a wrong tile, edge, transpose or row sum in one."""
+    in the same order: any difference is a wrong tile, edge or transpose in one. grad_bias sums
+    the same values, but numpy adds a [BLOCK_R, BLOCK_P] tile down its columns (the TMA kernel's
+    layout) in another order than a [BLOCK_P, BLOCK_R] tile along its rows (the plain kernel's):
+    within an fp16 ulp (seen: up to 1 ulp in 9 of 40 seeds at one shape)."""
     needs_backend("triton")
     kernels = _kernels()
     calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: args[1])
@@ -452,8 +455,9 @@ def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, saved_kind, monkeypat
     for tma in ("1", "0"):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
         grads[tma] = kernels.linear_gelu_bwd(dy, x, w, saved, saved_kind, "tanh", (True, True, True))
-    for name, t, p in zip(("grad_input", "grad_weight", "grad_bias"), grads["1"], grads["0"]):
+    for name, t, p in zip(("grad_input", "grad_weight"), grads["1"], grads["0"]):
         assert torch.equal(t, p), name
+    torch.testing.assert_close(grads["1"][2], grads["0"][2], rtol=2**-10, atol=0, msg="grad_bias")
     assert calls.count(kernels.linear_gelu_bwd_tma_kernel) == 2
 
 
@@ -612,9 +616,9 @@ def test_checker_rejects_wrong_kernels():
 
 
 # Register spill stores the TMA backward may have on sm_90a: none reading gelu'(z) (what the
-# forward keeps for it); from z (another backend made the forward) with erf, up to 1004 bytes at the
-# 128x64 tile in the grad_weight launch (Triton 3.6; 774 with 3.8), none with tanh.
-TMA_BWD_SPILL_LIMIT = {"gelu_grad": 0, "preact": 1100}
+# forward keeps for it); from z (another backend made the forward) with erf, up to 1060 bytes at the
+# 128x64 tile in the grad_weight launch (Triton 3.6; 768 with 3.8), 4 with tanh.
+TMA_BWD_SPILL_LIMIT = {"gelu_grad": 0, "preact": 1152}
 
 
 @pytest.mark.parametrize("saved_kind", ["gelu_grad", "preact"])
