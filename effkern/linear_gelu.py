@@ -162,7 +162,10 @@ def linear_gelu_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], appro
     check_args(input, weight, bias, approximate)
     _check_save(save)
     x2d = rows(input)
-    backend = _choose_backend("fwd", x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
+    # Training (something kept for a backward): auto takes the backend measured fastest for forward
+    # + backward together, which is also the one the backward will take and what was kept for.
+    mode = "fwd" if save == "none" else "fwd_bwd"
+    backend = _choose_backend(mode, x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
     out, saved = _forward_2d(backend, x2d, weight, bias, approximate, True, save)
     out = out.reshape(*input.shape[:-1], weight.shape[0])
     return out, (saved if saved is not None else empty(input))

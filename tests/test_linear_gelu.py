@@ -257,6 +257,22 @@ def test_auto_keeps_what_the_backward_it_picks_reads(monkeypatch):
     torch.testing.assert_close(y, linear_gelu_reference(x, w, b))
 
 
+def test_auto_trains_on_the_fwd_bwd_choice(monkeypatch):
+    """With something kept for a backward, auto runs the forward on the backend measured fastest
+    for forward + backward (mode fwd_bwd), the one the backward takes; inference on mode fwd."""
+    module = importlib.import_module("effkern.linear_gelu")
+    modes = []
+    monkeypatch.setattr(module, "_auto_backend", lambda mode, *a: modes.append(mode) or "reference")
+    x, w, b = (t.requires_grad_() for t in make_inputs(5, 6, 7, torch.float32))
+    with ek.use_backend("auto"):
+        with torch.no_grad():
+            ek.linear_gelu(x, w, b)
+        assert modes == ["fwd"]
+        modes.clear()
+        ek.linear_gelu(x, w, b).sum().backward()
+    assert modes == ["fwd_bwd"] * 3  # what to keep, the forward, the backward
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_auto_backward_runs_triton_only_on_gelu_grad(monkeypatch, compiled):
     """auto's choice of the Triton backward was measured reading gelu'(z); where z was kept
