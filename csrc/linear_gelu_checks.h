@@ -48,17 +48,17 @@ inline LinearGeluShape check_fwd_args(const at::Tensor& input, const at::Tensor&
   return {M, N, K, has_bias};
 }
 
-// grad_out [M, N], input [M, K], weight [N, K], preact [M, N].
+// grad_out [M, N], input [M, K], weight [N, K], saved [M, N] (z or gelu'(z)).
 inline LinearGeluShape check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                      const at::Tensor& weight, const at::Tensor& preact,
+                                      const at::Tensor& weight, const at::Tensor& saved,
                                       c10::DeviceType device_type) {
   const LinearGeluShape s = check_fwd_args(input, weight, std::nullopt, device_type);
   check_matrix(grad_out, "grad_out", input, device_type);
-  check_matrix(preact, "preact", input, device_type);
+  check_matrix(saved, "saved", input, device_type);
   TORCH_CHECK(grad_out.size(0) == s.m && grad_out.size(1) == s.n,
               "effkern_C: grad_out must be [", s.m, ", ", s.n, "], got ", grad_out.sizes());
-  TORCH_CHECK(preact.size(0) == s.m && preact.size(1) == s.n, "effkern_C: preact must be [",
-              s.m, ", ", s.n, "], got ", preact.sizes());
+  TORCH_CHECK(saved.size(0) == s.m && saved.size(1) == s.n, "effkern_C: saved must be [",
+              s.m, ", ", s.n, "], got ", saved.sizes());
   return s;
 }
 

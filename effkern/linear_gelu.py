@@ -213,9 +213,7 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
     if save == "none":  # recompute_preact: nothing was kept; one extra GEMM makes what this backend reads
         save = _preferred_save(backend)
         _, saved = _forward_2d(backend, x2d, weight, bias, approximate, False, save)
-    if backend == "reference" or (backend == "cuda" and save == "gelu_grad"):
-        # The C++ backward forms gz from z; from gelu'(z) it is one multiply, and then two
-        # cuBLAS GEMMs and a sum (without the BGRADB epilogue's fused bias gradient).
+    if backend == "reference":
         grads = _reference_backward_2d(g2d, x2d, weight, saved, save, approximate, output_mask)
     elif backend == "triton":
         from .kernels import linear_gelu as kernels
@@ -228,7 +226,7 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
         grads = torch.ops.effkern_C.linear_gelu_bwd(
             g2d, x2d if x2d is not None else g2d.new_empty(()).expand(M, K),
             weight if weight is not None else g2d.new_empty(()).expand(N, K), saved,
-            approximate == "tanh", list(output_mask))
+            save == "gelu_grad", approximate == "tanh", list(output_mask))
     grad_input, grad_weight, grad_bias = (
         g if wanted else empty(grad_out) for g, wanted in zip(grads, output_mask))
     if output_mask[0]:

@@ -789,6 +789,24 @@ def test_cpp_cpu_kernel_through_the_dispatcher(dtype, approximate):
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpp_backward_reads_z_and_gelu_grad_alike(approximate):
+    """effkern_C::linear_gelu_bwd given z and given gelu'(z) (saved_is_gelu_grad): the same
+    gradients (float64: both within rounding of the exact ones)."""
+    needs_backend("cuda")
+    x, w, b = make_inputs(9, 14, 11, torch.float64)
+    z = F.linear(x, w, b)
+    d = torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
+    g = torch.randn(9, 14, dtype=torch.float64)
+    tanh = approximate == "tanh"
+    from_z = torch.ops.effkern_C.linear_gelu_bwd(g, x, w, z, False, tanh, [True] * 3)
+    from_d = torch.ops.effkern_C.linear_gelu_bwd(g, x, w, d, True, tanh, [True] * 3)
+    exact = ((g * d) @ w, (g * d).t() @ x, (g * d).sum(0))
+    for name, a, c, e in zip(("grad_input", "grad_weight", "grad_bias"), from_z, from_d, exact):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_cpp_ops_check_their_arguments():
     """Called directly, bypassing the Python checks, the C++ ops still refuse bad shapes."""
     needs_backend("cuda")
@@ -799,8 +817,8 @@ def test_cpp_ops_check_their_arguments():
         torch.ops.effkern_C.linear_gelu_fwd(x, w, b[:5], False, False)
     with pytest.raises(RuntimeError, match="has dtype"):
         torch.ops.effkern_C.linear_gelu_fwd(x, w.double(), b, False, False)
-    with pytest.raises(RuntimeError, match="preact must be"):
-        torch.ops.effkern_C.linear_gelu_bwd(torch.randn(4, 6), x, w, torch.randn(4, 5), False, [True] * 3)
+    with pytest.raises(RuntimeError, match="saved must be"):
+        torch.ops.effkern_C.linear_gelu_bwd(torch.randn(4, 6), x, w, torch.randn(4, 5), False, False, [True] * 3)
 
 
 # ---------------------------------------------------------------------------- nn module
