@@ -48,17 +48,17 @@ inline LinearGeluShape check_fwd_args(const at::Tensor& input, const at::Tensor&
   return {M, N, K, has_bias};
 }
 
-// grad_out [M, N], input [M, K], weight [N, K], saved [M, N] (z or gelu'(z)).
+// grad_out [M, N], input [M, K], weight [N, K], gelu_grad [M, N].
 inline LinearGeluShape check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                      const at::Tensor& weight, const at::Tensor& saved,
+                                      const at::Tensor& weight, const at::Tensor& gelu_grad,
                                       c10::DeviceType device_type) {
   const LinearGeluShape s = check_fwd_args(input, weight, std::nullopt, device_type);
   check_matrix(grad_out, "grad_out", input, device_type);
-  check_matrix(saved, "saved", input, device_type);
+  check_matrix(gelu_grad, "gelu_grad", input, device_type);
   TORCH_CHECK(grad_out.size(0) == s.m && grad_out.size(1) == s.n,
               "effkern_C: grad_out must be [", s.m, ", ", s.n, "], got ", grad_out.sizes());
-  TORCH_CHECK(saved.size(0) == s.m && saved.size(1) == s.n, "effkern_C: saved must be [",
-              s.m, ", ", s.n, "], got ", saved.sizes());
+  TORCH_CHECK(gelu_grad.size(0) == s.m && gelu_grad.size(1) == s.n,
+              "effkern_C: gelu_grad must be [", s.m, ", ", s.n, "], got ", gelu_grad.sizes());
   return s;
 }
 

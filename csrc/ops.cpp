@@ -55,12 +55,11 @@ TORCH_LIBRARY(effkern_C, m) {
   m.def(
       "linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, bool tanh_approx, "
       "bool save_preact) -> (Tensor, Tensor)");
-  // Gradients of linear_gelu_fwd given what the forward saved: the pre-activation z, or
-  // gelu'(z) when saved_is_gelu_grad. Outputs whose output_mask entry is false come back as
-  // empty [0] tensors.
+  // Gradients of linear_gelu_fwd given gelu'(z) of its pre-activation z. Outputs whose
+  // output_mask entry is false come back as empty [0] tensors.
   m.def(
-      "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor saved, "
-      "bool saved_is_gelu_grad, bool tanh_approx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "linear_gelu_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor gelu_grad, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // W4A16: input [M, K] @ W^T (+ bias), W dequantized from the pre-shuffled int4 weight
   // (effkern/int4_cuda_layout.py: qweight int32 [N / 64, 8 K], prepared scales/zeros [K / G, N]).
   // CUDA kernel: csrc/cuda/int4.cu; the CPU registration only validates and raises.

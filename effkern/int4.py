@@ -59,8 +59,9 @@ def pack_int4(q: Tensor) -> Tensor:
     # the bytes in order are q[2i] | q[2i + 1] << 4, and 4 of them viewed as int32 are a word.
     # Nothing wider than the input is made (an int64 copy of a 16k x 16k weight is 2 GB).
     q8 = q.to(torch.uint8)
-    pairs = q8[..., 0::2] | (q8[..., 1::2] << 4)
-    return pairs.contiguous().view(torch.int32)
+    words = torch.empty((*q.shape[:-1], q.shape[-1] // 8), dtype=torch.int32, device=q.device)
+    words.view(torch.uint8).copy_(q8[..., 0::2] | (q8[..., 1::2] << 4))
+    return words
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:

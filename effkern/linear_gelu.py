@@ -3,22 +3,22 @@
 Ops (schemas defined here and nowhere else):
   effkern::linear_gelu(input, weight, bias=None, approximate="none", *, recompute_preact=False)
       public; composite: calls linear_gelu_fwd and returns its first output
-  effkern::linear_gelu_fwd(input, weight, bias, approximate, save) -> (out, saved)
-      the differentiable op; ``save`` names what it returns (as [M, N]) for the backward:
-      "preact" z = input @ weight.T + bias, "gelu_grad" gelu'(z), or "none" (an empty tensor)
-  effkern::linear_gelu_bwd(grad_out, input, weight, bias, saved, save, approximate, output_mask)
+  effkern::linear_gelu_fwd(input, weight, bias, approximate, save_gelu_grad) -> (out, gelu_grad)
+      the differentiable op; gelu_grad = gelu'(z), z = input @ weight.T + bias, is returned (as
+      [M, N]) when the backward will need it, else an empty tensor
+  effkern::linear_gelu_bwd(grad_out, input, weight, bias, gelu_grad, approximate, output_mask)
       -> (grad_input, grad_weight, grad_bias); entries not asked for are empty tensors;
-      save "none" (saved None) means "recompute from input, weight, bias first"
+      gelu_grad None means "recompute it from input, weight, bias first"
 
-Saved for backward (M tokens, N outputs): by default one [M, N] tensor, the same as eager
-F.gelu(F.linear(...)) keeps (it saves the linear output for gelu's backward). Which one follows
-the backend that will run the backward: gelu'(z) for Triton's, whose GEMMs form
-gz = grad_out * gelu'(z) tile by tile and would otherwise evaluate erf or tanh K / BLOCK times
-per element; z for cuBLASLt's and the reference's, which form gz once in a pass of their own.
-Either backward takes either tensor, so the choice, made when ``linear_gelu`` is called (when it
-is traced, under torch.compile), only decides speed. With ``recompute_preact=True`` nothing is
-kept, and the backward recomputes it with one extra forward GEMM (2*M*N*K FLOPs, +50% backward
-work) — for when activation memory is the limit.
+Saved for backward (M tokens, N outputs): by default gelu'(z), M*N elements, as many as eager
+F.gelu(F.linear(...)) keeps (it saves z for gelu's backward). gelu'(z) rather than z: the Triton
+backward's GEMMs form gz = grad_out * gelu'(z) tile by tile, K / BLOCK times per element, where
+from z each time would be an erf or tanh; and what is kept does not depend on the backend, so the
+backend may change between forward and backward, with activation checkpointing too (which
+recomputes the forward under the backward's selection). The other backends get gelu'(z) from z in
+one more elementwise pass. With ``recompute_preact=True`` nothing is kept, and the backward
+recomputes it with one extra forward GEMM (2*M*N*K FLOPs, +50% backward work) — for when
+activation memory is the limit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from ._registry import LIB, autocast_on, register_autocast, register_family
 from ._tensors import empty, rows
 
 APPROXIMATIONS = ("none", "tanh")
-SAVES = ("none", "preact", "gelu_grad")  # what the forward keeps for the backward (see above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # float64 runs on the reference backend and the C++ CPU kernel only (tests, gradcheck).
 KERNEL_DTYPES = {"triton": DTYPES[:3], "cuda": DTYPES[:3]}
@@ -135,60 +134,49 @@ def _gelu_grad_of(z: Tensor, approximate: str) -> Tensor:
 
 
 def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
-                store_out: bool, save: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(y or None, the tensor ``save`` names or None) on [M, K] rows."""
+                store_out: bool, store_gelu_grad: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(y or None, gelu'(z) or None) on [M, K] rows."""
     if bias is not None:
         bias = bias.contiguous()  # the kernels (Triton, cuBLASLt epilogue) read it with unit stride
     if backend == "triton":
         from .kernels import linear_gelu as kernels
 
-        return kernels.linear_gelu_fwd(x2d, weight, bias, approximate, store_out,
-                                       None if save == "none" else save)
+        return kernels.linear_gelu_fwd(x2d, weight, bias, approximate, store_out, store_gelu_grad)
     if backend == "reference":
         z = F.linear(x2d, weight, bias)
         out = F.gelu(z, approximate=approximate) if store_out else None
     else:
-        out, z = torch.ops.effkern_C.linear_gelu_fwd(x2d, weight, bias, approximate == "tanh", save != "none")
-    if save == "gelu_grad":
-        # cuBLASLt's epilogue and the reference give z; gelu'(z) from it costs one more pass over
-        # [M, N] (only where the backward is expected on Triton but the forward ran elsewhere).
-        return out, _gelu_grad_of(z, approximate)
-    return out, (z if save == "preact" else None)
+        out, z = torch.ops.effkern_C.linear_gelu_fwd(x2d, weight, bias, approximate == "tanh", store_gelu_grad)
+    # cuBLASLt's epilogue and the reference give z: gelu'(z) from it is one more pass over [M, N]
+    return out, (_gelu_grad_of(z, approximate) if store_gelu_grad else None)
 
 
 @torch.library.custom_op("effkern::linear_gelu_fwd", mutates_args=())
 def linear_gelu_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
-                    save: str) -> tuple[Tensor, Tensor]:
+                    save_gelu_grad: bool) -> tuple[Tensor, Tensor]:
     check_args(input, weight, bias, approximate)
-    _check_save(save)
     x2d = rows(input)
-    # Training (something kept for a backward): auto takes the backend measured fastest for forward
-    # + backward together, which is also the one the backward will take and what was kept for.
-    mode = "fwd" if save == "none" else "fwd_bwd"
+    # Training (gelu'(z) kept for a backward): auto takes the backend measured fastest for forward
+    # + backward together, which the backward then takes too.
+    mode = "fwd_bwd" if save_gelu_grad else "fwd"
     backend = _choose_backend(mode, x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
-    out, saved = _forward_2d(backend, x2d, weight, bias, approximate, True, save)
+    out, gelu_grad = _forward_2d(backend, x2d, weight, bias, approximate, True, save_gelu_grad)
     out = out.reshape(*input.shape[:-1], weight.shape[0])
-    return out, (saved if saved is not None else empty(input))
+    return out, (gelu_grad if save_gelu_grad else empty(input))
 
 
 @linear_gelu_fwd.register_fake
-def _(input, weight, bias, approximate, save):
+def _(input, weight, bias, approximate, save_gelu_grad):
     check_args(input, weight, bias, approximate)
-    _check_save(save)
     N = weight.shape[0]
     M = math.prod(input.shape[:-1])
-    return input.new_empty((*input.shape[:-1], N)), (input.new_empty((M, N)) if save != "none" else empty(input))
-
-
-def _check_save(save) -> None:
-    if save not in SAVES:
-        raise ValueError(f"linear_gelu_fwd: save must be one of {SAVES}, got {save!r}")
+    return input.new_empty((*input.shape[:-1], N)), (input.new_empty((M, N)) if save_gelu_grad else empty(input))
 
 
 # ---------------------------------------------------------------------------- backward
 
-def _reference_backward_2d(g, x, w, saved, save, approximate, output_mask):
-    gz = g * saved if save == "gelu_grad" else torch.ops.aten.gelu_backward(g, saved, approximate=approximate)
+def _reference_backward_2d(g, x, w, gelu_grad, output_mask):
+    gz = g * gelu_grad
     return (gz @ w if output_mask[0] else None,
             gz.t() @ x if output_mask[1] else None,
             gz.sum(0) if output_mask[2] else None)
@@ -196,37 +184,29 @@ def _reference_backward_2d(g, x, w, saved, save, approximate, output_mask):
 
 @torch.library.custom_op("effkern::linear_gelu_bwd", mutates_args=())
 def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                    saved: Optional[Tensor], save: str, approximate: str,
+                    gelu_grad: Optional[Tensor], approximate: str,
                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    _check_save(save)
     N = grad_out.shape[-1]
     g2d = rows(grad_out)
     x2d = rows(input) if input is not None else None
     # Only what the requested gradients need was saved: K comes from whichever is present.
     K = weight.shape[1] if weight is not None else input.shape[-1] if input is not None else 0
     backend = _choose_backend("fwd_bwd", g2d, g2d.shape[0], N, K, approximate)
-    if backend == "triton" and save == "preact" and selected_backend() == "auto" \
-            and backend_available("cuda", g2d.device)[0]:
-        # auto's measurements timed the Triton backward reading gelu'(z); from z (kept under
-        # torch.compile) it evaluates gelu' K / BLOCK times per element, and cuBLASLt's is faster.
-        backend = "cuda"
-    if save == "none":  # recompute_preact: nothing was kept; one extra GEMM makes what this backend reads
-        save = _preferred_save(backend)
-        _, saved = _forward_2d(backend, x2d, weight, bias, approximate, False, save)
+    if gelu_grad is None:  # recompute_preact: nothing was kept; one extra GEMM makes gelu'(z)
+        _, gelu_grad = _forward_2d(backend, x2d, weight, bias, approximate, False, True)
     if backend == "reference":
-        grads = _reference_backward_2d(g2d, x2d, weight, saved, save, approximate, output_mask)
+        grads = _reference_backward_2d(g2d, x2d, weight, gelu_grad, output_mask)
     elif backend == "triton":
         from .kernels import linear_gelu as kernels
 
-        grads = kernels.linear_gelu_bwd(g2d, x2d, weight, saved, save, approximate, output_mask)
+        grads = kernels.linear_gelu_bwd(g2d, x2d, weight, gelu_grad, output_mask)
     else:
         # The C++ op takes tensors, not None: stand in for the unsaved ones with zero-stride
         # views of the right shape, which allocate nothing and are never read.
         M = g2d.shape[0]
         grads = torch.ops.effkern_C.linear_gelu_bwd(
             g2d, x2d if x2d is not None else g2d.new_empty(()).expand(M, K),
-            weight if weight is not None else g2d.new_empty(()).expand(N, K), saved,
-            save == "gelu_grad", approximate == "tanh", list(output_mask))
+            weight if weight is not None else g2d.new_empty(()).expand(N, K), gelu_grad, list(output_mask))
     grad_input, grad_weight, grad_bias = (
         g if wanted else empty(grad_out) for g, wanted in zip(grads, output_mask))
     if output_mask[0]:
@@ -235,8 +215,7 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
 
 
 @linear_gelu_bwd.register_fake
-def _(grad_out, input, weight, bias, saved, save, approximate, output_mask):
-    _check_save(save)
+def _(grad_out, input, weight, bias, gelu_grad, approximate, output_mask):
     N = grad_out.shape[-1]
     need_input, need_weight, need_bias = output_mask
     return (grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_input else empty(grad_out),
@@ -245,26 +224,26 @@ def _(grad_out, input, weight, bias, saved, save, approximate, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, approximate, save = inputs
+    input, weight, bias, approximate, save_gelu_grad = inputs
     need_input, need_weight, _ = ctx.needs_input_grad[:3]
-    recompute = save == "none"
+    recompute = not save_gelu_grad
     # Keep only what the requested gradients need: x for grad_weight, w for grad_input,
-    # and all three when the saved tensor must be recomputed.
+    # and all three when gelu'(z) must be recomputed.
     ctx.save_for_backward(
         input if (need_weight or recompute) else None,
         weight if (need_input or recompute) else None,
         bias if recompute else None,
         None if recompute else output[1],
     )
-    ctx.approximate, ctx.save = approximate, save
+    ctx.approximate = approximate
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_out, _grad_saved):
-    input, weight, bias, saved = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_gelu_grad):
+    input, weight, bias, gelu_grad = ctx.saved_tensors
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
     grad_input, grad_weight, grad_bias = torch.ops.effkern.linear_gelu_bwd(
-        grad_out, input, weight, bias, saved, ctx.save, ctx.approximate, mask)
+        grad_out, input, weight, bias, gelu_grad, ctx.approximate, mask)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
             grad_bias if mask[2] else None, None, None)
 
@@ -279,32 +258,16 @@ LIB.define("linear_gelu(Tensor input, Tensor weight, Tensor? bias=None, str appr
            "bool recompute_preact=False) -> Tensor")
 
 
-def _preferred_save(backend: str) -> str:
-    """What the backward on ``backend`` reads fastest (module docstring)."""
-    return "gelu_grad" if backend == "triton" else "preact"
-
-
-def _save_for_backward(input, weight, bias, approximate: str, recompute_preact: bool) -> str:
-    """What the forward keeps for the backward: nothing without a gradient to compute or with
-    recompute_preact, else what the backend expected to run the backward reads fastest. Under
-    torch.compile with the auto backend that is z: auto decides per shape, and a traced shape
-    may be symbolic (and the backward on auto then avoids Triton's, which is slower from z)."""
+def _keeps_gelu_grad(input, weight, bias, recompute_preact: bool) -> bool:
+    """Whether the forward must return gelu'(z) for the backward."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    if not needs_grad or recompute_preact:
-        return "none"
-    backend = selected_backend()
-    if backend == "auto" and not torch.compiler.is_compiling():
-        # the dtype the op will see: autocast casts before it runs
-        dtype = torch.get_autocast_dtype(input.device.type) if autocast_on(input) else input.dtype
-        backend = _auto_backend("fwd_bwd", input.device, dtype, math.prod(input.shape[:-1]),
-                                weight.shape[0], weight.shape[1], approximate)
-    return _preferred_save(backend)
+    return needs_grad and not recompute_preact
 
 
 def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, recompute_preact=False):
+    check_args(input, weight, bias, approximate, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
-                                             _save_for_backward(input, weight, bias, approximate,
-                                                                recompute_preact))[0]
+                                             _keeps_gelu_grad(input, weight, bias, recompute_preact))[0]
 
 
 LIB.impl("linear_gelu", _linear_gelu_composite, "CompositeImplicitAutograd")
@@ -325,5 +288,4 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     # torch.autocast for input's device, mixed dtypes are fine: autocast casts them, as for F.linear.
     check_args(input, weight, bias, approximate, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
-                                             _save_for_backward(input, weight, bias, approximate,
-                                                                recompute_preact))[0]
+                                             _keeps_gelu_grad(input, weight, bias, recompute_preact))[0]

@@ -3,22 +3,22 @@
 Forward, ``linear_gelu_fwd_kernel`` (weight in nn.Linear layout [N, K]):
     z[m, n] = sum_k x[m, k] * w[n, k] + b[n]        fp32 accumulation
     y[m, n] = gelu(z[m, n])                          in the epilogue, on the fp32 accumulator
-    and, when the backward will need it, one auxiliary output: z itself, or gelu'(z) (the
-    epilogue has the fp32 z at hand, and gelu' shares most of its work with gelu).
+    d[m, n] = gelu'(z[m, n])                         too, when the backward will need it (gelu'
+                                                     shares most of its work with gelu)
 ``linear_gelu_fwd_tma_kernel`` computes the same on Hopper (and under the interpreter) when x, w
 and the outputs suit TMA (16-bit, 16-byte aligned rows, M >= TMA_MIN_ROWS): the persistent TMA
 GEMM of kernels/_tma.py with this epilogue.
 
 Backward, ``linear_gelu_bwd_kernel``: both weight-side GEMMs have the form
-    C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * gelu'(z)
-with gz formed from tiles of dy and the saved tensor inside the K loop (a prologue), never stored:
+    C[p, q] = sum_r gz[p, r] * B[r, q],   gz = dy * d
+with gz formed from tiles of dy and d inside the K loop (a prologue), never stored:
     grad_input  [M, K]: p = m, r = n, B = w            C = gz @ w
-    grad_weight [N, K]: p = n, r = m, B = x            C = gz^T @ x  (dy, saved read transposed)
+    grad_weight [N, K]: p = n, r = m, B = x            C = gz^T @ x  (dy, d read transposed)
 and, in the grad_weight launch, grad_bias[n] = sum_m gz[m, n] from the same tiles.
 Each element of gz is formed once per tile of the other output dimension (K / BLOCK_Q times):
-from a saved gelu'(z) that is one multiply; from a saved z it is an erf or tanh each time,
-which on an H100 cost more than the GEMMs' tensor-core work (bench/NOTES.md). So the forward
-stores gelu'(z) when this kernel will run the backward, and z for the other backends.
+from d that is one multiply, where evaluating gelu'(z) from a saved z (an erf or tanh each time)
+cost more than the GEMMs' tensor-core work on an H100 (bench/NOTES.md, version 1 of this kernel).
+``linear_gelu_bwd_tma_kernel`` computes the same on Hopper, persistent, tiles by TMA.
 
 GELU, written as gelu(z) = z * s(z), so gelu'(z) = s(z) + z * s'(z):
   approximate="none":  s = Phi(z) = 0.5 (1 + erf(z / sqrt 2)),  s' = phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
@@ -76,38 +76,20 @@ def gelu_parts(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def gelu_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
+def gelu_and_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
+    """(gelu(z), gelu'(z)) from the fp32 accumulator."""
     s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
-    return s + z * ds
-
-
-@triton.jit
-def gelu_grad_times(dy, saved, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr):
-    """gz = dy * gelu'(z) in fp32, from saved = gelu'(z) (SAVED_GELU_GRAD: one multiply) or z."""
-    if SAVED_GELU_GRAD:
-        return dy.to(tl.float32) * saved.to(tl.float32)
-    else:
-        return dy.to(tl.float32) * gelu_grad(saved.to(tl.float32), APPROX_TANH, PRECISE)
-
-
-@triton.jit
-def gelu_epilogue(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, AUX_GELU_GRAD: tl.constexpr):
-    """(gelu(z), aux) from the fp32 accumulator: aux = gelu'(z) with AUX_GELU_GRAD, else z."""
-    s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
-    if AUX_GELU_GRAD:
-        return z * s, s + z * ds
-    else:
-        return z * s, z
+    return z * s, s + z * ds
 
 
 @triton.jit
 def linear_gelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, d_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
-    stride_ym, stride_yn, stride_am, stride_an,
+    stride_ym, stride_yn, stride_dm, stride_dn,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_AUX: tl.constexpr, AUX_GELU_GRAD: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_GELU_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -139,23 +121,23 @@ def linear_gelu_fwd_kernel(
         acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     om = offs_m.to(tl.int64)[:, None]
-    y, aux = gelu_epilogue(acc, APPROX_TANH, PRECISE, AUX_GELU_GRAD)
-    if STORE_AUX:
-        tl.store(aux_ptr + om * stride_am + offs_n[None, :] * stride_an, aux.to(aux_ptr.dtype.element_ty), mask=mask)
+    y, d = gelu_and_grad(acc, APPROX_TANH, PRECISE)
+    if STORE_GELU_GRAD:
+        tl.store(d_ptr + om * stride_dm + offs_n[None, :] * stride_dn, d.to(d_ptr.dtype.element_ty), mask=mask)
     if STORE_Y:
         tl.store(y_ptr + om * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def linear_gelu_fwd_tma_kernel(
-    x_desc, w_desc, y_desc, aux_desc, b_ptr,
+    x_desc, w_desc, y_desc, d_desc, b_ptr,
     M, N, K, NUM_PROGRAMS,
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_AUX: tl.constexpr, AUX_GELU_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_GELU_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The persistent TMA GEMM of kernels/_tma.py. Descriptors: x [M, K] in [BLOCK_M, BLOCK_K]
-    # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and aux [M, N] in [BLOCK_M, BLOCK_N].
+    # tiles, w [N, K] in [BLOCK_N, BLOCK_K], y and d [M, N] in [BLOCK_M, BLOCK_N].
     tile_out = tl.program_id(0) - NUM_PROGRAMS
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS, flatten=True):
         acc = tma_tile_dot(x_desc, w_desc, tile, M, N, K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
@@ -165,21 +147,20 @@ def linear_gelu_fwd_tma_kernel(
         if HAS_BIAS:
             # columns past N wrap onto valid ones; the store drops them
             acc += tl.load(b_ptr + (col + tl.arange(0, BLOCK_N)) % N).to(tl.float32)[None, :]
-        y, aux = gelu_epilogue(acc, APPROX_TANH, PRECISE, AUX_GELU_GRAD)
-        if STORE_AUX:
-            aux_desc.store([row, col], aux.to(aux_desc.dtype))
+        y, d = gelu_and_grad(acc, APPROX_TANH, PRECISE)
+        if STORE_GELU_GRAD:
+            d_desc.store([row, col], d.to(d_desc.dtype))
         if STORE_Y:
             y_desc.store([row, col], y.to(y_desc.dtype))
 
 
 @triton.jit
 def linear_gelu_bwd_kernel(
-    dy_ptr, saved_ptr, b_ptr, c_ptr, rowsum_ptr,
+    dy_ptr, d_ptr, b_ptr, c_ptr, rowsum_ptr,
     P, Q, R,
-    stride_dyp, stride_dyr, stride_sp, stride_sr,
+    stride_dyp, stride_dyr, stride_dp, stride_dr,
     stride_br, stride_bq, stride_cp, stride_cq,
-    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr, ROWSUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
+    ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     pid_p, pid_q = grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
@@ -189,7 +170,7 @@ def linear_gelu_bwd_kernel(
     rp = (offs_p % P).to(tl.int64)
     rq = offs_q % Q
     dy_ptrs = dy_ptr + rp[:, None] * stride_dyp + offs_r[None, :] * stride_dyr
-    saved_ptrs = saved_ptr + rp[:, None] * stride_sp + offs_r[None, :] * stride_sr
+    d_ptrs = d_ptr + rp[:, None] * stride_dp + offs_r[None, :] * stride_dr
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + rq[None, :] * stride_bq
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -197,20 +178,20 @@ def linear_gelu_bwd_kernel(
     for r in range(0, tl.cdiv(R, BLOCK_R)):
         if EVEN_R:
             dy = tl.load(dy_ptrs)
-            saved = tl.load(saved_ptrs)
+            d = tl.load(d_ptrs)
             b = tl.load(b_ptrs)
         else:
             r_left = R - r * BLOCK_R
             dy = tl.load(dy_ptrs, mask=offs_r[None, :] < r_left, other=0.0)  # dy = 0 makes gz = 0 there
-            saved = tl.load(saved_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
+            d = tl.load(d_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        gz = gelu_grad_times(dy, saved, APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+        gz = dy.to(tl.float32) * d.to(tl.float32)
         if ROWSUM:
             rowsum += tl.sum(gz, axis=1)
         # Round gz to the operand dtype like eager's gelu_backward output, then use the tensor cores.
         acc = tl.dot(gz.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
         dy_ptrs += BLOCK_R * stride_dyr
-        saved_ptrs += BLOCK_R * stride_sr
+        d_ptrs += BLOCK_R * stride_dr
         b_ptrs += BLOCK_R * stride_br
 
     mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
@@ -223,15 +204,14 @@ def linear_gelu_bwd_kernel(
 
 @triton.jit
 def linear_gelu_bwd_tma_kernel(
-    dy_desc, saved_desc, b_desc, c_desc, rowsum_ptr,
+    dy_desc, d_desc, b_desc, c_desc, rowsum_ptr,
     P, Q, R, NUM_PROGRAMS,
-    APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr, SAVED_GELU_GRAD: tl.constexpr, ROWSUM: tl.constexpr,
-    TRANS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROWSUM: tl.constexpr, TRANS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     # linear_gelu_bwd_kernel's C = gz @ B, persistent, every tile moved by TMA (kernels/_tma.py's
     # loop). Descriptors: B [R, Q] in [BLOCK_R, BLOCK_Q] tiles, C [P, Q] in [BLOCK_P, BLOCK_Q];
-    # dy and saved are [P, R] in [BLOCK_P, BLOCK_R] tiles for grad_input, and for grad_weight
+    # dy and d are [P, R] in [BLOCK_P, BLOCK_R] tiles for grad_input, and for grad_weight
     # (TRANS_A) the same [M, N] tensors, read as [R, P] in [BLOCK_R, BLOCK_P] tiles (a descriptor
     # needs unit stride along its rows: dy.t() has none), gz formed in that layout and transposed
     # once, in the operand dtype, for the dot.
@@ -244,14 +224,12 @@ def linear_gelu_bwd_tma_kernel(
             # past R the copy engine reads zeros: dy = 0 there makes gz = 0
             b = b_desc.load([r * BLOCK_R, off_q])
             if TRANS_A:
-                gz_t = gelu_grad_times(dy_desc.load([r * BLOCK_R, off_p]), saved_desc.load([r * BLOCK_R, off_p]),
-                                       APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+                gz_t = dy_desc.load([r * BLOCK_R, off_p]).to(tl.float32) * d_desc.load([r * BLOCK_R, off_p]).to(tl.float32)
                 if ROWSUM:
                     rowsum += tl.sum(gz_t, axis=0)
                 gz = gz_t.to(b.dtype).T
             else:
-                gz = gelu_grad_times(dy_desc.load([off_p, r * BLOCK_R]), saved_desc.load([off_p, r * BLOCK_R]),
-                                     APPROX_TANH, PRECISE, SAVED_GELU_GRAD)
+                gz = dy_desc.load([off_p, r * BLOCK_R]).to(tl.float32) * d_desc.load([off_p, r * BLOCK_R]).to(tl.float32)
                 if ROWSUM:
                     rowsum += tl.sum(gz, axis=1)
                 gz = gz.to(b.dtype)
@@ -293,10 +271,10 @@ _TMA_SHAPES = [
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
 ]
-# The TMA backward (same rule): a stage holds tiles of dy, saved and B, so the 128x256 tile takes
-# 2 stages (3 would leave under 1 KB of the H100's shared memory). Compiled for sm_90a, reading
-# gelu'(z) none of these spills; a 256x128 tile spilled 156 bytes in the grad_weight launch
-# (Triton 3.8) and was left out.
+# The TMA backward (same rule): a stage holds tiles of dy, d and B, so the 128x256 tile takes
+# 2 stages (3 would leave under 1 KB of the H100's shared memory). Compiled for sm_90a, none of
+# these spills; a 256x128 tile spilled 156 bytes in the grad_weight launch (Triton 3.8) and was
+# left out.
 _TMA_BWD_SHAPES = [
     (128, 256, 64, 2, 8),
     (128, 128, 64, 4, 8),
@@ -311,11 +289,11 @@ _BWD_NAMES = ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P")
 
 _fwd = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
 _bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
-# The epilogue is part of the cost: erf or tanh, storing z or gelu'(z) beside y (the erf gelu'(z)
-# epilogue spills at the big tiles where the others do not), so the best tile for a shape is tuned
-# per epilogue. STORE_Y is left out: recompute_preact's backward (no y) then reuses the forward's
-# tile, and so its summation order, and gets the same bits as the forward kept.
-_FWD_KEY = ["M", "N", "K", "APPROX_TANH", "STORE_AUX", "AUX_GELU_GRAD"]
+# The epilogue is part of the cost: erf or tanh, gelu'(z) stored beside y or not (the erf epilogue
+# with gelu'(z) spills at the big tiles where the others do not), so the best tile for a shape is
+# tuned per epilogue. STORE_Y is left out: recompute_preact's backward (no y) then reuses the
+# forward's tile, and so its summation order, and gets the same bits as the forward kept.
+_FWD_KEY = ["M", "N", "K", "APPROX_TANH", "STORE_GELU_GRAD"]
 _fwd_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     key=_FWD_KEY,
@@ -323,14 +301,13 @@ _fwd_tuned = triton.autotune(
 )(_fwd)
 _bwd_tuned = triton.autotune(
     configs=[config(_BWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
-    # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one;
-    # the prologue is one multiply from a saved gelu'(z), an erf or tanh from z.
-    key=["P", "Q", "R", "stride_dyp", "SAVED_GELU_GRAD", "APPROX_TANH", "ROWSUM"],
+    # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one.
+    key=["P", "Q", "R", "stride_dyp", "ROWSUM"],
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
 _set_tma_blocks = block_shapes_hook({"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
-                                     "y_desc": ("BLOCK_M", "BLOCK_N"), "aux_desc": ("BLOCK_M", "BLOCK_N")})
+                                     "y_desc": ("BLOCK_M", "BLOCK_N"), "d_desc": ("BLOCK_M", "BLOCK_N")})
 _fwd_tma_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa, pre_hook=_set_tma_blocks)
              for bm, bn, bk, st, wa in _TMA_SHAPES],
@@ -339,11 +316,10 @@ _fwd_tma_tuned = triton.autotune(
 )(linear_gelu_fwd_tma_kernel)
 
 
-
 def _set_tma_bwd_blocks(trans_a: bool):
-    # dy and saved are read as [BLOCK_R, BLOCK_P] tiles of [M, N] by the grad_weight launch
+    # dy and d are read as [BLOCK_R, BLOCK_P] tiles of [M, N] by the grad_weight launch
     a_tile = ("BLOCK_R", "BLOCK_P") if trans_a else ("BLOCK_P", "BLOCK_R")
-    return block_shapes_hook({"dy_desc": a_tile, "saved_desc": a_tile, "b_desc": ("BLOCK_R", "BLOCK_Q"),
+    return block_shapes_hook({"dy_desc": a_tile, "d_desc": a_tile, "b_desc": ("BLOCK_R", "BLOCK_Q"),
                               "c_desc": ("BLOCK_P", "BLOCK_Q")})
 
 
@@ -352,7 +328,7 @@ _bwd_tma_tuned = {
     trans_a: triton.autotune(
         configs=[config(_BWD_NAMES, (bp, bq, br, GROUP), st, wa, pre_hook=_set_tma_bwd_blocks(trans_a))
                  for bp, bq, br, st, wa in _TMA_BWD_SHAPES],
-        key=["P", "Q", "R", "SAVED_GELU_GRAD", "APPROX_TANH", "ROWSUM"],
+        key=["P", "Q", "R", "ROWSUM"],
         prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
     )(linear_gelu_bwd_tma_kernel)
     for trans_a in (False, True)
@@ -374,100 +350,89 @@ def _precise(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not interpreted()
 
 
-# What the forward can store beside y for the backward (effkern/linear_gelu.py's `save`).
-AUX_KINDS = ("preact", "gelu_grad")
-
-
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
-                    store_out: bool = True, aux: str | None = None):
-    """x [M, K] (any strides), weight [N, K], bias [N] or None -> (y [M, N] or None, aux [M, N] or
-    None), aux = z with aux="preact", gelu'(z) with aux="gelu_grad"."""
-    assert aux is None or aux in AUX_KINDS, aux
+                    store_out: bool = True, store_gelu_grad: bool = False):
+    """x [M, K] (any strides), weight [N, K], bias [N] or None -> (y [M, N] or None,
+    gelu'(z) [M, N] or None)."""
     M, K = x.shape
     N = weight.shape[0]
     y = x.new_empty((M, N)) if store_out else None
-    a = x.new_empty((M, N)) if aux is not None else None
+    d = x.new_empty((M, N)) if store_gelu_grad else None
     if M == 0 or N == 0:
-        return y, a
-    y_arg = y if y is not None else a
-    a_arg = a if a is not None else y_arg
+        return y, d
+    y_arg = y if y is not None else d
+    d_arg = d if d is not None else y_arg
     kwargs = dict(HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", PRECISE=_precise(x.dtype),
-                  STORE_Y=store_out, STORE_AUX=aux is not None, AUX_GELU_GRAD=aux == "gelu_grad",
-                  DOT_PRECISION=dot_precision(x.dtype))
+                  STORE_Y=store_out, STORE_GELU_GRAD=store_gelu_grad, DOT_PRECISION=dot_precision(x.dtype))
     # fp32 keeps the plain kernel (its K tiles would be twice as wide in bytes; not worth a variant)
     if M >= TMA_MIN_ROWS and x.element_size() == 2 and tma_ready(x, weight, y_arg):
-        _fwd_tma(x, weight, bias, y_arg, a_arg, kwargs)
-        return y, a
+        _fwd_tma(x, weight, bias, y_arg, d_arg, kwargs)
+        return y, d
     args = (
-        x, weight, bias if bias is not None else x, y_arg, a_arg,
+        x, weight, bias if bias is not None else x, y_arg, d_arg,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        y_arg.stride(0), y_arg.stride(1), a_arg.stride(0), a_arg.stride(1),
+        y_arg.stride(0), y_arg.stride(1), d_arg.stride(0), d_arg.stride(1),
     )
     launch(_fwd_tuned, _fwd, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, kwargs, _fixed(_FWD_NAMES))
-    return y, a
+    return y, d
 
 
-def _fwd_tma(x, weight, bias, y, aux, kwargs) -> None:
-    """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, aux [M, N] (y and aux may be one
+def _fwd_tma(x, weight, bias, y, d, kwargs) -> None:
+    """linear_gelu_fwd_tma_kernel on x [M, K], weight [N, K] -> y, d [M, N] (y and d may be one
     tensor when only one is stored)."""
     M, N = x.shape[0], weight.shape[0]
     launch_persistent(_fwd_tma_tuned, linear_gelu_fwd_tma_kernel,
-                      dict(x_desc=x, w_desc=weight, y_desc=y, aux_desc=aux),
+                      dict(x_desc=x, w_desc=weight, y_desc=y, d_desc=d),
                       (bias if bias is not None else x, M, N, x.shape[1]), M, N, kwargs,
                       _fixed(_FWD_NAMES, _FIXED_TMA), _set_tma_blocks)
 
 
-def _bwd_gemm(dy, saved, saved_kind, b, out, rowsum, approximate, transpose):
-    """out[p, q] = sum_r gz[p, r] * b[r, q]; rowsum[p] = sum_r gz[p, r]; gz = dy * gelu'(z), from
-    saved = z or gelu'(z) as saved_kind says. dy and saved are [M, N]: gz is [P, R] = [M, N], or
-    with ``transpose`` its transpose [N, M]."""
-    kwargs = dict(APPROX_TANH=approximate == "tanh", PRECISE=_precise(b.dtype),
-                  SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=rowsum is not None,
-                  DOT_PRECISION=dot_precision(b.dtype))
-    if out.shape[0] >= TMA_MIN_ROWS and b.element_size() == 2 and tma_ready(dy, saved, b, out):
+def _bwd_gemm(dy, d, b, out, rowsum, transpose):
+    """out[p, q] = sum_r gz[p, r] * b[r, q]; rowsum[p] = sum_r gz[p, r]; gz = dy * d. dy and d are
+    [M, N]: gz is [P, R] = [M, N], or with ``transpose`` its transpose [N, M]."""
+    kwargs = dict(ROWSUM=rowsum is not None, DOT_PRECISION=dot_precision(b.dtype))
+    if out.shape[0] >= TMA_MIN_ROWS and b.element_size() == 2 and tma_ready(dy, d, b, out):
         R = dy.shape[0] if transpose else dy.shape[1]
         launch_persistent(_bwd_tma_tuned[transpose], linear_gelu_bwd_tma_kernel,
-                          dict(dy_desc=dy, saved_desc=saved, b_desc=b, c_desc=out),
+                          dict(dy_desc=dy, d_desc=d, b_desc=b, c_desc=out),
                           (rowsum if rowsum is not None else out, *out.shape, R), *out.shape,
                           dict(kwargs, TRANS_A=transpose), _fixed(_BWD_NAMES, _FIXED_TMA_BWD),
                           _set_tma_bwd_blocks(transpose), tile_blocks=("BLOCK_P", "BLOCK_Q"))
         return
     if transpose:
-        dy, saved = dy.t(), saved.t()
+        dy, d = dy.t(), d.t()
     P, R = dy.shape
     Q = b.shape[1]
     args = (
-        dy, saved, b, out, rowsum if rowsum is not None else out,
+        dy, d, b, out, rowsum if rowsum is not None else out,
         P, Q, R,
-        dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1),
+        dy.stride(0), dy.stride(1), d.stride(0), d.stride(1),
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
     )
     launch(_bwd_tuned, _bwd, tiles(P, Q, "BLOCK_P", "BLOCK_Q"), args, kwargs, _fixed(_BWD_NAMES))
 
 
 def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
-                    saved: torch.Tensor, saved_kind: str, approximate: str, output_mask):
-    """Gradients of y = gelu(x @ w^T + b) given dy [M, N] and what the forward saved [M, N]:
-    z (saved_kind "preact") or gelu'(z) ("gelu_grad").
+                    gelu_grad: torch.Tensor, output_mask):
+    """Gradients of y = gelu(x @ w^T + b) given dy [M, N] and gelu'(z) [M, N] from the forward.
 
     Returns (grad_input [M, K], grad_weight [N, K], grad_bias [N]); entries not asked for in
     ``output_mask`` are None.
     """
-    assert saved_kind in AUX_KINDS, saved_kind
     M, N = grad_out.shape
     need_input, need_weight, need_bias = output_mask
     grad_input = grad_weight = grad_bias = None
     if need_input:
         grad_input = grad_out.new_empty((M, weight.shape[1]))
         if grad_input.numel():
-            _bwd_gemm(grad_out, saved, saved_kind, weight, grad_input, None, approximate, False)
+            _bwd_gemm(grad_out, gelu_grad, weight, grad_input, None, False)
         else:
             grad_input.zero_()
     if need_bias:
         grad_bias = grad_out.new_empty((N,))
     if need_weight or need_bias:
-        # grad_weight = gz^T @ x: p = n, r = m, so dy and saved are read through transposed strides.
+        # grad_weight = gz^T @ x: p = n, r = m, so dy and gelu'(z) are read transposed.
         # Without a weight gradient (bias only), or an empty one (K = 0: no output tiles, so no
         # program would write the row sums), a [M, 1] zero B gives the row sums alone.
         sums_only = not need_weight or x.shape[1] == 0
@@ -478,7 +443,7 @@ def linear_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor | None, weight: torc
             if grad_bias is not None:
                 grad_bias.zero_()
         else:
-            _bwd_gemm(grad_out, saved, saved_kind, b, c, grad_bias, approximate, True)
+            _bwd_gemm(grad_out, gelu_grad, b, c, grad_bias, True)
         if need_weight:
             grad_weight = c[:, :0] if sums_only else c
     return grad_input, grad_weight, grad_bias

@@ -48,7 +48,7 @@ def test_pack_int4_nibble_order():
     assert torch.equal(ek.unpack_int4(packed), q)
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (5, 64), (3, 4, 24)])
+@pytest.mark.parametrize("shape", [(1, 8), (5, 64), (3, 4, 24), (3, 0)])
 def test_pack_unpack_round_trip(shape):
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
     assert torch.equal(ek.unpack_int4(ek.pack_int4(q)), q)

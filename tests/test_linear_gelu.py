@@ -220,47 +220,25 @@ def _saved_activation(fn, x, w, b):
     return kept[0]
 
 
-@pytest.mark.parametrize("backend,kept", [("triton", "gelu_grad"), ("cuda", "preact"), ("reference", "preact")])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_forward_keeps_what_the_backends_backward_reads(backend, kept, approximate):
-    """gelu'(z) for the Triton backward (its GEMMs would otherwise evaluate gelu' K / BLOCK times
-    per element), z for the others."""
+def test_forward_keeps_gelu_grad(backend, approximate):
+    """Every backend keeps gelu'(z) (what the Triton backward's GEMMs read, and the same whatever
+    the backend, so that the backend may change before the backward)."""
     needs_backend(backend)
     x, w, b = (t.requires_grad_() for t in make_inputs(9, 20, 24, torch.float64 if backend != "triton"
                                                        else torch.float32))
     with ek.use_backend(backend):
-        saved = _saved_activation(lambda *a: ek.linear_gelu(*a, approximate), x, w, b)
+        kept = _saved_activation(lambda *a: ek.linear_gelu(*a, approximate), x, w, b)
     z = F.linear(x, w, b).detach().double()
-    expected = z if kept == "preact" else torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
-    torch.testing.assert_close(saved.double(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_auto_keeps_what_the_backward_it_picks_reads(monkeypatch):
-    """auto: per shape, the fwd_bwd choice (here made to say triton) decides what is kept; under
-    torch.compile, where a traced shape may be symbolic, z."""
-    module = importlib.import_module("effkern.linear_gelu")  # effkern.linear_gelu is also the function
-    picks = []
-    monkeypatch.setattr(module, "_auto_backend", lambda mode, *a: picks.append(mode) or "triton")
-    saves = record_calls(monkeypatch, module, "_forward_2d", lambda args, result: args[6])
-    x, w, b = (t.requires_grad_() for t in make_inputs(5, 6, 7, torch.float32))
-    with ek.use_backend("reference"):
-        ek.linear_gelu(x, w, b)  # the kernel-free backend: what the forward ran is not what it keeps
-    assert saves == ["preact"]
-    with ek.use_backend("auto"):
-        y = ek.linear_gelu(x, w, b)
-        assert saves[-1] == "gelu_grad" and "fwd_bwd" in picks
-        torch.compile(lambda *a: ek.linear_gelu(*a), fullgraph=True, backend="aot_eager")(x, w, b)
-        assert saves[-1] == "preact"
-    with torch.no_grad():
-        ek.linear_gelu(x, w, b)
-    assert saves[-1] == "none"
-    torch.testing.assert_close(y, linear_gelu_reference(x, w, b))
+    expected = torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
+    torch.testing.assert_close(kept.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_trains_on_the_fwd_bwd_choice(monkeypatch):
-    """With something kept for a backward, auto runs the forward on the backend measured fastest
+    """With gelu'(z) kept for a backward, auto runs the forward on the backend measured fastest
     for forward + backward (mode fwd_bwd), the one the backward takes; inference on mode fwd."""
-    module = importlib.import_module("effkern.linear_gelu")
+    module = importlib.import_module("effkern.linear_gelu")  # effkern.linear_gelu is also the function
     modes = []
     monkeypatch.setattr(module, "_auto_backend", lambda mode, *a: modes.append(mode) or "reference")
     x, w, b = (t.requires_grad_() for t in make_inputs(5, 6, 7, torch.float32))
@@ -270,26 +248,7 @@ def test_auto_trains_on_the_fwd_bwd_choice(monkeypatch):
         assert modes == ["fwd"]
         modes.clear()
         ek.linear_gelu(x, w, b).sum().backward()
-    assert modes == ["fwd_bwd"] * 3  # what to keep, the forward, the backward
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_auto_backward_runs_triton_only_on_gelu_grad(monkeypatch, compiled):
-    """auto's choice of the Triton backward was measured reading gelu'(z); where z was kept
-    (under torch.compile) the backward takes cuBLASLt's (here its C++ CPU kernel) instead."""
-    needs_backend("triton")
-    needs_backend("cuda")
-    from effkern.kernels import linear_gelu as kernels
-
-    module = importlib.import_module("effkern.linear_gelu")
-    monkeypatch.setattr(module, "_auto_backend", lambda *a: "triton")
-    triton_backwards = record_calls(monkeypatch, kernels, "linear_gelu_bwd", lambda args, result: args[4])
-    cpp_backwards = record_calls(monkeypatch, torch.ops.effkern_C, "linear_gelu_bwd", lambda args, result: 1)
-    x, w, b = make_inputs(5, 6, 7, torch.float32)
-    fn = torch.compile(ek.linear_gelu, fullgraph=True, backend="aot_eager") if compiled else ek.linear_gelu
-    with ek.use_backend("auto"):
-        check_against_float64(fn, x, w, b, "none")
-    assert (triton_backwards, cpp_backwards) == (([], [1]) if compiled else (["gelu_grad"], []))
+    assert modes == ["fwd_bwd"] * 2  # the forward, the backward
 
 
 BACKENDS_WITH_REFERENCE = KERNEL_BACKENDS + ["reference"]
@@ -300,9 +259,8 @@ BACKENDS_WITH_REFERENCE = KERNEL_BACKENDS + ["reference"]
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_any_backward_backend_takes_what_any_forward_kept(forward_backend, backward_backend, approximate,
                                                           poison_empty):
-    """The backend may change between forward and backward (or auto may pick differently for
-    the two): each backward reads z and gelu'(z) alike, and the forward keeps for the backend
-    selected when it ran."""
+    """The backend may change between forward and backward (a backward called outside the
+    forward's use_backend block): every forward keeps gelu'(z), which every backward reads."""
     needs_backend(forward_backend)
     needs_backend(backward_backend)
     x, w, b = make_inputs(11, 19, 26, torch.float32)
@@ -312,6 +270,26 @@ def test_any_backward_backend_takes_what_any_forward_kept(forward_backend, backw
             return ek.linear_gelu(*leaves, approximate)
 
     check_against_float64(forward, x, w, b, approximate, backward_backend=backward_backend)
+
+
+@pytest.mark.parametrize("forward_backend,backward_backend", [("triton", "reference"), ("reference", "triton"),
+                                                              ("triton", "cuda"), ("cuda", "triton")])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_across_a_backend_change(forward_backend, backward_backend, use_reentrant):
+    """torch.utils.checkpoint recomputes the forward during the backward, under the backend
+    selected then: what it keeps must be what the first forward kept, or the gradients are wrong
+    without an error (they were, when what was kept followed the backend)."""
+    from torch.utils.checkpoint import checkpoint
+
+    needs_backend(forward_backend)
+    needs_backend(backward_backend)
+    x, w, b = make_inputs(11, 19, 26, torch.float32)
+
+    def forward(*leaves):
+        with ek.use_backend(forward_backend):
+            return checkpoint(lambda *a: ek.linear_gelu(*a), *leaves, use_reentrant=use_reentrant)
+
+    check_against_float64(forward, x, w, b, "none", backward_backend=backward_backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -424,11 +402,11 @@ def test_tma_and_plain_forward_agree_bit_for_bit(M, N, K, monkeypatch, tma_launc
     needs_backend("triton")
     kernels = _kernels()
     x, w, b = make_inputs(M, N, K, torch.float16)
-    for store_out, aux in ((True, "preact"), (True, "gelu_grad"), (False, "gelu_grad")):
+    for store_out, store_gelu_grad in ((True, False), (True, True), (False, True)):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", "1")
-        tma = kernels.linear_gelu_fwd(x, w, b, "none", store_out, aux)
+        tma = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_gelu_grad)
         monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
-        plain = kernels.linear_gelu_fwd(x, w, b, "none", store_out, aux)
+        plain = kernels.linear_gelu_fwd(x, w, b, "none", store_out, store_gelu_grad)
         for t, p in zip(tma, plain):
             assert (t is None) == (p is None) and (t is None or torch.equal(t, p))
     assert len(tma_launches) == 3
@@ -454,8 +432,7 @@ def test_tma_backward_matches_float64(approximate, bias, M, N, K, monkeypatch, p
 
 
 @pytest.mark.parametrize("M,N,K", TMA_BWD_SHAPES)
-@pytest.mark.parametrize("saved_kind", ["preact", "gelu_grad"])
-def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, saved_kind, monkeypatch):
+def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, monkeypatch):
     """The interpreter runs both backward kernels with the same tiles and the same fp32 arithmetic
     in the same order: any difference is a wrong tile, edge or transpose in one. grad_bias sums
     the same values, but numpy adds a [BLOCK_R, BLOCK_P] tile down its columns (the TMA kernel's
@@ -465,12 +442,12 @@ def test_tma_and_plain_backward_agree_bit_for_bit(M, N, K, saved_kind, monkeypat
     kernels = _kernels()
     calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: args[1])
     x, w, b = make_inputs(M, N, K, torch.float16)
-    _, saved = kernels.linear_gelu_fwd(x, w, b, "tanh", False, saved_kind)
+    _, gelu_grad = kernels.linear_gelu_fwd(x, w, b, "tanh", False, True)
     dy = torch.randn(M, N, dtype=torch.float16)
     grads = {}
     for tma in ("1", "0"):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
-        grads[tma] = kernels.linear_gelu_bwd(dy, x, w, saved, saved_kind, "tanh", (True, True, True))
+        grads[tma] = kernels.linear_gelu_bwd(dy, x, w, gelu_grad, (True, True, True))
     for name, t, p in zip(("grad_input", "grad_weight"), grads["1"], grads["0"]):
         assert torch.equal(t, p), name
     torch.testing.assert_close(grads["1"][2], grads["0"][2], rtol=2**-10, atol=0, msg="grad_bias")
@@ -486,8 +463,8 @@ def test_tma_kernels_take_one_tensor_as_two_arguments(monkeypatch):
     monkeypatch.setitem(kernels._FIXED_TMA_BWD, "interpreter", ((64, 32, 16, 8), 1, 4))
     calls = record_calls(monkeypatch, kernels, "launch_persistent", lambda args, _: args[1])
     w = make_inputs(1, 72, 72, torch.float16)[1]
-    y, saved = kernels.linear_gelu_fwd(w, w, None, "none", True, "gelu_grad")
-    grad_input, grad_weight, _ = kernels.linear_gelu_bwd(w, w, w, saved, "gelu_grad", "none", (True, True, False))
+    y, gelu_grad = kernels.linear_gelu_fwd(w, w, None, "none", True, True)
+    grad_input, grad_weight, _ = kernels.linear_gelu_bwd(w, w, w, gelu_grad, (True, True, False))
     w64 = w.double()
     z = w64 @ w64.t()
     gz = w64 * torch.ops.aten.gelu_backward(torch.ones_like(z), z)
@@ -525,27 +502,24 @@ def test_small_or_unaligned_calls_keep_the_plain_kernel(tma_launches):
 def _plain_kernel_requests(cc: int, dtype: str) -> dict:
     """compile_for_gpu requests for the plain forward and backward kernels as aligned, contiguous
     launches specialize them: at the fixed GPU config, and on sm_90 at every autotuning candidate
-    (bf16; fp32, exact with the PRECISE libdevice GELU, at the fixed config only)."""
+    (bf16; fp32, exact with the PRECISE libdevice GELU in the forward, at the fixed config only)."""
     from op_checks import aligned_launch
 
     kernels = _kernels()
     ptr = f"*{dtype}"
-    fwd_types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, aux_ptr=ptr, M="i32", N="i32", K="i32",
-                     **{f"stride_{s}": "i32" for s in ("xm", "xk", "wn", "wk", "ym", "yn", "am", "an")})
-    bwd_types = dict(dy_ptr=ptr, saved_ptr=ptr, b_ptr=ptr, c_ptr=ptr, rowsum_ptr=ptr, P="i32", Q="i32", R="i32",
-                     **{f"stride_{s}": "i32" for s in ("dyp", "dyr", "sp", "sr", "br", "bq", "cp", "cq")})
-    flags = dict(APPROX_TANH=False, PRECISE=dtype == "fp32", DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    # the grad_weight launch: dy and the saved tensor read transposed (unit stride along p), B = x
-    bwd = ("linear_gelu_bwd_kernel", bwd_types, ("stride_dyp", "stride_sp", "stride_bq", "stride_cq"))
+    fwd_types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, d_ptr=ptr, M="i32", N="i32", K="i32",
+                     **{f"stride_{s}": "i32" for s in ("xm", "xk", "wn", "wk", "ym", "yn", "dm", "dn")})
+    bwd_types = dict(dy_ptr=ptr, d_ptr=ptr, b_ptr=ptr, c_ptr=ptr, rowsum_ptr=ptr, P="i32", Q="i32", R="i32",
+                     **{f"stride_{s}": "i32" for s in ("dyp", "dyr", "dp", "dr", "br", "bq", "cp", "cq")})
+    dot = dict(DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     kinds = {
-        # y and gelu'(z): the forward of training on this backend, the most epilogue work
-        "fwd": ("linear_gelu_fwd_kernel", fwd_types, ("stride_xk", "stride_wk", "stride_yn", "stride_an"),
-                dict(flags, HAS_BIAS=True, STORE_Y=True, STORE_AUX=True, AUX_GELU_GRAD=True, EVEN_K=True), ("M",),
-                kernels._FWD_NAMES),
-        "bwd": (*bwd, dict(flags, SAVED_GELU_GRAD=True, ROWSUM=True, EVEN_R=True), ("R",), kernels._BWD_NAMES),
-        # from z (saved where another backend made the forward): gelu' in the prologue
-        "bwd from z": (*bwd, dict(flags, SAVED_GELU_GRAD=False, ROWSUM=True, EVEN_R=True), ("R",),
-                       kernels._BWD_NAMES),
+        # y and gelu'(z): the forward of training, the most epilogue work
+        "fwd": ("linear_gelu_fwd_kernel", fwd_types, ("stride_xk", "stride_wk", "stride_yn", "stride_dn"),
+                dict(dot, APPROX_TANH=False, PRECISE=dtype == "fp32", HAS_BIAS=True, STORE_Y=True,
+                     STORE_GELU_GRAD=True, EVEN_K=True), ("M",), kernels._FWD_NAMES),
+        # the grad_weight launch: dy and gelu'(z) read transposed (unit stride along p), B = x
+        "bwd": ("linear_gelu_bwd_kernel", bwd_types, ("stride_dyp", "stride_dp", "stride_bq", "stride_cq"),
+                dict(dot, ROWSUM=True, EVEN_R=True), ("R",), kernels._BWD_NAMES),
     }
     settings = {"fixed": kernels._FIXED["gpu"]}
     if cc == 90 and dtype == "bf16":
@@ -577,20 +551,20 @@ def test_plain_kernels_compile_for_gpus(compile_for_gpu, cc, dtype):
 
 
 # Register spill stores the TMA forward may have on sm_90a at any of its configs. Today: none with
-# the tanh GELU; with erf at the 128x256 and 256x128 tiles, storing z, up to 128 bytes (Triton
-# 3.8) and 240 (Triton 3.6), at 255 registers per thread (the plain kernel spills up to 232
-# bytes at the same tiles); storing gelu'(z), whose exp adds to the epilogue, up to 336 (both).
-# Smaller tiles spill nothing, so where spilling costs, the autotuner has a tile without. A
-# 128x128 tile with 4 warps spilled 148 (3.8, storing z) and was left out.
-TMA_SPILL_LIMIT = {"preact": 256, "gelu_grad": 384}
+# the tanh GELU; with erf, y alone (inference) 56 bytes (Triton 3.8) and 96 (3.6) at the 128x256
+# tile, at 255 registers per thread (the plain kernel spilled up to 232 bytes at the same tiles);
+# y and gelu'(z) (training), whose exp adds to the epilogue, 268-336 at the 128x256 and 256x128
+# tiles (both Tritons). Smaller tiles spill nothing, so where spilling costs, the autotuner has a
+# tile without. A 128x128 tile with 4 warps spilled 148 (3.8) and was left out.
+TMA_SPILL_LIMIT = {False: 128, True: 384}
 
 
-@pytest.mark.parametrize("aux", ["preact", "gelu_grad"])
+@pytest.mark.parametrize("store_gelu_grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate, aux):
+def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate, store_gelu_grad):
     """Every config the TMA forward may run with, compiled here for sm_90a as a bf16 launch
-    storing y and z or gelu'(z) (the most shared memory: two staging tiles; gelu'(z) is the
-    most epilogue arithmetic)."""
+    storing y, and gelu'(z) in training (two staging tiles: the most shared memory, and the most
+    epilogue arithmetic)."""
     needs_backend("triton")
     from op_checks import assert_tma_gemm_compiles_for_hopper
 
@@ -598,11 +572,11 @@ def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate, a
     assert_tma_gemm_compiles_for_hopper(
         compile_for_gpu, "effkern.kernels.linear_gelu:linear_gelu_fwd_tma_kernel", _kernels()._TMA_SHAPES,
         dict(x_desc=("bf16", "BLOCK_M", "BLOCK_K"), w_desc=("bf16", "BLOCK_N", "BLOCK_K"), y_desc=tile,
-             aux_desc=tile),
+             d_desc=tile),
         dict(b_ptr="*bf16", M="i32", N="i32", K="i32", NUM_PROGRAMS="i32"),
-        dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh", PRECISE=False, STORE_Y=True, STORE_AUX=True,
-             AUX_GELU_GRAD=aux == "gelu_grad", DOT_PRECISION="tf32"),
-        r"f32\.bf16\.bf16", TMA_SPILL_LIMIT[aux])
+        dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh", PRECISE=False, STORE_Y=True,
+             STORE_GELU_GRAD=store_gelu_grad, DOT_PRECISION="tf32"),
+        r"f32\.bf16\.bf16", TMA_SPILL_LIMIT[store_gelu_grad])
 
 
 # ---------------------------------------------------------------------------- the checker itself
@@ -631,17 +605,10 @@ def test_checker_rejects_wrong_kernels():
         max_error(torch_same[:-1], ref)
 
 
-# Register spill stores the TMA backward may have on sm_90a: none reading gelu'(z) (what the
-# forward keeps for it); from z (another backend made the forward) with erf, up to 1060 bytes at the
-# 128x64 tile in the grad_weight launch (Triton 3.6; 768 with 3.8), 4 with tanh.
-TMA_BWD_SPILL_LIMIT = {"gelu_grad": 0, "preact": 1152}
-
-
-@pytest.mark.parametrize("saved_kind", ["gelu_grad", "preact"])
 @pytest.mark.parametrize("trans_a", [False, True], ids=["grad_input", "grad_weight"])
-def test_tma_backward_compiles_onto_wgmma_and_tma(compile_for_gpu, trans_a, saved_kind):
+def test_tma_backward_compiles_onto_wgmma_and_tma(compile_for_gpu, trans_a):
     """Every config the TMA backward may run with, compiled here for sm_90a as a bf16 launch of
-    either orientation (grad_weight also sums grad_bias), erf GELU (the dearer prologue from z)."""
+    either orientation (grad_weight also sums grad_bias): no register spills at any."""
     needs_backend("triton")
     from op_checks import assert_tma_gemm_compiles_for_hopper
 
@@ -649,12 +616,11 @@ def test_tma_backward_compiles_onto_wgmma_and_tma(compile_for_gpu, trans_a, save
     a_tile = ("bf16", "BLOCK_R", "BLOCK_P") if trans_a else ("bf16", "BLOCK_P", "BLOCK_R")
     assert_tma_gemm_compiles_for_hopper(
         compile_for_gpu, "effkern.kernels.linear_gelu:linear_gelu_bwd_tma_kernel", kernels._TMA_BWD_SHAPES,
-        dict(dy_desc=a_tile, saved_desc=a_tile, b_desc=("bf16", "BLOCK_R", "BLOCK_Q"),
+        dict(dy_desc=a_tile, d_desc=a_tile, b_desc=("bf16", "BLOCK_R", "BLOCK_Q"),
              c_desc=("bf16", "BLOCK_P", "BLOCK_Q")),
         dict(rowsum_ptr="*bf16", P="i32", Q="i32", R="i32", NUM_PROGRAMS="i32"),
-        dict(APPROX_TANH=False, PRECISE=False, SAVED_GELU_GRAD=saved_kind == "gelu_grad", ROWSUM=trans_a,
-             TRANS_A=trans_a, DOT_PRECISION="tf32"),
-        r"f32\.bf16\.bf16", TMA_BWD_SPILL_LIMIT[saved_kind], names=kernels._BWD_NAMES, aligned_sizes=("Q",))
+        dict(ROWSUM=trans_a, TRANS_A=trans_a, DOT_PRECISION="tf32"),
+        r"f32\.bf16\.bf16", 0, names=kernels._BWD_NAMES, aligned_sizes=("Q",))
 
 
 # ---------------------------------------------------------------------------- registration
@@ -671,19 +637,17 @@ def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
 
 
 def op_samples(requires_grad, device="cpu", dtype=torch.float32):
-    """(op, args): effkern::linear_gelu, its forward (saving z or gelu'(z) when the inputs require
-    grad, nothing else) and its backward from each, on each of sample_inputs."""
-    saves = ["preact", "gelu_grad"] if requires_grad else ["none"]
-    for i, args in enumerate(sample_inputs(device, dtype, requires_grad)):
+    """(op, args): effkern::linear_gelu, its forward (saving gelu'(z) when the inputs require
+    grad) and its backward (given gelu'(z), or recomputing it), on each of sample_inputs."""
+    for args in sample_inputs(device, dtype, requires_grad):
         yield torch.ops.effkern.linear_gelu.default, args
-        save = saves[i % len(saves)]
+        save = requires_grad
         yield torch.ops.effkern.linear_gelu_fwd.default, (*args, save)
         x, w, b, approximate = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         grad = torch.randn(*x.shape[:-1], w.shape[0], device=device, dtype=dtype)
-        z = (x @ w.t()).reshape(-1, w.shape[0])
-        saved = {"none": None, "preact": z, "gelu_grad": torch.sigmoid(z)}[save]  # any [M, N] tensor will do
+        gelu_grad = torch.sigmoid(x @ w.t()).reshape(-1, w.shape[0]) if save else None  # any [M, N] will do
         mask = [True, True, b is not None]
-        yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, saved, save, approximate, mask)
+        yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, gelu_grad, approximate, mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -789,24 +753,6 @@ def test_cpp_cpu_kernel_through_the_dispatcher(dtype, approximate):
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_cpp_backward_reads_z_and_gelu_grad_alike(approximate):
-    """effkern_C::linear_gelu_bwd given z and given gelu'(z) (saved_is_gelu_grad): the same
-    gradients (float64: both within rounding of the exact ones)."""
-    needs_backend("cuda")
-    x, w, b = make_inputs(9, 14, 11, torch.float64)
-    z = F.linear(x, w, b)
-    d = torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
-    g = torch.randn(9, 14, dtype=torch.float64)
-    tanh = approximate == "tanh"
-    from_z = torch.ops.effkern_C.linear_gelu_bwd(g, x, w, z, False, tanh, [True] * 3)
-    from_d = torch.ops.effkern_C.linear_gelu_bwd(g, x, w, d, True, tanh, [True] * 3)
-    exact = ((g * d) @ w, (g * d).t() @ x, (g * d).sum(0))
-    for name, a, c, e in zip(("grad_input", "grad_weight", "grad_bias"), from_z, from_d, exact):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
-        torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12, msg=name)
-
-
 def test_cpp_ops_check_their_arguments():
     """Called directly, bypassing the Python checks, the C++ ops still refuse bad shapes."""
     needs_backend("cuda")
@@ -817,8 +763,8 @@ def test_cpp_ops_check_their_arguments():
         torch.ops.effkern_C.linear_gelu_fwd(x, w, b[:5], False, False)
     with pytest.raises(RuntimeError, match="has dtype"):
         torch.ops.effkern_C.linear_gelu_fwd(x, w.double(), b, False, False)
-    with pytest.raises(RuntimeError, match="saved must be"):
-        torch.ops.effkern_C.linear_gelu_bwd(torch.randn(4, 6), x, w, torch.randn(4, 5), False, False, [True] * 3)
+    with pytest.raises(RuntimeError, match="gelu_grad must be"):
+        torch.ops.effkern_C.linear_gelu_bwd(torch.randn(4, 6), x, w, torch.randn(4, 5), [True] * 3)
 
 
 # ---------------------------------------------------------------------------- nn module

@@ -2,8 +2,8 @@
 //
 // The matrix products use torch's mm (float32 accumulation for float16/bfloat16); everything
 // around them is done by the fused loops below: one pass that adds the bias, applies GELU and
-// writes the pre-activation (forward), one pass that forms grad_out * gelu'(z) (from a saved z
-// or a saved gelu'(z)) and one
+// writes the pre-activation (forward), one pass that forms grad_out * gelu'(z) from the saved
+// gelu'(z) and one
 // reduction for the bias gradient (backward). Epilogue math runs in the "opmath" type
 // (float32 for float16/bfloat16/float32, float64 for float64) and is rounded once.
 
@@ -30,7 +30,6 @@ int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int6
 template <typename acc_t>
 struct GeluMath {
   static constexpr acc_t kInvSqrt2 = acc_t(0.70710678118654752440);
-  static constexpr acc_t kInvSqrt2Pi = acc_t(0.39894228040143267794);
   static constexpr acc_t kSqrt2OverPi = acc_t(0.79788456080286535588);
   static constexpr acc_t kCoef = acc_t(0.044715);
 
@@ -41,19 +40,6 @@ struct GeluMath {
       return acc_t(0.5) * z * (acc_t(1) + std::tanh(u));
     }
     return acc_t(0.5) * z * (acc_t(1) + std::erf(z * kInvSqrt2));
-  }
-
-  template <bool kTanh>
-  static acc_t gelu_grad(acc_t z) {
-    if (kTanh) {
-      const acc_t u = kSqrt2OverPi * (z + kCoef * z * z * z);
-      const acc_t t = std::tanh(u);
-      return acc_t(0.5) * (acc_t(1) + t) +
-             acc_t(0.5) * z * (acc_t(1) - t * t) * kSqrt2OverPi *
-                 (acc_t(1) + acc_t(3) * kCoef * z * z);
-    }
-    return acc_t(0.5) * (acc_t(1) + std::erf(z * kInvSqrt2)) +
-           z * std::exp(acc_t(-0.5) * z * z) * kInvSqrt2Pi;
   }
 };
 
@@ -76,27 +62,15 @@ void bias_gelu_rows(const acc_t* acc, const scalar_t* bias, scalar_t* out, scala
   });
 }
 
-// What the backward's saved tensor holds: the pre-activation z (gelu' evaluated from it, in the
-// erf or tanh form) or gelu'(z) itself.
-enum class Saved { kPreactErf, kPreactTanh, kGeluGrad };
-
 // Backward elementwise pass: gz = grad_out * gelu'(z), kept in acc_t for the GEMMs.
-template <typename scalar_t, typename acc_t, Saved kSaved>
-void gelu_grad_rows(const scalar_t* grad_out, const scalar_t* saved, acc_t* gz, int64_t m,
+template <typename scalar_t, typename acc_t>
+void gelu_grad_rows(const scalar_t* grad_out, const scalar_t* gelu_grad, acc_t* gz, int64_t m,
                     int64_t n) {
   at::parallel_for(0, m, row_grain(n), [&](int64_t row_begin, int64_t row_end) {
     for (int64_t i = row_begin; i < row_end; ++i) {
       const int64_t base = i * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t s = static_cast<acc_t>(saved[base + j]);
-        acc_t grad;
-        if constexpr (kSaved == Saved::kGeluGrad) {
-          grad = s;
-        } else {
-          grad = GeluMath<acc_t>::template gelu_grad<kSaved == Saved::kPreactTanh>(s);
-        }
-        gz[base + j] = static_cast<acc_t>(grad_out[base + j]) * grad;
-      }
+      for (int64_t j = 0; j < n; ++j)
+        gz[base + j] = static_cast<acc_t>(grad_out[base + j]) * static_cast<acc_t>(gelu_grad[base + j]);
     }
   });
 }
@@ -159,10 +133,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, bool saved_is_gelu_grad, bool tanh_approx,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& gelu_grad, std::array<bool, 3> output_mask) {
   const LinearGeluShape shape =
-      check_bwd_args(grad_out, input, weight, saved, c10::DeviceType::CPU);
+      check_bwd_args(grad_out, input, weight, gelu_grad, c10::DeviceType::CPU);
   const int64_t M = shape.m, N = shape.n, K = shape.k;
   check_floating(input.scalar_type());
 
@@ -173,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType acc_type = opmath_scalar_type(dtype);
   const at::Tensor grad_out_c = grad_out.contiguous();
-  const at::Tensor saved_c = saved.contiguous();
+  const at::Tensor gelu_grad_c = gelu_grad.contiguous();
   at::Tensor gz = input.new_empty({M, N}, input.options().dtype(acc_type));
 
   at::Tensor grad_bias = need_gb ? input.new_empty({N}) : input.new_empty({0});
@@ -181,15 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(
       at::kHalf, at::kBFloat16, dtype, "effkern_linear_gelu_bwd_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* go_ptr = grad_out_c.const_data_ptr<scalar_t>();
-        const scalar_t* s_ptr = saved_c.const_data_ptr<scalar_t>();
         acc_t* gz_ptr = gz.mutable_data_ptr<acc_t>();
-        if (saved_is_gelu_grad) {
-          gelu_grad_rows<scalar_t, acc_t, Saved::kGeluGrad>(go_ptr, s_ptr, gz_ptr, M, N);
-        } else if (tanh_approx) {
-          gelu_grad_rows<scalar_t, acc_t, Saved::kPreactTanh>(go_ptr, s_ptr, gz_ptr, M, N);
-        } else {
-          gelu_grad_rows<scalar_t, acc_t, Saved::kPreactErf>(go_ptr, s_ptr, gz_ptr, M, N);
-        }
+        gelu_grad_rows<scalar_t, acc_t>(go_ptr, gelu_grad_c.const_data_ptr<scalar_t>(), gz_ptr, M, N);
         if (need_gb) column_sums<scalar_t, acc_t>(gz_ptr, grad_bias.mutable_data_ptr<scalar_t>(), M, N);
       });
 

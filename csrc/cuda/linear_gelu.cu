@@ -296,12 +296,11 @@ int run_gemm(const Gemm& g) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Elementwise GELU kernels (fp32 math, exact libm-accurate erff/expf/tanhf: this file must
+// Elementwise GELU kernels (fp32 math, exact libm-accurate erff/tanhf: this file must
 // not be compiled with --use_fast_math).
 // ---------------------------------------------------------------------------------------
 
 constexpr float kInvSqrt2 = 0.70710678118654752440f;      // 1 / sqrt(2)
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;    // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;   // sqrt(2 / pi)
 constexpr float kGeluTanhCoef = 0.044715f;
 
@@ -328,30 +327,6 @@ __device__ __forceinline__ float gelu(float z) {
   return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
 }
 
-template <bool kTanh>
-__device__ __forceinline__ float gelu_grad(float z) {
-  if (kTanh) {
-    const float u = kSqrt2OverPi * (z + kGeluTanhCoef * z * z * z);
-    const float t = tanhf(u);
-    return 0.5f * (1.0f + t) +
-           0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * z * z);
-  }
-  return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
-}
-
-// What the backward's saved tensor holds: the pre-activation z (gelu' evaluated from it, in the
-// erf or tanh form) or gelu'(z) itself.
-enum class Saved { kPreactErf, kPreactTanh, kGeluGrad };
-
-template <Saved kSaved>
-__device__ __forceinline__ float gelu_grad_of_saved(float s) {
-  if constexpr (kSaved == Saved::kGeluGrad) {
-    return s;
-  } else {
-    return gelu_grad<kSaved == Saved::kPreactTanh>(s);
-  }
-}
-
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
@@ -375,9 +350,9 @@ __global__ void gelu_fwd_kernel(const T* z, T* out, int64_t numel) {
     out[i] = Convert<T>::store(gelu<kTanh>(Convert<T>::load(z[i])));
 }
 
-// grad_z[i] = grad_out[i] * gelu'(z[i]), from saved[i] = z[i] or gelu'(z[i]) (kSaved).
-template <typename T, int kVec, Saved kSaved>
-__global__ void gelu_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved,
+// grad_z[i] = grad_out[i] * gelu_grad[i], gelu_grad = gelu'(z) kept by the forward.
+template <typename T, int kVec>
+__global__ void gelu_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ gelu_grad,
                                 T* __restrict__ grad_z, int64_t numel) {
   using P = Pack<T, kVec>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -385,17 +360,15 @@ __global__ void gelu_bwd_kernel(const T* __restrict__ grad_out, const T* __restr
   const int64_t num_packs = numel / kVec;
   for (int64_t i = tid; i < num_packs; i += stride) {
     const P g = reinterpret_cast<const P*>(grad_out)[i];
-    const P x = reinterpret_cast<const P*>(saved)[i];
+    const P d = reinterpret_cast<const P*>(gelu_grad)[i];
     P r;
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      r.v[j] = Convert<T>::store(Convert<T>::load(g.v[j]) *
-                                 gelu_grad_of_saved<kSaved>(Convert<T>::load(x.v[j])));
+      r.v[j] = Convert<T>::store(Convert<T>::load(g.v[j]) * Convert<T>::load(d.v[j]));
     reinterpret_cast<P*>(grad_z)[i] = r;
   }
   for (int64_t i = num_packs * kVec + tid; i < numel; i += stride)
-    grad_z[i] = Convert<T>::store(Convert<T>::load(grad_out[i]) *
-                                  gelu_grad_of_saved<kSaved>(Convert<T>::load(saved[i])));
+    grad_z[i] = Convert<T>::store(Convert<T>::load(grad_out[i]) * Convert<T>::load(gelu_grad[i]));
 }
 
 constexpr int kThreads = 256;
@@ -427,17 +400,17 @@ int launch_gelu_fwd_typed(const void* z, void* out, int64_t numel, cudaStream_t 
   return kOk;
 }
 
-template <typename T, Saved kSaved>
-int launch_gelu_bwd_typed(const void* grad_out, const void* saved, void* grad_z, int64_t numel,
+template <typename T>
+int launch_gelu_bwd_typed(const void* grad_out, const void* gelu_grad, void* grad_z, int64_t numel,
                           cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  if (aligned16(grad_out) && aligned16(saved) && aligned16(grad_z)) {
-    gelu_bwd_kernel<T, kVec, kSaved><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(saved), static_cast<T*>(grad_z),
+  if (aligned16(grad_out) && aligned16(gelu_grad) && aligned16(grad_z)) {
+    gelu_bwd_kernel<T, kVec><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(gelu_grad), static_cast<T*>(grad_z),
         numel);
   } else {
-    gelu_bwd_kernel<T, 1, kSaved><<<grid_size(numel), kThreads, 0, stream>>>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(saved), static_cast<T*>(grad_z),
+    gelu_bwd_kernel<T, 1><<<grid_size(numel), kThreads, 0, stream>>>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(gelu_grad), static_cast<T*>(grad_z),
         numel);
   }
   EFFKERN_CUDA_CHECK(cudaGetLastError());
@@ -454,14 +427,12 @@ int gelu_fwd_dispatch(DType dtype, const void* z, void* out, int64_t numel, cuda
   return fail(kInvalidArgument, "effkern: unsupported dtype in gelu_fwd");
 }
 
-template <Saved kSaved>
-int gelu_bwd_dispatch(DType dtype, const void* g, const void* saved, void* gz, int64_t numel,
+int gelu_bwd_dispatch(DType dtype, const void* g, const void* d, void* gz, int64_t numel,
                       cudaStream_t s) {
   switch (dtype) {
-    case DType::kFloat32: return launch_gelu_bwd_typed<float, kSaved>(g, saved, gz, numel, s);
-    case DType::kFloat16: return launch_gelu_bwd_typed<__half, kSaved>(g, saved, gz, numel, s);
-    case DType::kBFloat16:
-      return launch_gelu_bwd_typed<__nv_bfloat16, kSaved>(g, saved, gz, numel, s);
+    case DType::kFloat32: return launch_gelu_bwd_typed<float>(g, d, gz, numel, s);
+    case DType::kFloat16: return launch_gelu_bwd_typed<__half>(g, d, gz, numel, s);
+    case DType::kBFloat16: return launch_gelu_bwd_typed<__nv_bfloat16>(g, d, gz, numel, s);
   }
   return fail(kInvalidArgument, "effkern: unsupported dtype in gelu_bwd");
 }
@@ -479,14 +450,10 @@ int gelu_fwd(DType dtype, const void* z, void* out, int64_t numel, bool tanh_app
                      : gelu_fwd_dispatch<false>(dtype, z, out, numel, stream);
 }
 
-int gelu_bwd(DType dtype, const void* grad_out, const void* saved, void* grad_z, int64_t numel,
-             bool tanh_approx, bool saved_is_gelu_grad, cudaStream_t stream) {
+int gelu_bwd(DType dtype, const void* grad_out, const void* gelu_grad, void* grad_z, int64_t numel,
+             cudaStream_t stream) {
   if (numel <= 0) return kOk;
-  if (saved_is_gelu_grad)
-    return gelu_bwd_dispatch<Saved::kGeluGrad>(dtype, grad_out, saved, grad_z, numel, stream);
-  return tanh_approx
-             ? gelu_bwd_dispatch<Saved::kPreactTanh>(dtype, grad_out, saved, grad_z, numel, stream)
-             : gelu_bwd_dispatch<Saved::kPreactErf>(dtype, grad_out, saved, grad_z, numel, stream);
+  return gelu_bwd_dispatch(dtype, grad_out, gelu_grad, grad_z, numel, stream);
 }
 
 int linear_gelu_fwd(const LinearGeluFwdArgs& a) {
@@ -542,14 +509,13 @@ int linear_gelu_fwd(const LinearGeluFwdArgs& a) {
 // next layer's dgrad GEMM (grad_out = grad_next @ W_next), reading the saved pre-activation
 // as its aux input. In a standalone linear+GELU op that GEMM lies outside the op: grad_out
 // arrives here already materialised, so there is no GEMM whose epilogue could apply gelu'.
-// We therefore apply gelu' in one elementwise pass (grad_z) and fuse only the bias gradient,
-// into the wgrad GEMM via BGRADB.
+// We therefore multiply by the gelu'(z) the forward kept in one elementwise pass (grad_z) and
+// fuse only the bias gradient, into the wgrad GEMM via BGRADB.
 int linear_gelu_bwd(const LinearGeluBwdArgs& a, bool* grad_bias_written) {
   *grad_bias_written = false;
   if (a.m == 0 || a.n == 0) return kOk;
 
-  int st = gelu_bwd(a.dtype, a.grad_out, a.saved, a.grad_z, a.m * a.n, a.tanh_approx,
-                    a.saved_is_gelu_grad, a.stream);
+  int st = gelu_bwd(a.dtype, a.grad_out, a.gelu_grad, a.grad_z, a.m * a.n, a.stream);
   if (st != kOk) return st;
   if (a.k == 0) return kOk;
 

@@ -63,15 +63,13 @@ struct LinearGeluBwdArgs {
   DType dtype;
   int64_t m, n, k;
   const void* grad_out;  // [m, n] dense row-major
-  const void* saved;     // [m, n] dense row-major: z, or gelu'(z) when saved_is_gelu_grad
+  const void* gelu_grad; // [m, n] dense row-major: gelu'(z), z the forward's pre-activation
   Matrix input;          // [m, k]; read only when grad_weight is computed (else may be empty)
   Matrix weight;         // [n, k]; read only when grad_input is computed (else may be empty)
   void* grad_z;          // [m, n] dense row-major scratch (required): grad_out * gelu'(z)
   void* grad_input;      // [m, k] or nullptr (not computed)
   void* grad_weight;     // [n, k] or nullptr (not computed)
   void* grad_bias;       // [n] or nullptr; written by the grad_weight GEMM epilogue if possible
-  bool tanh_approx;
-  bool saved_is_gelu_grad;
   bool allow_tf32;
   void* workspace;
   std::size_t workspace_bytes;
@@ -87,10 +85,9 @@ int linear_gelu_bwd(const LinearGeluBwdArgs& args, bool* grad_bias_written);
 int gelu_fwd(DType dtype, const void* z, void* out, int64_t numel, bool tanh_approx,
              cudaStream_t stream);
 
-// Elementwise grad_z = grad_out * gelu'(z) on dense buffers of numel elements, from saved = z
-// or, with saved_is_gelu_grad, gelu'(z).
-int gelu_bwd(DType dtype, const void* grad_out, const void* saved, void* grad_z, int64_t numel,
-             bool tanh_approx, bool saved_is_gelu_grad, cudaStream_t stream);
+// Elementwise grad_z = grad_out * gelu_grad on dense buffers of numel elements.
+int gelu_bwd(DType dtype, const void* grad_out, const void* gelu_grad, void* grad_z, int64_t numel,
+             cudaStream_t stream);
 
 const char* status_name(int status);
 const char* last_error_message();

@@ -134,10 +134,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, bool saved_is_gelu_grad, bool tanh_approx,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& gelu_grad, std::array<bool, 3> output_mask) {
   const LinearGeluShape shape =
-      check_bwd_args(grad_out, input, weight, saved, c10::DeviceType::CUDA);
+      check_bwd_args(grad_out, input, weight, gelu_grad, c10::DeviceType::CUDA);
   const int64_t M = shape.m, N = shape.n, K = shape.k;
   const DType dtype = to_dtype(input.scalar_type());
 
@@ -158,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   const at::Tensor grad_out_c = dense_aligned(grad_out);
-  const at::Tensor saved_c = dense_aligned(saved);
+  const at::Tensor gelu_grad_c = dense_aligned(gelu_grad);
   at::Tensor grad_z = input.new_empty({M, N});
   at::Tensor input_holder, weight_holder;
   at::Tensor workspace = workspace_for(input);
@@ -169,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
   args.n = N;
   args.k = K;
   args.grad_out = grad_out_c.data_ptr();
-  args.saved = saved_c.data_ptr();
+  args.gelu_grad = gelu_grad_c.data_ptr();
   // Views only of the operands the requested GEMMs read: grad_input reads weight, grad_weight
   // reads input. The other may be the Python layer's zero-stride stand-in for a tensor autograd
   // did not save, which matrix_view would copy into a dense [M, K] or [N, K] buffer.
@@ -180,8 +179,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
   args.grad_input = run_gi ? grad_input.data_ptr() : nullptr;
   args.grad_weight = run_gw ? grad_weight.data_ptr() : nullptr;
   args.grad_bias = need_gb ? grad_bias.data_ptr() : nullptr;
-  args.tanh_approx = tanh_approx;
-  args.saved_is_gelu_grad = saved_is_gelu_grad;
   args.allow_tf32 = allow_tf32(input.scalar_type());
   args.workspace = workspace.data_ptr();
   args.workspace_bytes = effkern_cuda::kWorkspaceBytes;
