@@ -66,6 +66,8 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(qweight: Tensor) -> Tensor:
     """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"unpack_int4: qweight must be int32 (eight 4-bit values per word), got {qweight.dtype}")
     pairs = qweight.contiguous().view(torch.uint8)  # byte i: q[2i] low, q[2i + 1] high
     return torch.stack((pairs & 0xF, pairs >> 4), dim=-1).flatten(-2)
 

@@ -280,8 +280,8 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     input [..., K] (any leading dims, any strides), weight [N, K], bias [N] or None; float16,
     bfloat16 or float32, all one dtype (mixed inside torch.autocast, as F.linear takes them).
     ``approximate`` is "none" (exact erf) or "tanh".
-    ``recompute_preact=True`` saves activation memory in training: the pre-activation
-    (M*N elements) is recomputed in the backward instead of kept.
+    ``recompute_preact=True`` saves activation memory in training: gelu'(z) of the
+    pre-activation z (M*N elements) is recomputed in the backward instead of kept.
     """
     # The same as torch.ops.effkern.linear_gelu, minus one dispatch: this checks first (before the
     # dispatcher's own, less clear, type errors) and calls the differentiable op directly. Inside

@@ -54,6 +54,8 @@ def test_pack_unpack_round_trip(shape):
     assert torch.equal(ek.unpack_int4(ek.pack_int4(q)), q)
     words = torch.randint(-2**31, 2**31, (*shape[:-1], shape[-1] // 8), dtype=torch.int64).to(torch.int32)
     assert torch.equal(ek.pack_int4(ek.unpack_int4(words)), words)  # every bit pattern
+    with pytest.raises(TypeError, match="must be int32"):
+        ek.unpack_int4(words.long())  # a byte view of int64 words would read twice the nibbles
 
 
 def test_packing_makes_nothing_wider_than_its_unpacked_side():

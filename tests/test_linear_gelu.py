@@ -158,8 +158,8 @@ def test_non_contiguous_grad_out(backend, poison_empty):
 
 
 def assert_recompute_preact_gives_the_same_results(backend, approximate, x, w, b):
-    """recompute_preact=True: the same gradients, bit for bit, as keeping z (the backward
-    recomputes z with the very call that stored it). The output may take another kernel variant
+    """recompute_preact=True: the same gradients, bit for bit, as keeping gelu'(z) (the backward
+    recomputes it with the very call that stored it). The output may take another kernel variant
     (on a GPU, cuBLASLt's GELU_BIAS epilogue instead of GELU_AUX_BIAS), so it need only be close."""
     grad = torch.randn(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)
     with ek.use_backend(backend):
@@ -386,7 +386,7 @@ def tma_launches(monkeypatch):
 @pytest.mark.parametrize("M,N,K", TMA_SHAPES)
 def test_tma_forward_matches_float64(approximate, bias, M, N, K, tma_launches, poison_empty):
     """Aligned fp16 inputs take the TMA kernel (persistent programs walking several tiles), output
-    and gradients within tolerance; the backward reads the z it stored."""
+    and gradients within tolerance; the backward reads the gelu'(z) it stored."""
     needs_backend("triton")
     x, w, b = make_inputs(M, N, K, torch.float16, bias=bias)
     with ek.use_backend("triton"):
@@ -397,8 +397,8 @@ def test_tma_forward_matches_float64(approximate, bias, M, N, K, tma_launches, p
 @pytest.mark.parametrize("M,N,K", TMA_SHAPES)
 def test_tma_and_plain_forward_agree_bit_for_bit(M, N, K, monkeypatch, tma_launches):
     """Under the interpreter both kernels do the same fp32 arithmetic in the same order, so any
-    difference is a wrong tile, edge or epilogue in one of them; also with only z stored (the
-    recomputation in the backward of recompute_preact=True)."""
+    difference is a wrong tile, edge or epilogue in one of them; also with only gelu'(z) stored
+    (the recomputation in the backward of recompute_preact=True)."""
     needs_backend("triton")
     kernels = _kernels()
     x, w, b = make_inputs(M, N, K, torch.float16)

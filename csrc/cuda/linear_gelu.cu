@@ -2,7 +2,8 @@
 //
 // Only CUDA headers here (no torch): the binding in linear_gelu_binding.cpp does the
 // tensor work. The GEMMs run on cuBLASLt; the GELU epilogue runs inside cuBLASLt where it
-// can (tanh form) and in our own elementwise kernels otherwise (exact erf form, gelu').
+// can (tanh form) and in our own elementwise kernel otherwise (exact erf form); the backward's
+// elementwise kernel multiplies grad_out by the gelu'(z) that the forward kept.
 //
 // Row-major trick: cuBLASLt is column-major, and a row-major [r, c] matrix is the same
 // memory as a column-major [c, r] matrix. So the row-major product out[M, N] =
