@@ -50,11 +50,11 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(effkern_C, m) {
-  // Fused y = gelu(input @ weight.T + bias). Returns (out, preact); preact is the
-  // pre-activation when save_preact, else an empty [0] tensor.
+  // Fused y = gelu(input @ weight.T + bias). Returns (out, gelu_grad); gelu_grad is gelu'(z) of
+  // the pre-activation z when save_gelu_grad (what the backward reads), else an empty [0] tensor.
   m.def(
       "linear_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, bool tanh_approx, "
-      "bool save_preact) -> (Tensor, Tensor)");
+      "bool save_gelu_grad) -> (Tensor, Tensor)");
   // Gradients of linear_gelu_fwd given gelu'(z) of its pre-activation z. Outputs whose
   // output_mask entry is false come back as empty [0] tensors.
   m.def(

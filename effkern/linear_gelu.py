@@ -144,11 +144,10 @@ def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor
         return kernels.linear_gelu_fwd(x2d, weight, bias, approximate, store_out, store_gelu_grad)
     if backend == "reference":
         z = F.linear(x2d, weight, bias)
-        out = F.gelu(z, approximate=approximate) if store_out else None
-    else:
-        out, z = torch.ops.effkern_C.linear_gelu_fwd(x2d, weight, bias, approximate == "tanh", store_gelu_grad)
-    # cuBLASLt's epilogue and the reference give z: gelu'(z) from it is one more pass over [M, N]
-    return out, (_gelu_grad_of(z, approximate) if store_gelu_grad else None)
+        return ((F.gelu(z, approximate=approximate) if store_out else None),
+                (_gelu_grad_of(z, approximate) if store_gelu_grad else None))
+    out, gelu_grad = torch.ops.effkern_C.linear_gelu_fwd(x2d, weight, bias, approximate == "tanh", store_gelu_grad)
+    return out, (gelu_grad if store_gelu_grad else None)
 
 
 @torch.library.custom_op("effkern::linear_gelu_fwd", mutates_args=())

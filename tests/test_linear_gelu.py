@@ -745,10 +745,15 @@ def test_cpp_cpu_kernel_through_the_dispatcher(dtype, approximate):
     """The C++ extension's CPU kernels, called as effkern_C ops and as the 'cuda' backend."""
     needs_backend("cuda")
     x, w, b = make_inputs(11, 13, 17, dtype)
-    out, preact = torch.ops.effkern_C.linear_gelu_fwd(x, w, b, approximate == "tanh", True)
+    out, gelu_grad = torch.ops.effkern_C.linear_gelu_fwd(x, w, b, approximate == "tanh", True)
     ref = linear_gelu_reference(x.double(), w.double(), b.double(), approximate)
     assert_within_tolerance(out, ref, linear_gelu_reference(x, w, b, approximate))
-    assert_within_tolerance(preact, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b), "preact")
+
+    def gelu_grad_of(z):
+        return torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate=approximate)
+
+    assert_within_tolerance(gelu_grad, gelu_grad_of(F.linear(x.double(), w.double(), b.double())),
+                            gelu_grad_of(F.linear(x, w, b)), "gelu_grad")
     with ek.use_backend("cuda"):
         check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
 

@@ -2,8 +2,7 @@
 //
 // The matrix products use torch's mm (float32 accumulation for float16/bfloat16); everything
 // around them is done by the fused loops below: one pass that adds the bias, applies GELU and
-// writes the pre-activation (forward), one pass that forms grad_out * gelu'(z) from the saved
-// gelu'(z) and one
+// writes gelu'(z) for the backward (forward), one pass that forms grad_out * gelu'(z) and one
 // reduction for the bias gradient (backward). Epilogue math runs in the "opmath" type
 // (float32 for float16/bfloat16/float32, float64 for float64) and is rounded once.
 
@@ -30,6 +29,7 @@ int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int6
 template <typename acc_t>
 struct GeluMath {
   static constexpr acc_t kInvSqrt2 = acc_t(0.70710678118654752440);
+  static constexpr acc_t kInvSqrt2Pi = acc_t(0.39894228040143267794);
   static constexpr acc_t kSqrt2OverPi = acc_t(0.79788456080286535588);
   static constexpr acc_t kCoef = acc_t(0.044715);
 
@@ -41,21 +41,35 @@ struct GeluMath {
     }
     return acc_t(0.5) * z * (acc_t(1) + std::erf(z * kInvSqrt2));
   }
+
+  template <bool kTanh>
+  static acc_t gelu_grad(acc_t z) {
+    if (kTanh) {
+      const acc_t u = kSqrt2OverPi * (z + kCoef * z * z * z);
+      const acc_t t = std::tanh(u);
+      return acc_t(0.5) * (acc_t(1) + t) +
+             acc_t(0.5) * z * (acc_t(1) - t * t) * kSqrt2OverPi *
+                 (acc_t(1) + acc_t(3) * kCoef * z * z);
+    }
+    return acc_t(0.5) * (acc_t(1) + std::erf(z * kInvSqrt2)) +
+           z * std::exp(acc_t(-0.5) * z * z) * kInvSqrt2Pi;
+  }
 };
 
-// Forward epilogue: z = acc + bias; preact = z (optional); out = gelu(z).
+// Forward epilogue: z = acc + bias; out = gelu(z); gelu_grad = gelu'(z) (optional).
 // acc is the dense [m, n] matmul result in acc_t.
 template <typename scalar_t, typename acc_t, bool kTanh>
-void bias_gelu_rows(const acc_t* acc, const scalar_t* bias, scalar_t* out, scalar_t* preact,
+void bias_gelu_rows(const acc_t* acc, const scalar_t* bias, scalar_t* out, scalar_t* gelu_grad,
                     int64_t m, int64_t n) {
   at::parallel_for(0, m, row_grain(n), [&](int64_t row_begin, int64_t row_end) {
     for (int64_t i = row_begin; i < row_end; ++i) {
       const acc_t* acc_row = acc + i * n;
       scalar_t* out_row = out + i * n;
-      scalar_t* pre_row = preact != nullptr ? preact + i * n : nullptr;
+      scalar_t* grad_row = gelu_grad != nullptr ? gelu_grad + i * n : nullptr;
       for (int64_t j = 0; j < n; ++j) {
         const acc_t z = acc_row[j] + (bias != nullptr ? static_cast<acc_t>(bias[j]) : acc_t(0));
-        if (pre_row != nullptr) pre_row[j] = static_cast<scalar_t>(z);
+        if (grad_row != nullptr)
+          grad_row[j] = static_cast<scalar_t>(GeluMath<acc_t>::template gelu_grad<kTanh>(z));
         out_row[j] = static_cast<scalar_t>(GeluMath<acc_t>::template gelu<kTanh>(z));
       }
     }
@@ -99,15 +113,15 @@ at::ScalarType opmath_scalar_type(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
                                                        const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
-                                                       bool tanh_approx, bool save_preact) {
+                                                       bool tanh_approx, bool save_gelu_grad) {
   const LinearGeluShape shape = check_fwd_args(input, weight, bias, c10::DeviceType::CPU);
   const int64_t M = shape.m, N = shape.n, K = shape.k;
   const bool has_bias = shape.has_bias;
   check_floating(input.scalar_type());
 
   at::Tensor out = input.new_empty({M, N});
-  at::Tensor preact = save_preact ? input.new_empty({M, N}) : input.new_empty({0});
-  if (M == 0 || N == 0) return {out, preact};
+  at::Tensor gelu_grad = save_gelu_grad ? input.new_empty({M, N}) : input.new_empty({0});
+  if (M == 0 || N == 0) return {out, gelu_grad};
 
   // Matmul in the opmath type (no copy when the input already has it).
   const at::ScalarType acc_type = opmath_scalar_type(input.scalar_type());
@@ -121,14 +135,14 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
         const acc_t* acc_ptr = acc.const_data_ptr<acc_t>();
         const scalar_t* bias_ptr = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-        scalar_t* pre_ptr = save_preact ? preact.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* grad_ptr = save_gelu_grad ? gelu_grad.mutable_data_ptr<scalar_t>() : nullptr;
         if (tanh_approx) {
-          bias_gelu_rows<scalar_t, acc_t, true>(acc_ptr, bias_ptr, out_ptr, pre_ptr, M, N);
+          bias_gelu_rows<scalar_t, acc_t, true>(acc_ptr, bias_ptr, out_ptr, grad_ptr, M, N);
         } else {
-          bias_gelu_rows<scalar_t, acc_t, false>(acc_ptr, bias_ptr, out_ptr, pre_ptr, M, N);
+          bias_gelu_rows<scalar_t, acc_t, false>(acc_ptr, bias_ptr, out_ptr, grad_ptr, M, N);
         }
       });
-  return {out, preact};
+  return {out, gelu_grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(

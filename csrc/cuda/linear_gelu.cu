@@ -302,6 +302,7 @@ int run_gemm(const Gemm& g) {
 // ---------------------------------------------------------------------------------------
 
 constexpr float kInvSqrt2 = 0.70710678118654752440f;      // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;    // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;   // sqrt(2 / pi)
 constexpr float kGeluTanhCoef = 0.044715f;
 
@@ -328,27 +329,51 @@ __device__ __forceinline__ float gelu(float z) {
   return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
 }
 
+template <bool kTanh>
+__device__ __forceinline__ float gelu_grad(float z) {
+  if (kTanh) {
+    const float u = kSqrt2OverPi * (z + kGeluTanhCoef * z * z * z);
+    const float t = tanhf(u);
+    return 0.5f * (1.0f + t) +
+           0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * z * z);
+  }
+  return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
+}
+
+// What the forward's elementwise kernel writes from z: gelu(z), gelu'(z) (for the backward), or both.
+enum class GeluOut { kGelu, kGrad, kBoth };
+
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
-// out[i] = gelu(z[i]); z and out may alias, so no __restrict__.
-template <typename T, int kVec, bool kTanh>
-__global__ void gelu_fwd_kernel(const T* z, T* out, int64_t numel) {
+// out[i] = gelu(z[i]) and/or grad[i] = gelu'(z[i]), as kOut says. z may be the same buffer as
+// out or grad (each element is read before it is written, by the same thread): no __restrict__.
+template <typename T, int kVec, bool kTanh, GeluOut kOut>
+__global__ void gelu_fwd_kernel(const T* z, T* out, T* grad, int64_t numel) {
   using P = Pack<T, kVec>;
+  constexpr bool kWriteGelu = kOut != GeluOut::kGrad, kWriteGrad = kOut != GeluOut::kGelu;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_packs = numel / kVec;
   for (int64_t i = tid; i < num_packs; i += stride) {
-    P p = reinterpret_cast<const P*>(z)[i];
+    const P p = reinterpret_cast<const P*>(z)[i];
+    P y, d;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j)
-      p.v[j] = Convert<T>::store(gelu<kTanh>(Convert<T>::load(p.v[j])));
-    reinterpret_cast<P*>(out)[i] = p;
+    for (int j = 0; j < kVec; ++j) {
+      const float v = Convert<T>::load(p.v[j]);
+      if (kWriteGelu) y.v[j] = Convert<T>::store(gelu<kTanh>(v));
+      if (kWriteGrad) d.v[j] = Convert<T>::store(gelu_grad<kTanh>(v));
+    }
+    if (kWriteGelu) reinterpret_cast<P*>(out)[i] = y;
+    if (kWriteGrad) reinterpret_cast<P*>(grad)[i] = d;
   }
-  for (int64_t i = num_packs * kVec + tid; i < numel; i += stride)
-    out[i] = Convert<T>::store(gelu<kTanh>(Convert<T>::load(z[i])));
+  for (int64_t i = num_packs * kVec + tid; i < numel; i += stride) {
+    const float v = Convert<T>::load(z[i]);
+    if (kWriteGelu) out[i] = Convert<T>::store(gelu<kTanh>(v));
+    if (kWriteGrad) grad[i] = Convert<T>::store(gelu_grad<kTanh>(v));
+  }
 }
 
 // grad_z[i] = grad_out[i] * gelu_grad[i], gelu_grad = gelu'(z) kept by the forward.
@@ -387,18 +412,26 @@ int grid_size(int64_t work_items) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, bool kTanh>
-int launch_gelu_fwd_typed(const void* z, void* out, int64_t numel, cudaStream_t stream) {
+template <typename T, bool kTanh, GeluOut kOut>
+int launch_gelu_fwd_typed(const void* z, void* out, void* grad, int64_t numel, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  if (aligned16(z) && aligned16(out)) {
-    gelu_fwd_kernel<T, kVec, kTanh><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(
-        static_cast<const T*>(z), static_cast<T*>(out), numel);
+  const auto zp = static_cast<const T*>(z);
+  const auto op = static_cast<T*>(out), gp = static_cast<T*>(grad);
+  if (aligned16(z) && (out == nullptr || aligned16(out)) && (grad == nullptr || aligned16(grad))) {
+    gelu_fwd_kernel<T, kVec, kTanh, kOut><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(
+        zp, op, gp, numel);
   } else {
-    gelu_fwd_kernel<T, 1, kTanh><<<grid_size(numel), kThreads, 0, stream>>>(
-        static_cast<const T*>(z), static_cast<T*>(out), numel);
+    gelu_fwd_kernel<T, 1, kTanh, kOut><<<grid_size(numel), kThreads, 0, stream>>>(zp, op, gp, numel);
   }
   EFFKERN_CUDA_CHECK(cudaGetLastError());
   return kOk;
+}
+
+template <typename T, bool kTanh>
+int launch_gelu_fwd_outputs(const void* z, void* out, void* grad, int64_t numel, cudaStream_t s) {
+  if (grad == nullptr) return launch_gelu_fwd_typed<T, kTanh, GeluOut::kGelu>(z, out, grad, numel, s);
+  if (out == nullptr) return launch_gelu_fwd_typed<T, kTanh, GeluOut::kGrad>(z, out, grad, numel, s);
+  return launch_gelu_fwd_typed<T, kTanh, GeluOut::kBoth>(z, out, grad, numel, s);
 }
 
 template <typename T>
@@ -419,11 +452,11 @@ int launch_gelu_bwd_typed(const void* grad_out, const void* gelu_grad, void* gra
 }
 
 template <bool kTanh>
-int gelu_fwd_dispatch(DType dtype, const void* z, void* out, int64_t numel, cudaStream_t s) {
+int gelu_fwd_dispatch(DType dtype, const void* z, void* out, void* grad, int64_t numel, cudaStream_t s) {
   switch (dtype) {
-    case DType::kFloat32: return launch_gelu_fwd_typed<float, kTanh>(z, out, numel, s);
-    case DType::kFloat16: return launch_gelu_fwd_typed<__half, kTanh>(z, out, numel, s);
-    case DType::kBFloat16: return launch_gelu_fwd_typed<__nv_bfloat16, kTanh>(z, out, numel, s);
+    case DType::kFloat32: return launch_gelu_fwd_outputs<float, kTanh>(z, out, grad, numel, s);
+    case DType::kFloat16: return launch_gelu_fwd_outputs<__half, kTanh>(z, out, grad, numel, s);
+    case DType::kBFloat16: return launch_gelu_fwd_outputs<__nv_bfloat16, kTanh>(z, out, grad, numel, s);
   }
   return fail(kInvalidArgument, "effkern: unsupported dtype in gelu_fwd");
 }
@@ -444,11 +477,11 @@ int gelu_bwd_dispatch(DType dtype, const void* g, const void* d, void* gz, int64
 // Public launchers
 // ---------------------------------------------------------------------------------------
 
-int gelu_fwd(DType dtype, const void* z, void* out, int64_t numel, bool tanh_approx,
+int gelu_fwd(DType dtype, const void* z, void* out, void* gelu_grad, int64_t numel, bool tanh_approx,
              cudaStream_t stream) {
-  if (numel <= 0) return kOk;
-  return tanh_approx ? gelu_fwd_dispatch<true>(dtype, z, out, numel, stream)
-                     : gelu_fwd_dispatch<false>(dtype, z, out, numel, stream);
+  if (numel <= 0 || (out == nullptr && gelu_grad == nullptr)) return kOk;
+  return tanh_approx ? gelu_fwd_dispatch<true>(dtype, z, out, gelu_grad, numel, stream)
+                     : gelu_fwd_dispatch<false>(dtype, z, out, gelu_grad, numel, stream);
 }
 
 int gelu_bwd(DType dtype, const void* grad_out, const void* gelu_grad, void* grad_z, int64_t numel,
@@ -476,33 +509,37 @@ int linear_gelu_fwd(const LinearGeluFwdArgs& a) {
   g.stream = a.stream;
 
   // cuBLASLt's GELU epilogue is the tanh approximation, so it is only usable for tanh_approx.
-  // With an aux output (the saved pre-activation) its ld must be a multiple of 8.
+  // With an aux output (the pre-activation, into the gelu_grad buffer) its ld must be a multiple
+  // of 8; our kernel then turns that z into gelu'(z) in place.
   // Not for float32: the epilogue evaluates tanh with a fast approximation (measured on an
   // H100: max abs error ~5e-6 on O(1) outputs, ~5x torch's float32 error), which is far
   // below bf16/fp16 output rounding but not below float32's; float32 takes the exact path.
   if (a.tanh_approx && a.dtype != DType::kFloat32 &&
-      (a.preact == nullptr || (a.n % 8 == 0 && aligned16(a.preact)))) {
+      (a.gelu_grad == nullptr || (a.n % 8 == 0 && aligned16(a.gelu_grad)))) {
     g.d = a.out;
-    if (a.preact != nullptr) {
+    if (a.gelu_grad != nullptr) {
       g.epilogue = a.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-      g.aux = a.preact;
+      g.aux = a.gelu_grad;
       g.ld_aux = a.n;
     } else {
       g.epilogue = a.bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
     }
     const int st = run_gemm(g);
-    if (!is_unsupported(st)) return st;
+    if (!is_unsupported(st)) {
+      if (st != kOk || a.gelu_grad == nullptr) return st;
+      return gelu_fwd(a.dtype, a.gelu_grad, nullptr, a.gelu_grad, a.m * a.n, a.tanh_approx, a.stream);
+    }
     g.aux = nullptr;
   }
 
-  // GEMM (+ bias) writes z, then our kernel applies the GELU: in place on out when the
-  // pre-activation is not saved.
-  void* z = a.preact != nullptr ? a.preact : a.out;
+  // GEMM (+ bias) writes z, then our kernel writes gelu(z) and gelu'(z) from it: z goes into the
+  // gelu_grad buffer when there is one (gelu'(z) replaces it in place), else into out.
+  void* z = a.gelu_grad != nullptr ? a.gelu_grad : a.out;
   g.d = z;
   g.epilogue = a.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   const int st = run_gemm(g);
   if (st != kOk) return st;
-  return gelu_fwd(a.dtype, z, a.out, a.m * a.n, a.tanh_approx, a.stream);
+  return gelu_fwd(a.dtype, z, a.out, a.gelu_grad, a.m * a.n, a.tanh_approx, a.stream);
 }
 
 // Why not CUBLASLT_EPILOGUE_DGELU_BGRAD (what TransformerEngine uses)? That epilogue fuses

@@ -7,7 +7,7 @@
 // Conventions
 //   * Every matrix is described by a `Matrix` view: a logical [rows, cols] matrix stored
 //     row-major (element (i, j) at data[i * ld + j]) or column-major (data[i + j * ld]).
-//   * Outputs (out, preact, grad_z, grad_input, grad_weight, grad_bias) are dense row-major
+//   * Outputs (out, gelu_grad, grad_z, grad_input, grad_weight, grad_bias) are dense row-major
 //     buffers allocated by the caller.
 //   * Every entry point returns an int status: kOk (0) on success; otherwise
 //     status_name(status) gives the symbolic name (e.g. "CUBLAS_STATUS_NOT_SUPPORTED") and
@@ -48,7 +48,7 @@ struct LinearGeluFwdArgs {
   Matrix weight;        // [n, k]
   const void* bias;     // [n] dense, 16-byte aligned, or nullptr
   void* out;            // [m, n] dense row-major
-  void* preact;         // [m, n] dense row-major, or nullptr when not saved
+  void* gelu_grad;      // [m, n] dense row-major: gelu'(z) for the backward, or nullptr
   bool tanh_approx;     // GELU tanh approximation instead of the exact erf form
   bool allow_tf32;      // only used for kFloat32
   void* workspace;
@@ -56,7 +56,7 @@ struct LinearGeluFwdArgs {
   cudaStream_t stream;
 };
 
-// out = gelu(input @ weight^T + bias); preact (if non-null) = input @ weight^T + bias.
+// out = gelu(z), z = input @ weight^T + bias; gelu_grad (if non-null) = gelu'(z).
 int linear_gelu_fwd(const LinearGeluFwdArgs& args);
 
 struct LinearGeluBwdArgs {
@@ -81,8 +81,9 @@ struct LinearGeluBwdArgs {
 // epilogue; otherwise the caller reduces grad_z over its rows itself.
 int linear_gelu_bwd(const LinearGeluBwdArgs& args, bool* grad_bias_written);
 
-// Elementwise GELU on a dense buffer of numel elements (z == out is allowed).
-int gelu_fwd(DType dtype, const void* z, void* out, int64_t numel, bool tanh_approx,
+// Elementwise out = gelu(z) and gelu_grad = gelu'(z) on dense buffers of numel elements; either
+// output may be nullptr (not written), and z may be the same buffer as either.
+int gelu_fwd(DType dtype, const void* z, void* out, void* gelu_grad, int64_t numel, bool tanh_approx,
              cudaStream_t stream);
 
 // Elementwise grad_z = grad_out * gelu_grad on dense buffers of numel elements.

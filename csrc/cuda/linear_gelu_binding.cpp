@@ -83,7 +83,7 @@ bool allow_tf32(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
-                                                        bool tanh_approx, bool save_preact) {
+                                                        bool tanh_approx, bool save_gelu_grad) {
   const LinearGeluShape shape = check_fwd_args(input, weight, bias, c10::DeviceType::CUDA);
   const int64_t M = shape.m, N = shape.n, K = shape.k;
   const bool has_bias = shape.has_bias;
@@ -91,24 +91,25 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
 
   c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = input.new_empty({M, N});
-  at::Tensor preact = save_preact ? input.new_empty({M, N}) : input.new_empty({0});
-  if (M == 0 || N == 0) return {out, preact};
+  at::Tensor gelu_grad = save_gelu_grad ? input.new_empty({M, N}) : input.new_empty({0});
+  if (M == 0 || N == 0) return {out, gelu_grad};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   at::Tensor bias_c = has_bias ? dense_aligned(*bias) : at::Tensor();
 
   if (K == 0) {
-    // Empty reduction: z = bias (or 0), then the elementwise GELU.
-    at::Tensor z = save_preact ? preact : out;
+    // Empty reduction: z = bias (or 0), then the elementwise GELU (and gelu'), z in place.
+    at::Tensor z = save_gelu_grad ? gelu_grad : out;
     if (has_bias) {
       z.copy_(bias_c.unsqueeze(0).expand({M, N}));
     } else {
       z.zero_();
     }
-    check_status(effkern_cuda::gelu_fwd(dtype, z.data_ptr(), out.data_ptr(), M * N,
+    check_status(effkern_cuda::gelu_fwd(dtype, z.data_ptr(), out.data_ptr(),
+                                        save_gelu_grad ? gelu_grad.data_ptr() : nullptr, M * N,
                                         tanh_approx, stream),
                  "linear_gelu_fwd");
-    return {out, preact};
+    return {out, gelu_grad};
   }
 
   at::Tensor input_holder, weight_holder;
@@ -122,14 +123,14 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
   args.weight = matrix_view(weight, weight_holder);
   args.bias = has_bias ? bias_c.data_ptr() : nullptr;
   args.out = out.data_ptr();
-  args.preact = save_preact ? preact.data_ptr() : nullptr;
+  args.gelu_grad = save_gelu_grad ? gelu_grad.data_ptr() : nullptr;
   args.tanh_approx = tanh_approx;
   args.allow_tf32 = allow_tf32(input.scalar_type());
   args.workspace = workspace.data_ptr();
   args.workspace_bytes = effkern_cuda::kWorkspaceBytes;
   args.stream = stream;
   check_status(effkern_cuda::linear_gelu_fwd(args), "linear_gelu_fwd");
-  return {out, preact};
+  return {out, gelu_grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
