@@ -50,6 +50,8 @@ REFERENCE_DTYPES = ACTIVATION_DTYPES + (torch.float64,)
 BACKENDS = ("triton", "cuda", "reference")
 
 
+# ---------------------------------------------------------------------------- packing
+
 def pack_int4(q: Tensor) -> Tensor:
     """q [..., K] with integers in [0, 15] (any integer dtype), K % 8 == 0 -> int32 [..., K / 8],
     eight values per word, the lowest k in the lowest bits."""

@@ -15,8 +15,8 @@ F.gelu(F.linear(...)) keeps (it saves z for gelu's backward). gelu'(z) rather th
 backward's GEMMs form gz = grad_out * gelu'(z) tile by tile, K / BLOCK times per element, where
 from z each time would be an erf or tanh; and what is kept does not depend on the backend, so the
 backend may change between forward and backward, with activation checkpointing too (which
-recomputes the forward under the backward's selection). The other backends get gelu'(z) from z in
-one more elementwise pass. With ``recompute_preact=True`` nothing is kept, and the backward
+recomputes the forward under the backward's selection). cuBLASLt's forward writes gelu'(z) in
+its own elementwise kernel; the reference makes it from z with aten in one more pass. With ``recompute_preact=True`` nothing is kept, and the backward
 recomputes it with one extra forward GEMM (2*M*N*K FLOPs, +50% backward work) — for when
 activation memory is the limit.
 """
@@ -264,6 +264,8 @@ def _keeps_gelu_grad(input, weight, bias, recompute_preact: bool) -> bool:
 
 
 def _linear_gelu_composite(input, weight, bias=None, approximate="none", *, recompute_preact=False):
+    # Inside torch.autocast for input's device, mixed dtypes are fine: autocast casts them before
+    # the op (which checks again), as for F.linear.
     check_args(input, weight, bias, approximate, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
                                              _keeps_gelu_grad(input, weight, bias, recompute_preact))[0]
@@ -282,9 +284,6 @@ def linear_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, ap
     ``recompute_preact=True`` saves activation memory in training: gelu'(z) of the
     pre-activation z (M*N elements) is recomputed in the backward instead of kept.
     """
-    # The same as torch.ops.effkern.linear_gelu, minus one dispatch: this checks first (before the
-    # dispatcher's own, less clear, type errors) and calls the differentiable op directly. Inside
-    # torch.autocast for input's device, mixed dtypes are fine: autocast casts them, as for F.linear.
-    check_args(input, weight, bias, approximate, mixed_dtypes_allowed=autocast_on(input))
-    return torch.ops.effkern.linear_gelu_fwd(input, weight, bias, approximate,
-                                             _keeps_gelu_grad(input, weight, bias, recompute_preact))[0]
+    # The same as torch.ops.effkern.linear_gelu, minus one dispatch: the composite checks first
+    # (before the dispatcher's own, less clear, type errors) and calls the differentiable op.
+    return _linear_gelu_composite(input, weight, bias, approximate, recompute_preact=recompute_preact)

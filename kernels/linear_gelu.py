@@ -65,20 +65,16 @@ def _tanh(u, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def gelu_parts(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
-    """(s, s') with gelu(z) = z * s and gelu'(z) = s + z * s' (the formulas above). A caller
-    that uses only s pays nothing for s': the compiler drops what is not used."""
+def gelu_and_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
+    """(gelu(z), gelu'(z)) = (z * s, s + z * s') from the fp32 accumulator (the formulas above). A
+    caller that stores only gelu(z) pays nothing for gelu'(z): the compiler drops what is unused."""
     if APPROX_TANH:
         t = _tanh((z + z * z * z * TANH_CUBIC) * SQRT_2_OVER_PI, PRECISE)
-        return 0.5 * (1.0 + t), 0.5 * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
+        s = 0.5 * (1.0 + t)
+        ds = 0.5 * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * TANH_CUBIC * 3.0)
     else:
-        return 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2)), _exp(-0.5 * z * z, PRECISE) * INV_SQRT_2PI
-
-
-@triton.jit
-def gelu_and_grad(z, APPROX_TANH: tl.constexpr, PRECISE: tl.constexpr):
-    """(gelu(z), gelu'(z)) from the fp32 accumulator."""
-    s, ds = gelu_parts(z, APPROX_TANH, PRECISE)
+        s = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2))
+        ds = _exp(-0.5 * z * z, PRECISE) * INV_SQRT_2PI
     return z * s, s + z * ds
 
 
@@ -224,12 +220,14 @@ def linear_gelu_bwd_tma_kernel(
             # past R the copy engine reads zeros: dy = 0 there makes gz = 0
             b = b_desc.load([r * BLOCK_R, off_q])
             if TRANS_A:
-                gz_t = dy_desc.load([r * BLOCK_R, off_p]).to(tl.float32) * d_desc.load([r * BLOCK_R, off_p]).to(tl.float32)
+                tile_r_p = [r * BLOCK_R, off_p]
+                gz_t = dy_desc.load(tile_r_p).to(tl.float32) * d_desc.load(tile_r_p).to(tl.float32)
                 if ROWSUM:
                     rowsum += tl.sum(gz_t, axis=0)
                 gz = gz_t.to(b.dtype).T
             else:
-                gz = dy_desc.load([off_p, r * BLOCK_R]).to(tl.float32) * d_desc.load([off_p, r * BLOCK_R]).to(tl.float32)
+                tile_p_r = [off_p, r * BLOCK_R]
+                gz = dy_desc.load(tile_p_r).to(tl.float32) * d_desc.load(tile_p_r).to(tl.float32)
                 if ROWSUM:
                     rowsum += tl.sum(gz, axis=1)
                 gz = gz.to(b.dtype)
