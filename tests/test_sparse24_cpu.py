@@ -1,7 +1,8 @@
 """2:4 sparsity: the C++ CPU kernels effkern_C::prune_24 / compress_24 / decompress_24.
 
 They are checked bit for bit against the independent pure-PyTorch formulation below (which is
-itself checked against a per-group Python spec of the rules), for every dtype, shapes with
+itself checked against a per-group Python spec of the rules), for every dtype (compress and
+decompress also for int8, a quantized weight), shapes with
 K % 8 == 0 and K % 8 == 4, N == 1, non-contiguous inputs, ties, NaN, signed zeros and groups
 with 0 or 1 nonzeros, plus round trips and the errors. On the same hard cases, effkern's ops
 on the reference backend (effkern.sparse24's PyTorch formulation, what runs on GPU tensors) and,
@@ -45,7 +46,7 @@ decompress_24 = torch.ops.effkern_C.decompress_24
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-        torch.float64: torch.int64}
+        torch.float64: torch.int64, torch.int8: torch.int8}
 # (N, K): K % 8 == 0 and K % 8 == 4, N == 1, more rows than one parallel task takes
 SHAPES = [(1, 4), (1, 8), (1, 12), (2, 4), (3, 8), (5, 20), (17, 64), (9, 132), (600, 256)]
 
@@ -228,6 +229,35 @@ def test_cpp_matches_reference(dtype, shape, poison_empty):
         assert (meta_ref[:, -1] >> 4 == 0).all()
 
 
+def sparse_int8_weight(N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """A 2:4-sparse int8 weight (a quantized one) over the whole range, -128 included, with groups
+    of 0, 1 and 2 nonzeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (N, K // 4, 4), generator=g, dtype=torch.int8)
+    keep = torch.rand(N, K // 4, 4, generator=g).argsort(-1)[..., :2]
+    mask = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, keep, True)
+    mask &= torch.rand(N, K // 4, 1, generator=g) > 0.2
+    mask[..., 0] &= torch.rand(N, K // 4, generator=g) > 0.3
+    return torch.where(mask, w, torch.zeros_like(w)).reshape(N, K)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cpp_int8_compress_and_decompress_match_reference(shape, poison_empty):
+    N, K = shape
+    sparse = sparse_int8_weight(N, K, seed=N * 1000 + K)
+    values_ref, meta_ref = compress_24_ref(sparse)
+    for name, s_in in strided_variants(sparse):
+        values, meta = compress_24(s_in)
+        assert values.dtype == torch.int8 and torch.equal(values, values_ref), name
+        assert torch.equal(meta, meta_ref), name
+    for name, v_in in strided_variants(values_ref):
+        assert torch.equal(decompress_24(v_in, meta_ref), sparse), name
+    bad = sparse.clone()
+    bad[N - 1, :4] = torch.tensor([1, -128, 3, 0], dtype=torch.int8)
+    with pytest.raises(ValueError, match=rf"not 2:4 sparse: row {N - 1}, group 0 .* has 3 nonzeros"):
+        compress_24(bad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_round_trips(dtype):
     N, K = 23, 44
@@ -404,9 +434,13 @@ def test_errors_on_the_weight():
             op(w.reshape(2, 2, 8))
         with pytest.raises(ValueError, match=r"multiple of 4.*got K = 6 \(shape \[4, 6\]\)"):
             op(w[:, :6])
+        accepted = ("float16, bfloat16, float32 or float64" if op is prune_24
+                    else "float16, bfloat16, float32, float64 or int8")
         for bad_dtype in (torch.int32, torch.uint8, torch.complex64, torch.bool):
-            with pytest.raises(TypeError, match="weight must be float16, bfloat16, float32 or float64, got"):
+            with pytest.raises(TypeError, match=f"weight must be {accepted}, got"):
                 op(w.to(bad_dtype))
+    with pytest.raises(TypeError, match="weight must be float16, bfloat16, float32 or float64, got Char"):
+        prune_24(w.to(torch.int8))  # pruning ranks float magnitudes: prune, then quantize
     bad = prune_24(torch.randn(4, 12))
     bad[2, 4:7] = torch.tensor([1.0, -0.5, 2.0])
     with pytest.raises(ValueError, match=r"compress_24: weight is not 2:4 sparse: row 2, group 1 "
@@ -423,7 +457,7 @@ def test_errors_on_values_and_meta():
         decompress_24(values[0], meta)
     with pytest.raises(ValueError, match=r"dim 1 must be even, got shape \[3, 5\]"):
         decompress_24(values[:, :5], meta)
-    with pytest.raises(TypeError, match="values must be float16, bfloat16, float32 or float64, got Int"):
+    with pytest.raises(TypeError, match="values must be float16, bfloat16, float32, float64 or int8, got Int"):
         decompress_24(values.int(), meta)
     with pytest.raises(TypeError, match="meta must be uint8, got Int"):
         decompress_24(values, meta.int())

@@ -12,6 +12,7 @@
 //   +-inf included, and all NaNs are equal to each other; among equal magnitudes the lower
 //   position wins (+0.0 and -0.0 are equal). Kept entries are copied bit for bit.
 // compress_24 requires at most 2 nonzeros per group (w != 0: -0.0 is zero, NaN is nonzero).
+//   compress_24 and decompress_24 also take int8 (a quantized 2:4 weight); prune_24 floats only.
 //   The kept positions are the nonzero ones, completed with the lowest-index zero positions
 //   (so pruning and compression agree: compress_24(prune_24(W)) keeps what prune_24 kept).
 //   Kept entries, zeros included, are copied bit for bit (a kept -0.0 stays -0.0).
@@ -70,6 +71,12 @@ template <>
 struct Bits<double> {
   using type = uint64_t;
   static constexpr type abs_mask = 0x7FFFFFFFFFFFFFFFull, inf = 0x7FF0000000000000ull;
+};
+// int8 (a quantized weight): compress and decompress only; every bit counts toward "nonzero".
+template <>
+struct Bits<int8_t> {
+  using type = uint8_t;
+  static constexpr type abs_mask = 0xFFu;
 };
 
 // Magnitude key: |w| as an unsigned integer, every NaN mapped to inf + 1 (one value above inf).
@@ -151,20 +158,26 @@ int64_t first_bad_group(int64_t N, int64_t K, int64_t G, const ProcessRow& proce
   return first_bad.load();
 }
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+// The value dtypes of the format: the floats, and int8 for compress/decompress (not prune).
+bool is_supported_dtype(at::ScalarType t, bool int8_allowed) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble ||
+         (int8_allowed && t == at::kChar);
 }
 
-// weight: a 2-D CPU tensor of a supported floating dtype whose K is a multiple of 4.
-void check_weight(const at::Tensor& weight, const char* op) {
+const char* supported_dtypes(bool int8_allowed) {
+  return int8_allowed ? "float16, bfloat16, float32, float64 or int8"
+                      : "float16, bfloat16, float32 or float64";
+}
+
+// weight: a 2-D CPU tensor of a supported dtype whose K is a multiple of 4.
+void check_weight(const at::Tensor& weight, const char* op, bool int8_allowed) {
   TORCH_CHECK(weight.defined(), op, "weight is an undefined tensor");
   TORCH_CHECK(weight.device().type() == c10::DeviceType::CPU, op,
               "weight must be a CPU tensor, got device ", weight.device());
   TORCH_CHECK_VALUE(weight.dim() == 2, op, "weight must be 2-D [N, K], got ", weight.dim(),
                     "-D shape ", weight.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(weight.scalar_type()), op,
-                   "weight must be float16, bfloat16, float32 or float64, got ",
-                   weight.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_dtype(weight.scalar_type(), int8_allowed), op, "weight must be ",
+                   supported_dtypes(int8_allowed), ", got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.size(1) % 4 == 0, op,
                     "weight's K (dim 1) must be a multiple of 4 (groups of 4 along K), got K = ",
                     weight.size(1), " (shape ", weight.sizes(), ")");
@@ -200,7 +213,7 @@ void prune_row(const typename Bits<scalar_t>::type* __restrict in,
 
 at::Tensor prune_24_cpu(const at::Tensor& weight) {
   const char* op = "effkern_C::prune_24: ";
-  check_weight(weight, op);
+  check_weight(weight, op, /*int8_allowed=*/false);
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), G = K / 4;
   at::Tensor out = w.new_empty({N, K});
@@ -277,14 +290,14 @@ uint32_t compress_row(const typename Bits<scalar_t>::type* __restrict in,
 
 std::tuple<at::Tensor, at::Tensor> compress_24_cpu(const at::Tensor& weight) {
   const char* op = "effkern_C::compress_24: ";
-  check_weight(weight, op);
+  check_weight(weight, op, /*int8_allowed=*/true);
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), G = K / 4, B = (K + 7) / 8;
   at::Tensor values = w.new_empty({N, K / 2});
   at::Tensor meta = w.new_empty({N, B}, w.options().dtype(at::kByte));
   if (N == 0 || K == 0) return {values, meta};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, w.scalar_type(),
                                   "effkern_compress_24_cpu", [&] {
     using T = typename Bits<scalar_t>::type;
     const T* in_ptr = reinterpret_cast<const T*>(w.const_data_ptr<scalar_t>());
@@ -358,9 +371,8 @@ at::Tensor decompress_24_cpu(const at::Tensor& values, const at::Tensor& meta) {
               " but values is on ", values.device());
   TORCH_CHECK_VALUE(values.dim() == 2, op, "values must be 2-D [N, K / 2], got ", values.dim(),
                     "-D shape ", values.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(values.scalar_type()), op,
-                   "values must be float16, bfloat16, float32 or float64, got ",
-                   values.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_dtype(values.scalar_type(), /*int8_allowed=*/true), op,
+                   "values must be ", supported_dtypes(true), ", got ", values.scalar_type());
   TORCH_CHECK_VALUE(values.size(1) % 2 == 0, op,
                     "values must be [N, K / 2] with K a multiple of 4, so its dim 1 must be "
                     "even, got shape ", values.sizes());
@@ -377,7 +389,7 @@ at::Tensor decompress_24_cpu(const at::Tensor& values, const at::Tensor& meta) {
   if (N == 0 || K == 0) return out;
 
   int64_t bad = kNoError;  // n * G + g of the first invalid code
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, v.scalar_type(),
                                   "effkern_decompress_24_cpu", [&] {
     using T = typename Bits<scalar_t>::type;
     const T* val_ptr = reinterpret_cast<const T*>(v.const_data_ptr<scalar_t>());
