@@ -42,18 +42,27 @@ inline void check_dense_aligned16(const at::Tensor& t, const char* name, const c
               " must be contiguous and 16-byte aligned (as ", producer, " returns it)");
 }
 
-// bias: none, or [n] on input's device with input's dtype. Returns whether there is one.
-inline bool check_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& input,
-                       const char* op) {
+// bias: none, or [n] on input's device with dtype `dtype` (`dtype_source` names where it comes
+// from, for the message). Returns whether there is one.
+inline bool check_bias_of_dtype(const std::optional<at::Tensor>& bias, int64_t n,
+                                const at::Tensor& input, at::ScalarType dtype,
+                                const char* dtype_source, const char* op) {
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->device() == input.device(), op, "bias is on ", bias->device(),
                 " but input is on ", input.device());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [", n, "], got ",
                 bias->sizes());
-    check_dtype_of_input(*bias, "bias", input, op);
+    TORCH_CHECK(bias->scalar_type() == dtype, op, "bias has dtype ", bias->scalar_type(), " but ",
+                dtype_source, " ", dtype);
   }
   return has_bias;
+}
+
+// bias: none, or [n] on input's device with input's dtype. Returns whether there is one.
+inline bool check_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& input,
+                       const char* op) {
+  return check_bias_of_dtype(bias, n, input, input.scalar_type(), "input has dtype", op);
 }
 
 }  // namespace effkern_C

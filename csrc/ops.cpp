@@ -71,6 +71,11 @@ TORCH_LIBRARY(effkern_C, m) {
   // effkern/sparse24_cuda_layout.py (reorder_for_mma_sp). CUDA kernel: csrc/cuda/sparse24.cu;
   // the CPU registration only validates and raises.
   m.def("sparse24_linear(Tensor input, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
+  // W8A8 2:4 sparse: (input_q [M, K] int8 @ W^T, W int8 reordered as above) dequantized in fp32
+  // with input_scale [M] and weight_scale [N], + bias, in out_dtype (float16 or bfloat16).
+  m.def(
+      "sparse24_int8_linear(Tensor input, Tensor input_scale, Tensor values, Tensor meta, "
+      "Tensor weight_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   // 2:4 semi-structured sparsity along K of a weight [N, K] (K % 4 == 0), CPU kernels in
   // csrc/cpu/sparse24.cpp (format, tie and NaN rules there). prune_24 keeps the 2 largest |w|
   // of every group of 4; compress_24 -> (values [N, K / 2], meta uint8 [N, ceil(K / 8)]) and

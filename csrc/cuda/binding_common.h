@@ -26,10 +26,10 @@ inline at::Tensor split_k_workspace(const at::Tensor& input, std::size_t bytes) 
                          input.options().dtype(at::kFloat));
 }
 
-// input's dtype (float16 or bfloat16, checked before) as the kernels' C++ APIs name it.
-inline effkern_cuda::common::DType kernel_dtype(const at::Tensor& input) {
-  return input.scalar_type() == at::kHalf ? effkern_cuda::common::DType::kFloat16
-                                          : effkern_cuda::common::DType::kBFloat16;
+// t's dtype (float16 or bfloat16, checked before) as the kernels' C++ APIs name it.
+inline effkern_cuda::common::DType kernel_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf ? effkern_cuda::common::DType::kFloat16
+                                      : effkern_cuda::common::DType::kBFloat16;
 }
 
 }  // namespace effkern_C

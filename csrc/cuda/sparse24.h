@@ -1,5 +1,6 @@
 // Plain C++ interface of the 2:4 semi-structured sparse GEMM on the sparse tensor cores
-// (csrc/cuda/sparse24.cu, mma.sp::ordered_metadata.m16n8k32).
+// (csrc/cuda/sparse24.cu, mma.sp::ordered_metadata.m16n8k32 for float16/bfloat16 inputs,
+// .m16n8k64 .s8 for int8 inputs with float32 scales: W8A8).
 //
 // Torch-free on purpose (see DESIGN.md, "Known pitfalls"): included by the .cu file, which nvcc
 // compiles with CUDA headers only, and by the torch binding (sparse24_binding.cpp), which owns
@@ -8,12 +9,12 @@
 // The kernel computes y[M, N] = x[M, K] @ W^T (+ bias) for a 2:4 sparse W [N, K] given in the
 // *reordered* form that effkern/sparse24_cuda_layout.py produces (reorder_for_mma_sp; its header
 // has the diagram and the PTX ISA rules behind it). Summary:
-//   values_r  [N / 16, 8 K] in x's dtype: per 16 rows of W (one mma m16 tile), K / 32 tiles of
-//             512 bytes, one per mma.sp.m16n8k32; tile = 32 lanes x 16 bytes, each lane's 16
-//             bytes its four A-fragment registers of that mma.
+//   values_r  [N / 16, 8 K] in x's dtype: per 16 rows of W (one mma m16 tile), K / 32 (int8:
+//             K / 64) tiles of 512 bytes, one per mma.sp; tile = 32 lanes x 16 bytes, each
+//             lane's 16 bytes its four A-fragment registers of that mma.
 //   meta_r    int32 [N / 16, K / 2]: per 16 rows, K / 64 blocks of 32 words, word l = lane l's
-//             metadata register for the two mma of that 64-wide k block (sparsity selector 0
-//             for the first, 1 for the second).
+//             metadata register for the two 16-bit mma of that 64-wide k block (sparsity
+//             selector 0 for the first, 1 for the second), or for the one int8 mma (selector 0).
 // W is the sparse A operand (16 rows of W per m16 tile), x the dense B operand (8 rows of x per
 // n8 tile): the mma computes W x^T = y^T, and the epilogue writes it transposed into y.
 #pragma once
@@ -32,11 +33,11 @@ using common::DType;
 
 // Granularity of the layout (mirrored in effkern/sparse24_cuda_layout.py).
 constexpr int kTileRows = 16;  // rows of W per mma m16 tile / per row of values_r and meta_r
-constexpr int kKStep = 32;     // dense k per mma.sp.m16n8k32
-constexpr int kMetaK = 64;     // dense k per lane metadata word (selectors 0 and 1)
+constexpr int kMetaK = 64;     // dense k per lane metadata word (16-bit: selectors 0 and 1)
 constexpr int kThreads = 256;  // 8 warps per block, every configuration
 
-// Tile configurations (block tile = rows of W x rows of x x dense k per pipeline stage).
+// Tile configurations (block tile = rows of W x rows of x x dense k per pipeline stage, for
+// 16-bit inputs; int8 takes twice the k per stage).
 enum class Config : int {
   kDecode8 = 0,   //  64 x   8 x 128, 4 stages; warps 4 (W rows) x 2 (k halves): M <= 8
   kDecode16 = 1,  //  64 x  16 x 128, 4 stages; as kDecode8 with two n8 tiles:   M <= 16
@@ -52,12 +53,17 @@ using common::kOk;
 // Largest M the launch grid takes (row blocks of x in grid.y, at most 65535 of 128 rows).
 constexpr int64_t kMaxM = int64_t(65535) * 128;
 
+// Largest K of int8 inputs: the int32 accumulator stays exact for any int8 values (at most K / 2
+// = 2^16 products of magnitude <= 2^14 per sum).
+constexpr int64_t kMaxInt8K = int64_t(1) << 17;
+
 // True when the kernel handles W [n, k]: n % 16 == 0 and k % 64 == 0, both positive, and small
-// enough for the kernel's 32-bit k arithmetic. Any M in [0, kMaxM] is handled (rows past M are
-// zero-filled and masked). Inline so the binding's checks and the launcher share it.
-inline bool supports(int64_t n, int64_t k) {
-  return n > 0 && k > 0 && n % kTileRows == 0 && k % kMetaK == 0 && k <= (int64_t(1) << 28) &&
-         n <= (int64_t(1) << 30);
+// enough for the kernel's 32-bit k arithmetic (int8: k <= kMaxInt8K). Any M in [0, kMaxM] is
+// handled (rows past M are zero-filled and masked). Inline so the binding's checks and the
+// launcher share it.
+inline bool supports(bool int8_inputs, int64_t n, int64_t k) {
+  return n > 0 && k > 0 && n % kTileRows == 0 && k % kMetaK == 0 &&
+         k <= (int8_inputs ? kMaxInt8K : (int64_t(1) << 28)) && n <= (int64_t(1) << 30);
 }
 
 // Launch configuration, a function of the problem and the device's SM count.
@@ -74,15 +80,19 @@ struct Plan {
   std::size_t workspace_bytes;  // fp32 partial sums, splits * M * N * 4 when splits > 1
 };
 
-// num_sms <= 0: query the current device.
-int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan);
+// int8_inputs: x and W int8 (else both in the output's 16-bit dtype). num_sms <= 0: query the
+// current device.
+int make_plan(bool int8_inputs, int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan);
 
 struct LinearArgs {
-  DType dtype;
+  DType dtype;           // of out and bias; of x and values too unless int8_inputs
+  bool int8_inputs;      // x and values int8: y = (acc * a_scale[m]) * w_scale[n] + bias[n]
   int64_t m, n, k;
   const void* x;         // [m, k] dense row-major, 16-byte aligned
   const void* values;    // values_r [n / 16, 8 k], 16-byte aligned
   const void* meta;      // meta_r int32 [n / 16, k / 2], 16-byte aligned
+  const float* a_scale;  // int8: [m], the rows of x; else nullptr
+  const float* w_scale;  // int8: [n], the rows of W; else nullptr
   const void* bias;      // [n] or nullptr
   void* out;             // [m, n] dense row-major, 8-byte aligned
   void* workspace;       // plan.workspace_bytes, 16-byte aligned (nullptr when 0)
@@ -90,7 +100,7 @@ struct LinearArgs {
   cudaStream_t stream;
 };
 
-// y = x @ W^T (+ bias). Returns kOk or an error code (message() says why).
+// y = x @ W^T (+ bias), int8: dequantized. Returns kOk or an error code (message() says why).
 int linear(const LinearArgs& args);
 
 // Thread-local description of the last error of make_plan / linear.
