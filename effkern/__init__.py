@@ -19,12 +19,12 @@ from .int4 import awq_to_int4, dequantize_int4, gptq_to_int4, int4_linear, pack_
 from .int8 import (int8_linear, int8_matmul, int8_mm, int8_weight_only_linear, quantize_int8,
                    quantize_per_token_int8)
 from .linear_gelu import linear_gelu
-from .sparse24 import compress_24, decompress_24, prune_24, sparse24_linear
+from .sparse24 import compress_24, decompress_24, prune_24, sparse24_int8_linear, sparse24_linear
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "awq_to_int4", "backend_available", "compress_24", "decompress_24", "dequantize_int4",
            "flash_attention", "gptq_to_int4", "info",
            "int4_linear", "int8_linear", "int8_matmul", "int8_mm", "int8_weight_only_linear", "linear_gelu",
            "nn", "pack_int4", "prune_24", "quantize_int4", "quantize_int8", "quantize_per_token_int8", "scaled_dot_product_attention",
-           "sparse24_linear", "unpack_int4",
+           "sparse24_int8_linear", "sparse24_linear", "unpack_int4",
            "use_backend"]

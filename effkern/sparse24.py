@@ -4,7 +4,7 @@ A weight W [N, K] (nn.Linear layout) is 2:4 sparse along K when every group of 4
 input features, group g of row n = W[n, 4g : 4g + 4], has at most 2 nonzeros (as NVIDIA's ASP
 and torch's semi-structured sparsity prune it).
 
-effkern's compressed format (K % 4 == 0):
+effkern's compressed format (K % 4 == 0), of a float or an int8 (quantized) W:
     values [N, K / 2], W's dtype:  values[n, 2g] = W[n, 4g + i0], values[n, 2g + 1] = W[n, 4g + i1]
     meta   uint8 [N, ceil(K / 8)]: group g's code i0 | i1 << 2 in byte g // 2, the low nibble for
                                    even g, the high nibble for odd g (0 past the last group)
@@ -16,8 +16,9 @@ Pruning keeps the two entries of largest magnitude of each group; between equal 
 the lower positions win; NaN counts as larger than any number.
 
 Ops (schemas defined here and nowhere else):
-  effkern::prune_24(weight) -> weight with the two smallest |w| of every group zeroed
+  effkern::prune_24(weight) -> weight with the two smallest |w| of every group zeroed (floats)
   effkern::compress_24(weight) -> (values, meta); an error naming the row and group if not 2:4
+      (float or int8 weights)
   effkern::decompress_24(values, meta) -> weight, the exact inverse
   effkern::sparse24_linear(input, values, meta, bias=None) -> input @ W.T + bias; differentiable
       in input, values (the weight gradient at the kept positions: fine-tuning keeps the
@@ -25,6 +26,14 @@ Ops (schemas defined here and nowhere else):
   effkern::sparse24_linear_bwd(grad_out, input, values, meta, output_mask)
       -> (grad_input, grad_values, grad_bias); grad_input = grad_out @ W by dgrad_path:
       the Triton kernel on the compressed W, or W expanded once and one dense GEMM
+  effkern::sparse24_int8_linear(input, values, meta, weight_scale, bias=None)
+      W8A8 on a 2:4 sparse int8 weight: == effkern.int8_linear(input, decompress_24(values,
+      meta), weight_scale, bias) (input quantized per token, exact int32 accumulation,
+      dequantized in fp32); values int8 [N, K / 2] from compress_24 of a quantized weight.
+      Differentiable in input and bias (straight-through, as int8_linear; the weight is frozen)
+
+W8A8 2:4 weights: ``qweight, scale = effkern.quantize_int8(effkern.prune_24(w))`` (a pruned
+zero quantizes to 0, so the pattern survives), then ``values, meta = effkern.compress_24(qweight)``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _policy
+from . import int8 as _int8
 from ._backend import backend_available, require, selected_backend
 from ._cache import DerivedCache
 from ._registry import autocast_on, register_autocast, register_family
@@ -44,6 +54,7 @@ from ._tensors import empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: reference only
+FORMAT_DTYPES = FLOAT_DTYPES + (torch.int8,)  # compress/decompress also take a quantized weight
 
 
 # ---------------------------------------------------------------------------- references
@@ -142,8 +153,11 @@ def _check_tensor(op: str, name: str, t, dtypes: tuple, what: str) -> None:
         raise TypeError(f"effkern.{op}: {name} must be {what}, got dtype {t.dtype}")
 
 
-def check_weight(op: str, weight) -> None:
-    _check_tensor(op, "weight", weight, FLOAT_DTYPES, "a float tensor")
+def check_weight(op: str, weight, int8_allowed: bool = False) -> None:
+    if int8_allowed:
+        _check_tensor(op, "weight", weight, FORMAT_DTYPES, "a float or int8 tensor")
+    else:
+        _check_tensor(op, "weight", weight, FLOAT_DTYPES, "a float tensor")
     if weight.dim() != 2:
         raise ValueError(f"effkern.{op}: weight must be 2-D [N, K], got shape {list(weight.shape)}")
     if weight.shape[1] % 4:
@@ -151,8 +165,11 @@ def check_weight(op: str, weight) -> None:
                          f"pad the weight's input features with zeros")
 
 
-def check_compressed(op: str, values, meta) -> None:
-    _check_tensor(op, "values", values, FLOAT_DTYPES, "a float tensor")
+def check_compressed(op: str, values, meta, int8_allowed: bool = False) -> None:
+    if int8_allowed:
+        _check_tensor(op, "values", values, FORMAT_DTYPES, "a float or int8 tensor")
+    else:
+        _check_tensor(op, "values", values, FLOAT_DTYPES, "a float tensor")
     _check_tensor(op, "meta", meta, (torch.uint8,), "uint8 (from effkern.compress_24)")
     if values.dim() != 2 or values.shape[1] % 2:
         raise ValueError(f"effkern.{op}: values must be 2-D [N, K / 2] with K a multiple of 4, got "
@@ -189,6 +206,27 @@ def check_linear_args(op: str, input, values, meta, bias, mixed_dtypes_allowed: 
         raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
 
 
+def check_int8_linear_args(op: str, input, values, meta, weight_scale, bias, mixed_dtypes_allowed: bool = False) -> None:
+    """sparse24_int8_linear's arguments: float input [..., K], int8 values [N, K / 2] and their
+    meta, weight_scale float32 [N], bias [N] in input's dtype (``mixed_dtypes_allowed``: any
+    float dtype, for autocast to cast)."""
+    _check_tensor(op, "input", input, _int8.REFERENCE_DTYPES, "float16, bfloat16 or float32")
+    if input.dim() < 1:
+        raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
+    _check_tensor(op, "values", values, (torch.int8,),
+                  "int8 (compress_24 of a weight quantized with effkern.quantize_int8)")
+    check_compressed(op, values, meta, int8_allowed=True)
+    N, K = values.shape[0], values.shape[1] * 2
+    if input.shape[-1] != K:
+        raise ValueError(f"effkern.{op}: input's last dimension K={input.shape[-1]} does not match the weight's "
+                         f"K={K} (values is [N, K / 2] = {list(values.shape)})")
+    _check_tensor(op, "weight_scale", weight_scale, (torch.float32,), "float32 (one scale per output channel)")
+    if tuple(weight_scale.shape) != (N,):
+        raise ValueError(f"effkern.{op}: weight_scale must have shape [N] = [{N}], got {list(weight_scale.shape)}")
+    _int8._check_bias(op, bias, N, _int8.REFERENCE_DTYPES, like=None if mixed_dtypes_allowed else input)
+    _int8._check_same_device(op, "input", input, values=values, weight_scale=weight_scale, bias=bias)
+
+
 # ---------------------------------------------------------------------------- backends
 
 def _cuda_layout():
@@ -222,10 +260,18 @@ def format_backend(op: str, t: Tensor) -> str:
     return name
 
 
-def _cuda_kernel_runs(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> bool:
-    return (device.type == "cuda" and backend_available("cuda", device)[0]
-            and hasattr(torch.ops.effkern_C, "sparse24_linear")
-            and _cuda_layout().cuda_kernel_supports(M, N, K, dtype))
+# op -> the policy (effkern/policies/<name>.json, written by python -m bench <name>) that records
+# its faster forward backend per shape
+_POLICIES = {"sparse24_linear": "sparse24", "sparse24_int8_linear": "sparse24_int8"}
+
+
+def _cuda_kernel_runs(op: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> bool:
+    """Whether effkern._C's mma.sp kernel (``op``: the 16-bit one, or W8A8 on int8 values with
+    16-bit input and output) takes this problem."""
+    weight_dtype = torch.int8 if op == "sparse24_int8_linear" else dtype
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and backend_available("cuda", device)[0] and hasattr(torch.ops.effkern_C, op)
+            and _cuda_layout().cuda_kernel_supports(M, N, K, weight_dtype))
 
 
 def _kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
@@ -233,17 +279,19 @@ def _kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype != torch.float64 and backend_available("triton", device)[0]
 
 
-def _recorded_winner(mode: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str | None:
-    return _policy.choose("sparse24", mode, torch.cuda.get_device_name(device),
+def _recorded_winner(mode: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int,
+                     policy: str = "sparse24") -> str | None:
+    return _policy.choose(policy, mode, torch.cuda.get_device_name(device),
                           dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_backend(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
+def _auto_backend(op: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int) -> str:
     # Cached: at decoding sizes the lookup would cost as much as the GPU work.
     if not _kernels_run(device, dtype):
         return "reference"
-    if _recorded_winner("fwd", device, dtype, M, N, K) == "cuda" and _cuda_kernel_runs(device, dtype, M, N, K):
+    if (_recorded_winner("fwd", device, dtype, M, N, K, policy=_POLICIES[op]) == "cuda"
+            and _cuda_kernel_runs(op, device, dtype, M, N, K)):
         return "cuda"
     return "triton"
 
@@ -277,18 +325,19 @@ def dgrad_path(grad_out: Tensor, K: int) -> str:
 
 
 def linear_backend(op: str, input: Tensor, N: int) -> str:
-    """triton, cuda or reference for sparse24_linear: auto follows effkern/policies/sparse24.json
-    (per GPU and shape), the Triton fallback where nothing is measured."""
+    """triton, cuda or reference for ``op`` (sparse24_linear or sparse24_int8_linear): auto
+    follows effkern/policies/sparse24.json resp. sparse24_int8.json (per GPU and shape), the
+    Triton fallback where nothing is measured."""
     name = selected_backend()
     device, dtype = input.device, input.dtype
     M, K = rows(input).shape
     if name == "auto":
-        return _auto_backend(device, dtype, M, N, K)
+        return _auto_backend(op, device, dtype, M, N, K)
     require(name, device, op)
     if name != "reference" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got {dtype} "
                         f"(float64 runs on the reference backend)")
-    if name == "cuda" and not _cuda_kernel_runs(device, dtype, M, N, K):
+    if name == "cuda" and not _cuda_kernel_runs(op, device, dtype, M, N, K):
         raise RuntimeError(f"effkern.{op}: the mma.sp CUDA kernel runs on CUDA tensors of float16/bfloat16 for the "
                            f"shapes effkern.sparse24_cuda_layout.cuda_kernel_supports accepts; got {device.type} "
                            f"{dtype}, M={M}, N={N}, K={K}. Use triton (the fallback) or auto.")
@@ -299,10 +348,13 @@ def _describe_auto(device: torch.device) -> str:
     if device.type != "cuda" or not backend_available("triton", device)[0]:
         return "reference (auto on CPU; compress/decompress/prune: the C++ CPU kernels)"
     gpu = torch.cuda.get_device_name(device)
+    int8 = ("per shape from effkern/policies/sparse24_int8.json" if _policy._entries("sparse24_int8", gpu)
+            else "triton (nothing measured)")
     if _policy._entries("sparse24", gpu):
         return (f"per shape from effkern/policies/sparse24.json (measured on {gpu}), triton elsewhere; "
-                f"grad_input: the dgrad kernel where measured faster, else W expanded and cuBLAS")
-    return f"triton fallback (no measurements recorded for {gpu}); grad_input: W expanded and cuBLAS"
+                f"grad_input: the dgrad kernel where measured faster, else W expanded and cuBLAS; W8A8: {int8}")
+    return (f"triton fallback (no measurements recorded for {gpu}); grad_input: W expanded and cuBLAS; "
+            f"W8A8: {int8}")
 
 
 register_family("sparse24", _describe_auto)
@@ -327,7 +379,7 @@ def _(weight):
 
 @torch.library.custom_op("effkern::compress_24", mutates_args=())
 def _compress_24(weight: Tensor) -> tuple[Tensor, Tensor]:
-    check_weight("compress_24", weight)
+    check_weight("compress_24", weight, int8_allowed=True)
     if format_backend("compress_24", weight) == "cuda":
         return torch.ops.effkern_C.compress_24(weight)
     return compress_24_reference(weight)
@@ -335,14 +387,14 @@ def _compress_24(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 @_compress_24.register_fake
 def _(weight):
-    check_weight("compress_24", weight)
+    check_weight("compress_24", weight, int8_allowed=True)
     N, K = weight.shape
     return weight.new_empty((N, K // 2)), weight.new_empty((N, -(-K // 8)), dtype=torch.uint8)
 
 
 @torch.library.custom_op("effkern::decompress_24", mutates_args=())
 def _decompress_24(values: Tensor, meta: Tensor) -> Tensor:
-    check_compressed("decompress_24", values, meta)
+    check_compressed("decompress_24", values, meta, int8_allowed=True)
     if format_backend("decompress_24", values) == "cuda":
         return torch.ops.effkern_C.decompress_24(values, meta)
     return decompress_24_reference(values, meta)
@@ -350,7 +402,7 @@ def _decompress_24(values: Tensor, meta: Tensor) -> Tensor:
 
 @_decompress_24.register_fake
 def _(values, meta):
-    check_compressed("decompress_24", values, meta)
+    check_compressed("decompress_24", values, meta, int8_allowed=True)
     return values.new_empty((values.shape[0], values.shape[1] * 2))
 
 
@@ -362,15 +414,16 @@ def prune_24(weight: Tensor) -> Tensor:
 
 
 def compress_24(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """A 2:4 sparse weight [N, K] -> (values [N, K / 2], meta uint8 [N, ceil(K / 8)]); a
-    ValueError naming the row and group if some group of 4 has more than 2 nonzeros."""
-    check_weight("compress_24", weight)
+    """A 2:4 sparse weight [N, K] (float, or int8 from effkern.quantize_int8) -> (values
+    [N, K / 2] in its dtype, meta uint8 [N, ceil(K / 8)]); a ValueError naming the row and group
+    if some group of 4 has more than 2 nonzeros."""
+    check_weight("compress_24", weight, int8_allowed=True)
     return torch.ops.effkern.compress_24(weight.detach())
 
 
 def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
     """The dense weight [N, K] back from compress_24's output, exactly."""
-    check_compressed("decompress_24", values, meta)
+    check_compressed("decompress_24", values, meta, int8_allowed=True)
     return torch.ops.effkern.decompress_24(values.detach(), meta)
 
 
@@ -466,3 +519,73 @@ def sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional[
     input, values and bias."""
     check_linear_args("sparse24_linear", input, values, meta, bias, mixed_dtypes_allowed=autocast_on(input))
     return torch.ops.effkern.sparse24_linear(input, values, meta, bias)
+
+
+# ---------------------------------------------------------------------------- sparse24_int8_linear (W8A8)
+
+def sparse24_int8_linear_reference(input: Tensor, values: Tensor, meta: Tensor, weight_scale: Tensor,
+                                   bias: Optional[Tensor] = None) -> Tensor:
+    return _int8.int8_linear_reference(input, decompress_24_reference(values, meta), weight_scale, bias)
+
+
+@torch.library.custom_op("effkern::sparse24_int8_linear", mutates_args=())
+def _sparse24_int8_linear(input: Tensor, values: Tensor, meta: Tensor, weight_scale: Tensor,
+                          bias: Optional[Tensor] = None) -> Tensor:
+    check_int8_linear_args("sparse24_int8_linear", input, values, meta, weight_scale, bias)
+    N = values.shape[0]
+    backend = linear_backend("sparse24_int8_linear", input, N)
+    if backend == "reference":
+        return sparse24_int8_linear_reference(input, values, meta, weight_scale, bias)
+    from .kernels import int8 as int8_kernels
+
+    x_q, x_scale = int8_kernels.quantize_rows_int8(rows(input))
+    if backend == "triton":
+        from .kernels import sparse24 as kernels
+
+        out = kernels.sparse24_int8_matmul(x_q, x_scale, values, meta, weight_scale, bias, input.dtype)
+    else:
+        reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))
+        out = torch.ops.effkern_C.sparse24_int8_linear(x_q, x_scale, *reordered, weight_scale, bias, input.dtype)
+    return out.view(*input.shape[:-1], N)
+
+
+@_sparse24_int8_linear.register_fake
+def _(input, values, meta, weight_scale, bias=None):
+    check_int8_linear_args("sparse24_int8_linear", input, values, meta, weight_scale, bias)
+    return input.new_empty((*input.shape[:-1], values.shape[0]))
+
+
+def _int8_setup_context(ctx, inputs, output):
+    input, values, meta, weight_scale, bias = inputs
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError("effkern.sparse24_int8_linear: weight_scale requires grad, but the quantized weight is "
+                           "frozen: this op gives gradients for the input and the bias only. Call "
+                           "weight_scale.requires_grad_(False)")
+    ctx.needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[4])]
+    saved = (values, meta, weight_scale) if ctx.needs[0] else (None, None, None)
+    ctx.save_for_backward(*saved)
+
+
+def _int8_backward(ctx, grad_out):
+    # int8_linear's backward (straight-through the activation quantization) on the dense int8 W
+    values, meta, weight_scale = ctx.saved_tensors
+    qweight = decompress_24_reference(values, meta, check=False) if ctx.needs[0] else None
+    grad_input, grad_bias = torch.ops.effkern.int8_linear_bwd(grad_out, qweight, weight_scale, ctx.needs)
+    return (grad_input if ctx.needs[0] else None, None, None, None, grad_bias if ctx.needs[1] else None)
+
+
+_sparse24_int8_linear.register_autograd(_int8_backward, setup_context=_int8_setup_context)
+register_autocast("sparse24_int8_linear", cast_args=(0, 4))  # input and bias; not the float32 scales
+
+
+def sparse24_int8_linear(input: Tensor, values: Tensor, meta: Tensor, weight_scale: Tensor,
+                         bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8 on a 2:4 sparse weight: ``effkern.int8_linear(input, decompress_24(values, meta),
+    weight_scale, bias)`` with the int8 weight kept compressed. input [..., K] (float16, bfloat16
+    or float32; float64 on the reference backend) is quantized per token, multiplied with an
+    exact int32 accumulator (on the sparse tensor cores on the cuda backend) and dequantized with
+    weight_scale float32 [N]; values int8 [N, K / 2] and meta from compress_24 of an int8 weight;
+    bias [N] in input's dtype. Output in input's dtype. Differentiable in input and bias."""
+    check_int8_linear_args("sparse24_int8_linear", input, values, meta, weight_scale, bias,
+                           mixed_dtypes_allowed=autocast_on(input))
+    return torch.ops.effkern.sparse24_int8_linear(input, values, meta, weight_scale, bias)

@@ -10,6 +10,13 @@ dense [BLOCK_K, BLOCK_N] tile of W^T:
     W^T[4g + p, n] = values[n, 2g] if p == i0, values[n, 2g + 1] if p == i1, else 0
 and runs a dense tl.dot with fp32 accumulation: memory saving, no compute saving.
 
+The same kernel with A_INT8 runs W8A8 on a 2:4 sparse int8 weight (``sparse24_int8_matmul``):
+int8 A [M, K] (per-token quantized) and int8 values, exact int32 accumulators, and the int8
+family's epilogue (kernels/int8.py, dequant_epilogue in kernels/_splitk.py):
+    C[m, n] = (acc[m, n] * a_scale[m]) * w_scale[n] + bias[n]      fp32, cast to C's dtype
+Split-K (few rows, or K past MAX_EXACT_K_24) stores int32 partials that the reduction adds in
+int64 before that epilogue.
+
 ``sparse24_dgrad_kernel``, the backward's grad_input G[m, k] = sum_n dY[m, n] * W[n, k], reads the
 same compressed W along the other side: its reduction runs over W's rows, its output columns are
 W's columns, so each step expands a tile of BLOCK_K rows of W by BLOCK_N columns (the shared
@@ -25,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision
-from ._splitk import launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_place, weight_gemm_tile
+from ._launch import cdiv, dot_precision
+from ._splitk import (dequant_epilogue, launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_place,
+                      weight_gemm_tile)
 
 
 @triton.jit
@@ -42,19 +50,23 @@ def expand_24(values, meta, DENSE: tl.constexpr, COLS: tl.constexpr):
     i0 = (codes & 3)[:, None, :]
     i1 = (codes >> 2)[:, None, :]
     position = tl.arange(0, 4)[None, :, None]
-    w = tl.where(position == i0, v0[:, None, :], tl.where(position == i1, v1[:, None, :], 0.0))
+    # 0, an int literal, takes the values' dtype (float or int8); 0.0 would promote int8 to fp32
+    w = tl.where(position == i0, v0[:, None, :], tl.where(position == i1, v1[:, None, :], 0))
     return tl.reshape(w, (DENSE, COLS))
 
 
 @triton.jit
 def sparse24_matmul_kernel(
-    a_ptr, v_ptr, meta_ptr, bias_ptr, c_ptr,
+    a_ptr, v_ptr, meta_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, c_ptr,
     M, N, K, K_PER_SPLIT,
     stride_am, stride_ak, stride_vn, stride_vk, stride_metan, stride_metak,
     stride_cs, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    A_INT8: tl.constexpr, DEQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # A_INT8: A and W int8, exact int32 accumulators; DEQUANT: times a_scale[m] * w_scale[n]
+    # (dequant_epilogue). Neither DEQUANT nor HAS_BIAS: the raw sum (a split-K partial).
     split, k_start, k_end, offs_m, offs_n, rm, rn = weight_gemm_tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
@@ -66,7 +78,7 @@ def sparse24_matmul_kernel(
     v_ptrs = v_ptr + rn[None, :] * stride_vn + (k_start // 2 + offs_v)[:, None] * stride_vk
     meta_ptrs = meta_ptr + rn[None, :] * stride_metan + (k_start // 8 + offs_b)[:, None] * stride_metak
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 else tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -74,17 +86,19 @@ def sparse24_matmul_kernel(
             meta = tl.load(meta_ptrs)
         else:
             k_left = k_end - k
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            values = tl.load(v_ptrs, mask=offs_v[:, None] * 2 < k_left, other=0.0)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            values = tl.load(v_ptrs, mask=offs_v[:, None] * 2 < k_left, other=0)
             meta = tl.load(meta_ptrs, mask=offs_b[:, None] * 8 < k_left, other=0)
         w = expand_24(values, meta, BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        # out_dtype named, int32 for int8: Triton 3.6 checks the accumulator against it (default float32)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         v_ptrs += (BLOCK_K // 2) * stride_vk
         meta_ptrs += (BLOCK_K // 8) * stride_metak
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    if DEQUANT or HAS_BIAS:
+        acc = dequant_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, w_scale_ptr, bias_ptr,
+                               DEQUANT, DEQUANT, HAS_BIAS)
     store_tile(c_ptr, acc, split, offs_m, offs_n, M, N, stride_cs, stride_cm, stride_cn)
 
 
@@ -153,7 +167,13 @@ _GEMM_SHAPES = [
 ]
 _FIXED = {"interpreter": ((32, 32, 32, 4), 1, 4), "gpu": ((64, 128, 64, 8), 3, 4)}
 _SPLIT = {"interpreter": ((16, 32, 32, 1), 1, 4), "gpu": ((16, 64, 128, 1), 4, 4)}
+# The same tiles for int8 (each BLOCK_K a multiple of 8, whole meta bytes, and at least 32, the
+# depth of an int8 mma); the autotuner keys its choice by the tensors' dtypes too.
 _gemm, _gemm_tuned = weight_gemm_kernels(sparse24_matmul_kernel, _GEMM_SHAPES)
+# Longest K slice whose int32 sum is exact for int8: a 2:4 row keeps K / 2 products, each
+# |a * w| <= 128^2 = 2^14, and int32 holds up to 2^31 - 1. K = 2^18 could just reach 2^31 (every
+# kept product (-128)^2); 256 less, a multiple of every BLOCK_K, stays below it.
+MAX_EXACT_K_24 = 2**18 - 256
 # the dgrad's tiles are the same shapes (its BLOCK_N, like the forward's BLOCK_K, is the expanded side)
 _dgrad, _dgrad_tuned = weight_gemm_kernels(
     triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(sparse24_dgrad_kernel), _GEMM_SHAPES)
@@ -169,12 +189,39 @@ def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     if M == 0 or N == 0:
         return c
     bias = bias.contiguous() if bias is not None else None
-    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
-    weight = (values, meta, bias if bias is not None else c)
+    flags = dict(A_INT8=False, DEQUANT=False, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a.dtype))
+    weight = (values, meta, c, c, bias if bias is not None else c)  # no scales: c in their place
     strides = (values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
     # split: the bias is added once, by the reduction
     return launch_weight_gemm(_gemm, _gemm_tuned, a, weight, strides, c, K, flags, _FIXED, _SPLIT, split_k=split_k,
                               split_flags=dict(flags, HAS_BIAS=False), bias=bias)
+
+
+def sparse24_int8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                         w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                         split_k: int | None = None) -> torch.Tensor:
+    """W8A8 on a 2:4 sparse int8 weight: C [M, N] = (acc * a_scale[m]) * w_scale[n] + bias[n] in
+    fp32, cast to ``out_dtype``, with acc = a_q @ W.T exact (int32 per K slice, int64 across them)
+    for a_q int8 [M, K] (any strides), a_scale float32 [M], W int8 in effkern's compressed 2:4
+    format (values [N, K / 2], meta [N, ceil(K / 8)]), w_scale float32 [N], bias [N] or None.
+    ``split_k`` forces K slices (tests)."""
+    M, K = a_q.shape
+    N = values.shape[0]
+    c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    if M == 0 or N == 0:
+        return c
+    # the kernels index the per-row/per-column vectors with unit stride
+    a_scale, w_scale, bias = (v.contiguous() if v is not None else None for v in (a_scale, w_scale, bias))
+    flags = dict(A_INT8=True, DEQUANT=True, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a_q.dtype))
+    weight = (values, meta, a_scale, w_scale, bias if bias is not None else c)
+    strides = (values.stride(0), values.stride(1), meta.stride(0), meta.stride(1))
+    # K == 0: the single pass's zero sums give bias (or zeros). Split (few rows, or K past
+    # MAX_EXACT_K_24): int32 partials, added in int64 and dequantized by the reduction.
+    return launch_weight_gemm(
+        _gemm, _gemm_tuned, a_q, weight, strides, c, K, flags, _FIXED, _SPLIT, split_k=split_k,
+        min_splits=cdiv(K, MAX_EXACT_K_24), split_flags=dict(flags, DEQUANT=False, HAS_BIAS=False),
+        part_dtype=torch.int32, a_scale=a_scale, b_scale=w_scale, bias=bias, wide=True,
+        max_k_per_split=MAX_EXACT_K_24)
 
 
 def sparse24_dgrad(grad_out: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

@@ -411,18 +411,31 @@ AUTO_CASES = [  # (name, recorded winner, extension with the CUDA kernel, dtype,
 ]
 
 
+@pytest.mark.parametrize("op, policy", [("sparse24_linear", "sparse24"), ("sparse24_int8_linear", "sparse24_int8")])
 @parametrize_by_name(AUTO_CASES)
-def test_auto_takes_cuda_where_measured_and_the_kernel_runs(case, monkeypatch, fresh_auto_choices):
+def test_auto_takes_cuda_where_measured_and_the_kernel_runs(case, op, policy, monkeypatch, fresh_auto_choices):
     """auto on a CUDA device, decided here (no GPU, no launch): the policy's winner for the GPU and
-    shape, and the Triton fallback where it says cuda but the mma.sp kernel cannot run the problem."""
+    shape, and the Triton fallback where it says cuda but the mma.sp kernel cannot run the problem
+    (for both ops: the 16-bit one and W8A8, each with its own policy)."""
     _, winner, cuda_built, dtype, M, N, K, expected = AUTO_CASES[case]
     asked = policy_answering(monkeypatch, winner)
     monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (name != "cuda" or cuda_built, ""))
     if cuda_built:  # what a CUDA build registers; the choice only looks it up
-        monkeypatch.setattr(torch.ops.effkern_C, "sparse24_linear", object(), raising=False)
-    assert sparse24._auto_backend(torch.device("cuda", 0), dtype, M, N, K) == expected
+        monkeypatch.setattr(torch.ops.effkern_C, op, object(), raising=False)
+    assert sparse24._auto_backend(op, torch.device("cuda", 0), dtype, M, N, K) == expected
     shape = dict(dtype=str(dtype).removeprefix("torch."), M=M, N=N, K=K)
-    assert asked == ([] if dtype == torch.float64 else [(("sparse24", "fwd", "GPU X"), shape)])
+    assert asked == ([] if dtype == torch.float64 else [((policy, "fwd", "GPU X"), shape)])
+
+
+def test_auto_keeps_w8a8_within_the_int8_kernels_k_limit(monkeypatch, fresh_auto_choices):
+    """The int8 mma.sp kernel takes K <= 2**17 (an exact int32 sum of 2**16 int8 products);
+    beyond, auto takes the Triton kernel even where the policy says cuda."""
+    policy_answering(monkeypatch, "cuda")
+    monkeypatch.setattr(sparse24, "backend_available", lambda name, device: (True, ""))
+    monkeypatch.setattr(torch.ops.effkern_C, "sparse24_int8_linear", object(), raising=False)
+    device = torch.device("cuda", 0)
+    assert sparse24._auto_backend("sparse24_int8_linear", device, BF16, 16, 64, 2**17) == "cuda"
+    assert sparse24._auto_backend("sparse24_int8_linear", device, BF16, 16, 64, 2**17 + 64) == "triton"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -539,7 +552,8 @@ def test_float64_backward_under_triton_is_a_clear_error():
 
 # ---------------------------------------------------------------------------- GPU code, compiled here
 
-SPARSE_TYPES = dict(a_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", bias_ptr="*bf16", c_ptr="*bf16",
+SPARSE_TYPES = dict(a_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+                    bias_ptr="*bf16", c_ptr="*bf16",
                     M="i32", N="i32", K="i32", K_PER_SPLIT="i32", stride_am="i32", stride_ak="i32", stride_vn="i32",
                     stride_vk="i32", stride_metan="i32", stride_metak="i32", stride_cs="i32", stride_cm="i32",
                     stride_cn="i32")
@@ -553,12 +567,13 @@ def test_triton_fallback_compiles_for_gpus(compile_for_gpu, cc):
 
     configs = {"fixed": tile_kwargs(kernels._FIXED["gpu"]), "split-k": tile_kwargs(kernels._SPLIT["gpu"])}
     assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.sparse24:sparse24_matmul_kernel",
-                                           SPARSE_TYPES, dict(HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
+                                           SPARSE_TYPES, dict(A_INT8=False, DEQUANT=False, HAS_BIAS=True,
+                                                              DOT_PRECISION="tf32", EVEN_K=True),
                                            configs, cc,
                                            unit_strides=("stride_ak", "stride_vk", "stride_metak", "stride_cn"))
 
 
-DGRAD_TYPES = {k: v for k, v in SPARSE_TYPES.items() if k != "bias_ptr"}
+DGRAD_TYPES = {k: v for k, v in SPARSE_TYPES.items() if k not in ("a_scale_ptr", "w_scale_ptr", "bias_ptr")}
 
 
 @pytest.mark.parametrize("cc", [80, 90])

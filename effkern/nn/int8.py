@@ -10,7 +10,20 @@ from ..int8 import dequantize_int8, int8_linear, int8_weight_only_linear, quanti
 MODES = ("w8a8", "w8a16")
 
 
-class Int8Linear(nn.Module):
+class Float32WeightScale(nn.Module):
+    """Base of the int8 layers: ``model.half()`` / ``model.to(torch.bfloat16)`` cast the bias with
+    the rest of the model, but the ``weight_scale`` buffer stays the float32 the int8 ops take,
+    bit for bit (not rounded through the new dtype); device moves still apply to it."""
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+
+class Int8Linear(Float32WeightScale):
     """``y = x @ W.T + bias`` with ``W = qweight * weight_scale[:, None]`` stored in int8.
 
     mode "w8a8": activations quantized per token on the fly, int8 x int8 GEMM
@@ -45,16 +58,6 @@ class Int8Linear(nn.Module):
         layer.qweight, layer.weight_scale = qweight, scale
         layer.bias = linear.bias
         return layer
-
-    def _apply(self, fn, recurse=True):
-        # model.half() / model.to(torch.bfloat16) cast the bias with the rest of the model, but
-        # the scale stays the float32 the int8 ops take, bit for bit (not rounded through the
-        # new dtype); device moves still apply to it.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(self.weight_scale.device)
-        return self
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight this layer multiplies by, in ``dtype`` (default: the bias's, else float32)."""

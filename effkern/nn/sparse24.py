@@ -1,11 +1,14 @@
-"""Sparse24Linear: an nn.Linear whose weight is 2:4 sparse along K and stored compressed."""
+"""Sparse24Linear: an nn.Linear whose weight is 2:4 sparse along K and stored compressed;
+Sparse24Int8Linear: the same with the weight quantized to int8 (W8A8)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..sparse24 import compress_24, decompress_24, prune_24, sparse24_linear
+from ..int8 import dequantize_int8, quantize_int8
+from ..sparse24 import compress_24, decompress_24, prune_24, sparse24_int8_linear, sparse24_linear
+from .int8 import Float32WeightScale
 
 
 class Sparse24Linear(nn.Module):
@@ -49,6 +52,57 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return sparse24_linear(input, self.values, self.meta, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Sparse24Int8Linear(Float32WeightScale):
+    """``y = x @ W.T + bias`` with W 2:4 sparse and quantized to int8 per output channel, W8A8
+    (``effkern.sparse24_int8_linear``: activations quantized per token on the fly). Buffers
+    ``values`` (int8 [out, in / 2]), ``meta`` (uint8 [out, ceil(in / 8)]) and ``weight_scale``
+    (float32 [out]) are in the state_dict with the (float, trainable) ``bias``; the weight is
+    frozen. ``.half()``, ``.to(torch.bfloat16)`` and the like cast the bias only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if in_features % 4:
+            raise ValueError(f"Sparse24Int8Linear: in_features={in_features} must be a multiple of 4 (groups of 4)")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
+        meta = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
+        if in_features % 8:
+            meta[:, -1] = 0x04
+        self.register_buffer("meta", meta)
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, prune: bool = True) -> "Sparse24Int8Linear":
+        """``linear``'s weight, pruned to 2:4 first (``prune=True``) or required to be 2:4
+        already, quantized (symmetric, per output channel: a pruned zero stays 0) and
+        compressed; the bias Parameter is shared."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Sparse24Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight = prune_24(linear.weight) if prune else linear.weight.detach()
+        qweight, scale = quantize_int8(weight)
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.values, layer.meta = compress_24(qweight)
+        layer.weight_scale = scale
+        layer.bias = linear.bias
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float 2:4 weight [out, in] this layer multiplies by, in ``dtype`` (default: the
+        bias's, else float32)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        return dequantize_int8(decompress_24(self.values, self.meta), self.weight_scale, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return sparse24_int8_linear(input, self.values, self.meta, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
