@@ -18,6 +18,7 @@ OPS = {
     "int8": "bench.int8",
     "int4": "bench.int4",
     "sparse24": "bench.sparse24",
+    "sparse24_int8": "bench.sparse24_int8",
     "attention": "bench.attention",
 }
 

@@ -90,24 +90,28 @@ def _case(dtype: torch.dtype, M: int, N: int, K: int, providers=None) -> Case:
                 gbps_bytes=weight)  # GB/s of the weight reads
 
 
-def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
+def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None,
+          make_case=_case, provider_names=None) -> list[Case]:
+    """The 2:4 suites; ``make_case`` and ``provider_names`` (default: this module's): another 2:4
+    benchmark's (bench/sparse24_int8.py) on the same shapes."""
     dts = parse_dtypes(dtypes)
     if shapes:  # explicit shapes: every provider
         mnk = [parse_mnk(s) for s in shapes]
         if any(K % 4 for _, _, K in mnk):
             raise SystemExit(f"--shapes: K must be a multiple of 4 (2:4 groups along K), got {shapes}")
         dts = dts or ([torch.bfloat16] if device == "cuda" else [torch.float32])
-        return [_case(d, *s) for d in dts for s in mnk]
+        return [make_case(d, *s) for d in dts for s in mnk]
     if device == "cpu":  # the interpreter is slow and has no bf16 tl.dot: tiny shapes, fp32 and fp16
         ms, kns = (CPU_QUICK_M, CPU_QUICK_KN) if quick else (CPU_M, CPU_KN)
         dts = dts or [torch.float32, torch.float16]
-        return [_case(d, M, N, K) for d in dts for (K, N) in kns for M in ms]
+        return [make_case(d, M, N, K) for d in dts for (K, N) in kns for M in ms]
     dts = dts or [torch.bfloat16]
     if not quick:
-        return [_case(d, M, N, K) for d in dts for (K, N) in GPU_KN for M in GPU_M]
+        return [make_case(d, M, N, K) for d in dts for (K, N) in GPU_KN for M in GPU_M]
     # quick: no reference timings (PyTorch's decompress-then-GEMM: the full suite has them)
-    no_reference = frozenset(providers()) - {"reference"}
-    return [_case(d, M, N, K, providers=no_reference) for d in dts for (K, N) in GPU_QUICK_KN for M in GPU_QUICK_M]
+    no_reference = frozenset(provider_names or providers()) - {"reference"}
+    return [make_case(d, M, N, K, providers=no_reference)
+            for d in dts for (K, N) in GPU_QUICK_KN for M in GPU_QUICK_M]
 
 
 # ---------------------------------------------------------------- torch's semi-structured tensors

@@ -16,10 +16,11 @@ from bench import int4 as bench_int4
 from bench import int8 as bench_int8
 from bench import linear_gelu as bench_linear_gelu
 from bench import sparse24 as bench_sparse24
+from bench import sparse24_int8 as bench_sparse24_int8
 from effkern import _policy
 from effkern.int4 import dequantize_int4, int4_linear_reference
 from effkern.int8 import dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference
-from effkern.sparse24 import sparse24_linear_reference
+from effkern.sparse24 import decompress_24_reference, sparse24_int8_linear_reference, sparse24_linear_reference
 
 from op_checks import needs_backend
 
@@ -341,6 +342,53 @@ def test_sparse24_policy_is_read_by_shape(tmp_path, monkeypatch):
         assert choose(2, dtype="float16") is None  # no measurement in that dtype
     finally:
         _policy._entries.cache_clear()
+
+
+def test_sparse24_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
+    # fp32, where the tolerance is far below a quantization step
+    def first_two_kept(values, meta):
+        """The int8 weight read as if every group kept positions 0 and 1 (the metadata ignored)."""
+        return decompress_24_reference(values, torch.full_like(meta, 0x44))
+
+    wrong = {
+        "metadata-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+                                             int8_linear_reference(x, first_two_kept(values, meta), scale, b)),
+        "scale-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+                                          sparse24_int8_linear_reference(x, values, meta, torch.ones_like(scale), b)),
+        "x-unquantized": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+                                          F.linear(x, qw.to(x.dtype) * scale[:, None].to(x.dtype), b)),
+    }
+    provs = {**bench_sparse24_int8.providers(), **wrong}
+    monkeypatch.setattr(bench_sparse24_int8, "providers", lambda: provs)
+    case = bench_sparse24_int8._case(torch.float32, 5, 32, 64)
+    run = harness.run_op(bench_sparse24_int8, [case], "cpu", CEIL, list(provs), ["fwd", "fwd_bwd"],
+                         checkpoint=lambda r: None)
+    status = {(r["provider"], r["mode"]): r["status"] for r in run.rows}
+    assert ek.backend_available("triton", "cpu")[0]  # effkern-triton is Triton's interpreter here
+    assert status == {("effkern-triton", "fwd"): "ok", ("reference", "fwd"): "ok", ("int8-dense", "fwd"): "ok",
+                      ("torch-linear", "fwd"): "timing only", ("metadata-ignored", "fwd"): "FAIL",
+                      ("scale-ignored", "fwd"): "FAIL", ("x-unquantized", "fwd"): "FAIL"}
+    assert {p for p, _ in run.skipped} == {"effkern-cuda"}
+    for r in run.rows:  # int8 tensor cores' ceiling; GB/s of the weight reads in each provider's format
+        assert r["pct_gemm"] == 100 * r["tflops"] / CEIL["int8_tops"]
+        weight = {"torch-linear": 4 * 32 * 64, "int8-dense": 32 * 64 + 4 * 32}.get(r["provider"],
+                                                                                 32 * 64 // 2 + 32 * 64 // 8 + 4 * 32)
+        assert r["gbps"] == pytest.approx(weight / (r["ms"] * 1e-3) / 1e9)
+
+
+def test_sparse24_int8_policy_is_what_auto_reads(tmp_path, monkeypatch):
+    run = harness.Run(op="sparse24_int8", device="cuda", ceil={}, baselines={})
+    params = {"dtype": "bfloat16", "M": 16, "N": 4096, "K": 4096}
+    run.rows += [{"provider": "effkern-triton", "mode": "fwd", "params": params, "ms": 2.0, "status": "ok"},
+                 {"provider": "effkern-cuda", "mode": "fwd", "params": params, "ms": 1.0, "status": "ok"},
+                 {"provider": "int8-dense", "mode": "fwd", "params": params, "ms": 0.5, "status": "ok"}]
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    monkeypatch.setattr(harness, "device_name", lambda: "GPU X")
+    path = harness.write_policy(run, bench_sparse24_int8.POLICY_BACKENDS, "test")
+    assert path == tmp_path / "effkern" / "policies" / "sparse24_int8.json"
+    assert json.loads(path.read_text())["devices"]["GPU X"]["entries"] == [{**params, "fwd": "cuda"}]
+    from effkern import sparse24  # the op's policy name is the benchmark's
+    assert sparse24._POLICIES["sparse24_int8_linear"] == bench_sparse24_int8.OP
 
 
 def _scores_softmax(q, k, v, keep, renormalize=True):

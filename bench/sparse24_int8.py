@@ -1,0 +1,106 @@
+"""W8A8 2:4 sparse benchmark: effkern.sparse24_int8_linear against effkern's dense W8A8 and bf16 cuBLAS.
+
+Shapes are (M, N, K), the suites of bench/sparse24.py: input x [M, K] in the activation dtype; a
+random weight [N, K] pruned to 2:4, quantized to int8 per output channel and compressed once per
+case (offline, untimed): values int8 [N, K / 2], meta uint8 [N, ceil(K / 8)], scale float32 [N];
+bias [N]; output [M, N]. Forward only (the weight is frozen; the op's backward is int8_linear's).
+The per-token quantization of x is part of every W8A8 call.
+
+TFLOP/s counts 2*M*N*K, the dense GEMM's operations (not the half that sparse tensor cores
+execute), held against the measured dense int8 GEMM rate (torch._int_mm): a kernel on the sparse
+tensor cores can pass 100 % GEMM. Bytes count x, the weight (values, metadata, scales), the bias
+and the output; GB/s is of the weight reads alone (int8-dense: its dense int8 weight and scales;
+torch-linear: its bf16 weight).
+
+Providers: effkern-triton (kernels/sparse24.py: the int8 values expanded in registers, a dense
+int8 tl.dot), effkern-cuda (csrc/cuda/sparse24.cu: mma.sp m16n8k64 on the sparse tensor cores),
+reference (the dense int8 weight decompressed, an exact float64 GEMM), int8-dense (effkern.int8_linear
+on the same int8 weight stored dense: the same function, so checked; column "x int8 dense") and
+torch-linear (bf16 cuBLAS on the pruned float weight: what W8A8 has to beat; no quantization, so
+timed, not checked; column "x linear"). --write-policy records the faster of effkern-triton and
+effkern-cuda per shape in effkern/policies/sparse24_int8.json, which auto reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import effkern as ek
+from effkern.sparse24 import sparse24_int8_linear_reference
+
+from . import sparse24 as bench_sparse24
+from .harness import GRAPH_MAX_ROWS, Case, Provider, dense_weight_bytes, effkern_provider
+
+OP = "sparse24_int8"
+BASELINES = {"int8-dense": "x int8 dense", "torch-linear": "x linear"}
+ERROR_BASELINE = "reference"
+POLICY_BACKENDS = {"effkern-triton": "triton", "effkern-cuda": "cuda"}
+MODES = ("fwd",)
+
+
+def _case(dtype: torch.dtype, M: int, N: int, K: int, providers=None) -> Case:
+    s = torch.empty((), dtype=dtype).element_size()
+    weight = N * K // 2 + N * -(-K // 8) + 4 * N  # int8 values, meta, float32 scales
+    compressed_inputs = s * (M * K + N) + weight  # x, bias
+    return Case(params={"dtype": str(dtype).removeprefix("torch."), "M": M, "N": N, "K": K},
+                dtype=dtype, flops={"fwd": 2 * M * N * K}, bytes={"fwd": compressed_inputs + s * M * N},
+                providers=providers, reductions={"out": K}, flop_ceiling="int8_tops",
+                input_bytes=compressed_inputs, graph=M <= GRAPH_MAX_ROWS, gbps_bytes=weight)
+
+
+def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] | None) -> list[Case]:
+    # the 2:4 benchmark's suites (bench/sparse24.py), these cases and providers
+    return bench_sparse24.cases(device, quick, shapes, dtypes, make_case=_case, provider_names=providers())
+
+
+def inputs(case: Case, device: str) -> list[torch.Tensor]:
+    p, dt = case.params, case.dtype
+    x = torch.randn(p["M"], p["K"], device=device, dtype=dt)
+    # nn.Linear-like, pruned, quantized and compressed offline, as a model is converted once
+    w = ek.prune_24(torch.randn(p["N"], p["K"], device=device, dtype=dt) * p["K"] ** -0.5)
+    qweight, scale = ek.quantize_int8(w)
+    values, meta = ek.compress_24(qweight)
+    b = torch.randn(p["N"], device=device, dtype=dt)
+    # every provider gets all seven and uses its own
+    return [x, w, qweight, values, meta, scale, b]
+
+
+def reference(case: Case, x, w, qweight, values, meta, scale, b):
+    # on float64 inputs: x quantized per token in fp32 as the op defines, the int8 weight
+    # decompressed exactly, then dequantization, GEMM and bias in float64
+    return sparse24_int8_linear_reference(x, values, meta, scale, b)
+
+
+def _sparse24_int8_linear(case: Case):
+    return lambda x, w, qweight, values, meta, scale, b: ek.sparse24_int8_linear(x, values, meta, scale, b)
+
+
+def _cuda_kernel_takes(case, device):
+    if device != "cuda":
+        return False, "the CUDA 2:4 kernel runs on CUDA tensors only"
+    if not hasattr(torch.ops.effkern_C, "sparse24_int8_linear"):
+        return False, "CUDA W8A8 2:4 kernel not built (effkern._C predates it: rebuild)"
+    from effkern.sparse24_cuda_layout import cuda_kernel_supports  # noqa: PLC0415
+
+    p = case.params
+    if case.dtype not in (torch.float16, torch.bfloat16) or not cuda_kernel_supports(p["M"], p["N"], p["K"],
+                                                                                       torch.int8):
+        return False, "the CUDA W8A8 2:4 kernel does not take this shape or dtype"
+    return True, ""
+
+
+def providers() -> dict[str, Provider]:
+    # the int8 tl.dot runs in the interpreter with any activation dtype (float_dot: never)
+    return {
+        "effkern-triton": effkern_provider("triton", _sparse24_int8_linear, float_dot=lambda case: False),
+        "effkern-cuda": effkern_provider("cuda", _sparse24_int8_linear, limits=_cuda_kernel_takes),
+        "reference": effkern_provider("reference", _sparse24_int8_linear),
+        # effkern's dense W8A8 on the same int8 weight: the same function, so checked
+        "int8-dense": Provider(build=lambda case: lambda x, w, qweight, values, meta, scale, b:
+                               ek.int8_linear(x, qweight, scale, b),
+                               gbps_bytes=lambda case: case.params["N"] * case.params["K"] + 4 * case.params["N"]),
+        # bf16 cuBLAS on the pruned float weight: no quantization, another function: timed only
+        "torch-linear": Provider(build=lambda case: lambda x, w, qweight, values, meta, scale, b: F.linear(x, w, b),
+                                 checked=False, gbps_bytes=dense_weight_bytes),
+    }
