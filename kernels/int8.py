@@ -21,7 +21,8 @@ read through strides (W^T for the forward, W itself for the backward):
     int8_mm (A int8, no epilogue): C = acc, int32
 
 Few rows (decoding): the split-K launch of kernels/_splitk.py; int32 partials are added in
-int64, each slice short enough that its own int32 sum is exact (|a*b| <= 2^14, 2^17 terms).
+int64, each slice short enough that its own int32 sum is exact (|a*b| <= 2^14, fewer than 2^17
+terms: MAX_EXACT_K).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from ._tma import block_shapes_hook, launch_persistent, tile_origin, tma_ready, 
 # even (the fp32 add itself rounds that way). Plain IEEE adds, so also exact under the interpreter.
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 INT8_MAX: tl.constexpr = tl.constexpr(127.0)
-# Longest K slice whose int32 sum of int8 products cannot overflow: 2^31 / 128^2.
-MAX_EXACT_K = 131072
+# Longest K slice whose int32 sum of int8 products cannot overflow: each |a * b| <= 128^2 = 2^14,
+# and 2^17 of them could reach 2^31 (every product (-128)^2), one past int32's largest value;
+# 256 less (a multiple of every BLOCK_K) stays below it.
+MAX_EXACT_K = 2**17 - 256
 
 
 @triton.jit

@@ -181,6 +181,25 @@ def test_int8_matmul_accumulates_past_the_int32_range():
     assert_accumulates_past_the_int32_range(1, "cpu")
 
 
+@pytest.mark.parametrize("max_exact_k", ["as defined", 2**17])
+def test_int8_matmul_slices_a_sum_of_exactly_2_to_the_31(max_exact_k, monkeypatch):
+    """K = 2^17 products (-128)^2 sum to 2^31, one past int32's range: the dequantizing launch cuts
+    K into slices whose int32 sums are exact. With MAX_EXACT_K = 2^17 (its value until
+    2026-11-28) one slice took it all and wrapped to -2^31: the check sees that."""
+    needs_backend("triton")
+    k = kernels()
+    if max_exact_k != "as defined":
+        monkeypatch.setattr(k, "MAX_EXACT_K", max_exact_k)
+    for place in (k._FIXED, k._SPLIT):  # 256-deep K steps: 4x fewer interpreted iterations
+        monkeypatch.setitem(place, "interpreter", ((16, 32, 256, 1), 1, 4))
+    K = 2**17
+    a = torch.full((1, K), -128, dtype=torch.int8)
+    b = torch.full((16, K), -128, dtype=torch.int8)
+    out = k.int8_matmul(a, b.t(), torch.ones(1), torch.ones(16), None, torch.float32, split_k=1)
+    want = 2.0**31 if max_exact_k == "as defined" else -(2.0**31)
+    assert out.unique().tolist() == [want]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 40, 100), (17, 33, 24), (129, 20, 4100)])
