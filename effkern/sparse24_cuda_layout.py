@@ -98,6 +98,10 @@ layout is the one of all 8-bit types of m16n8k64, .u8/.s8 and the FP8 ones):
      a_{4t+j} of thread T_u of the same group: by [Q3] row g + 8 (t % 2), chunk 8 (t // 2) +
      2u + j // 2, the first (j even) or second (j odd) kept element of that chunk. So nibble c
      (c = 0..7) of lane (g, t)'s word is the code of row g + 8 (t % 2), chunk 8 (t // 2) + c.
+     The same for s8 itself in CuTe (CUTLASS), MMA_Traits<SM80_SPARSE_16x8x64_S32S8S8S32_TN>:
+     ELayout ((2, 2, 8), 32):((8, 512, 1), 0) over the column-major 16 x 64 tile puts lane
+     4 g + t's word at row g + 8 (t % 2), k 32 (t // 2) .. + 31, and ALayout ((4, 8), (8, 2, 2)):
+     ((128, 1), (16, 8, 512)) is [Q3] (a review checked both, 2026-11-28).
 
 The reordered tensors
 =====================

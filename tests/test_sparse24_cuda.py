@@ -535,7 +535,14 @@ def _mma_sp_model(a_regs, e_words, selector, b_regs):
     A[row, firstcol + index[row, firstcol // 4, i % 2]] = a
     B = torch.zeros(32, 8, dtype=torch.float64)
     B[8 * (i // 2) + 2 * (lane % 4) + i % 2, (lane >> 2).expand(32, 8)] = b   # b_i: k, n = g
+    assert_ordered(index)
     return A @ B
+
+
+def assert_ordered(index):
+    """[P1]/[Q1]: every chunk's two indices increasing, else undefined behavior for
+    mma.sp::ordered_metadata (e.g. metadata read from shared memory that no copy wrote)."""
+    assert bool((index[..., 0] < index[..., 1]).all()), "an mma read metadata that is not ordered"
 
 
 def _mma_sp_s8_model(a_regs, e_words, selector, b_regs):
@@ -557,12 +564,15 @@ def _mma_sp_s8_model(a_regs, e_words, selector, b_regs):
     A[row, 4 * chunk + index[row, chunk, i % 2]] = a_regs.to(torch.int64)
     B = torch.zeros(64, 8, dtype=torch.int64)
     B[16 * (i // 4) + 4 * (lane % 4) + i % 4, (lane >> 2).expand(32, 16)] = b_regs.to(torch.int64)
+    assert_ordered(index)
     return A @ B
 
 
-def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_scale=None):
+def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_scale=None, run_past_k=False):
     """x and values_r float16 (bias float16), or int8 with a_scale [M] and w_scale [N] (float32)
-    and a float16 bias: the kernel's result in float16."""
+    and a float16 bias: the kernel's result in float16. ``run_past_k``: a deliberately wrong
+    kernel that also runs an int8 slice's second k64 step past K (what a review found in the
+    first version: an mma on uncopied shared memory)."""
     WN, WM, WK, MI, NI, _stages = KERNEL_CONFIGS[config]  # the pipeline's slot rotation is not modeled
     M, K = x.shape
     N = values_r.shape[0] * 16
@@ -582,7 +592,7 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
     per_split = -(-total_stages // splits)
     splits = -(-total_stages // per_split)
     words = lambda buf, off, n: buf[off:off + 4 * n].view(torch.int32)  # noqa: E731  (n 32-bit LDS words)
-    partial = torch.zeros(splits, M, N, dtype=torch.float64)  # int8: dequantized, in fp32
+    partial = torch.zeros(splits, M, N, dtype=torch.int64 if int8 else torch.float64)
     for split in range(splits):
         begin = split * per_split
         n_stages = min(per_split, total_stages - begin)
@@ -592,7 +602,8 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                 acc = torch.zeros(WK, WM, WN, MI, NI, 16, 8, dtype=torch.int64 if int8 else torch.float64)
                 for stage in range(begin, begin + n_stages):
                     k0 = stage * BK
-                    smem = torch.zeros(stage_bytes, dtype=torch.uint8)
+                    # bytes no copy writes: 0xFF (a NaN value, an invalid metadata code)
+                    smem = torch.full((stage_bytes,), 0xFF, dtype=torch.uint8)
                     vk = k0 * (512 // k_step)                          # values_r bytes before k0
                     for idx in range(BN // 16 * tile_value_bytes // 16):  # values
                         tile, off = divmod(idx, tile_value_bytes // 16)
@@ -609,8 +620,8 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                         r, c = divmod(idx, x_row_bytes // 16)
                         dst = x_offset + r * x_row_bytes + ((c ^ (r & 7)) << 4)
                         kk = k0 + c * (16 // s)
-                        if m0 + r < M and kk < K:
-                            smem[dst:dst + 16] = xbytes[m0 + r, s * kk:s * kk + 16]
+                        valid = m0 + r < M and kk < K
+                        smem[dst:dst + 16] = xbytes[m0 + r, s * kk:s * kk + 16] if valid else 0
                     for warp in range(8):
                         wn, wm, wk = warp % WN, (warp // WN) % WM, warp // (WN * WM)
                         if k0 + wk * 2 * k_step >= k_end:
@@ -618,6 +629,8 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                         for i in range(MI):
                             tile = wn * MI + i
                             for step in (0, 1):  # 16-bit: one word, selectors 0 and 1; int8: a word each
+                                if int8 and step == 1 and k0 + wk * 2 * k_step + k_step >= k_end and not run_past_k:
+                                    continue  # the int8 slice's second k64 step past K (K % 128 == 64)
                                 word_block = wk * 2 // steps_per_word + step // steps_per_word
                                 sel = step % steps_per_word
                                 e = words(smem, meta_offset + tile * tile_meta_bytes + word_block * 128, 32)
@@ -650,12 +663,13 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                     tile_sum += red[wk]
                 rows, cols = min(BM, M - m0), min(BN, N - n0)
                 tile_sum = tile_sum[:rows, :cols]
-                if int8:  # (exact sum * a_scale[m]) * w_scale[n] in fp32
-                    tile_sum = (tile_sum.float() * a_scale[m0:m0 + rows, None] * w_scale[n0:n0 + cols]).double()
                 partial[split, m0:m0 + rows, n0:n0 + cols] = tile_sum
     out = partial[0].clone()
-    for split in range(1, splits):
+    for split in range(1, splits):  # int8: the exact int32 slices, added in int64
         out += partial[split]
+    if int8:  # (exact sum * a_scale[m]) * w_scale[n] (+ bias) in fp32
+        out = out.float() * a_scale[:, None] * w_scale
+        return (out + bias.float() if bias is not None else out).to(torch.float16)
     if bias is not None:
         out += bias.double()
     return out.to(torch.float16)
@@ -685,9 +699,11 @@ def test_model_of_the_kernel_computes_x_wt_exactly(config, M, N, K, splits):
     ("decode8", 3, 80, 320, 1),     # N not a multiple of 64, K % 256 != 0 (a warp's slice past K)
     ("decode8", 5, 64, 768, 2),     # split-K
     ("decode16", 13, 64, 384, 1),
-    ("medium", 17, 144, 192, 1),    # K % 128 == 64: the second warp slice of a stage past K
+    ("medium", 17, 144, 192, 1),    # K % 128 == 64: the last slice's second k64 step past K
     ("medium", 40, 128, 512, 2),
     ("large", 130, 128, 128, 1),
+    ("large", 70, 128, 64, 1),      # one k64 step in all
+    ("decode16", 13, 64, 448, 2),   # split-K, the second split ending at a slice's first step
 ])
 def test_model_of_the_int8_kernel_computes_the_dequantized_product_exactly(config, M, N, K, splits):
     """The int8 path (m16n8k64 .s8, twice the k per stage, a metadata word per mma, exact int32
@@ -703,6 +719,10 @@ def test_model_of_the_int8_kernel_computes_the_dequantized_product_exactly(confi
     exact = (x.double() @ W.double().t()) * a_scale.double()[:, None] * w_scale.double() + bias.double()
     got = model_kernel(x, values_r, meta_r, bias, config, splits, a_scale=a_scale, w_scale=w_scale)
     assert_bit_equal(got, exact.to(torch.float16), f"int8 model {config}")
+    if K % 128 == 64:  # the model sees an mma past K read metadata that no copy wrote
+        with pytest.raises(AssertionError, match="not ordered"):
+            model_kernel(x, values_r, meta_r, bias, config, splits, a_scale=a_scale, w_scale=w_scale,
+                         run_past_k=True)
 
 
 # ---------------------------------------------------------------------------- the C++ op (CPU side)

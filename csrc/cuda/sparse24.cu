@@ -32,8 +32,8 @@
 // metadata) dominate; its warps split each 128-deep stage in two k halves and add their sums in
 // shared memory at the end, and when the N / 64 blocks cannot fill the GPU, K is split over
 // blocks too (grid.z): fp32 partial sums to a workspace, added in split order by a second kernel
-// (deterministic, no atomics; int8: each slice's exact sum is dequantized, then the slices are
-// added in fp32). The large tile is the compute-bound shape (16 mma.sp per mma step per warp, 64
+// (deterministic, no atomics; int8: the slices' exact int32 sums are added in int64 and then
+// dequantized, as one sum would be). The large tile is the compute-bound shape (16 mma.sp per mma step per warp, 64
 // accumulators per thread).
 //
 // One pipeline stage in shared memory (kLarge: 8 KiB + 1 KiB + 16 KiB, 75 KiB for 3 stages; int8
@@ -50,9 +50,10 @@
 // different 16-byte bank groups).
 //
 // Rows of W past N (N % 16 == 0 but not a multiple of BN) read the last valid m16 tile again
-// (valid metadata: no undefined behavior) and their results are discarded; a warp whose k64
-// slice of a stage lies past the end of its K range (K % BK != 0 in the decode configs) skips
-// its mma (warp-uniform branch).
+// (valid metadata: no undefined behavior) and their results are discarded; a warp whose slice of
+// a stage lies past the end of its K range (K % BK != 0) skips its mma, and an int8 warp whose
+// slice's second k64 step lies past it (K % 128 == 64) skips that step (warp-uniform branches:
+// no mma reads metadata that was not copied).
 
 #include "sparse24.h"
 
@@ -272,7 +273,8 @@ __device__ __forceinline__ void add_to(int4& sum, const int4& v) {
 }
 
 // grid = (ceil(N / BN), ceil(M / BM), splits). ws == nullptr: write out (+ bias) directly;
-// otherwise fp32 partial sums ws[split][M][N] for splitk_reduce_kernel. T: x's and the values'
+// otherwise partial sums ws[split][M][N] for the reduction: fp32 for splitk_reduce_kernel, int8's
+// exact int32 ones for splitk_reduce_int8_kernel. T: x's and the values'
 // type; TOut: out's and bias's (T itself for 16-bit; a_scale and w_scale only for int8).
 template <typename T, typename TOut, typename Cfg>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
@@ -408,7 +410,10 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
                                                        w * kMetaBlockBytes);
       const uint32_t x_base = smem_u32(st + Cfg::kXOffset);
       mma_step<T, Cfg, 0>(acc, values_lane, x_base, e, x_row0, x_chunk0, lane);
-      mma_step<T, Cfg, 1>(acc, values_lane, x_base, e, x_row0, x_chunk0, lane);
+      // a 16-bit slice (k64) lies wholly inside K or past it; an int8 one (k128) may end at its
+      // first step (K % 64 == 0 only)
+      if (!Op::kInt8 || k_warp + Op::kKStep < k_end)
+        mma_step<T, Cfg, 1>(acc, values_lane, x_base, e, x_row0, x_chunk0, lane);
     }
   }
 
@@ -453,10 +458,68 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     }
     const int row = m0 + m_local;
     const int col = n0 + n_local;
-    if (row < M && col < N)
-      write_output_quad(output_sums(sum, a_scale, w_scale, row, col), ws, split, out, bias, row,
-                        col, M, N);
+    if (row < M && col < N) {
+      if (Op::kInt8 && ws != nullptr)
+        *reinterpret_cast<Acc4*>(reinterpret_cast<Acc*>(ws) +
+                                 (static_cast<size_t>(split) * M + row) * N + col) = sum;
+      else
+        write_output_quad(output_sums(sum, a_scale, w_scale, row, col), ws, split, out, bias, row,
+                          col, M, N);
+    }
   }
+}
+
+// out[m, n] = (the split-K partials of int8, ws[split][m][n] exact int32, added in int64 and
+// rounded once to fp32) * a_scale[m] * w_scale[n] + bias[n], rounded once to TOut: the one sum's
+// dequantization, as without a split (and as effkern.int8.int8_matmul_reference).
+template <typename TOut>
+__global__ void __launch_bounds__(256)
+    splitk_reduce_int8_kernel(const int4* __restrict__ ws, const float* __restrict__ a_scale,
+                              const float* __restrict__ w_scale, const TOut* __restrict__ bias,
+                              TOut* __restrict__ out, int M, int N, int splits) {
+  const size_t quads = static_cast<size_t>(M) * N / 4;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < quads;
+       i += stride) {
+    const int4 first = ws[i];
+    long long x = first.x, y = first.y, z = first.z, w = first.w;
+    for (int s = 1; s < splits; ++s) {
+      const int4 p = ws[static_cast<size_t>(s) * quads + i];
+      x += p.x;
+      y += p.y;
+      z += p.z;
+      w += p.w;
+    }
+    const int row = static_cast<int>(i * 4 / static_cast<size_t>(N));
+    const int col = static_cast<int>(i * 4 % static_cast<size_t>(N));  // N % 4 == 0: one row
+    const float as = a_scale[row];
+    float4 sum = make_float4(static_cast<float>(x) * as * w_scale[col],
+                             static_cast<float>(y) * as * w_scale[col + 1],
+                             static_cast<float>(z) * as * w_scale[col + 2],
+                             static_cast<float>(w) * as * w_scale[col + 3]);
+    if (bias != nullptr) add_bias(sum, bias, col);
+    reinterpret_cast<uint2*>(out)[i] = round_quad<TOut>(sum);
+  }
+}
+
+// After an int8 launch: reports a failed launch and, when the plan splits K, runs
+// splitk_reduce_int8_kernel (finish_gemm_launch's int8 counterpart).
+template <typename TOut>
+int finish_int8_launch(const LinearArgs& a) {
+  EFFKERN_CUDA_TRY(g_errors, cudaGetLastError());
+  if (a.plan.splits <= 1) return kOk;
+  int sms = 0;
+  const int st = device_sm_count(g_errors, &sms);
+  if (st != kOk) return st;
+  const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
+  const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
+  splitk_reduce_int8_kernel<TOut><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
+                                    a.stream>>>(
+      static_cast<const int4*>(a.workspace), a.a_scale, a.w_scale,
+      static_cast<const TOut*>(a.bias), static_cast<TOut*>(a.out), static_cast<int>(a.m),
+      static_cast<int>(a.n), a.plan.splits);
+  EFFKERN_CUDA_TRY(g_errors, cudaGetLastError());
+  return kOk;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -480,6 +543,7 @@ int launch(const LinearArgs& a) {
       split ? nullptr : static_cast<const TOut*>(a.bias), static_cast<TOut*>(a.out),
       split ? static_cast<float*>(a.workspace) : nullptr, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.k), p.stages_per_split, total_stages);
+  if constexpr (Operand<T>::kInt8) return finish_int8_launch<TOut>(a);
   return finish_gemm_launch<TOut>(g_errors, a);
 }
 

@@ -77,7 +77,7 @@ struct Plan {
   int splits;            // K slices over blocks (grid.z), reduced by a second kernel when > 1
   int stages_per_split;  // pipeline stages per slice
   std::size_t smem_bytes;       // dynamic shared memory per block
-  std::size_t workspace_bytes;  // fp32 partial sums, splits * M * N * 4 when splits > 1
+  std::size_t workspace_bytes;  // partial sums (fp32; int8: int32), splits * M * N * 4 if splits > 1
 };
 
 // int8_inputs: x and W int8 (else both in the output's 16-bit dtype). num_sms <= 0: query the
