@@ -249,10 +249,10 @@ int allow_dynamic_smem(ErrorLog& errors, int bytes) {
 }
 
 // Call right after launching a GEMM kernel with LinearArgs `a`: reports a failed launch, and when
-// the plan splits K, launches the second kernel, out = ordered sum of the workspace's slices
-// (+ bias).
-template <typename T, typename LinearArgs>
-int finish_gemm_launch(ErrorLog& errors, const LinearArgs& a) {
+// the plan splits K, calls launch_reduce(blocks) to launch the second kernel (256 threads per
+// block, one thread per output quad in grid-stride loops) and reports that launch.
+template <typename LinearArgs, typename LaunchReduce>
+int finish_split_k_launch(ErrorLog& errors, const LinearArgs& a, LaunchReduce&& launch_reduce) {
   EFFKERN_CUDA_TRY(errors, cudaGetLastError());
   if (a.plan.splits <= 1) return kOk;
   int sms = 0;
@@ -260,12 +260,20 @@ int finish_gemm_launch(ErrorLog& errors, const LinearArgs& a) {
   if (st != kOk) return st;
   const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
   const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
-  splitk_reduce_kernel<T><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
-                            a.stream>>>(
-      static_cast<const float*>(a.workspace), static_cast<const T*>(a.bias),
-      static_cast<T*>(a.out), static_cast<int>(a.m), static_cast<int>(a.n), a.plan.splits);
+  launch_reduce(static_cast<unsigned>(std::max<size_t>(blocks, 1)));
   EFFKERN_CUDA_TRY(errors, cudaGetLastError());
   return kOk;
+}
+
+// finish_split_k_launch with splitk_reduce_kernel: out = ordered sum of the workspace's fp32
+// slices (+ bias).
+template <typename T, typename LinearArgs>
+int finish_gemm_launch(ErrorLog& errors, const LinearArgs& a) {
+  return finish_split_k_launch(errors, a, [&](unsigned blocks) {
+    splitk_reduce_kernel<T><<<blocks, 256, 0, a.stream>>>(
+        static_cast<const float*>(a.workspace), static_cast<const T*>(a.bias),
+        static_cast<T*>(a.out), static_cast<int>(a.m), static_cast<int>(a.n), a.plan.splits);
+  });
 }
 
 }  // namespace

@@ -502,24 +502,15 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// After an int8 launch: reports a failed launch and, when the plan splits K, runs
-// splitk_reduce_int8_kernel (finish_gemm_launch's int8 counterpart).
+// finish_gemm_launch's int8 counterpart: the reduction is splitk_reduce_int8_kernel.
 template <typename TOut>
 int finish_int8_launch(const LinearArgs& a) {
-  EFFKERN_CUDA_TRY(g_errors, cudaGetLastError());
-  if (a.plan.splits <= 1) return kOk;
-  int sms = 0;
-  const int st = device_sm_count(g_errors, &sms);
-  if (st != kOk) return st;
-  const size_t quads = static_cast<size_t>(a.m) * a.n / 4;
-  const size_t blocks = std::min<size_t>((quads + 255) / 256, static_cast<size_t>(sms) * 8);
-  splitk_reduce_int8_kernel<TOut><<<static_cast<unsigned>(std::max<size_t>(blocks, 1)), 256, 0,
-                                    a.stream>>>(
-      static_cast<const int4*>(a.workspace), a.a_scale, a.w_scale,
-      static_cast<const TOut*>(a.bias), static_cast<TOut*>(a.out), static_cast<int>(a.m),
-      static_cast<int>(a.n), a.plan.splits);
-  EFFKERN_CUDA_TRY(g_errors, cudaGetLastError());
-  return kOk;
+  return finish_split_k_launch(g_errors, a, [&](unsigned blocks) {
+    splitk_reduce_int8_kernel<TOut><<<blocks, 256, 0, a.stream>>>(
+        static_cast<const int4*>(a.workspace), a.a_scale, a.w_scale,
+        static_cast<const TOut*>(a.bias), static_cast<TOut*>(a.out), static_cast<int>(a.m),
+        static_cast<int>(a.n), a.plan.splits);
+  });
 }
 
 // ---------------------------------------------------------------------------------------

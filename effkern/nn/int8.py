@@ -11,9 +11,18 @@ MODES = ("w8a8", "w8a16")
 
 
 class Float32WeightScale(nn.Module):
-    """Base of the int8 layers: ``model.half()`` / ``model.to(torch.bfloat16)`` cast the bias with
-    the rest of the model, but the ``weight_scale`` buffer stays the float32 the int8 ops take,
-    bit for bit (not rounded through the new dtype); device moves still apply to it."""
+    """Base of the int8 layers: a float32 ``weight_scale`` buffer [out_features] and a float
+    ``bias`` Parameter (or None). ``model.half()`` / ``model.to(torch.bfloat16)`` cast the bias
+    with the rest of the model, but the scale stays the float32 the int8 ops take, bit for bit
+    (not rounded through the new dtype); device moves still apply to it."""
+
+    def __init__(self, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale
@@ -36,16 +45,11 @@ class Int8Linear(Float32WeightScale):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
                  device=None, dtype=None):
-        super().__init__()
+        super().__init__(out_features, bias, device, dtype)
         if mode not in MODES:
             raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8") -> "Int8Linear":

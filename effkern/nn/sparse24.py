@@ -11,6 +11,15 @@ from ..sparse24 import compress_24, decompress_24, prune_24, sparse24_int8_linea
 from .int8 import Float32WeightScale
 
 
+def initial_meta(out_features: int, in_features: int, device) -> torch.Tensor:
+    """A layer's metadata until weights are loaded: every group keeps positions 0 and 1 (code
+    0b0100; the unused high nibble past an odd number of groups 0)."""
+    meta = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
+    if in_features % 8:
+        meta[:, -1] = 0x04
+    return meta
+
+
 class Sparse24Linear(nn.Module):
     """``y = x @ W.T + bias`` with W 2:4 sparse, kept as ``values`` (a Parameter [out, in / 2]:
     fine-tuning updates only the kept entries, so the pattern stays 2:4) and ``meta`` (a uint8
@@ -22,11 +31,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError(f"Sparse24Linear: in_features={in_features} must be a multiple of 4 (groups of 4)")
         self.in_features, self.out_features = in_features, out_features
         self.values = nn.Parameter(torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
-        # every group keeps positions 0 and 1 (code 0b0100) until weights are loaded
-        meta = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
-        if in_features % 8:
-            meta[:, -1] = 0x04
-        self.register_buffer("meta", meta)
+        self.register_buffer("meta", initial_meta(out_features, in_features, device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -65,20 +70,12 @@ class Sparse24Int8Linear(Float32WeightScale):
     frozen. ``.half()``, ``.to(torch.bfloat16)`` and the like cast the bias only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__()
+        super().__init__(out_features, bias, device, dtype)
         if in_features % 4:
             raise ValueError(f"Sparse24Int8Linear: in_features={in_features} must be a multiple of 4 (groups of 4)")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
-        meta = torch.full((out_features, -(-in_features // 8)), 0x44, dtype=torch.uint8, device=device)
-        if in_features % 8:
-            meta[:, -1] = 0x04
-        self.register_buffer("meta", meta)
-        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        self.register_buffer("meta", initial_meta(out_features, in_features, device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = True) -> "Sparse24Int8Linear":
