@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (cdiv, config, fixed_config, grouped_tile, interpreted, launch, on_device, prune_by_rows,
-                      sm_count, tiles)
+                      sm_count, tiles, with_short_steps)
 
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
@@ -172,6 +172,7 @@ def launch_weight_gemm(plain, tuned, a: torch.Tensor, weight_args: tuple, weight
     a tile setting to the call (e.g. a K depth that divides the group size); ``split_k``
     forces a number of slices (tests)."""
     M, N = c.shape
+    a = with_short_steps(a, 1)
     split_setting = adjust(tile_kwargs(fixed_config(split)))
     block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
     splits = max(split_k or choose_split_k(M, N, K, a.device, block), min_splits) if K else 1

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, config, dot_precision, interpreted, next_power_of_2, on_device, prune_by_rows
+from ._launch import (cdiv, config, dot_precision, interpreted, next_power_of_2, on_device, prune_by_rows,
+                      with_short_steps)
 from ._splitk import (SPLIT_MAX_ROWS, TILE_NAMES, dequant_epilogue, launch_weight_gemm, store_tile, tile_kwargs,
                       weight_gemm_kernels, weight_gemm_tile)
 from ._tma import block_shapes_hook, launch_persistent, tile_origin, tma_ready, tma_tile_dot
@@ -220,6 +221,7 @@ _gemm_tma_tuned = triton.autotune(
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] float (any strides) -> (q int8 [R, K], scale float32 [R])."""
     R, K = x.shape
+    x = with_short_steps(x, 1)
     q = torch.empty((R, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R == 0:
@@ -276,6 +278,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, 
     scales_and_bias = (a_scale if a_scale is not None else c, b_scale if b_scale is not None else c,
                        bias if bias is not None else c)
     exact_slices = a_int8 and dequant  # each slice's int32 sum must stay exact
+    b = with_short_steps(b, 0)  # (launch_weight_gemm does a's)
     return launch_weight_gemm(
         _gemm, _gemm_tuned, a, (b, *scales_and_bias), (b.stride(0), b.stride(1)), c, K, flags, _FIXED, _SPLIT,
         split_k=split_k, min_splits=cdiv(K, MAX_EXACT_K) if exact_slices else 1,

@@ -166,3 +166,64 @@ def test_every_autotune_key_names_a_kernel_argument():
     assert {"linear_gelu._fwd_tuned", "int8._gemm_tma_tuned", "sparse24._dgrad_tuned"} <= tuned.keys()
     for name, autotuner in tuned.items():
         assert autotuner.keys and set(autotuner.keys) <= set(autotuner.arg_names), (name, autotuner.keys)
+
+
+# ---------------------------------------------------------------------------- 32-bit reduction offsets
+
+def test_with_short_steps_copies_only_operands_whose_reduction_offsets_could_wrap():
+    """The Triton GEMMs compute offsets along the reduction in 32 bits: an operand where k * stride
+    could reach 2^31 (here a column-major activation of 2^20 x 4096 elements, on the meta device:
+    no memory) is copied with stride 1 along the reduction; any other is passed as it is."""
+    from effkern.kernels._launch import with_short_steps
+
+    column_major = torch.empty_strided((2**20, 4096), (1, 2**20), device="meta")  # x [M, K], K-stride M
+    copied = with_short_steps(column_major, 1)
+    assert copied.shape == column_major.shape and copied.stride(1) == 1
+    row_major = torch.empty((2**20, 4096), device="meta")
+    assert with_short_steps(row_major, 1) is row_major
+    assert with_short_steps(column_major, 0) is column_major  # along dim 0 its stride is 1
+    b = torch.empty_strided((4096, 2**20), (2**20, 1), device="meta")  # a [K, N] operand, K-stride N
+    assert with_short_steps(b, 0).stride(0) == 1
+    small = torch.empty_strided((64, 32), (1, 64), device="meta")
+    assert with_short_steps(small, 1) is small  # 64 * (32 + 256) < 2^31
+
+
+def test_gemm_launchers_copy_operands_with_wide_reduction_strides(monkeypatch):
+    """With the 2^31 limit lowered to 64 elements, every Triton GEMM launcher hands its kernels
+    copies of transposed operands (the helper is called on them and copies), and the results
+    stay those of the contiguous inputs."""
+    ok, why = ek.backend_available("triton", "cpu")
+    if not ok:
+        pytest.skip(why)
+    from effkern.kernels import _launch, _splitk, int8, linear_gelu, sparse24
+
+    monkeypatch.setattr(_launch, "MAX_REDUCTION_OFFSET", 64)
+    copies = []
+
+    def spy(t, dim):
+        out = _launch.with_short_steps(t, dim)
+        copies.append(out is not t)
+        return out
+
+    for module in (_splitk, int8, linear_gelu):
+        monkeypatch.setattr(module, "with_short_steps", spy)
+    torch.manual_seed(0)
+    x = torch.randn(40, 24).t()  # [24, 40], stride (1, 24): column-major
+    w = torch.randn(16, 40)
+    want = torch.nn.functional.linear(x, w)
+    y, gelu_grad = linear_gelu.linear_gelu_fwd(x, w, None, "none", store_gelu_grad=True)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(want))
+    dy = torch.randn(24, 16)
+    x_ref, w_ref = x.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.nn.functional.gelu(torch.nn.functional.linear(x_ref, w_ref)).backward(dy)
+    grad_x, grad_w, _ = linear_gelu.linear_gelu_bwd(dy, x, w, gelu_grad, (True, True, False))
+    torch.testing.assert_close(grad_x, x_ref.grad)
+    torch.testing.assert_close(grad_w, w_ref.grad)
+    W = ek.prune_24(w)
+    values, meta = ek.compress_24(W)
+    torch.testing.assert_close(sparse24.sparse24_matmul(x, values, meta, None), x @ W.t())
+    qx = torch.randint(-127, 128, (40, 24), dtype=torch.int8).t()  # [24, 40], column-major
+    qw = torch.randint(-127, 128, (16, 40), dtype=torch.int8)
+    got = int8.int8_matmul(qx, qw.t(), None, None, None, torch.int32)
+    assert torch.equal(got, (qx.int() @ qw.int().t()))
+    assert any(copies) and len(copies) >= 4
