@@ -30,17 +30,18 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# The kernels compute offsets along the reduction, k * stride with k below K plus the deepest tile
-# (256), in 32-bit arithmetic (Triton passes a stride below 2^31 as an int32; the other dimension's
-# offsets are int64). Where that could reach 2^31 (a column-major activation of 2^31 elements, say)
-# the operand is copied with the reduction dimension dense.
-MAX_REDUCTION_OFFSET = 2**31
+# The kernels compute some offsets in 32-bit arithmetic (Triton passes a stride below 2^31 as an
+# int32): the GEMMs' along the reduction, k * stride with k below K plus the deepest tile (256);
+# attention's along the sequence and the head dimension. Where such an offset could reach
+# MAX_32BIT_OFFSET (a column-major activation of 2^31 elements, say), the launcher copies the
+# operand into a layout where it cannot.
+MAX_32BIT_OFFSET = 2**31
 
 
 def with_short_steps(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t``, or where an offset along ``dim`` (the reduction) could reach MAX_REDUCTION_OFFSET
+    """``t``, or where an offset along ``dim`` (the reduction) could reach MAX_32BIT_OFFSET
     elements, a copy with stride 1 there."""
-    if t.stride(dim) * (t.shape[dim] + 256) < MAX_REDUCTION_OFFSET:
+    if t.stride(dim) * (t.shape[dim] + 256) < MAX_32BIT_OFFSET:
         return t
     return t.movedim(dim, -1).contiguous().movedim(-1, dim)
 

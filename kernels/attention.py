@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, on_device, sm_count
 from ._tma import block_shapes_hook, descriptors, tma_ready
 
@@ -596,6 +597,17 @@ def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left
     return max(1, min(cdiv(2 * sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
+def with_32bit_offsets(t: torch.Tensor) -> torch.Tensor:
+    """t [B, H, S, D], or a contiguous copy where the kernels' 32-bit offsets along S and D (index
+    * stride, up to a tile past the end; the batch and head offsets are 64-bit) could reach
+    _launch.MAX_32BIT_OFFSET: a [B, S, H, D] tensor seen as [B, H, S, D] (stride H D along S) with
+    S H D of 2^31 or more, say."""
+    _, _, S, D = t.shape
+    if (S + 256) * t.stride(2) + (D + 256) * t.stride(3) < _launch.MAX_32BIT_OFFSET:
+        return t
+    return t.contiguous()
+
+
 def _head_rows(t: torch.Tensor) -> torch.Tensor | None:
     """t [B, H, S, D] as the matrix [B * H * S, D] of its rows, if its strides allow it (the
     heads' rows evenly spaced: contiguous, or sliced along D), else None."""
@@ -624,6 +636,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     splits (tests), 1 included."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    q, k, v = (with_32bit_offsets(t) for t in (q, k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -670,6 +683,7 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
     """(dq, dk, dv), contiguous, in q's dtype; dlse (the gradient reaching lse) may be None."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    dout, q, k, v, out = (with_32bit_offsets(t) for t in (dout, q, k, v, out))
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Skv, D), dtype=v.dtype, device=v.device)

@@ -456,6 +456,39 @@ def test_sdpa_passes_transposed_views_to_the_kernels_without_a_copy(is_causal, m
     assert q.stride()[1] == 32 and q.stride()[2] == 4 * 32  # really [B, S, H, D] underneath
 
 
+def test_only_operands_whose_offsets_could_pass_32_bits_are_copied():
+    """The kernels' offsets along S and D are 32-bit: a [B, S, H, D] view with S H D = 2^31 (on the
+    meta device: no memory) is copied into the contiguous layout, where they stay small; a view
+    of a usual size is not."""
+    needs_backend("triton")
+    kernels = _kernels()
+    huge = torch.empty(1, 2**17, 128, 128, device="meta").transpose(1, 2)
+    assert kernels.with_32bit_offsets(huge).is_contiguous()
+    usual = torch.empty(2, 4096, 32, 128, device="meta").transpose(1, 2)
+    assert kernels.with_32bit_offsets(usual) is usual
+
+
+def test_copies_for_32_bit_offsets_keep_the_results(monkeypatch):
+    """With the 2^31 limit lowered to 64 elements, the forward and backward launchers copy the
+    [B, S, H, D] views they get (q, k, v; dout, out) and give the same bits as without copies."""
+    needs_backend("triton")
+    kernels = _kernels()
+    from effkern.kernels import _launch
+
+    q, k, v = (t.detach() for t in make(1, 4, 2, 9, 23, 32, True))
+    dout = torch.randn(1, 9, 4, 32).half().transpose(1, 2)
+    args = (True, 0.125, -1, -1, 0.0)
+    out, lse = kernels.flash_attn_fwd(q, k, v, *args)
+    want = [out, lse, *kernels.flash_attn_bwd(dout, None, q, k, v, out, lse, *args)]
+    monkeypatch.setattr(_launch, "MAX_32BIT_OFFSET", 64)
+    copied = record_calls(monkeypatch, kernels, "with_32bit_offsets", lambda call, result: result is not call[0])
+    out, lse = kernels.flash_attn_fwd(q, k, v, *args)
+    got = [out, lse, *kernels.flash_attn_bwd(dout, None, q, k, v, out, lse, *args)]
+    assert copied == [True] * 3 + [True, True, True, True, False]  # out is already contiguous
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_sdpa_bool_scale_is_torchs():
     """torch's SDPA takes scale=True as 1.0 (and False as 0.0); a bool goes to torch's own SDPA."""
     q, k, v = (t.detach() for t in make(1, 2, 2, 5, 9, 16, False, torch.float32))

@@ -197,7 +197,7 @@ def test_gemm_launchers_copy_operands_with_wide_reduction_strides(monkeypatch):
         pytest.skip(why)
     from effkern.kernels import _launch, _splitk, int8, linear_gelu, sparse24
 
-    monkeypatch.setattr(_launch, "MAX_REDUCTION_OFFSET", 64)
+    monkeypatch.setattr(_launch, "MAX_32BIT_OFFSET", 64)
     copies = []
 
     def spy(t, dim):
