@@ -206,7 +206,8 @@ def check_linear_args(op: str, input, values, meta, bias, mixed_dtypes_allowed: 
         raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
 
 
-def check_int8_linear_args(op: str, input, values, meta, weight_scale, bias, mixed_dtypes_allowed: bool = False) -> None:
+def check_int8_linear_args(op: str, input, values, meta, weight_scale, bias,
+                           mixed_dtypes_allowed: bool = False) -> None:
     """sparse24_int8_linear's arguments: float input [..., K], int8 values [N, K / 2] and their
     meta, weight_scale float32 [N], bias [N] in input's dtype (``mixed_dtypes_allowed``: any
     float dtype, for autocast to cast)."""

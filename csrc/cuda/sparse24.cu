@@ -173,7 +173,8 @@ auto with_config(Config c, F&& f) -> decltype(f(Decode8<T>{})) {
 // d += A (16 x 32, 2:4 sparse: a = its 16 x 16 kept values, e = their indices) * B (32 x 8, b);
 // int8: A 16 x 64 (16 x 32 kept), B 64 x 8, d exact int32.
 // kSel: the sparsity selector, i.e. which thread pair of each quad supplies e (0: threads 0, 1;
-// 1: threads 2, 3); int8 m16n8k64 reads all four threads' e and takes selector 0. ordered_metadata: the two indices of every group are increasing from the LSB
+// 1: threads 2, 3); int8 m16n8k64 reads all four threads' e and takes selector 0.
+// ordered_metadata: the two indices of every group are increasing from the LSB
 // (reorder_for_mma_sp checks it), which PTX advises over plain mma.sp for performance. The
 // ::ordered_metadata form needs PTX ISA 8.5 (CUDA 12.5); older toolkits get plain mma.sp, which
 // reads metadata whose indices are increasing the same way.
