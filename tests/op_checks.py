@@ -52,6 +52,29 @@ def assert_linear_matches_float64(y, x, weight64, weight_same, bias=None, what: 
     assert_matches_float64(y, exact, F.linear(x, weight_same, bias), x.shape[-1], what=what)
 
 
+# ---------------------------------------------------------------------------- int8 dequantization
+
+def rounded_from(out, exact32):
+    """Where out == exact32 rounded to out's dtype. Triton's interpreter rounds fp32 -> bf16 toward
+    zero (GPUs round to nearest), so for bf16 either neighbour of exact32 is accepted."""
+    if out.dtype != torch.bfloat16:
+        return out == exact32.to(out.dtype)
+    return (out.float() - exact32).abs() <= torch.finfo(torch.bfloat16).eps * exact32.abs()
+
+
+def assert_dequantized_from(out, acc, a_scale, b_scale, bias=None):
+    """out == (acc * a_scale[m]) * b_scale[n] (+ bias[n]) in fp32, acc the exact integer sums
+    rounded once to fp32, then rounded to out's dtype, with the last multiply and the add rounded
+    apart (the interpreter, the reference) or fused into one fma (what the GPU compiler may
+    emit): either, per element. Nothing else may differ: the int32 accumulation is exact."""
+    scaled = acc.float() * a_scale[:, None]
+    bias32, bias64 = (0.0, 0.0) if bias is None else (bias.float(), bias.double())
+    separate = scaled * b_scale[None, :] + bias32
+    fused = (scaled.double() * b_scale[None, :].double() + bias64).float()  # fp32 fma: one rounding
+    off = ~(rounded_from(out, separate) | rounded_from(out, fused))
+    assert not off.any(), f"{int(off.sum())} elements off, first at {off.nonzero()[0].tolist()}"
+
+
 # ---------------------------------------------------------------------------- errors
 
 def assert_bad_call_raises(backend: str, op, case):

@@ -15,9 +15,9 @@ from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_weight_on
                           quantize_rows_reference)
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
-                       assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
+                       assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_fine_tuning_lowers_the_loss,
                        assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name, record_calls)
+                       parametrize_by_name, record_calls, rounded_from)
 
 BACKENDS = ["triton", "reference"]
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
@@ -54,26 +54,8 @@ def int8_pair(M, N, K, device="cpu", seed=0):
             torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(device))
 
 
-def rounded_from(out, exact32):
-    """Where out == exact32 rounded to out's dtype. Triton's interpreter rounds fp32 -> bf16 toward
-    zero (GPUs round to nearest), so for bf16 either neighbour of exact32 is accepted."""
-    if out.dtype != torch.bfloat16:
-        return out == exact32.to(out.dtype)
-    return (out.float() - exact32).abs() <= torch.finfo(torch.bfloat16).eps * exact32.abs()
-
-
 def assert_rounded_from(out, exact32):
     assert rounded_from(out, exact32).all()
-
-
-def assert_dequantized_from(out, acc, a_scale, b_scale, bias):
-    """out == (acc * a_scale[m]) * b_scale[n] + bias[n] in fp32, rounded to out's dtype, with the
-    last multiply and the add rounded apart (the interpreter, the reference) or fused into one
-    fma (what the GPU compiler may emit): either, per element."""
-    scaled = acc.float() * a_scale[:, None]
-    separate = scaled * b_scale[None, :] + bias.float()
-    fused = (scaled.double() * b_scale[None, :].double() + bias.double()).float()  # fp32 fma: one rounding
-    assert (rounded_from(out, separate) | rounded_from(out, fused)).all()
 
 
 # ---------------------------------------------------------------------------- quantization

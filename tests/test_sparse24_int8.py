@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern.int8 import (int8_accumulate_reference, int8_linear_reference, int8_matmul_reference,
-                          quantize_rows_reference)
+from effkern.int8 import int8_accumulate_reference, int8_linear_reference, quantize_rows_reference
 from effkern.sparse24 import compress_24_reference, decompress_24_reference
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name, record_calls)
+                       assert_dequantized_from, assert_opcheck_passes, needs_backend, parametrize_by_name,
+                       record_calls, rounded_from)
 
 ODD_M = (1, 3, 17, 130)
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -64,25 +64,9 @@ def scales_and_bias(M, N, bias_dtype):
 
 
 def assert_matches_reference(out, a_q, w, a_scale, w_scale, bias):
-    """out == int8_matmul_reference's fp32 result (the exact accumulator, (acc * a_scale[m]) *
-    w_scale[n] + bias[n] rounded step by step, as the interpreter computes) or, per element, the
-    same with the last multiply and the add fused into one fma (what a GPU compiler may emit): the
-    int32 accumulator is exact, so nothing else may differ. A 16-bit out is that fp32 value
-    rounded to its dtype, within 1 ulp of it (Triton's interpreter rounds fp32 -> bf16 toward
-    zero, GPUs to nearest)."""
-    separate = int8_matmul_reference(a_q, w, a_scale, w_scale, bias, torch.float32)
-    scaled = int8_accumulate_reference(a_q, w).float() * a_scale[:, None]
-    fused = (scaled.double() * w_scale.double() + (0.0 if bias is None else bias.double())).float()
-    assert out.shape == separate.shape
-    ok = torch.zeros(out.shape, dtype=torch.bool)
-    for want in (separate, fused):
-        nearest = want.to(out.dtype)
-        for neighbour in ((nearest,) if out.dtype == torch.float32 else
-                          (nearest, *(torch.nextafter(nearest, torch.full_like(nearest, inf))
-                                      for inf in (-torch.inf, torch.inf)))):
-            ok |= out == neighbour
-    bad = (~ok).nonzero()
-    assert not len(bad), f"{len(bad)} elements off, first at {bad[0].tolist()}"
+    """out is int8_matmul's definition on the dense int8 w (op_checks.assert_dequantized_from)."""
+    assert out.shape == (a_q.shape[0], w.shape[0])
+    assert_dequantized_from(out, int8_accumulate_reference(a_q, w), a_scale, w_scale, bias)
 
 
 # ---------------------------------------------------------------------------- the Triton kernel
@@ -301,16 +285,8 @@ def test_op_is_int8_linear_on_the_decompressed_weight(backend, dtype, M, monkeyp
     assert y.dtype == dtype and y.shape == (M, N)
     xq, xs = quantize_rows_reference(x)
     exact32 = (xq.int() @ qweight.int().t()).float() * xs[:, None] * scale + b.float()
-    assert rounded_or_neighbour(y, exact32).all()
+    assert rounded_from(y, exact32).all()
     assert torch.equal(y, int8_linear_reference(x, qweight, scale, b)) or dtype == torch.bfloat16
-
-
-def rounded_or_neighbour(out, exact32):
-    """out == exact32 rounded to out's dtype, or (bf16: the interpreter rounds fp32 -> bf16 toward
-    zero, GPUs to nearest) one of its two neighbours."""
-    if out.dtype != torch.bfloat16:
-        return out == exact32.to(out.dtype)
-    return (out.float() - exact32).abs() <= torch.finfo(torch.bfloat16).eps * exact32.abs()
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -460,11 +436,8 @@ def test_gpu_op_is_int8_linear_on_the_decompressed_weight(backend, dtype, M, N, 
     with ek.use_backend(backend):
         y = ek.sparse24_int8_linear(x, values, meta, scale, b)
     xq, xs = quantize_rows_reference(x)
-    acc = (xq.double() @ qweight.double().t())
-    scaled = acc.float() * xs[:, None]
-    separate = (scaled * scale + b.float()).to(dtype)
-    fused = (scaled.double() * scale.double() + b.double()).float().to(dtype)
-    assert ((y == separate) | (y == fused)).all()  # split K too: its exact slices are added in int64
+    # split K too: its exact slices are added in int64
+    assert_dequantized_from(y, int8_accumulate_reference(xq, qweight), xs, scale, b)
 
 
 @pytest.mark.gpu
@@ -496,6 +469,6 @@ def test_gpu_auto_module_and_compile():
     y = layer(x)
     with ek.use_backend("reference"):
         want = layer(x)
-    assert rounded_or_neighbour(y, want.float()).all()
+    assert rounded_from(y, want.float()).all()
     torch._dynamo.reset()
     assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
