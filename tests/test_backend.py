@@ -12,6 +12,8 @@ import torch
 import effkern as ek
 from effkern import _backend, _ext, _policy
 
+from op_checks import needs_backend
+
 
 def test_use_backend_nests_and_restores(monkeypatch):
     monkeypatch.delenv("EFFKERN_BACKEND", raising=False)
@@ -192,9 +194,7 @@ def test_gemm_launchers_copy_operands_with_wide_reduction_strides(monkeypatch):
     """With the 2^31 limit lowered to 64 elements, every Triton GEMM launcher hands its kernels
     copies of transposed operands (the helper is called on them and copies), and the results
     stay those of the contiguous inputs."""
-    ok, why = ek.backend_available("triton", "cpu")
-    if not ok:
-        pytest.skip(why)
+    needs_backend("triton")
     from effkern.kernels import _launch, _splitk, int8, linear_gelu, sparse24
 
     monkeypatch.setattr(_launch, "MAX_32BIT_OFFSET", 64)

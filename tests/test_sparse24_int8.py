@@ -339,6 +339,9 @@ def op_samples(requires_grad: bool):
         x = torch.randn(*lead, 64, dtype=dtype, requires_grad=requires_grad)
         for bias in (None, torch.randn(16, dtype=dtype, requires_grad=requires_grad)):
             yield torch.ops.effkern.sparse24_int8_linear.default, (x, values, meta, scale, bias)
+    # the format ops on an int8 weight (triton: the C++ CPU kernels; reference: PyTorch ops)
+    yield torch.ops.effkern.compress_24.default, (decompress_24_reference(values, meta),)
+    yield torch.ops.effkern.decompress_24.default, (values, meta)
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -414,6 +417,16 @@ def test_module_from_linear_and_state_dict_round_trip():
 
 
 # ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_format_ops_on_an_int8_weight_give_the_cpu_bits():
+    """compress_24 / decompress_24 of a CUDA int8 weight (PyTorch ops there) give the CPU
+    reference's bits (which the C++ CPU kernels match: test_sparse24_cpu.py), -128 included."""
+    w, values, meta = sparse_int8_weight(64, 200)
+    got = ek.compress_24(w.cuda())
+    assert torch.equal(got[0].cpu(), values) and torch.equal(got[1].cpu(), meta)
+    assert torch.equal(ek.decompress_24(values.cuda(), meta.cuda()).cpu(), w)
+
 
 GPU_SHAPES = [  # (M, N, K): the CUDA kernel's four tile configurations, split K, partial tiles
     (1, 4096, 4096), (8, 64, 1024), (13, 208, 320), (16, 1024, 2048), (40, 144, 128), (64, 256, 4096),
