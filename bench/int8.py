@@ -125,12 +125,18 @@ def _effkern(backend: str, quantization: str | None = None, tma: bool = True) ->
                             limits=limits, env=env or None)
 
 
-def _int_mm_w8a8(x, w, qw, scale, b):
-    # W8A8 as a PyTorch user writes it (torchao's dynamic int8 does the same): per-token absmax
-    # scales, round, int8 GEMM with an int32 result, dequantize in fp32
+def quantize_per_token_as_torch_users_do(x):
+    """W8A8's activation quantization as a PyTorch user writes it (torchao's dynamic int8 does
+    the same): per-token absmax scales [M, 1], round, clamp: (x int8, scales)."""
     xf = x.float()
     x_scale = xf.abs().amax(-1, keepdim=True) / 127
     xq = torch.round(xf / x_scale.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-127, 127).to(torch.int8)
+    return xq, x_scale
+
+
+def _int_mm_w8a8(x, w, qw, scale, b):
+    # W8A8 as a PyTorch user writes it: int8 GEMM with an int32 result, dequantized in fp32
+    xq, x_scale = quantize_per_token_as_torch_users_do(x)
     return (torch._int_mm(xq, qw.t()).float() * x_scale * scale + b.float()).to(x.dtype)
 
 

@@ -351,11 +351,11 @@ def test_sparse24_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch)
         return decompress_24_reference(values, torch.full_like(meta, 0x44))
 
     wrong = {
-        "metadata-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+        "metadata-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b, packed:
                                              int8_linear_reference(x, first_two_kept(values, meta), scale, b)),
-        "scale-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+        "scale-ignored": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b, packed:
                                           sparse24_int8_linear_reference(x, values, meta, torch.ones_like(scale), b)),
-        "x-unquantized": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b:
+        "x-unquantized": harness.Provider(build=lambda case: lambda x, w, qw, values, meta, scale, b, packed:
                                           F.linear(x, qw.to(x.dtype) * scale[:, None].to(x.dtype), b)),
     }
     provs = {**bench_sparse24_int8.providers(), **wrong}
@@ -368,12 +368,29 @@ def test_sparse24_int8_harness_marks_wrong_providers_fail(tmp_path, monkeypatch)
     assert status == {("effkern-triton", "fwd"): "ok", ("reference", "fwd"): "ok", ("int8-dense", "fwd"): "ok",
                       ("torch-linear", "fwd"): "timing only", ("metadata-ignored", "fwd"): "FAIL",
                       ("scale-ignored", "fwd"): "FAIL", ("x-unquantized", "fwd"): "FAIL"}
-    assert {p for p, _ in run.skipped} == {"effkern-cuda"}
+    assert {p for p, _ in run.skipped} == {"effkern-cuda", "torch-cusparselt"}
+    assert ("torch-cusparselt", "torch's cuSPARSELt GEMMs are CUDA only") in run.skipped
     for r in run.rows:  # int8 tensor cores' ceiling; GB/s of the weight reads in each provider's format
         assert r["pct_gemm"] == 100 * r["tflops"] / CEIL["int8_tops"]
         weight = {"torch-linear": 4 * 32 * 64, "int8-dense": 32 * 64 + 4 * 32}.get(r["provider"],
                                                                                  32 * 64 // 2 + 32 * 64 // 8 + 4 * 32)
         assert r["gbps"] == pytest.approx(weight / (r["ms"] * 1e-3) / 1e9)
+
+
+def test_sparse24_int8_cusparselt_baseline_computes_the_op(monkeypatch):
+    """The torch-cusparselt provider's own steps (PyTorch's per-token quantization, the rows padded
+    to 16, the transposes, the dequantization), with torch's cuSPARSELt calls stood in for on the
+    CPU by the product they compute (an int32 W @ B): the op's result. What torch's kernel itself
+    returns is checked on a GPU, in the benchmark's ok column."""
+    monkeypatch.setattr(torch, "_cslt_compress", lambda w: w.clone())
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda packed, dense, out_dtype: packed.int() @ dense.int())
+    case = bench_sparse24_int8._case(torch.float32, 5, 32, 64)
+    x, w, qweight, values, meta, scale, b, _ = bench_sparse24_int8.inputs(case, "cpu")
+    packed = bench_sparse24_int8._cusparselt_compress(qweight)
+    got = bench_sparse24_int8.cusparselt_w8a8(x, w, qweight, values, meta, scale, b, packed)
+    torch.testing.assert_close(got, sparse24_int8_linear_reference(x, values, meta, scale, b))
+    with pytest.raises(RuntimeError, match="torch._cslt_compress failed on this weight"):
+        bench_sparse24_int8.cusparselt_w8a8(x, w, qweight, values, meta, scale, b, qweight[:0])
 
 
 def test_sparse24_int8_policy_is_what_auto_reads(tmp_path, monkeypatch):
