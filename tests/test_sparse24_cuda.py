@@ -155,16 +155,23 @@ def test_k_step():
             L.k_step(dtype)
 
 
+def assert_covers_the_tile_once(row, chunk, which, chunks):
+    """The (row, chunk, kept element) slots given (broadcast together) are the 16 rows x ``chunks``
+    chunks x 2 kept elements of an A tile, each exactly once."""
+    row, chunk, which = torch.broadcast_tensors(row, chunk, which)
+    seen = torch.zeros(16, chunks, 2, dtype=torch.int64)
+    seen.index_put_((row.flatten(), chunk.flatten(), which.flatten()), torch.ones(row.numel(), dtype=torch.int64),
+                    accumulate=True)
+    assert (seen == 1).all()
+
+
 def test_ptx_a_fragment_rule_covers_the_tile_once():
     """[P3] (PTX ISA 9.7.14.6.2.2, Figure 120): the 32 lanes x 8 elements are the 16 rows x 8
     chunks x 2 kept elements of the A tile, each once; spot checks of the formula."""
     lanes = torch.arange(32).view(-1, 1)
     i = torch.arange(8).view(1, -1)
     row, firstcol = L.ptx_a_element(lanes, i)
-    seen = torch.zeros(16, 8, 2, dtype=torch.int64)
-    seen.index_put_((row.flatten(), (firstcol // 4).flatten(), (i % 2).expand(32, 8).flatten()),
-                    torch.ones(256, dtype=torch.int64), accumulate=True)
-    assert (seen == 1).all()
+    assert_covers_the_tile_once(row, firstcol // 4, i % 2, chunks=8)
     assert L.ptx_a_element(0, 0) == (0, 0)
     assert L.ptx_a_element(5, 2) == (9, 4)     # g = 1, t = 1, register 1: row g + 8, k 4t
     assert L.ptx_a_element(6, 7) == (9, 24)    # g = 1, t = 2, register 3: row g + 8, k 16 + 4t
@@ -180,11 +187,7 @@ def test_ptx_a_fragment_rule_s8_covers_the_tile_once():
     i = torch.arange(16).view(1, -1)
     row, firstcol = L.ptx_a_element_s8(lanes, i)
     assert bool((firstcol % 8 == 0).all())
-    chunk = firstcol // 4 + (i % 4) // 2
-    seen = torch.zeros(16, 16, 2, dtype=torch.int64)
-    seen.index_put_((row.flatten(), chunk.flatten(), (i % 2).expand(32, 16).flatten()),
-                    torch.ones(512, dtype=torch.int64), accumulate=True)
-    assert (seen == 1).all()
+    assert_covers_the_tile_once(row, firstcol // 4 + (i % 4) // 2, i % 2, chunks=16)
     assert L.ptx_a_element_s8(0, 0) == (0, 0)
     assert L.ptx_a_element_s8(5, 4) == (9, 8)      # g = 1, t = 1, register 1: row g + 8, k 8t
     assert L.ptx_a_element_s8(6, 15) == (9, 48)    # g = 1, t = 2, register 3: row g + 8, k 32 + 8t
@@ -200,11 +203,8 @@ def test_ptx_metadata_rule_covers_the_tile_once(selector):
     p = torch.arange(2).view(2, 1)
     field = torch.arange(16).view(1, 16)
     row_offset, chunk, which = L.ptx_metadata_field(p, field)
-    seen = torch.zeros(16, 8, 2, dtype=torch.int64)
-    for g in range(8):
-        seen.index_put_(((g + row_offset).expand(2, 16).flatten(), chunk.expand(2, 16).flatten(),
-                         which.expand(2, 16).flatten()), torch.ones(32, dtype=torch.int64), accumulate=True)
-    assert (seen == 1).all()
+    g = torch.arange(8).view(8, 1, 1)  # every group of four lanes
+    assert_covers_the_tile_once(g + row_offset, chunk, which, chunks=8)
     assert L.ptx_metadata_field(0, 0) == (0, 0, 0) and L.ptx_metadata_field(0, 1) == (0, 0, 1)
     assert L.ptx_metadata_field(0, 7) == (0, 3, 1)   # bits 15..14: row g, k 12..15, second index
     assert L.ptx_metadata_field(0, 8) == (8, 0, 0)   # bits 17..16: row g + 8
@@ -224,11 +224,8 @@ def test_ptx_metadata_rule_s8_covers_the_tile_once():
     t = torch.arange(4).view(4, 1)
     field = torch.arange(16).view(1, 16)
     row_offset, chunk, which = L.ptx_metadata_field_s8(t, field)
-    seen = torch.zeros(16, 16, 2, dtype=torch.int64)
-    for g in range(8):
-        seen.index_put_(((g + row_offset).expand(4, 16).flatten(), chunk.expand(4, 16).flatten(),
-                         which.expand(4, 16).flatten()), torch.ones(64, dtype=torch.int64), accumulate=True)
-    assert (seen == 1).all()
+    g = torch.arange(8).view(8, 1, 1)  # every group of four lanes
+    assert_covers_the_tile_once(g + row_offset, chunk, which, chunks=16)
     assert torch.equal(row_offset.expand(4, 16), (8 * (t % 2)).expand(4, 16))
     assert torch.equal(chunk, 8 * (t // 2) + field // 2) and torch.equal(which.expand(4, 16), (field % 2).expand(4, 16))
     assert L.ptx_metadata_field_s8(0, 0) == (0, 0, 0) and L.ptx_metadata_field_s8(0, 1) == (0, 0, 1)
