@@ -209,8 +209,6 @@ def test_int8_matmul_leading_dims_and_default_dtype(backend, poison_empty):
     assert_rounded_from(out.view(6, 10), (a.int() @ b.int().t()).float() * a_scale.view(6, 1) * b_scale)
 
 
-# ---------------------------------------------------------------------------- linear layers
-
 # ---------------------------------------------------------------------------- the TMA GEMM
 
 # (M, N, K): int8 rows 16-byte aligned (K a multiple of 16, N of 8), more rows than
@@ -298,6 +296,8 @@ def test_tma_gemm_compiles_onto_wgmma_and_tma(compile_for_gpu, out):
         dict(DEQUANT=dequant, SCALE_ROWS=dequant, SCALE_COLS=dequant, HAS_BIAS=dequant,
              OUT_BYTES={"bf16": 2, "fp32": 4, "i32": 4}[out]), r"s32\.s8\.s8", 0)
 
+
+# ---------------------------------------------------------------------------- linear layers
 
 def plain_quantize(t):
     """Per-row quantization as a PyTorch user writes it: (integer values in fp32 [..., K], fp32
@@ -611,6 +611,73 @@ def test_backward_kernel_split_k(split_k):
     g = torch.randn(2, 70)
     out = kernels().int8_matmul(g, qw, None, scale, None, torch.float32, scale_k=True, split_k=split_k)
     torch.testing.assert_close(out, g @ dequantize_int8(qw, scale, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GPU tiles, in the interpreter
+
+# A GPU runs the GEMMs at the tiles of their autotuning configs and of the fixed and split-K "gpu"
+# configs, the interpreter at small ones; a bug that shows only at a GPU's tile (an edge mask, a
+# partial last K step, a slice boundary, a TMA box) would wait for a GPU run. So each distinct GPU
+# tile also runs here, as the interpreter's (stages and warps mean nothing to the interpreter).
+def _gpu_tiles() -> list[tuple[str, tuple[int, int, int]]]:
+    k = kernels()
+    tiles = []
+    for path, shapes, fixed in (("per tile", k._GEMM_SHAPES, k._FIXED), ("tma", k._TMA_SHAPES, k._FIXED_TMA)):
+        blocks = dict.fromkeys([shape[:3] for shape in shapes] + [fixed["gpu"][0][:3]])
+        tiles += [(path, b) for b in blocks]
+    return tiles + [("split-k", k._SPLIT["gpu"][0][:3])]
+
+
+def _blocks(setting: dict) -> tuple[int, int, int]:
+    return setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
+
+
+@pytest.mark.parametrize("path,tile", _gpu_tiles(), ids=[f"{p}-{'x'.join(map(str, t))}" for p, t in _gpu_tiles()])
+def test_every_gpu_tile_is_exact_in_the_interpreter(path, tile, monkeypatch, poison_empty):
+    """At each GPU tile, on sizes that cross its edges and end K in a partial step: int8_mm's
+    exact sums, the dequantized output rounded from them and, where the tile serves them (not
+    TMA: int8 A only), the fused quantization's bits, W8A16 within 2x PyTorch's error and the
+    backward's GEMM (scales along the reduction). Split-K: few rows, K over two slices."""
+    needs_backend("triton")
+    from effkern.kernels import _splitk
+
+    k = kernels()
+    bm, bn, bk = tile
+    place = {"per tile": k._FIXED, "tma": k._FIXED_TMA, "split-k": k._SPLIT}[path]
+    monkeypatch.setitem(place, "interpreter", ((*tile, 1 if path == "split-k" else 8), 1, 4))
+    monkeypatch.setenv("EFFKERN_TRITON_TMA", "1" if path == "tma" else "0")
+    launches = {"per tile": record_calls(monkeypatch, _splitk, "launch", lambda a, _: _blocks(a[5]["interpreter"])),
+                "tma": record_calls(monkeypatch, k, "launch_persistent", lambda a, _: _blocks(a[7]["interpreter"])),
+                "split-k": record_calls(monkeypatch, _splitk, "run_split_k", lambda a, _: (*_blocks(a[3]), a[4] > 1))}
+    M, N, K = {"per tile": (max(bm, _splitk.SPLIT_MAX_ROWS) + 3, bn + 5, 2 * bk + 20),
+               "tma": (bm + 3, bn + 8, 2 * bk + 16),  # int8 rows of 16-byte multiples
+               "split-k": (5, 2 * bn + 5, 3 * bk + 40)}[path]
+    split_k = 3 if path == "split-k" else None
+    a, b = int8_pair(M, N, K)
+    acc = a.int() @ b.int().t()
+    assert torch.equal(k.int8_matmul(a, b.t(), None, None, None, torch.int32, split_k=split_k), acc)
+    a_scale, b_scale, bias = _scales_and_bias(M, N)
+    out = k.int8_matmul(a, b.t(), a_scale, b_scale, bias, torch.float16, split_k=split_k)
+    assert_dequantized_from(out, acc, a_scale, b_scale, bias)
+    calls = 2
+    if path != "tma":
+        w = outlier_weight(N, K)
+        qw, scale = ek.quantize_int8(w)
+        x = torch.randn(M, K)
+        xq, xs = k.quantize_rows_int8(x)
+        assert torch.equal(
+            k.int8_matmul(x, qw.t(), None, scale, bias, torch.float32, split_k=split_k, quantize_a=True),
+            k.int8_matmul(xq, qw.t(), xs, scale, bias, torch.float32, split_k=split_k))
+        w16, w64 = dequantize_int8(qw, scale, torch.float16), dequantize_int8(qw, scale, torch.float64)
+        x16 = x.half()
+        assert_linear_matches_float64(k.int8_matmul(x16, qw.t(), None, scale, bias, torch.float16, split_k=split_k),
+                                      x16, w64, w16, bias)
+        g = torch.randn(M, N)
+        assert_matches_float64(k.int8_matmul(g, qw, None, scale, None, torch.float32, scale_k=True, split_k=split_k),
+                               g.double() @ w64, g @ dequantize_int8(qw, scale, torch.float32), reduction=N)
+        calls = 6
+    expected = (*tile, True) if path == "split-k" else tile
+    assert launches[path] == [expected] * calls
 
 
 # ---------------------------------------------------------------------------- registration

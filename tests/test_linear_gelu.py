@@ -579,6 +579,56 @@ def test_tma_forward_compiles_onto_wgmma_and_tma(compile_for_gpu, approximate, s
         r"f32\.bf16\.bf16", TMA_SPILL_LIMIT[store_gelu_grad])
 
 
+# ---------------------------------------------------------------------------- GPU tiles, in the interpreter
+
+# A GPU runs these kernels at the tiles of their autotuning configs and of the fixed "gpu" config,
+# the interpreter at one small tile; a bug that shows only at a GPU's tile (an edge mask, a partial
+# last step of the reduction, a TMA box) would wait for a GPU run. So each distinct GPU tile also
+# runs here, as the interpreter's tile (stages and warps mean nothing to the interpreter).
+def _gpu_tiles() -> list[tuple[str, tuple[int, int, int]]]:
+    kernels = _kernels()
+    tiles = []
+    for path, shapes, fixed in (("plain", kernels._GEMM_SHAPES, kernels._FIXED),
+                                ("tma forward", kernels._TMA_SHAPES, kernels._FIXED_TMA),
+                                ("tma backward", kernels._TMA_BWD_SHAPES, kernels._FIXED_TMA_BWD)):
+        blocks = dict.fromkeys([shape[:3] for shape in shapes] + [fixed["gpu"][0][:3]])
+        tiles += [(path, b) for b in blocks]
+    return tiles
+
+
+def _launched_tiles(monkeypatch, kernels, launcher: str, fixed_index: int) -> list:
+    """(kernel, block sizes) of each launch through ``launcher``, whose ``fixed_index``-th argument
+    holds the fixed configs."""
+    def record(args, _):
+        return args[1], tuple(v for k, v in args[fixed_index]["interpreter"].items() if k.startswith("BLOCK"))
+
+    return record_calls(monkeypatch, kernels, launcher, record)
+
+
+@pytest.mark.parametrize("path,tile", _gpu_tiles(), ids=[f"{p}-{'x'.join(map(str, t))}" for p, t in _gpu_tiles()])
+def test_every_gpu_tile_matches_float64_in_the_interpreter(path, tile, monkeypatch, poison_empty):
+    """Output and all gradients at each GPU tile, on sizes that cross its edges in M, N and K in
+    every launch (the backward's grad_weight launch tiles N x K and reduces over M). The TMA
+    paths need rows of 16 bytes (N and K multiples of 8); K ends in a partial step."""
+    needs_backend("triton")
+    kernels = _kernels()
+    fixed = {"plain": kernels._FIXED, "tma forward": kernels._FIXED_TMA, "tma backward": kernels._FIXED_TMA_BWD}[path]
+    monkeypatch.setitem(fixed, "interpreter", ((*tile, kernels.GROUP), 1, 4))
+    monkeypatch.setenv("EFFKERN_TRITON_TMA", "0" if path == "plain" else "1")
+    plain = _launched_tiles(monkeypatch, kernels, "launch", 5)
+    persistent = _launched_tiles(monkeypatch, kernels, "launch_persistent", 7)
+    big = max(tile)
+    M, N, K = (big + 3, big + 5, big + 9) if path == "plain" else (big + 3, big + 8, big + 24)
+    x, w, b = make_inputs(M, N, K, torch.float16)
+    with ek.use_backend("triton"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, "tanh"), x, w, b, "tanh")
+    expected = {"plain": (plain, [kernels._fwd, kernels._bwd, kernels._bwd]),
+                "tma forward": (persistent, [kernels.linear_gelu_fwd_tma_kernel]),
+                "tma backward": (persistent, [kernels.linear_gelu_bwd_tma_kernel] * 2)}
+    launches, at_tile = expected[path]
+    assert sorted((k for k, t in launches if t == tile), key=id) == sorted(at_tile, key=id)
+
+
 # ---------------------------------------------------------------------------- the checker itself
 
 def test_checker_rejects_wrong_kernels():
