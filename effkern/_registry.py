@@ -19,18 +19,24 @@ def register_family(name: str, describe_auto: Callable[[torch.device], str]) -> 
     FAMILIES[name] = describe_auto
 
 
+# The device types whose autocast effkern's matmul-like ops follow.
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
+
+
 def autocast_on(input) -> bool:
     """Whether torch.autocast is enabled for input's device type, so an op registered with
     register_autocast will see its float tensors cast to one dtype: a public wrapper that checks
     its arguments before the dispatcher then lets mixed dtypes through, as F.linear does (the
-    op checks again after the cast). False for a non-tensor or a device autocast does not know."""
+    op checks again after the cast). False for a non-tensor or another device type.
+    (Not torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it, so every public op
+    broke torch.compile(fullgraph=True) there.)"""
     if not isinstance(input, torch.Tensor):
         return False
     device_type = input.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
-def register_autocast(op_name: str, device_types=("cuda", "cpu"), cast_args: tuple[int, ...] | None = None) -> None:
+def register_autocast(op_name: str, device_types=AUTOCAST_DEVICE_TYPES, cast_args: tuple[int, ...] | None = None) -> None:
     """Autocast rule for a matmul-like op: inside ``torch.autocast(device, dtype)`` its
     floating-point tensor arguments on that device are cast to the autocast dtype that is
     active at call time (bf16 or fp16, as the user chose), like torch's own F.linear;
