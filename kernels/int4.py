@@ -92,7 +92,8 @@ def _depth_fits(cfg, group: int, K: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    fitting = [c for c in configs if _depth_fits(c.kwargs, named_args["GROUP"], named_args["K"])]
+    # Triton's autotuner names only the positional arguments; GROUP comes among the keyword ones
+    fitting = [c for c in configs if _depth_fits(c.kwargs, kwargs["GROUP"], named_args["K"])]
     return prune_by_rows("M", "BLOCK_M")(fitting, named_args, **kwargs)
 
 

@@ -62,7 +62,7 @@ def rounded_from(out, exact32):
     return (out.float() - exact32).abs() <= torch.finfo(torch.bfloat16).eps * exact32.abs()
 
 
-def assert_dequantized_from(out, acc, a_scale, b_scale, bias=None):
+def assert_dequantized_from(out, acc, a_scale, b_scale, bias=None, what: str = "output"):
     """out == (acc * a_scale[m]) * b_scale[n] (+ bias[n]) in fp32, acc the exact integer sums
     rounded once to fp32, then rounded to out's dtype, with the last multiply and the add rounded
     apart (the interpreter, the reference) or fused into one fma (what the GPU compiler may
@@ -72,7 +72,7 @@ def assert_dequantized_from(out, acc, a_scale, b_scale, bias=None):
     separate = scaled * b_scale[None, :] + bias32
     fused = (scaled.double() * b_scale[None, :].double() + bias64).float()  # fp32 fma: one rounding
     off = ~(rounded_from(out, separate) | rounded_from(out, fused))
-    assert not off.any(), f"{int(off.sum())} elements off, first at {off.nonzero()[0].tolist()}"
+    assert not off.any(), f"{what}: {int(off.sum())} elements off, first at {off.nonzero()[0].tolist()}"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -196,6 +196,52 @@ def record_calls(monkeypatch, module, name: str, record) -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+def tile_of(kwargs: dict) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M) of a weight GEMM launch's or config's kwargs."""
+    from effkern.kernels._splitk import TILE_NAMES
+
+    return tuple(kwargs[name] for name in TILE_NAMES)
+
+
+def autotuned_tiles(tuned, named_args: dict | None = None, **kwargs) -> list:
+    """The tiles (tile_of) that the autotuner ``tuned`` may pick for a launch with these arguments
+    (those its pruning reads besides M, as Triton hands them over: the positional ones by name, the
+    keyword ones apart): its configs that the pruning keeps for some row count (it reads M rounded
+    up to a power of two; 512 is past the tallest tile)."""
+    return [tile_of(c.kwargs) for rows in (2**i for i in range(10))
+            for c in tuned.early_config_prune(tuned.configs, dict(named_args or {}, M=rows), **kwargs)]
+
+
+def autotune_through_the_interpreter(monkeypatch) -> dict[str, int]:
+    """The launchers' GPU path, autotuning, run here: launch() (kernels/_launch.py) takes the
+    autotuned kernels, at the interpreter's pretend SM count; every autotuner of effkern's kernels
+    starts with an empty cache and "benchmarks" each config its pruning keeps by running it once
+    through the interpreter (its pre-hooks included), the first one it tries counting as the
+    fastest. Returns {kernel name: configs run by benchmarks}, filled as the test runs."""
+    from triton.runtime.autotuner import Autotuner
+
+    from effkern.kernels import _launch, _splitk, _tma, attention, int4, int8, linear_gelu, sparse24
+
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "1")
+    sms = _launch.sm_count(torch.device("cpu"))
+    monkeypatch.setattr(_launch, "interpreted", lambda: False)
+    for module in (_launch, _splitk, _tma, attention):
+        monkeypatch.setattr(module, "sm_count", lambda device: sms)
+    benchmarked: dict[str, int] = {}
+    for module in (attention, int4, int8, linear_gelu, sparse24):
+        for value in vars(module).values():
+            for tuner in (value.values() if isinstance(value, dict) else (value,)):
+                if isinstance(tuner, Autotuner):
+                    def run_once(kernel_call, quantiles, name=tuner.base_fn.__name__):
+                        kernel_call()
+                        benchmarked[name] = benchmarked.get(name, 0) + 1
+                        return [float(benchmarked[name])] * len(quantiles)
+
+                    monkeypatch.setattr(tuner, "cache", {})
+                    monkeypatch.setitem(tuner.__dict__, "do_bench", run_once)  # a cached_property on the class
+    return benchmarked
 
 
 # ---------------------------------------------------------------------------- GPU code, compiled here

@@ -396,6 +396,114 @@ def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
     assert kernels.decode_splits(64, 6, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
 
 
+# ---------------------------------------------------------------------------- GPU tiles, interpreted
+
+class _RecordedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) first append (its name, BLOCK_M,
+    BLOCK_N, TMA) to ``launches``, None for those it does not take."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((self.kernel.__name__, *(kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "TMA"))))
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+ATTENTION_KERNELS = ("flash_attn_fwd_kernel", "flash_attn_decode_merge_kernel", "flash_attn_bwd_preprocess_kernel",
+                     "flash_attn_bwd_dkdv_kernel", "flash_attn_bwd_dq_kernel")
+
+
+@pytest.fixture
+def gpu_tile_launches(monkeypatch):
+    """The attention launchers run a GPU's tiles under the interpreter: launch()'s "interpreter"
+    config becomes the block sizes of the "gpu" one (num_warps and num_stages mean nothing to the
+    interpreter), and the launchers' own choices between the two (the decoding tiles, the backward
+    preprocess's rows) take the GPU's. Returns each kernel launch while the test runs, as
+    _RecordedKernel records it."""
+    kernels = _kernels()
+    real_fixed = kernels._fixed
+    monkeypatch.setattr(kernels, "_fixed", lambda config, _: real_fixed(config, dict(config.kwargs)))
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    launches = []
+    for name in ATTENTION_KERNELS:
+        monkeypatch.setattr(kernels, name, _RecordedKernel(getattr(kernels, name), launches))
+    return launches
+
+
+def _distinct_tiles(configs: list) -> list:
+    """configs less those whose block sizes an earlier one has: to the interpreter they are the same."""
+    first = {}
+    for config in configs:
+        first.setdefault((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]), config)
+    return list(first.values())
+
+
+# The most distinct tiles (_distinct_tiles) any kernel has in a head-dim class's tuned configs: run r
+# takes each kernel's r-th (its last where it has fewer). The test fails if a kernel gets more.
+GPU_TILE_RUNS = 3
+
+# A head dim below its power-of-two block per head-dim class (96: d128, 200: d256), GQA, sizes no
+# multiple of any tile and two tiles or more along each sequence at the largest (128):
+# - causal with Sq < Skv, contiguous: unmasked key blocks (read by TMA in the forward and dQ) left
+#   of the masked ones on the diagonal, and the Skv edge;
+# - a window narrower than the tiles with Sq > Skv, [B, S, H, D] views (pointer loads): blocks
+#   skipped on both sides of the band, and rows that see no key.
+GPU_TILE_CASES = [
+    ("gqa_140x270_d96_causal", 1, 4, 2, 140, 270, 96, True, (-1, -1), 0.0, False),
+    ("gqa_260x230_d96_window_t", 1, 4, 2, 260, 230, 96, False, (60, 20), 0.0, True),
+    ("gqa_140x270_d200_causal", 1, 4, 2, 140, 270, 200, True, (-1, -1), 0.0, False),
+    ("gqa_260x230_d200_window_t", 1, 4, 2, 260, 230, 200, False, (60, 20), 0.0, True),
+]
+
+
+@pytest.mark.parametrize("run", range(GPU_TILE_RUNS))
+@parametrize_by_name(GPU_TILE_CASES)
+def test_every_gpu_tile_matches_float64(case, run, monkeypatch, gpu_tile_launches, poison_empty):
+    """The forward, dK/dV and dQ kernels at every tile a GPU may run them at (each of their
+    head-dim class's tuned configs forced as the fixed one, as in
+    test_gpu_every_tuned_config_matches_float64), here through the interpreter: out, lse and the
+    gradients against float64, as check_forward_lse_and_gradients checks CASES."""
+    needs_backend("triton")
+    kernels = _kernels()
+    D, transposed = GPU_TILE_CASES[case][6], GPU_TILE_CASES[case][-1]
+    d_class = kernels._d_class(D)
+    tiles = []
+    for table in (kernels.FWD_CONFIGS, kernels.DKDV_CONFIGS, kernels.DQ_CONFIGS):
+        configs = _distinct_tiles(table[d_class])
+        assert len(configs) <= GPU_TILE_RUNS, "a tile no run takes: raise GPU_TILE_RUNS"
+        config = configs[min(run, len(configs) - 1)]
+        monkeypatch.setitem(table, d_class, [config])
+        tiles.append((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]))
+    check_forward_lse_and_gradients(GPU_TILE_CASES[case], "triton")
+    fwd, dkdv, dq = tiles
+    tma = not transposed
+    assert gpu_tile_launches == [("flash_attn_fwd_kernel", *fwd, tma),
+                                 ("flash_attn_bwd_preprocess_kernel", 64, None, None),  # a GPU's 64 rows
+                                 ("flash_attn_bwd_dkdv_kernel", *dkdv, None),
+                                 ("flash_attn_bwd_dq_kernel", *dq, tma)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous (TMA)", "[B, S, H, D] views"])
+@pytest.mark.parametrize("D", [96, 200])
+def test_split_kv_decoding_at_gpu_tiles_matches_float64(D, transposed, gpu_tile_launches, poison_empty):
+    """The split-KV forward and its merge at a GPU's decoding tiles for D's head-dim class: 5 rows,
+    GQA, causal with a window of 300 over 450 keys in 3 splits: the first and the last with masked
+    and unmasked key blocks, the last ending in a partial one."""
+    needs_backend("triton")
+    kernels = _kernels()
+    window = (300, -1)
+    q, k, v = (t.detach() for t in make(1, 4, 2, 5, 450, D, transposed))
+    out, lse = kernels.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(D), *window, 0.0, splits=3)
+    assert_forward_matches_float64(out, lse, q, k, v, True, window, 0.0)
+    tile = kernels._decode_config_gpu(D)
+    assert gpu_tile_launches == [("flash_attn_fwd_kernel", tile["BLOCK_M"], tile["BLOCK_N"], not transposed),
+                                 ("flash_attn_decode_merge_kernel", tile["BLOCK_M"], None, None)]
+
+
 # ---------------------------------------------------------------------------- SDPA drop-in
 
 SDPA_CASES = [

@@ -12,7 +12,7 @@ import torch
 import effkern as ek
 from effkern import _backend, _ext, _policy
 
-from op_checks import needs_backend
+from op_checks import autotune_through_the_interpreter, needs_backend
 
 
 def test_use_backend_nests_and_restores(monkeypatch):
@@ -227,3 +227,92 @@ def test_gemm_launchers_copy_operands_with_wide_reduction_strides(monkeypatch):
     got = int8.int8_matmul(qx, qw.t(), None, None, None, torch.int32)
     assert torch.equal(got, (qx.int() @ qw.int().t()))
     assert any(copies) and len(copies) >= 4
+
+
+# The calls below, on fresh CPU inputs: (op, its float inputs, all differentiated).
+# 100 rows, past SPLIT_MAX_ROWS, so the GEMMs launch one program per tile; 16-byte rows, so the
+# TMA kernels take them where they can.
+def _linear_gelu_call():
+    return ek.linear_gelu, [torch.randn(100, 96).half(), torch.randn(80, 96).half() / 10, torch.randn(80).half()]
+
+
+def _int8_call(op):
+    def call():
+        qweight, scale = ek.quantize_int8(torch.randn(80, 96) / 10)
+        return lambda x, b: op(x, qweight, scale, b), [torch.randn(100, 96).half(), torch.randn(80).half()]
+
+    return call
+
+
+def _int4_call():
+    q = ek.quantize_int4(torch.randn(80, 128).half(), group_size=64)  # depths 32 and 64 fit: two configs
+    return (lambda x, b: ek.int4_linear(x, *q, group_size=64, bias=b),
+            [torch.randn(100, 128).half(), torch.randn(80).half()])
+
+
+def _sparse24_call():
+    values, meta = ek.compress_24(ek.prune_24(torch.randn(80, 96) / 10).half())
+    return (lambda x, v, b: ek.sparse24_linear(x, v, meta, b),
+            [torch.randn(100, 96).half(), values, torch.randn(80).half()])
+
+
+def _sparse24_int8_call():
+    qweight, scale = ek.quantize_int8(ek.prune_24(torch.randn(80, 96) / 10))  # a pruned zero stays 0
+    values, meta = ek.compress_24(qweight)
+    return (lambda x, b: ek.sparse24_int8_linear(x, values, meta, scale, b),
+            [torch.randn(100, 96).half(), torch.randn(80).half()])
+
+
+def _attention_call():
+    # GQA, causal with Sq != Skv: masked and unmasked key blocks at every tile
+    return (lambda q, k, v: ek.flash_attention(q, k, v, causal=True),
+            [torch.randn(1, 4, 100, 64).half(), torch.randn(1, 2, 90, 64).half(), torch.randn(1, 2, 90, 64).half()])
+
+
+# name -> (environment, call, the kernels whose autotuners must have benchmarked configs)
+AUTOTUNED_CALLS = {
+    "linear_gelu": ({"EFFKERN_TRITON_TMA": "1"}, _linear_gelu_call,
+                    {"linear_gelu_fwd_tma_kernel", "linear_gelu_bwd_tma_kernel"}),
+    "linear_gelu without TMA": ({"EFFKERN_TRITON_TMA": "0"}, _linear_gelu_call,
+                                {"linear_gelu_fwd_kernel", "linear_gelu_bwd_kernel"}),
+    "int8_linear": ({"EFFKERN_INT8_QUANTIZATION": "separate"}, _int8_call(ek.int8_linear),
+                    {"int8_matmul_tma_kernel", "int8_matmul_kernel"}),
+    "int8_linear fused": ({"EFFKERN_INT8_QUANTIZATION": "fused"}, _int8_call(ek.int8_linear),
+                          {"int8_matmul_kernel"}),
+    "int8_weight_only_linear": ({}, _int8_call(ek.int8_weight_only_linear), {"int8_matmul_kernel"}),
+    "int4_linear": ({}, _int4_call, {"int4_matmul_kernel"}),
+    "sparse24_linear": ({}, _sparse24_call, {"sparse24_matmul_kernel", "sparse24_dgrad_kernel"}),
+    # (its backward is int8_linear's: through the dequantized weight)
+    "sparse24_int8_linear": ({}, _sparse24_int8_call, {"sparse24_matmul_kernel", "int8_matmul_kernel"}),
+    "flash_attention": ({}, _attention_call,
+                        {"flash_attn_fwd_kernel", "flash_attn_bwd_dkdv_kernel", "flash_attn_bwd_dq_kernel"}),
+}
+
+
+def _forward_backward(call, seed: int) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    op, leaves = call()
+    leaves = [t.requires_grad_() for t in leaves]
+    out = op(*leaves)
+    out.backward(torch.randn_like(out))
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("name", list(AUTOTUNED_CALLS))
+def test_autotuned_launches_give_the_interpreted_results(name, monkeypatch):
+    """What a GPU runs by default, autotuning, from the launch to the chosen config: the pruning,
+    the keys, the pre-hooks that give TMA descriptors each config's tiles, a config run after the
+    others ran on the same buffers. Run here through the interpreter, forward and backward, it
+    must give what the interpreter's own fixed tiles give (which each family's tests hold
+    against float64), within fp16 rounding of another summation order."""
+    needs_backend("triton")
+    env, call, tuned = AUTOTUNED_CALLS[name]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with ek.use_backend("triton"):
+        want = _forward_backward(call, 0)
+        benchmarked = autotune_through_the_interpreter(monkeypatch)
+        got = _forward_backward(call, 0)
+    assert {kernel for kernel, runs in benchmarked.items() if runs >= 2} == tuned
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)

@@ -14,7 +14,8 @@ from effkern.int4 import AWQ_ORDER, int4_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
                        assert_cuda_graph_replays_like_eager, assert_linear_matches_float64, assert_matches_float64,
-                       assert_opcheck_passes, needs_backend, parametrize_by_name, record_calls)
+                       assert_opcheck_passes, autotune_through_the_interpreter, autotuned_tiles, needs_backend,
+                       parametrize_by_name, record_calls, tile_of)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 100)
@@ -304,6 +305,58 @@ def test_split_k(split_k, group_size, poison_empty):
     torch.testing.assert_close(out, int4_linear_reference(x, qw, scales, zeros, group_size, b), rtol=1e-5, atol=1e-5)
 
 
+# (group size, K): K steps of the tiles' depths that fit the group (32 to 256) run 1 to 8 to a
+# group over 2 to 7 groups; one group per row with a K that is no multiple of any depth (masked steps)
+GPU_TILE_GROUPS = [(32, 224), (64, 320), (128, 384), (256, 512), (-1, 328)]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one pass", "split-K"])
+@pytest.mark.parametrize("group_size, K", GPU_TILE_GROUPS)
+def test_every_gpu_tile_matches_float64(group_size, K, split, monkeypatch, poison_empty):
+    """The kernel at each tile it runs at on a GPU, forced as the interpreter's config (GPU runs are
+    rare): one pass at the autotuned tiles whose depth fits the group and at the fixed config,
+    split-K at its config, both fitted to the group as the launcher fits them. M: a tile and a half
+    of rows (the split config's: a decoding batch); N = 264 crosses every tile's columns; split-K
+    in 2 slices (whole K steps: a first of 2 to 4, a last of 1 to 3, partial for K = 328)."""
+    needs_backend("triton")
+    from effkern.kernels import _splitk
+
+    k = kernels()
+    G = K if group_size == -1 else group_size
+    fitted = tile_of(k._fit_depth(_splitk.tile_kwargs(k._SPLIT["gpu"] if split else k._FIXED["gpu"]), G, K))
+    tiles = [fitted] if split else list(dict.fromkeys(autotuned_tiles(k._gemm_tuned, dict(K=K), GROUP=G) + [fitted]))
+    place, split_k = (k._SPLIT, 2) if split else (k._FIXED, 1)
+    one_pass = record_calls(monkeypatch, _splitk, "launch", lambda args, _: tile_of(args[5]["interpreter"]))
+    sliced = record_calls(monkeypatch, _splitk, "run_split_k", lambda args, _: tile_of(args[3]))
+    N = 264
+    qw, scales, zeros = quantized(N, K, group_size)
+    b = torch.randn(N).half()
+    weight64, weight16 = (ek.dequantize_int4(qw, scales, zeros, group_size, dtype)
+                          for dtype in (torch.float64, torch.float16))
+    for blocks in tiles:
+        monkeypatch.setitem(place, "interpreter", (blocks, 1, 4))  # stages and warps: the interpreter ignores them
+        x = torch.randn(3 * blocks[0] // 2 + 1, K).half()
+        y = k.int4_matmul(x, qw, scales, zeros, G, b, split_k=split_k)
+        assert_linear_matches_float64(y, x, weight64, weight16, b, what=f"tile {blocks}, M={x.shape[0]}")
+    assert (sliced, one_pass) == ((tiles, []) if split else ([], tiles))
+
+
+def test_autotuned_launch_runs_the_tile_that_fits_the_group(monkeypatch, poison_empty):
+    """The launcher's GPU path, autotuning (the default), run here: with groups of 32 a single
+    autotuned tile fits (128 x 128, 32 deep), so the autotuner runs it without benchmarking, through
+    the interpreter, here on 193 x 264 outputs (crossing its edges). Its pruning reads the group,
+    which Triton passes with the keyword arguments (not with the positional ones, named_args)."""
+    needs_backend("triton")
+    k = kernels()
+    benchmarked = autotune_through_the_interpreter(monkeypatch)
+    qw, scales, zeros = quantized(264, 224, 32)
+    x, b = torch.randn(193, 224).half(), torch.randn(264).half()
+    y = k.int4_matmul(x, qw, scales, zeros, 32, b, split_k=1)
+    assert tile_of(k._gemm_tuned.best_config.kwargs) == (128, 128, 32, 8) and benchmarked == {}
+    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, 32, torch.float64),
+                                  ek.dequantize_int4(qw, scales, zeros, 32), b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_strides_and_scale_dtype(backend):
     """3-D and transposed inputs; scales/zeros kept in float32 with float16 activations."""
@@ -589,6 +642,22 @@ def test_gpu_matches_float64(backend, M, group_size, dtype, poison_empty):
     qw, scales, zeros = quantized(N, K, group_size, dtype, device="cuda")
     x, b = torch.randn(M, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
     with ek.use_backend(backend):
+        y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
+    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64),
+                                  ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_gpu_autotuned_triton_matches_float64(group_size, monkeypatch, poison_empty):
+    """The default GPU path, autotuning (the tests above run one fixed tile), over the tiles whose
+    depth fits the group: 200 rows, an N that is no multiple of a tile."""
+    needs_backend("triton", "cuda")
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "1")
+    N, K, dtype = 520, 1024, torch.bfloat16
+    qw, scales, zeros = quantized(N, K, group_size, dtype, device="cuda")
+    x, b = torch.randn(200, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
+    with ek.use_backend("triton"):
         y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
     assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64),
                                   ek.dequantize_int4(qw, scales, zeros, group_size, dtype), b)

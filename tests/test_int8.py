@@ -17,7 +17,7 @@ from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_weight_on
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
                        assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_fine_tuning_lowers_the_loss,
                        assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name, record_calls, rounded_from)
+                       parametrize_by_name, record_calls, rounded_from, tile_of)
 
 BACKENDS = ["triton", "reference"]
 LINEAR_OPS = {"w8a8": ek.int8_linear, "w8a16": ek.int8_weight_only_linear}
@@ -628,10 +628,6 @@ def _gpu_tiles() -> list[tuple[str, tuple[int, int, int]]]:
     return tiles + [("split-k", k._SPLIT["gpu"][0][:3])]
 
 
-def _blocks(setting: dict) -> tuple[int, int, int]:
-    return setting["BLOCK_M"], setting["BLOCK_N"], setting["BLOCK_K"]
-
-
 @pytest.mark.parametrize("path,tile", _gpu_tiles(), ids=[f"{p}-{'x'.join(map(str, t))}" for p, t in _gpu_tiles()])
 def test_every_gpu_tile_is_exact_in_the_interpreter(path, tile, monkeypatch, poison_empty):
     """At each GPU tile, on sizes that cross its edges and end K in a partial step: int8_mm's
@@ -644,11 +640,12 @@ def test_every_gpu_tile_is_exact_in_the_interpreter(path, tile, monkeypatch, poi
     k = kernels()
     bm, bn, bk = tile
     place = {"per tile": k._FIXED, "tma": k._FIXED_TMA, "split-k": k._SPLIT}[path]
-    monkeypatch.setitem(place, "interpreter", ((*tile, 1 if path == "split-k" else 8), 1, 4))
+    blocks = (*tile, 1 if path == "split-k" else 8)
+    monkeypatch.setitem(place, "interpreter", (blocks, 1, 4))
     monkeypatch.setenv("EFFKERN_TRITON_TMA", "1" if path == "tma" else "0")
-    launches = {"per tile": record_calls(monkeypatch, _splitk, "launch", lambda a, _: _blocks(a[5]["interpreter"])),
-                "tma": record_calls(monkeypatch, k, "launch_persistent", lambda a, _: _blocks(a[7]["interpreter"])),
-                "split-k": record_calls(monkeypatch, _splitk, "run_split_k", lambda a, _: (*_blocks(a[3]), a[4] > 1))}
+    launches = {"per tile": record_calls(monkeypatch, _splitk, "launch", lambda a, _: tile_of(a[5]["interpreter"])),
+                "tma": record_calls(monkeypatch, k, "launch_persistent", lambda a, _: tile_of(a[7]["interpreter"])),
+                "split-k": record_calls(monkeypatch, _splitk, "run_split_k", lambda a, _: (*tile_of(a[3]), a[4] > 1))}
     M, N, K = {"per tile": (max(bm, _splitk.SPLIT_MAX_ROWS) + 3, bn + 5, 2 * bk + 20),
                "tma": (bm + 3, bn + 8, 2 * bk + 16),  # int8 rows of 16-byte multiples
                "split-k": (5, 2 * bn + 5, 3 * bk + 40)}[path]
@@ -676,8 +673,7 @@ def test_every_gpu_tile_is_exact_in_the_interpreter(path, tile, monkeypatch, poi
         assert_matches_float64(k.int8_matmul(g, qw, None, scale, None, torch.float32, scale_k=True, split_k=split_k),
                                g.double() @ w64, g @ dequantize_int8(qw, scale, torch.float32), reduction=N)
         calls = 6
-    expected = (*tile, True) if path == "split-k" else tile
-    assert launches[path] == [expected] * calls
+    assert launches[path] == [(*blocks, True) if path == "split-k" else blocks] * calls
 
 
 # ---------------------------------------------------------------------------- registration

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 import effkern as ek
 from effkern import sparse24
+from effkern.int8 import int8_accumulate_reference
 from effkern.sparse24 import prune_24_reference, sparse24_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
-                       assert_cuda_graph_replays_like_eager, assert_fine_tuning_lowers_the_loss,
-                       assert_linear_matches_float64, assert_matches_float64, assert_opcheck_passes, needs_backend,
-                       parametrize_by_name, record_calls)
+                       assert_cuda_graph_replays_like_eager, assert_dequantized_from,
+                       assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_matches_float64,
+                       assert_opcheck_passes, autotuned_tiles, needs_backend, parametrize_by_name, record_calls,
+                       tile_of)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 130)
@@ -280,9 +282,61 @@ def check_every_tile(monkeypatch, place: str, dtype, device: str, shapes):
                                    grad.double() @ w.double(), grad @ w, N, what=f"dgrad, {tile}")
 
 
-def test_every_tuned_tile_matches_float64(monkeypatch):
-    """Under the interpreter; K = 268 ends in half a meta byte, N = 300 is no multiple of a tile."""
-    check_every_tile(monkeypatch, "interpreter", torch.float16, "cpu", [(70, 300, 268), (130, 256, 512)])
+def check_forward(kernels, M, N, K, split_k, what):
+    w, values, meta = compressed_sparse_weight(N, K, torch.float16)
+    x, b = torch.randn(M, K).half(), torch.randn(N).half()
+    assert_linear_matches_float64(kernels.sparse24_matmul(x, values, meta, b, split_k=split_k), x, w.double(), w, b,
+                                  what=what)
+
+
+def check_int8_forward(kernels, M, N, K, split_k, what):
+    """Exact int32 sums, dequantized as the int8 family does (op_checks.assert_dequantized_from)."""
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8) * (sparse_weight(N, K) != 0)
+    values, meta = ek.compress_24(w)
+    a_q = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    a_scale, w_scale, b = torch.rand(M) / 100, torch.rand(N) / 100, torch.randn(N).half()
+    out = kernels.sparse24_int8_matmul(a_q, a_scale, values, meta, w_scale, b, torch.float16, split_k=split_k)
+    assert_dequantized_from(out, int8_accumulate_reference(a_q, w), a_scale, w_scale, b, what=what)
+
+
+def check_dgrad(kernels, M, N, K, split_k, what):
+    w, values, meta = compressed_sparse_weight(N, K, torch.float16)
+    grad = torch.randn(M, N).half()
+    assert_matches_float64(kernels.sparse24_dgrad(grad, values, meta, split_k=split_k), grad.double() @ w.double(),
+                           grad @ w, N, what=what)
+
+
+KERNEL_CHECKS = {"forward": check_forward, "int8 forward": check_int8_forward, "dgrad": check_dgrad}
+# (N, K) of the layer (the dgrad's reduction is N, its output columns K): 300 crosses every tile's
+# edges, K = 300 ends in half a meta byte; N = 256 and K = 512 are whole tiles (the unmasked loads:
+# EVEN_K, EVEN_N)
+GPU_TILE_SHAPES = [(300, 300), (256, 512)]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one pass", "split-K"])
+@pytest.mark.parametrize("kernel", list(KERNEL_CHECKS))
+def test_every_gpu_tile_matches_float64(kernel, split, monkeypatch, poison_empty):
+    """Each Triton 2:4 kernel at each tile it runs at on a GPU, forced as the interpreter's config
+    (GPU runs are rare): one pass at the autotuned tiles and the fixed config, split-K at its
+    config in 2 slices (whole K steps: over 300, 2 steps and a partial one). M: a tile and a half
+    of rows (the split config's: a decoding batch)."""
+    needs_backend("triton")
+    from effkern.kernels import _splitk
+    from effkern.kernels import sparse24 as kernels
+
+    plain, tuned = (kernels._dgrad, kernels._dgrad_tuned) if kernel == "dgrad" else (kernels._gemm, kernels._gemm_tuned)
+    fixed = tile_of(_splitk.tile_kwargs(kernels._SPLIT["gpu"] if split else kernels._FIXED["gpu"]))
+    tiles = [fixed] if split else list(dict.fromkeys(autotuned_tiles(tuned) + [fixed]))
+    place, split_k = (kernels._SPLIT, 2) if split else (kernels._FIXED, 1)
+    one_pass = record_calls(monkeypatch, _splitk, "launch", lambda args, _: (args[1], tile_of(args[5]["interpreter"])))
+    sliced = record_calls(monkeypatch, _splitk, "run_split_k", lambda args, _: (args[0], tile_of(args[3])))
+    for blocks in tiles:
+        monkeypatch.setitem(place, "interpreter", (blocks, 1, 4))  # stages and warps: the interpreter ignores them
+        M = 3 * blocks[0] // 2 + 1
+        for N, K in GPU_TILE_SHAPES:
+            KERNEL_CHECKS[kernel](kernels, M, N, K, split_k, f"{kernel}, tile {blocks}, M={M}, N={N}, K={K}")
+    ran = [(plain, blocks) for blocks in tiles for _ in GPU_TILE_SHAPES]
+    assert (sliced, one_pass) == ((ran, []) if split else ([], ran))
 
 
 @pytest.mark.parametrize("M, N, K, split_k", DGRAD_SHAPES)
@@ -630,6 +684,20 @@ def test_gpu_every_tuned_tile_matches_float64(monkeypatch):
     """The tiles users get (the GPU tests otherwise run the fixed one): whole tiles, and partial
     ones with K ending in half a meta byte."""
     check_every_tile(monkeypatch, "gpu", torch.bfloat16, "cuda", [(256, 512, 1024), (300, 520, 1004)])
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_triton_matches_float64(monkeypatch, poison_empty):
+    """The default GPU path, autotuning (the tests above force one tile each): the forward and
+    the dgrad kernel on 200 rows, through the op's backward."""
+    needs_backend("triton", "cuda")
+    monkeypatch.setenv("EFFKERN_TRITON_AUTOTUNE", "1")
+    w, values, meta = compressed_sparse_weight(520, 1004, torch.bfloat16, "cuda")
+    x, b = torch.randn(200, 1004, device="cuda").bfloat16(), torch.randn(520, device="cuda").bfloat16()
+    with ek.use_backend("triton"):
+        y = ek.sparse24_linear(x, values, meta, b)
+    assert_linear_matches_float64(y, x, w.double(), w, b)
+    check_backward_against_float64("triton", 520, 1004, (200,), torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
