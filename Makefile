@@ -14,7 +14,7 @@ GPU_TRITON ?= triton==3.6.0
 GPU_TRITON_DIR := .gpu-triton
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 
-.PHONY: bench test setup clean
+.PHONY: bench test test-gpu-stack setup clean
 
 bench: $(STAMP)
 	$(PY) -m bench --quick
@@ -32,6 +32,21 @@ $(GPU_TRITON_DIR)/.installed: | $(STAMP)
 
 setup: $(STAMP)
 
+# The CPU suite once more on the GPU machines' software: torch 2.11 (cu130) with its Triton 3.6,
+# the extension compiled against that torch (Python is this machine's; theirs is 3.12), in a venv and a copy of the tree of their own under
+# .gpu-stack/ (the build would overwrite .venv's extension). An API that those versions lack
+# fails here instead of on a GPU run. Not part of `make test` (another 5 GB, and ~15 min here).
+# numpy below 2.4: Triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses.
+GPU_STACK := .gpu-stack
+GPU_STACK_PY := $(GPU_STACK)/venv/bin/python
+test-gpu-stack:
+	test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK)/venv
+	$(GPU_STACK_PY) -m pip install -q --no-cache-dir "torch==2.11.0" "numpy<2.4" ninja setuptools wheel
+	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_STACK)/src
+	cd $(GPU_STACK)/src && $(CURDIR)/$(GPU_STACK_PY) -m pip install -q --no-cache-dir --no-build-isolation -e ".[dev]"
+	cd $(GPU_STACK)/src && EFFKERN_REQUIRE_EXT=1 $(CURDIR)/$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider tests
+
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir "$(TORCH)" ninja setuptools wheel
@@ -40,4 +55,4 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build effkern/_C*.so *.egg-info $(VENV) $(GPU_TRITON_DIR)
+	rm -rf build effkern/_C*.so *.egg-info $(VENV) $(GPU_TRITON_DIR) $(GPU_STACK)
