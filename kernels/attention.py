@@ -19,12 +19,15 @@ tile stays in registers while K/V tiles stream; online softmax in fp32 in base 2
 times log2(e) folded into the scores (after the softcap, when there is one). A row with every
 key masked gives output 0 and lse -inf. lse (natural log) is stored, float32 [B, Hq, Sq].
 
-Split-KV forward (flash-decoding), for few query rows over many keys, where one program per
-(query block, head) would leave most SMs idle (``decode_splits`` decides): the same kernel on a
-third grid axis of SPLITS programs, split s taking whole key blocks [lo + s * chunk, ...) of
-the query block's visible range [lo, hi) and writing its own normalized output and lse, fp32,
-to a workspace [SPLITS, B, Hq, Sq, D] / [SPLITS, B, Hq, Sq]; ``flash_attn_decode_merge_kernel``
-then combines the splits in order (deterministic), out = sum_s exp(lse_s - lse) out_s with
+Decoding forward, for at most DECODE_MAX_SQ query rows: the same kernel at a 16-row tile (the
+autotuned tiles' 64 or 128 rows would be mostly idle). With GQA (PACK_GQA) a program takes a
+kv head and the rows of all its query heads, position-major (``query_block``), so each K/V tile
+is read once per kv head instead of once per query head. Split-KV (flash-decoding), where
+those programs would leave most SMs idle (``decode_splits`` decides): a third grid axis of
+SPLITS programs, split s taking whole key blocks [lo + s * chunk, ...) of the query block's
+visible range [lo, hi) and writing its own normalized output and lse, fp32, to a workspace
+[SPLITS, B, Hq, Sq, D] / [SPLITS, B, Hq, Sq]; ``flash_attn_decode_merge_kernel`` then
+combines the splits in order (deterministic), out = sum_s exp(lse_s - lse) out_s with
 lse = logsumexp_s lse_s, where a split that saw no key has lse_s = -inf and adds nothing. The
 backward does not depend on which forward ran.
 
@@ -46,7 +49,7 @@ from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, o
 from ._tma import block_shapes_hook, descriptors, tma_ready
 
 LOG2E = 1.4426950408889634
-# split-KV forward (decoding): up to this many query rows, each split at least this many key blocks
+# the decoding forward: up to this many query rows; each of its key splits at least this many key blocks
 DECODE_MAX_SQ = 16
 DECODE_MIN_BLOCKS = 4
 
@@ -173,13 +176,28 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo
 
 
 @triton.jit
-def query_block(Hq, GROUP, BLOCK_M: tl.constexpr):
-    # program (query block m, batch * Hq + query head h): its batch, query head, kv head
-    # (GQA: h // GROUP) and rows
+def query_block(Hq, GROUP, BLOCK_M: tl.constexpr, PACK_GQA: tl.constexpr):
+    # program (query block, batch x head): its batch, its kv head, the query head and the query
+    # position of each row, and the first and the last position of the tile. By default the head
+    # is query head h (kv head h // GROUP) and row r is position m * BLOCK_M + r. PACK_GQA: the
+    # head is kv head hk, and the rows are its GROUP query heads', position-major: packed row
+    # p = m * BLOCK_M + r is position p // GROUP of query head hk * GROUP + p % GROUP.
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    return b, h.to(tl.int64), (h // GROUP).to(tl.int64), tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        b = (pid_bh // (Hq // GROUP)).to(tl.int64)
+        hk = (pid_bh % (Hq // GROUP)).to(tl.int64)
+        h = hk * GROUP + rows % GROUP
+        offs_m = rows // GROUP
+        first, last = first_row // GROUP, (first_row + BLOCK_M - 1) // GROUP
+    else:
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // GROUP
+        offs_m = rows
+        first, last = first_row, first_row + BLOCK_M - 1
+    return b, hk, h, offs_m, first, last
 
 
 @triton.jit
@@ -192,41 +210,41 @@ def flash_attn_fwd_kernel(
     Hq, GROUP, Sq, Skv, D, LEFT, RIGHT, qk_scale, softcap,
     SPLITS, stride_o_split, stride_lse_split,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    EVEN_D: tl.constexpr, TMA: tl.constexpr, PACK_GQA: tl.constexpr,
 ):
-    # program (query block, batch x query head, split s): split s of SPLITS takes its share of the
+    # program (query block, batch x head, split s): split s of SPLITS takes its share of the
     # visible keys and writes its normalized output and lse at split offset s (SPLITS = 1: out, lse).
+    # The head and the rows as query_block has them (PACK_GQA: a kv head, the rows of its group).
     # TMA: k_desc and v_desc are descriptors of k and v as [B * Hkv * Skv, D] matrices in
     # [BLOCK_N, BLOCK_D] tiles, read in the unmasked blocks (else they are unused)
-    b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
+    b, hk, h, offs_m, first, last = query_block(Hq, GROUP, BLOCK_M, PACK_GQA)
     split = tl.program_id(2)
     off = Skv - Sq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    m_ok = offs_m < Sq  # (packed rows past the group's last position are past Sq too)
 
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok[None, :], other=0.0)
+    q_rows = b * stride_qb + h * stride_qh + offs_m * stride_qs
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
 
     # keys this block of queries can see: [lo, hi), lo rounded down to a key block
-    first = tl.program_id(0) * BLOCK_M
     lo = tl.maximum(first + off - LEFT, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
+    hi = tl.minimum(last + off + RIGHT + 1, Skv)
     # this split's share: whole key blocks, the last splits possibly empty
     chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
     lo = lo + split * chunk
     hi = tl.minimum(hi, lo + chunk)
 
     # its key blocks 0 .. n - 1, and among them i_lo .. i_hi - 1, those every query row of the tile
-    # sees in full: keys from first + BLOCK_M - 1 + off - LEFT (the last row's left bound) up to
+    # sees in full: keys from last + off - LEFT (the last row's left bound) up to
     # min(Skv, first + off + RIGHT + 1) (the first row's right bound). Only the others need the
     # element mask.
     n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
-                              BLOCK_N)
+    i_lo, i_hi = _full_blocks(n, lo, last + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1), BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -245,11 +263,10 @@ def flash_attn_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = (o_ptr + split.to(tl.int64) * stride_o_split + b * stride_ob + h * stride_oh
-              + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok[None, :])
-    lse_ptrs = lse_ptr + split.to(tl.int64) * stride_lse_split + tl.program_id(1).to(tl.int64) * Sq + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+    o_rows = split.to(tl.int64) * stride_o_split + b * stride_ob + h * stride_oh + offs_m * stride_os
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + split.to(tl.int64) * stride_lse_split + (b * Hq + h) * Sq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -467,7 +484,7 @@ def flash_attn_bwd_dq_kernel(
     EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):
     # TMA: k_desc and v_desc as in the forward
-    b, h, hk, offs_m = query_block(Hq, GROUP, BLOCK_M)
+    b, hk, h, offs_m, first, last = query_block(Hq, GROUP, BLOCK_M, False)
     off = Skv - Sq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -485,12 +502,11 @@ def flash_attn_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    first = tl.program_id(0) * BLOCK_M
     lo = tl.maximum(first + off - LEFT, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(first + BLOCK_M - 1 + off + RIGHT + 1, Skv)
+    hi = tl.minimum(last + off + RIGHT + 1, Skv)
     n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    i_lo, i_hi = _full_blocks(n, lo, first + BLOCK_M - 1 + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
+    i_lo, i_hi = _full_blocks(n, lo, last + off - LEFT, tl.minimum(Skv, first + off + RIGHT + 1),
                               BLOCK_N)  # as in the forward
     kv_row = ((b * (Hq // GROUP) + hk) * Skv).to(tl.int32)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kv_row, lo, i_lo, i_hi, n, 0, offs_m,
@@ -580,21 +596,29 @@ def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int
     return left, right
 
 
-def decode_splits(B: int, Hq: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
-                  device: torch.device) -> int:
-    """Splits of the keys for the split-KV (flash-decoding) forward, 1 for the plain forward.
+def decoding_grid(B: int, Hq: int, Hkv: int, Sq: int, block_m: int) -> tuple[int, int, bool]:
+    """The decoding forward's programs, (row blocks, batch x heads), and whether they pack GQA
+    groups: with Hq > Hkv a program takes a kv head and the rows of its Hq / Hkv query heads
+    (PACK_GQA), so that K and V are read once per kv head rather than once per query head."""
+    pack = Hq > Hkv
+    rows, heads = (Sq * (Hq // Hkv), Hkv) if pack else (Sq, Hq)
+    return cdiv(rows, block_m), B * heads, pack
 
-    Split when there are at most DECODE_MAX_SQ query rows and their B * Hq * cdiv(Sq, BLOCK_M)
-    programs are fewer than two per SM: enough splits for two programs per SM, each split at
-    least DECODE_MIN_BLOCKS key blocks of the keys the rows can see (so the merge and the
-    workspace stay small next to reading K and V)."""
+
+def decode_splits(B: int, Hq: int, Hkv: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
+                  device: torch.device) -> int:
+    """Splits of the keys for the decoding forward (at most DECODE_MAX_SQ query rows): 1 for none.
+
+    Split when its programs (decoding_grid) are fewer than two per SM: enough splits for two
+    programs per SM, each split at least DECODE_MIN_BLOCKS key blocks of the keys the rows can
+    see (so the merge and the workspace stay small next to reading K and V)."""
     if Sq == 0 or Sq > DECODE_MAX_SQ or Skv == 0 or B * Hq == 0 or D == 0:
         return 1
     left, right = _bounds(Sq, Skv, causal, left, right)
     block_m, block_n = (_decode_config(D)[name] for name in ("BLOCK_M", "BLOCK_N"))
     keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
-    programs = B * Hq * cdiv(Sq, block_m)
-    return max(1, min(cdiv(2 * sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * block_n)))
+    blocks, heads, _ = decoding_grid(B, Hq, Hkv, Sq, block_m)
+    return max(1, min(cdiv(2 * sm_count(device), blocks * heads), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
 def with_32bit_offsets(t: torch.Tensor) -> torch.Tensor:
@@ -632,8 +656,9 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                    right: int, softcap: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Sq, D] contiguous in q's dtype, lse float32 [B, Hq, Sq]); shapes checked by the caller.
 
-    ``splits``: None chooses (decode_splits); a number forces the split-KV path with that many
-    splits (tests), 1 included."""
+    At most DECODE_MAX_SQ query rows: the decoding forward, split over the keys as decode_splits
+    says. ``splits``: a number forces the decoding forward with that many splits (tests), 1
+    included; None chooses."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     q, k, v = (with_32bit_offsets(t) for t in (q, k, v))
@@ -645,33 +670,38 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    if splits is None:
-        splits = decode_splits(B, Hq, Sq, Skv, D, causal, left, right, q.device)
-        split = splits > 1
-    else:
-        split = True
+    decoding = splits is not None or Sq <= DECODE_MAX_SQ
+    if splits is None and decoding:
+        splits = decode_splits(B, Hq, Hkv, Sq, Skv, D, causal, left, right, q.device)
     left, right = _bounds(Sq, Skv, causal, left, right)
     common = (Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
     flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
-    if not split:
+    if not decoding:
         d_class = _d_class(D)
         fixed = _fixed(FWD_CONFIGS[d_class][0], dict(BLOCK_M=32, BLOCK_N=16))
         kv = _kv_descriptors(k, v, {**fixed_config(fixed), **flags})
         launch(_fwd_tuned[d_class], flash_attn_fwd_kernel, lambda meta: (cdiv(Sq, meta["BLOCK_M"]), B * Hq, 1),
                (q, k, v, *(kv or (k, v)), out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common,
-                1, 0, 0), dict(flags, TMA=kv is not None), fixed, device=q.device)
+                1, 0, 0), dict(flags, TMA=kv is not None, PACK_GQA=False), fixed, device=q.device)
         return out, lse
-    # split-KV: normalized fp32 partials and their lse per split, merged by their lse
+    # decoding: the few rows in one small tile, GQA groups packed; split over the keys, each split
+    # writes normalized fp32 partials and their lse, merged by their lse
     cfg = _decode_config(D)
-    part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((splits, B, Hq, Sq), dtype=torch.float32, device=q.device)
-    blocks = cdiv(Sq, cfg["BLOCK_M"])
+    blocks, heads, pack = decoding_grid(B, Hq, Hkv, Sq, cfg["BLOCK_M"])
     kv = _kv_descriptors(k, v, {**cfg, **flags})
+    kwargs = dict(flags, **cfg, TMA=kv is not None, PACK_GQA=pack)
     with on_device(q.device):
-        flash_attn_fwd_kernel[(blocks, B * Hq, splits)](
+        if splits == 1:
+            flash_attn_fwd_kernel[(blocks, heads, 1)](
+                q, k, v, *(kv or (k, v)), out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *common,
+                1, 0, 0, **kwargs)
+            return out, lse
+        part = torch.empty((splits, B, Hq, Sq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B, Hq, Sq), dtype=torch.float32, device=q.device)
+        flash_attn_fwd_kernel[(blocks, heads, splits)](
             q, k, v, *(kv or (k, v)), part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:],
-            *common, splits, part.stride(0), part_lse.stride(0), **flags, **cfg, TMA=kv is not None)
-        flash_attn_decode_merge_kernel[(blocks, B * Hq)](
+            *common, splits, part.stride(0), part_lse.stride(0), **kwargs)
+        flash_attn_decode_merge_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))
     return out, lse

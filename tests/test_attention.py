@@ -237,7 +237,7 @@ def test_fully_masked_blocks_are_skipped(case, poison_empty):
     x = [t.detach() for t in make(1, 2, 1, Sq, Skv, 16, False)]  # GQA: the dK/dV kernel's head loop too
     dout = torch.randn(1, 2, Sq, 16).half()
     if Sq <= 16:
-        assert _kernels().decode_splits(1, 2, Sq, Skv, 16, causal, *window, x[0].device) > 1  # the split path
+        assert _kernels().decode_splits(1, 2, 1, Sq, Skv, 16, causal, *window, x[0].device) > 1  # the split path
 
     def run(q, k, v, do):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -271,6 +271,9 @@ DECODE_CASES = [
     ("gqa_3x799_d64_causal", 1, 6, 2, 3, 799, 64, True, (-1, -1), 0.0),
     ("gqa_1x799_d40_window_softcap", 1, 6, 2, 1, 799, 40, False, (300, -1), 5.0),
     ("mha_3x147_d64_causal_window", 1, 2, 2, 3, 147, 64, True, (130, -1), 0.0),
+    # GQA packed: 7 positions x 3 query heads = 21 rows, two row blocks of the interpreter's 16
+    ("gqa_7x800_d40_causal_window", 1, 6, 2, 7, 800, 40, True, (300, -1), 0.0),
+    ("mqa_5x200_d64_b2", 2, 4, 1, 5, 200, 64, False, (-1, -1), 0.0),
 ]
 
 
@@ -343,7 +346,7 @@ def test_split_kv_decoding_with_tma_gives_the_pointer_loads_bits(causal, monkeyp
     """The split-KV (decoding) forward reads its splits' unmasked key blocks by TMA too."""
     needs_backend("triton")
     q, k, v = (t.detach() for t in make(1, 2, 1, 3, 700, 32, False))
-    assert _kernels().decode_splits(1, 2, 3, 700, 32, causal, -1, -1, q.device) > 1
+    assert _kernels().decode_splits(1, 2, 1, 3, 700, 32, causal, -1, -1, q.device) > 1
     outs = []
     for tma in ("1", "0"):
         monkeypatch.setenv("EFFKERN_TRITON_TMA", tma)
@@ -363,7 +366,7 @@ def test_split_kv_forward_matches_float64(case, splits, poison_empty):
     _, B, Hq, Hkv, Sq, Skv, D, causal, window, softcap = DECODE_CASES[case]
     q, k, v = make(B, Hq, Hkv, Sq, Skv, D, False)
     if splits == "auto":
-        assert kernels.decode_splits(B, Hq, Sq, Skv, D, causal, *window, q.device) > 1  # the split path
+        assert kernels.decode_splits(B, Hq, Hkv, Sq, Skv, D, causal, *window, q.device) > 1  # the split path
         with ek.use_backend("triton"):
             out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
     else:
@@ -391,9 +394,27 @@ def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
         for splits in (3, 7):
             out, lse = kernels.flash_attn_fwd(q, k, v, causal, 1 / math.sqrt(40), *window, 0.0, splits=splits)
             assert_forward_matches_float64(out, lse, q, k, v, causal, window, 0.0)
-    assert kernels.decode_splits(1, 6, 3, 799, 40, False, 2, 1, q.device) == 1  # too few keys to split
-    assert kernels.decode_splits(1, 6, 17, 799, 40, False, -1, -1, q.device) == 1  # too many rows
-    assert kernels.decode_splits(64, 6, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
+    assert kernels.decode_splits(1, 6, 2, 3, 799, 40, False, 2, 1, q.device) == 1  # too few keys to split
+    assert kernels.decode_splits(1, 6, 2, 17, 799, 40, False, -1, -1, q.device) == 1  # too many rows
+    assert kernels.decode_splits(64, 6, 2, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
+
+
+@pytest.mark.parametrize("Hq,Hkv,pack", [(6, 2, True), (4, 1, True), (4, 4, False)], ids=["gqa", "mqa", "mha"])
+def test_decoding_reads_k_and_v_once_per_gqa_group(Hq, Hkv, pack, monkeypatch, poison_empty):
+    """With GQA, a decoding program takes a kv head and the rows of all its query heads (PACK_GQA),
+    so K and V are read once per kv head: B * Hkv programs per row block, not B * Hq. Here with
+    as many programs as two per (the interpreter's pretend) SM, so without a split: the kernel
+    writes out and lse itself."""
+    needs_backend("triton")
+    kernels = _kernels()
+    grids = record_calls(monkeypatch, kernels, "decoding_grid", lambda args, grid: grid)
+    B, Sq, Skv, D = 4, 5, 150, 32
+    q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False))
+    assert kernels.decode_splits(B, Hq, Hkv, Sq, Skv, D, True, -1, -1, q.device) == 1
+    out, lse = kernels.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(D), -1, -1, 0.0)
+    assert_forward_matches_float64(out, lse, q, k, v, True, (-1, -1), 0.0)
+    rows = Sq * Hq // Hkv if pack else Sq
+    assert grids[-1] == (-(-rows // 16), B * (Hkv if pack else Hq), pack)
 
 
 # ---------------------------------------------------------------------------- GPU tiles, interpreted
@@ -802,7 +823,7 @@ def test_gpu_split_kv_decoding_matches_float64(Sq, window, softcap):
     with a softcap): the split-KV path."""
     needs_backend("triton", "cuda")
     B, Hq, Hkv, Skv, D = 1, 32, 8, 32768, 128
-    assert _kernels().decode_splits(B, Hq, Sq, Skv, D, True, *window, torch.device("cuda")) > 1
+    assert _kernels().decode_splits(B, Hq, Hkv, Sq, Skv, D, True, *window, torch.device("cuda")) > 1
     q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False, torch.bfloat16, "cuda"))
     with ek.use_backend("triton"):
         out, lse = flash_attention(q, k, v, causal=True, window=window, softcap=softcap, return_lse=True)
@@ -901,7 +922,8 @@ SPILL_LIMIT = 80
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     """Each kernel at every config it may run with on a GPU (the autotuned sets of both head-dim
-    classes, the decoding tiles; the merge and backward-preprocess kernels), compiled here without a GPU: bf16 mma instructions in the PTX,
+    classes, the decoding tiles with and without GQA packing; the merge and backward-preprocess
+    kernels), compiled here without a GPU: bf16 mma instructions in the PTX,
     shared memory within the card's limit, and on sm_90 at most SPILL_LIMIT bytes of register
     spills (the configs were chosen for that)."""
     needs_backend("triton")
@@ -910,13 +932,14 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
 
     requests = {}
 
-    def add(name, D, label, config: dict, num_warps, num_stages):
-        # as a launch on that GPU runs them: TMA on Hopper
+    def add(name, D, label, config: dict, num_warps, num_stages, pack_gqa=False):
+        # as a launch on that GPU runs them: TMA on Hopper; the forward with GQA groups packed or not
         tma = {"TMA": cc == 90} if name in TMA_KERNELS else {}
+        pack = {"PACK_GQA": pack_gqa} if name == "flash_attn_fwd_kernel" else {}
         requests[f"{name}_{label}_d{D}"] = dict(
             kernel=f"effkern.kernels.attention:{name}", cc=cc, num_warps=num_warps, num_stages=num_stages,
             spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
-                config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True, **tma)))
+                config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True, **tma, **pack)))
 
     for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
         for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
@@ -924,7 +947,9 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
             for i, c in enumerate(configs[d_class][:1] if D == 64 else configs[d_class]):
                 add(name, D, f"config{i}", c.kwargs, c.num_warps, c.num_stages)
         decode = dict(kernels._decode_config_gpu(D))
-        add("flash_attn_fwd_kernel", D, "decode", decode, decode.pop("num_warps"), decode.pop("num_stages"))
+        warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
+        for pack_gqa in (False, True):
+            add("flash_attn_fwd_kernel", D, "decode_packed" if pack_gqa else "decode", decode, warps, stages, pack_gqa)
         requests[f"merge_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", cc=cc, num_warps=4, num_stages=1,
             **_launch_request(kernels.flash_attn_decode_merge_kernel, dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D))))
