@@ -206,10 +206,16 @@ def _triton_dtypes(case, device):
     return True, ""
 
 
-def _effkern(backend: str, tma: bool = True) -> Provider:
+def _gqa_decoding(case, device):
+    ok, why = _triton_dtypes(case, device)
+    if ok and not (case.params["Sq"] == 1 and case.params["H"] > case.params["Hkv"]):
+        return False, "GQA decoding cases only (where the decoding forward packs query heads)"
+    return ok, why
+
+
+def _effkern(backend: str, env: dict[str, str] | None = None, limits=_triton_dtypes) -> Provider:
     if backend == "triton":
-        return effkern_provider(backend, _effkern_fn, limits=_triton_dtypes,
-                                env=None if tma else {"EFFKERN_TRITON_TMA": "0"})
+        return effkern_provider(backend, _effkern_fn, limits=limits, env=env)
     return effkern_provider(backend, _reference_fn)
 
 
@@ -352,7 +358,9 @@ def _providers() -> dict[str, Provider]:
         "effkern-triton": _effkern("triton"),
         # K/V tiles by plain loads instead of TMA on Hopper (forward, dQ, split-KV decoding):
         # TMA's gain in the same run
-        "effkern-triton-no-tma": _effkern("triton", tma=False),
+        "effkern-triton-no-tma": _effkern("triton", {"EFFKERN_TRITON_TMA": "0"}),
+        # decoding with a program per query head instead of per GQA group: the packing's gain
+        "effkern-triton-no-gqa-packing": _effkern("triton", {"EFFKERN_TRITON_PACK_GQA": "0"}, _gqa_decoding),
         "reference": _effkern("reference"),
         "torch-sdpa": _sdpa(None),
         "torch-sdpa-flash": _sdpa("flash"),

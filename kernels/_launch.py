@@ -101,8 +101,14 @@ def prune_by_rows(rows_arg: str, block_arg: str):
     return prune
 
 
+def switch_on(name: str) -> bool:
+    """An on/off environment switch of the kernels (on unless set to something other than
+    1/true/on/yes), read per call: the benchmark times both settings in one run."""
+    return os.environ.get(name, "1").lower() in ("1", "true", "on", "yes")
+
+
 def autotune_on() -> bool:
-    return os.environ.get("EFFKERN_TRITON_AUTOTUNE", "1").lower() in ("1", "true", "on", "yes")
+    return switch_on("EFFKERN_TRITON_AUTOTUNE")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

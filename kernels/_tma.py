@@ -27,20 +27,19 @@ ahead, and a value shared by both ends is what that tutorial keeps apart.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import cdiv, fixed_config, grouped_tile, interpreted, launch, sm_count
+from ._launch import cdiv, fixed_config, grouped_tile, interpreted, launch, sm_count, switch_on
 
 
 def tma_on() -> bool:
     """EFFKERN_TRITON_TMA (default on): kernels that have a TMA variant may use it. Off runs the
-    plain-load kernels everywhere (read per call: the benchmark compares the two in one run)."""
-    return os.environ.get("EFFKERN_TRITON_TMA", "1").lower() in ("1", "true", "on", "yes")
+    plain-load kernels everywhere."""
+    return switch_on("EFFKERN_TRITON_TMA")
 
 
 @functools.lru_cache(maxsize=16)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, on_device, sm_count
+from ._launch import cdiv, fixed_config, interpreted, launch, next_power_of_2, on_device, sm_count, switch_on
 from ._tma import block_shapes_hook, descriptors, tma_ready
 
 LOG2E = 1.4426950408889634
@@ -599,8 +599,9 @@ def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int
 def decoding_grid(B: int, Hq: int, Hkv: int, Sq: int, block_m: int) -> tuple[int, int, bool]:
     """The decoding forward's programs, (row blocks, batch x heads), and whether they pack GQA
     groups: with Hq > Hkv a program takes a kv head and the rows of its Hq / Hkv query heads
-    (PACK_GQA), so that K and V are read once per kv head rather than once per query head."""
-    pack = Hq > Hkv
+    (PACK_GQA), so that K and V are read once per kv head rather than once per query head;
+    EFFKERN_TRITON_PACK_GQA=0 keeps a program per query head."""
+    pack = Hq > Hkv and switch_on("EFFKERN_TRITON_PACK_GQA")
     rows, heads = (Sq * (Hq // Hkv), Hkv) if pack else (Sq, Hq)
     return cdiv(rows, block_m), B * heads, pack
 

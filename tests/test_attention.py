@@ -399,14 +399,16 @@ def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
     assert kernels.decode_splits(64, 6, 2, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
 
 
-@pytest.mark.parametrize("Hq,Hkv,pack", [(6, 2, True), (4, 1, True), (4, 4, False)], ids=["gqa", "mqa", "mha"])
-def test_decoding_reads_k_and_v_once_per_gqa_group(Hq, Hkv, pack, monkeypatch, poison_empty):
+@pytest.mark.parametrize("Hq,Hkv,switch,pack", [(6, 2, "1", True), (4, 1, "1", True), (4, 4, "1", False),
+                                               (6, 2, "0", False)], ids=["gqa", "mqa", "mha", "gqa switched off"])
+def test_decoding_reads_k_and_v_once_per_gqa_group(Hq, Hkv, switch, pack, monkeypatch, poison_empty):
     """With GQA, a decoding program takes a kv head and the rows of all its query heads (PACK_GQA),
-    so K and V are read once per kv head: B * Hkv programs per row block, not B * Hq. Here with
-    as many programs as two per (the interpreter's pretend) SM, so without a split: the kernel
-    writes out and lse itself."""
+    so K and V are read once per kv head: B * Hkv programs per row block, not B * Hq (unless
+    EFFKERN_TRITON_PACK_GQA=0). Here with as many programs as two per (the interpreter's pretend)
+    SM, so without a split: the kernel writes out and lse itself."""
     needs_backend("triton")
     kernels = _kernels()
+    monkeypatch.setenv("EFFKERN_TRITON_PACK_GQA", switch)
     grids = record_calls(monkeypatch, kernels, "decoding_grid", lambda args, grid: grid)
     B, Sq, Skv, D = 4, 5, 150, 32
     q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False))

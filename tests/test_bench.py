@@ -180,6 +180,20 @@ def test_no_tma_providers_turn_the_tma_kernels_off_while_they_run(bench_op, monk
     assert _tma.tma_on() and "EFFKERN_TRITON_TMA" not in os.environ  # unset again, as before
 
 
+def test_no_gqa_packing_provider_times_gqa_decoding_with_the_packing_off(monkeypatch):
+    from effkern.kernels import _launch
+
+    prov = bench_attention.providers()["effkern-triton-no-gqa-packing"]
+    decoding = {Hkv: bench_attention._case(torch.float16, 1, 4, 1, 128, 32, False, Hkv=Hkv) for Hkv in (2, 4)}
+    assert prov.available(decoding[2], "cpu", "fwd")[0]
+    assert not prov.available(decoding[4], "cpu", "fwd")[0]  # MHA: nothing to pack
+    assert not prov.available(bench_attention._case(torch.float16, 1, 4, 64, 64, 32, False, Hkv=2), "cpu", "fwd")[0]
+    monkeypatch.delenv("EFFKERN_TRITON_PACK_GQA", raising=False)
+    with prov.context():
+        assert not _launch.switch_on("EFFKERN_TRITON_PACK_GQA")
+    assert _launch.switch_on("EFFKERN_TRITON_PACK_GQA")
+
+
 def _int4_wrong(dequantize) -> harness.Provider:
     """A provider computing F.linear on a wrongly dequantized weight (``dequantize(qweight, scales, zeros)``)."""
     return harness.Provider(build=lambda case: lambda x, w, qweight, scales, zeros, b, *_: F.linear(
