@@ -401,7 +401,7 @@ def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
 
 @pytest.mark.parametrize("Hq,Hkv,switch,pack", [(6, 2, "1", True), (4, 1, "1", True), (4, 4, "1", False),
                                                (6, 2, "0", False)], ids=["gqa", "mqa", "mha", "gqa switched off"])
-def test_decoding_reads_k_and_v_once_per_gqa_group(Hq, Hkv, switch, pack, monkeypatch, poison_empty):
+def test_decoding_takes_one_program_per_gqa_group(Hq, Hkv, switch, pack, monkeypatch, poison_empty):
     """With GQA, a decoding program takes a kv head and the rows of all its query heads (PACK_GQA),
     so K and V are read once per kv head: B * Hkv programs per row block, not B * Hq (unless
     EFFKERN_TRITON_PACK_GQA=0). Here with as many programs as two per (the interpreter's pretend)
@@ -833,6 +833,22 @@ def test_gpu_split_kv_decoding_matches_float64(Sq, window, softcap):
     same, _ = attention_in(torch.bfloat16, q, k, v, True, window, softcap)
     assert_matches_float64(out, out64, same, Skv, what="out")
     torch.testing.assert_close(lse.double(), lse64, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.smoke
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq", [1, 16])
+def test_gpu_batched_decoding_matches_float64(Sq):
+    """64 sequences, GQA 32/8, D = 128, bf16, causal over 1024 keys: the packed programs fill the
+    GPU without a split (the kernel writes out and lse itself); at Sq = 16 a group's 128 packed
+    rows span 8 row blocks."""
+    needs_backend("triton", "cuda")
+    B, Hq, Hkv, Skv, D = 64, 32, 8, 1024, 128
+    assert _kernels().decode_splits(B, Hq, Hkv, Sq, Skv, D, True, -1, -1, torch.device("cuda")) == 1
+    q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False, torch.bfloat16, "cuda"))
+    with ek.use_backend("triton"):
+        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert_forward_matches_float64(out, lse, q, k, v, True, (-1, -1), 0.0)
 
 
 @pytest.mark.smoke
