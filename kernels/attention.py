@@ -622,6 +622,18 @@ def decode_splits(B: int, Hq: int, Hkv: int, Sq: int, Skv: int, D: int, causal: 
     return max(1, min(cdiv(2 * sm_count(device), blocks * heads), keys // (DECODE_MIN_BLOCKS * block_n)))
 
 
+# CUDA allows at most 65535 programs along a grid's second axis, where the kernels put batch x
+# heads: a call with more runs in slices of the batch.
+MAX_GRID_Y = 65535
+
+
+def batch_slices(B: int, heads: int) -> list[slice]:
+    """Slices of the batch with at most MAX_GRID_Y batch x heads programs each (one sequence at
+    least)."""
+    step = max(1, MAX_GRID_Y // heads)
+    return [slice(i, min(i + step, B)) for i in range(0, B, step)]
+
+
 def with_32bit_offsets(t: torch.Tensor) -> torch.Tensor:
     """t [B, H, S, D], or a contiguous copy where the kernels' 32-bit offsets along S and D (index
     * stride, up to a tile past the end; the batch and head offsets are 64-bit) could reach
@@ -662,6 +674,10 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     included; None chooses."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    if B > 1 and B * Hq > MAX_GRID_Y:
+        parts = [flash_attn_fwd(q[b], k[b], v[b], causal, scale, left, right, softcap, splits)
+                 for b in batch_slices(B, Hq)]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k, v = (with_32bit_offsets(t) for t in (q, k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -714,6 +730,10 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tenso
     """(dq, dk, dv), contiguous, in q's dtype; dlse (the gradient reaching lse) may be None."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    if B > 1 and B * Hq > MAX_GRID_Y:
+        parts = [flash_attn_bwd(dout[b], None if dlse is None else dlse[b], q[b], k[b], v[b], out[b], lse[b], causal,
+                                scale, left, right, softcap) for b in batch_slices(B, Hq)]
+        return tuple(torch.cat(grads) for grads in zip(*parts))
     dout, q, k, v, out = (with_32bit_offsets(t) for t in (dout, q, k, v, out))
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Skv, D), dtype=k.dtype, device=k.device)

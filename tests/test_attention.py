@@ -419,6 +419,31 @@ def test_decoding_takes_one_program_per_gqa_group(Hq, Hkv, switch, pack, monkeyp
     assert grids[-1] == (-(-rows // 16), B * (Hkv if pack else Hq), pack)
 
 
+@pytest.mark.parametrize("Sq", [20, 3], ids=["forward", "decoding"])
+def test_batch_x_heads_past_the_grid_limit_runs_in_batch_slices(Sq, monkeypatch):
+    """CUDA caps a grid's second axis (batch x heads here) at 65535 programs: with the cap lowered
+    to 5, a batch of 3 x 4 heads runs as 3 calls of one sequence, forward and backward, and gives
+    each sequence's own results: the same bits as alone (the split-KV decoding path forced to
+    the same 3 splits)."""
+    needs_backend("triton")
+    kernels = _kernels()
+    q, k, v = (t.detach() for t in make(3, 4, 2, Sq, 40, 32, False))
+    dout, dlse = torch.randn(3, 4, Sq, 32).half(), torch.randn(3, 4, Sq)
+    args = (True, 1 / math.sqrt(32), 10, -1, 0.0)
+
+    def both(q, k, v, dout, dlse):
+        out, lse = kernels.flash_attn_fwd(q, k, v, *args, splits=3 if Sq <= 16 else None)
+        return out, lse, *kernels.flash_attn_bwd(dout, dlse, q, k, v, out, lse, *args)
+
+    alone = [both(q[i:i + 1], k[i:i + 1], v[i:i + 1], dout[i:i + 1], dlse[i:i + 1]) for i in range(3)]
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 5)
+    calls = record_calls(monkeypatch, kernels, "flash_attn_fwd", lambda args, _: args[0].shape[0])
+    sliced = both(q, k, v, dout, dlse)
+    assert calls == [1, 1, 1, 3]  # the three slices, then the whole call that made them
+    for name, got, *want in zip(("out", "lse", "dq", "dk", "dv"), sliced, *alone):
+        assert torch.equal(got, torch.cat(want)), name
+
+
 # ---------------------------------------------------------------------------- GPU tiles, interpreted
 
 class _RecordedKernel:
