@@ -52,6 +52,7 @@ LOG2E = 1.4426950408889634
 # the decoding forward: up to this many query rows; each of its key splits at least this many key blocks
 DECODE_MAX_SQ = 16
 DECODE_MIN_BLOCKS = 4
+MERGE_BLOCK_M = 16  # the merge's rows per program
 
 
 @triton.jit
@@ -575,15 +576,19 @@ def _fixed(config: triton.Config, interpreter: dict) -> dict:
             "gpu": dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)}
 
 
-def _decode_config(D: int) -> dict:
-    return dict(BLOCK_M=16, BLOCK_N=16) if interpreted() else _decode_config_gpu(D)
+def _decode_config(D: int, rows: int) -> dict:
+    return dict(BLOCK_M=16, BLOCK_N=16) if interpreted() else _decode_config_gpu(D, rows)
 
 
-def _decode_config_gpu(D: int) -> dict:
-    # few query rows: the smallest tl.dot tile for them, keys in wide blocks
+def _decode_config_gpu(D: int, rows: int) -> dict:
+    # a program's rows (Sq, or Sq x the GQA group packed) in one tile of 16 (the smallest tl.dot
+    # tile), 32 or 64 rows: each tile of rows streams all of its kv head's keys, so the fewer
+    # the better, up to the tile the autotuned forward also runs (64 x 64 / 64 x 32: no spills);
+    # keys in wide blocks
+    block_m = min(64, max(16, next_power_of_2(rows)))
     if D <= 128:
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int, int]:
@@ -596,30 +601,31 @@ def _bounds(Sq: int, Skv: int, causal: bool, left: int, right: int) -> tuple[int
     return left, right
 
 
-def decoding_grid(B: int, Hq: int, Hkv: int, Sq: int, block_m: int) -> tuple[int, int, bool]:
-    """The decoding forward's programs, (row blocks, batch x heads), and whether they pack GQA
-    groups: with Hq > Hkv a program takes a kv head and the rows of its Hq / Hkv query heads
-    (PACK_GQA), so that K and V are read once per kv head rather than once per query head;
-    EFFKERN_TRITON_PACK_GQA=0 keeps a program per query head."""
+def decoding_rows(B: int, Hq: int, Hkv: int, Sq: int) -> tuple[int, int, bool]:
+    """The decoding forward's rows per head (in tiles of _decode_config's BLOCK_M), its programs
+    along batch x heads, and whether it packs GQA groups: with Hq > Hkv a program takes a kv head
+    and the rows of its Hq / Hkv query heads (PACK_GQA), so that K and V are read once per kv
+    head rather than once per query head; EFFKERN_TRITON_PACK_GQA=0 keeps one per query head."""
     pack = Hq > Hkv and switch_on("EFFKERN_TRITON_PACK_GQA")
     rows, heads = (Sq * (Hq // Hkv), Hkv) if pack else (Sq, Hq)
-    return cdiv(rows, block_m), B * heads, pack
+    return rows, B * heads, pack
 
 
 def decode_splits(B: int, Hq: int, Hkv: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
                   device: torch.device) -> int:
     """Splits of the keys for the decoding forward (at most DECODE_MAX_SQ query rows): 1 for none.
 
-    Split when its programs (decoding_grid) are fewer than two per SM: enough splits for two
+    Split when its programs (decoding_rows) are fewer than two per SM: enough splits for two
     programs per SM, each split at least DECODE_MIN_BLOCKS key blocks of the keys the rows can
     see (so the merge and the workspace stay small next to reading K and V)."""
     if Sq == 0 or Sq > DECODE_MAX_SQ or Skv == 0 or B * Hq == 0 or D == 0:
         return 1
     left, right = _bounds(Sq, Skv, causal, left, right)
-    block_m, block_n = (_decode_config(D)[name] for name in ("BLOCK_M", "BLOCK_N"))
+    rows, heads, _ = decoding_rows(B, Hq, Hkv, Sq)
+    cfg = _decode_config(D, rows)
     keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
-    blocks, heads, _ = decoding_grid(B, Hq, Hkv, Sq, block_m)
-    return max(1, min(cdiv(2 * sm_count(device), blocks * heads), keys // (DECODE_MIN_BLOCKS * block_n)))
+    programs = cdiv(rows, cfg["BLOCK_M"]) * heads
+    return max(1, min(cdiv(2 * sm_count(device), programs), keys // (DECODE_MIN_BLOCKS * cfg["BLOCK_N"])))
 
 
 # CUDA allows at most 65535 programs along a grid's second axis, where the kernels put batch x
@@ -703,8 +709,9 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         return out, lse
     # decoding: the few rows in one small tile, GQA groups packed; split over the keys, each split
     # writes normalized fp32 partials and their lse, merged by their lse
-    cfg = _decode_config(D)
-    blocks, heads, pack = decoding_grid(B, Hq, Hkv, Sq, cfg["BLOCK_M"])
+    rows, heads, pack = decoding_rows(B, Hq, Hkv, Sq)
+    cfg = _decode_config(D, rows)
+    blocks = cdiv(rows, cfg["BLOCK_M"])
     kv = _kv_descriptors(k, v, {**cfg, **flags})
     kwargs = dict(flags, **cfg, TMA=kv is not None, PACK_GQA=pack)
     with on_device(q.device):
@@ -718,9 +725,9 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         flash_attn_fwd_kernel[(blocks, heads, splits)](
             q, k, v, *(kv or (k, v)), part, part_lse, *q.stride(), *k.stride(), *v.stride(), *part.stride()[1:],
             *common, splits, part.stride(0), part_lse.stride(0), **kwargs)
-        flash_attn_decode_merge_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](
+        flash_attn_decode_merge_kernel[(cdiv(Sq, MERGE_BLOCK_M), B * Hq)](
             part, part_lse, out, lse, *part.stride(), *out.stride(), Hq, Sq, D, splits, part_lse.stride(0),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D))
+            BLOCK_M=MERGE_BLOCK_M, BLOCK_D=_block_d(D))
     return out, lse
 
 

@@ -399,6 +399,21 @@ def test_split_kv_merge_with_empty_splits_and_rows(poison_empty):
     assert kernels.decode_splits(64, 6, 2, 1, 799, 40, False, -1, -1, q.device) == 1  # programs fill the GPU
 
 
+class _RecordedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) first append ``record(its name, grid,
+    keyword arguments)`` to ``launches``."""
+
+    def __init__(self, kernel, launches: list, record):
+        self.kernel, self.launches, self.record = kernel, launches, record
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append(self.record(self.kernel.__name__, grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
 @pytest.mark.parametrize("Hq,Hkv,switch,pack", [(6, 2, "1", True), (4, 1, "1", True), (4, 4, "1", False),
                                                (6, 2, "0", False)], ids=["gqa", "mqa", "mha", "gqa switched off"])
 def test_decoding_takes_one_program_per_gqa_group(Hq, Hkv, switch, pack, monkeypatch, poison_empty):
@@ -409,14 +424,16 @@ def test_decoding_takes_one_program_per_gqa_group(Hq, Hkv, switch, pack, monkeyp
     needs_backend("triton")
     kernels = _kernels()
     monkeypatch.setenv("EFFKERN_TRITON_PACK_GQA", switch)
-    grids = record_calls(monkeypatch, kernels, "decoding_grid", lambda args, grid: grid)
+    launches = []
+    monkeypatch.setattr(kernels, "flash_attn_fwd_kernel", _RecordedKernel(
+        kernels.flash_attn_fwd_kernel, launches, lambda name, grid, kwargs: (grid, kwargs["PACK_GQA"])))
     B, Sq, Skv, D = 4, 5, 150, 32
     q, k, v = (t.detach() for t in make(B, Hq, Hkv, Sq, Skv, D, False))
     assert kernels.decode_splits(B, Hq, Hkv, Sq, Skv, D, True, -1, -1, q.device) == 1
     out, lse = kernels.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(D), -1, -1, 0.0)
     assert_forward_matches_float64(out, lse, q, k, v, True, (-1, -1), 0.0)
     rows = Sq * Hq // Hkv if pack else Sq
-    assert grids[-1] == (-(-rows // 16), B * (Hkv if pack else Hq), pack)
+    assert launches == [((-(-rows // 16), B * (Hkv if pack else Hq), 1), pack)]
 
 
 @pytest.mark.parametrize("Sq", [20, 3], ids=["forward", "decoding"])
@@ -446,21 +463,6 @@ def test_batch_x_heads_past_the_grid_limit_runs_in_batch_slices(Sq, monkeypatch)
 
 # ---------------------------------------------------------------------------- GPU tiles, interpreted
 
-class _RecordedKernel:
-    """A Triton kernel whose launches (``kernel[grid](...)``) first append (its name, BLOCK_M,
-    BLOCK_N, TMA) to ``launches``, None for those it does not take."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launches.append((self.kernel.__name__, *(kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "TMA"))))
-            return self.kernel[grid](*args, **kwargs)
-
-        return run
-
-
 ATTENTION_KERNELS = ("flash_attn_fwd_kernel", "flash_attn_decode_merge_kernel", "flash_attn_bwd_preprocess_kernel",
                      "flash_attn_bwd_dkdv_kernel", "flash_attn_bwd_dq_kernel")
 
@@ -470,15 +472,16 @@ def gpu_tile_launches(monkeypatch):
     """The attention launchers run a GPU's tiles under the interpreter: launch()'s "interpreter"
     config becomes the block sizes of the "gpu" one (num_warps and num_stages mean nothing to the
     interpreter), and the launchers' own choices between the two (the decoding tiles, the backward
-    preprocess's rows) take the GPU's. Returns each kernel launch while the test runs, as
-    _RecordedKernel records it."""
+    preprocess's rows) take the GPU's. Returns each kernel launch while the test runs: (its name,
+    BLOCK_M, BLOCK_N, TMA), None for those it does not take."""
     kernels = _kernels()
     real_fixed = kernels._fixed
     monkeypatch.setattr(kernels, "_fixed", lambda config, _: real_fixed(config, dict(config.kwargs)))
     monkeypatch.setattr(kernels, "interpreted", lambda: False)
     launches = []
     for name in ATTENTION_KERNELS:
-        monkeypatch.setattr(kernels, name, _RecordedKernel(getattr(kernels, name), launches))
+        monkeypatch.setattr(kernels, name, _RecordedKernel(getattr(kernels, name), launches, lambda name, grid, kwargs: (
+            name, *(kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "TMA")))))
     return launches
 
 
@@ -536,20 +539,23 @@ def test_every_gpu_tile_matches_float64(case, run, monkeypatch, gpu_tile_launche
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous (TMA)", "[B, S, H, D] views"])
+@pytest.mark.parametrize("Sq,block_m", [(3, 16), (7, 32), (16, 64)])
 @pytest.mark.parametrize("D", [96, 200])
-def test_split_kv_decoding_at_gpu_tiles_matches_float64(D, transposed, gpu_tile_launches, poison_empty):
-    """The split-KV forward and its merge at a GPU's decoding tiles for D's head-dim class: 5 rows,
-    GQA, causal with a window of 300 over 450 keys in 3 splits: the first and the last with masked
-    and unmasked key blocks, the last ending in a partial one."""
+def test_split_kv_decoding_at_gpu_tiles_matches_float64(D, Sq, block_m, transposed, gpu_tile_launches, poison_empty):
+    """The split-KV forward and its merge at a GPU's decoding tiles for D's head-dim class, GQA 8/2:
+    Sq rows of 4 query heads packed into 12, 28 or 64 rows, a tile of 16, 32 or 64; causal with a
+    window of 300 over 450 keys in 3 splits: the first and the last with masked and unmasked key
+    blocks, the last ending in a partial one."""
     needs_backend("triton")
     kernels = _kernels()
     window = (300, -1)
-    q, k, v = (t.detach() for t in make(1, 4, 2, 5, 450, D, transposed))
+    q, k, v = (t.detach() for t in make(1, 8, 2, Sq, 450, D, transposed))
     out, lse = kernels.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(D), *window, 0.0, splits=3)
     assert_forward_matches_float64(out, lse, q, k, v, True, window, 0.0)
-    tile = kernels._decode_config_gpu(D)
-    assert gpu_tile_launches == [("flash_attn_fwd_kernel", tile["BLOCK_M"], tile["BLOCK_N"], not transposed),
-                                 ("flash_attn_decode_merge_kernel", tile["BLOCK_M"], None, None)]
+    tile = kernels._decode_config_gpu(D, Sq * 4)
+    assert tile["BLOCK_M"] == block_m
+    assert gpu_tile_launches == [("flash_attn_fwd_kernel", block_m, tile["BLOCK_N"], not transposed),
+                                 ("flash_attn_decode_merge_kernel", kernels.MERGE_BLOCK_M, None, None)]
 
 
 # ---------------------------------------------------------------------------- SDPA drop-in
@@ -989,13 +995,16 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
                               kernels.DKDV_CONFIGS), ("flash_attn_bwd_dq_kernel", kernels.DQ_CONFIGS)):
             for i, c in enumerate(configs[d_class][:1] if D == 64 else configs[d_class]):
                 add(name, D, f"config{i}", c.kwargs, c.num_warps, c.num_stages)
-        decode = dict(kernels._decode_config_gpu(D))
-        warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
-        for pack_gqa in (False, True):
-            add("flash_attn_fwd_kernel", D, "decode_packed" if pack_gqa else "decode", decode, warps, stages, pack_gqa)
+        # the decoding tiles: 16 rows per head (Sq <= 16), and 16, 32 or 64 packed rows per GQA group
+        for rows, pack_gqa in ((16, False), (16, True), (32, True), (64, True)):
+            decode = dict(kernels._decode_config_gpu(D, rows))
+            warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
+            add("flash_attn_fwd_kernel", D, f"decode{'_packed' if pack_gqa else ''}{rows}", decode, warps, stages,
+                pack_gqa)
         requests[f"merge_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_decode_merge_kernel", cc=cc, num_warps=4, num_stages=1,
-            **_launch_request(kernels.flash_attn_decode_merge_kernel, dict(BLOCK_M=16, BLOCK_D=kernels._block_d(D))))
+            **_launch_request(kernels.flash_attn_decode_merge_kernel,
+                              dict(BLOCK_M=kernels.MERGE_BLOCK_M, BLOCK_D=kernels._block_d(D))))
         requests[f"preprocess_d{D}"] = dict(
             kernel="effkern.kernels.attention:flash_attn_bwd_preprocess_kernel", cc=cc, num_warps=4, num_stages=3,
             **_launch_request(kernels.flash_attn_bwd_preprocess_kernel,
