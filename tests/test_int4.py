@@ -14,8 +14,8 @@ from effkern.int4 import AWQ_ORDER, int4_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
                        assert_cuda_graph_replays_like_eager, assert_linear_matches_float64, assert_matches_float64,
-                       assert_opcheck_passes, autotune_through_the_interpreter, autotuned_tiles, needs_backend,
-                       parametrize_by_name, record_calls, tile_of)
+                       assert_opcheck_passes, autotuned_tiles, needs_backend, parametrize_by_name, record_calls,
+                       tile_of)
 
 BACKENDS = ["triton", "reference"]
 ODD_M = (1, 3, 17, 100)
@@ -341,23 +341,6 @@ def test_every_gpu_tile_matches_float64(group_size, K, split, monkeypatch, poiso
     assert (sliced, one_pass) == ((tiles, []) if split else ([], tiles))
 
 
-def test_autotuned_launch_runs_the_tile_that_fits_the_group(monkeypatch, poison_empty):
-    """The launcher's GPU path, autotuning (the default), run here: with groups of 32 a single
-    autotuned tile fits (128 x 128, 32 deep), and the autotuner runs it (Triton 3.8 without a
-    benchmark, 3.6 after one) through the interpreter, here on 193 x 264 outputs (crossing its
-    edges). Its pruning reads the group, which Triton passes with the keyword arguments (not with
-    the positional ones, named_args)."""
-    needs_backend("triton")
-    k = kernels()
-    autotune_through_the_interpreter(monkeypatch)
-    qw, scales, zeros = quantized(264, 224, 32)
-    x, b = torch.randn(193, 224).half(), torch.randn(264).half()
-    y = k.int4_matmul(x, qw, scales, zeros, 32, b, split_k=1)
-    assert tile_of(k._gemm_tuned.best_config.kwargs) == (128, 128, 32, 8)
-    assert_linear_matches_float64(y, x, ek.dequantize_int4(qw, scales, zeros, 32, torch.float64),
-                                  ek.dequantize_int4(qw, scales, zeros, 32), b)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_strides_and_scale_dtype(backend):
     """3-D and transposed inputs; scales/zeros kept in float32 with float16 activations."""
@@ -615,10 +598,14 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     k = kernels()
     configs = {name: k._fit_depth(tile_kwargs(setting), 128, 4096)
                for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"]))}
-    assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
-                                           dict(GROUP=128, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
-                                           configs, cc, unit_strides=("stride_ak", "stride_qw", "stride_sg",
-                                                                      "stride_zg", "stride_cn"))
+    # and on sm_90 every autotuning candidate, at groups of 256 (which every candidate's depth divides)
+    tuned = {f"{bm}x{bn}x{bk}": tile_kwargs(((bm, bn, bk, 8), stages, warps))
+             for bm, bn, bk, stages, warps in k._GEMM_SHAPES} if cc == 90 else {}
+    for group, launch_configs in ((128, configs), (256, tuned)):
+        assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
+                                               dict(GROUP=group, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
+                                               launch_configs, cc, unit_strides=("stride_ak", "stride_qw", "stride_sg",
+                                                                                 "stride_zg", "stride_cn"))
 
 
 # ---------------------------------------------------------------------------- GPU
