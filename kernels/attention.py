@@ -19,8 +19,9 @@ tile stays in registers while K/V tiles stream; online softmax in fp32 in base 2
 times log2(e) folded into the scores (after the softcap, when there is one). A row with every
 key masked gives output 0 and lse -inf. lse (natural log) is stored, float32 [B, Hq, Sq].
 
-Decoding forward, for at most DECODE_MAX_SQ query rows: the same kernel at a 16-row tile (the
-autotuned tiles' 64 or 128 rows would be mostly idle). With GQA (PACK_GQA) a program takes a
+Decoding forward, for at most DECODE_MAX_SQ query rows: the same kernel at a tile of 16, 32 or
+64 rows sized to a program's rows (the autotuned tiles would be mostly idle rows, and each tile
+of rows streams all of its kv head's keys). With GQA (PACK_GQA) a program takes a
 kv head and the rows of all its query heads, position-major (``query_block``), so each K/V tile
 is read once per kv head instead of once per query head. Split-KV (flash-decoding), where
 those programs would leave most SMs idle (``decode_splits`` decides): a third grid axis of
