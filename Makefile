@@ -35,7 +35,7 @@ setup: $(STAMP)
 # The CPU suite once more on the GPU machines' software: torch 2.11 (cu130) with its Triton 3.6,
 # the extension compiled against that torch (Python is this machine's; theirs is 3.12), in a venv and a copy of the tree of their own under
 # .gpu-stack/ (the build would overwrite .venv's extension). An API that those versions lack
-# fails here instead of on a GPU run. Not part of `make test` (another 5 GB, and ~15 min here).
+# fails here instead of on a GPU run. Not part of `make test` (another 5 GB, and ~12 min here).
 # numpy below 2.4: Triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses.
 GPU_STACK := .gpu-stack
 GPU_STACK_PY := $(GPU_STACK)/venv/bin/python

@@ -598,10 +598,11 @@ def test_kernel_compiles_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     k = kernels()
     configs = {name: k._fit_depth(tile_kwargs(setting), 128, 4096)
                for name, setting in (("fixed", k._FIXED["gpu"]), ("split-k", k._SPLIT["gpu"]))}
-    # and on sm_90 every autotuning candidate, at groups of 256 (which every candidate's depth divides)
-    tuned = {f"{bm}x{bn}x{bk}": tile_kwargs(((bm, bn, bk, 8), stages, warps))
-             for bm, bn, bk, stages, warps in k._GEMM_SHAPES} if cc == 90 else {}
-    for group, launch_configs in ((128, configs), (256, tuned)):
+    runs = [(128, configs)]
+    if cc == 90:  # and every autotuning candidate, at groups of 256 (which every candidate's depth divides)
+        runs.append((256, {f"{bm}x{bn}x{bk}": tile_kwargs(((bm, bn, bk, 8), stages, warps))
+                           for bm, bn, bk, stages, warps in k._GEMM_SHAPES}))
+    for group, launch_configs in runs:
         assert_compiles_onto_bf16_tensor_cores(compile_for_gpu, "effkern.kernels.int4:int4_matmul_kernel", INT4_TYPES,
                                                dict(GROUP=group, HAS_BIAS=True, DOT_PRECISION="tf32", EVEN_K=True),
                                                launch_configs, cc, unit_strides=("stride_ak", "stride_qw", "stride_sg",
