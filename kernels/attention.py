@@ -667,7 +667,7 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, setting: dict):
     BLOCK_D), for the unmasked key blocks of the forward or dQ; None where TMA does not apply
     (pre-Hopper, non-16-bit, strides that do not flatten or align: the pointer loads then)."""
     rows = [_head_rows(t) for t in (k, v)]
-    if k.element_size() != 2 or None in rows or not tma_ready(*rows):
+    if k.element_size() != 2 or any(r is None for r in rows) or not tma_ready(*rows):
         return None
     return list(descriptors(dict(k_desc=rows[0], v_desc=rows[1]), _set_kv_tiles, setting).values())
 
