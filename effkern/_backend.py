@@ -20,9 +20,9 @@ CUDA backward ops on its own worker thread, which must see the same choice.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -56,13 +56,21 @@ def use_backend(name: str):
         _stack.pop()
 
 
-def triton_interpreter_on() -> bool:
+def interpreter_switch_set() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter now."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_interpreter_on() -> bool:
+    """Whether effkern's Triton kernels run in Triton's interpreter: once they are imported, the
+    mode they were imported in (triton fixes it then; setting the variable later changes nothing),
+    before that the environment's switch."""
+    launch = sys.modules.get("effkern.kernels._launch")
+    return launch.INTERPRETED_AT_IMPORT if launch is not None else interpreter_switch_set()
+
+
+# (a constant, not a cached function: torch.compile traces backend_available in the SDPA drop-in)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]:
@@ -78,19 +86,28 @@ def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]
             return False, "effkern._C was built without CUDA (CPU-only extension)"
         return True, ""
     # triton
-    if not _triton_installed():
+    if not TRITON_INSTALLED:
         return False, "triton is not installed"
     if dev == "cpu" and not triton_interpreter_on():
         return False, (
             "the triton backend on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "in the environment before triton is first imported"
+            "in the environment before triton and effkern's kernels are first imported"
+            + (" (they were imported without it)" if "effkern.kernels._launch" in sys.modules else "")
         )
     if dev not in ("cpu", "cuda"):
         return False, f"no Triton kernels for device type {dev!r}"
     return True, ""
 
 
-def require(name: str, device: torch.device, op: str) -> None:
+def require(name: str, device: torch.device, op: str, dot_dtype: torch.dtype | None = None) -> None:
+    """Raise unless backend ``name`` can run ``op`` on ``device``. ``dot_dtype``: the float dtype in
+    which op's Triton kernels multiply (tl.dot), if they do: Triton's interpreter multiplies the bit
+    patterns of bfloat16 operands as if they were numbers, so bfloat16 is refused there rather than
+    answered with garbage."""
     ok, why = backend_available(name, device)
     if not ok:
         raise RuntimeError(f"effkern.{op}: backend {name!r} cannot run on {device.type} tensors: {why}")
+    if name == "triton" and device.type == "cpu" and dot_dtype == torch.bfloat16:
+        raise TypeError(f"effkern.{op}: the triton backend on CPU tensors (Triton's interpreter) cannot multiply "
+                        f"bfloat16: its tl.dot takes their bit patterns for numbers. Use float16 or float32 there, "
+                        f"or the reference backend (auto on CPU) for bfloat16")

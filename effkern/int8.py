@@ -194,6 +194,11 @@ def check_matmul_args(op: str, a_q, b_q, a_scale, b_scale, bias, out_dtype) -> N
 
 # ---------------------------------------------------------------------------- backends
 
+# The int8 ops whose Triton kernels multiply in the float dtype (the weight dequantized first); the
+# others multiply int8.
+FLOAT_DOT_OPS = ("int8_weight_only_linear", "int8_linear_bwd")
+
+
 def choose_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """triton or reference for an int8 op on ``device`` with float data of ``dtype``."""
     name = selected_backend()
@@ -204,7 +209,7 @@ def choose_backend(op: str, device: torch.device, dtype: Optional[torch.dtype] =
     if name not in BACKENDS:
         raise RuntimeError(f"effkern.{op}: backend {name!r} is not implemented for the int8 ops (they have "
                            f"Triton kernels and a reference, no C++ ones); use one of auto, {', '.join(BACKENDS)}")
-    require(name, device, op)
+    require(name, device, op, dot_dtype=dtype if op in FLOAT_DOT_OPS else None)
     if name == "triton" and dtype == torch.float64:
         raise TypeError(f"effkern.{op}: the triton backend takes float16, bfloat16 or float32, got float64 "
                         f"(float64 runs on the reference backend)")

@@ -103,7 +103,7 @@ def _choose_backend(mode: str, like: Tensor, M: int, N: int, K: int, approximate
     device, dtype = like.device, like.dtype
     if name == "auto":
         return _auto_backend(mode, device, dtype, M, N, K, approximate)
-    require(name, device, "linear_gelu")
+    require(name, device, "linear_gelu", dot_dtype=dtype)
     # The C++ CPU kernel also takes float64; the GPU kernels and Triton's do not.
     if dtype not in KERNEL_DTYPES.get(name, DTYPES) and (name == "triton" or device.type == "cuda"):
         raise TypeError(f"linear_gelu: backend {name!r} supports float16, bfloat16 and float32 on "

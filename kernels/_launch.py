@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effkern._backend import triton_interpreter_on
+from effkern._backend import interpreter_switch_set
 
 
 # Host-side helpers on the launch path, which runs once per op call: at decoding sizes its CPU
@@ -46,10 +46,12 @@ def with_short_steps(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, -1).contiguous().movedim(-1, dim)
 
 
-@functools.cache
+# triton fixes each kernel's mode when the kernel is defined, at import: the switch as it was then
+INTERPRETED_AT_IMPORT = interpreter_switch_set()
+
+
 def interpreted() -> bool:
-    # triton fixed the mode of every kernel when it was imported (above): read the switch once
-    return triton_interpreter_on()
+    return INTERPRETED_AT_IMPORT
 
 
 # Under the interpreter: few enough "SMs" that the tests' shapes take the split-K paths and

@@ -124,6 +124,8 @@ import effkern as ek
 
 x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
 torch.testing.assert_close(ek.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+with ek.use_backend("triton"):  # the Triton kernels need nothing from _C (TRITON_INTERPRET=1 is inherited)
+    torch.testing.assert_close(ek.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
 try:
     with ek.use_backend("cuda"):
         ek.linear_gelu(x, w, b)
@@ -147,6 +149,34 @@ def test_effkern_works_without_the_extension():
     assert f"effkern._C: missing ({why})" in printed
     assert "backend 'cuda' cannot run on cpu tensors" in result["cuda_backend_error"]
     assert why in result["cuda_backend_error"]
+
+
+# effkern's kernels imported without the interpreter, the switch set afterwards: triton has fixed
+# the kernels' mode, so the triton backend on CPU tensors must refuse with the reason.
+_INTERPRETER_SET_TOO_LATE = """
+import os
+import torch
+import effkern as ek
+from effkern.kernels import linear_gelu
+
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    with ek.use_backend("triton"):
+        ek.linear_gelu(torch.randn(2, 8), torch.randn(4, 8))
+except RuntimeError as exc:
+    print(exc)
+"""
+
+
+def test_interpreter_switch_set_after_the_kernels_were_imported():
+    needs_backend("triton")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_SET_TOO_LATE], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "backend 'triton' cannot run on cpu tensors" in done.stdout
+    assert "(they were imported without it)" in done.stdout
 
 
 def test_every_autotune_key_names_a_kernel_argument():
@@ -316,3 +346,28 @@ def test_autotuned_launches_give_the_interpreted_results(name, monkeypatch):
     assert {kernel for kernel, runs in benchmarked.items() if runs >= 2} == tuned
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
+# Triton's interpreter multiplies bfloat16 operands of tl.dot by their bit patterns: the ops whose
+# kernels multiply in the float dtype refuse bfloat16 on CPU; the W8A8 ones multiply int8 and run
+# (their backward, through the dequantized weight, refuses it).
+BF16_REFUSED = {"linear_gelu", "int8_weight_only_linear", "int4_linear", "sparse24_linear", "flash_attention"}
+
+
+@pytest.mark.parametrize("name", [name for name in AUTOTUNED_CALLS if " " not in name])
+def test_bfloat16_on_the_interpreter_is_refused_or_right(name):
+    needs_backend("triton")
+    torch.manual_seed(0)
+    op, leaves = AUTOTUNED_CALLS[name][1]()
+    leaves = [t.bfloat16().requires_grad_() for t in leaves]
+    refused = pytest.raises(TypeError, match="cannot multiply bfloat16")
+    with ek.use_backend("triton"):
+        if name in BF16_REFUSED:
+            with refused:
+                op(*leaves)
+            return
+        out = op(*leaves)
+        with refused:
+            out.sum().backward()
+    with ek.use_backend("reference"):
+        torch.testing.assert_close(out, op(*leaves))
