@@ -70,14 +70,15 @@ def check_args(op: str, q, k, v, window=(-1, -1), softcap=0.0, scale=None) -> No
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"effkern.{op}: the number of query heads Hq={Hq} must be a multiple of the number of "
                          f"kv heads Hkv={Hkv} (GQA/MQA)")
+    # (a SymInt under torch.compile with dynamic shapes: SDPA's window from Sq - Skv, say)
     if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            and all(isinstance(w, (int, torch.SymInt)) and not isinstance(w, bool) for w in window)):
         raise TypeError(f"effkern.{op}: window must be a pair of ints (left, right), got {window!r}")
     if any(w < -1 for w in window):
         raise ValueError(f"effkern.{op}: window values must be >= 0, or -1 for unbounded, got {tuple(window)}")
     # comparisons only (no math.isnan): they also trace under torch.compile; NaN fails them all
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap >= 0:
-        raise ValueError(f"effkern.{op}: softcap must be a number >= 0 (0: no softcap), got {softcap!r}")
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
+        raise ValueError(f"effkern.{op}: softcap must be a finite number >= 0 (0: no softcap), got {softcap!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                               or not -math.inf < scale < math.inf):
         raise ValueError(f"effkern.{op}: scale must be a finite number or None, got {scale!r}")
@@ -95,7 +96,7 @@ def choose_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "cuda":
         raise RuntimeError(f"effkern.{op}: backend 'cuda' is not implemented for attention (there are no C++ "
                            f"attention kernels); use auto, triton or reference")
-    require(name, device, op)
+    require(name, device, op, dot_dtype=dtype)
     if name == "triton" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"effkern.{op}: the triton backend takes float16 or bfloat16, got {dtype} "
                         f"(float32 and float64 run on the reference backend)")
@@ -194,6 +195,27 @@ def _check_op_args(op, q, k, v, window_left, window_right, softcap):
     check_args(op, q, k, v, (window_left, window_right), softcap)
 
 
+def _check_bwd_args(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right, softcap):
+    """The backward op's tensors against the forward's q, k, v (a caller of
+    torch.ops.effkern.flash_attention_bwd may pass any): the kernels index them by q's shape."""
+    op = "flash_attention_bwd"
+    _check_op_args(op, q, k, v, window_left, window_right, softcap)
+    # name -> (tensor, its shape, its dtype: None for any float dtype)
+    expected = {"grad_out": (grad_out, q.shape, q.dtype), "out": (out, q.shape, q.dtype),
+                "lse": (lse, q.shape[:3], torch.float32), "grad_lse": (grad_lse, q.shape[:3], None)}
+    for name, (t, shape, dtype) in expected.items():
+        if t is None:  # grad_lse only: the schema allows None there alone
+            continue
+        if t.shape != shape:
+            raise ValueError(f"effkern.{op}: {name} must have shape {list(shape)} for q {list(q.shape)}, "
+                             f"got {list(t.shape)}")
+        wrong_dtype = t.dtype != dtype if dtype is not None else not t.is_floating_point()
+        if wrong_dtype:
+            raise TypeError(f"effkern.{op}: {name} must be {dtype or 'a float tensor'}, got {t.dtype}")
+        if t.device != q.device:
+            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but q is on {q.device}")
+
+
 @torch.library.custom_op("effkern::flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window_left: int,
                          window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
@@ -213,6 +235,7 @@ def _(q, k, v, causal, scale, window_left, window_right, softcap):
 def _flash_attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, causal: bool, scale: float, window_left: int, window_right: int,
                          softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_bwd_args(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right, softcap)
     if choose_backend("flash_attention_bwd", q.device, q.dtype) == "reference":
         return _reference_bwd(grad_out, grad_lse, q, k, v, out, lse, causal, scale, window_left, window_right,
                               softcap)
@@ -222,6 +245,7 @@ def _flash_attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor
 
 @_flash_attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, causal, scale, window_left, window_right, softcap):
+    _check_bwd_args(grad_out, grad_lse, q, k, v, out, lse, window_left, window_right, softcap)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -255,8 +279,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     [B, Hq, Sq, D] in q's dtype, and with ``return_lse`` also lse float32 [B, Hq, Sq]."""
     check_args("flash_attention", q, k, v, window, softcap, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = torch.ops.effkern.flash_attention_fwd(q, k, v, bool(causal), scale, int(window[0]), int(window[1]),
-                                                     float(softcap))
+    out, lse = torch.ops.effkern.flash_attention_fwd(q, k, v, bool(causal), scale, window[0], window[1], float(softcap))
     return (out, lse) if return_lse else out
 
 

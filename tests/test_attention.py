@@ -52,6 +52,11 @@ CASES = [
     ("mha_3x799_d32", 1, 2, 2, 3, 799, 32, False, (-1, -1), 0.0, False),
     ("mqa_3x799_d256_causal_window_softcap_t", 1, 2, 1, 3, 799, 256, True, (300, -1), 3.0, True),
     ("gqa_64x128_d160_window_left_t", 1, 4, 2, 64, 128, 160, False, (24, -1), 0.0, True),
+    # the issue's other head dims: 80 and 96 (padded to 128-wide blocks), 192 and 224 (to 256)
+    ("gqa_17x33_d80_causal", 1, 4, 2, 17, 33, 80, True, (-1, -1), 0.0, False),
+    ("mha_5x70_d96_window_t", 1, 2, 2, 5, 70, 96, False, (30, 2), 0.0, True),
+    ("mha_16x40_d192_softcap_t", 1, 2, 2, 16, 40, 192, False, (-1, -1), 4.0, True),
+    ("mqa_33x17_d224_causal", 1, 2, 1, 33, 17, 224, True, (-1, -1), 0.0, False),  # Sq > Skv
 ]
 
 
@@ -737,6 +742,23 @@ def test_torch_compile_fullgraph_dynamic(backend):
     assert counter.frame_count == frames_after_first_length > 0  # the second length reused the first graph
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_dynamic_windows_from_shapes(backend):
+    """Windows that are symbolic under dynamic shapes compile without a graph break: SDPA's causal
+    mask with more queries than keys (window (-1, Sq - Skv)) and a window computed from Skv."""
+    needs_backend(backend)
+    torch._dynamo.reset()
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    calls = {"sdpa": lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "window": lambda q, k, v: flash_attention(q, k, v, window=(k.shape[2] // 2, 0))}
+    with ek.use_backend(backend):
+        for name, call in calls.items():
+            compiled = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=True)
+            for Sq, Skv in ((9, 5), (13, 7)):
+                q, k, v = (t.detach() for t in make(1, 4, 2, Sq, Skv, 16, False, dtype))
+                torch.testing.assert_close(compiled(q, k, v), call(q, k, v), msg=lambda m: f"{name}: {m}")
+
+
 def test_torch_compile_inductor_reference():
     torch._dynamo.reset()
     q, k, v = (t.detach() for t in make(1, 2, 1, 6, 10, 16, False, torch.float32))
@@ -770,7 +792,10 @@ def _bad_cases():
         ("head_dim_mismatch", (q, k[..., :8], v[..., :8]), ValueError, r"must be \[B=1, Hkv, Skv, D=16\]"),
         ("window_below_minus_one", (q, k, v, False, None, (-2, 0)), ValueError, r"window values must be >= 0, or -1"),
         ("window_not_a_pair", (q, k, v, False, None, (3,)), TypeError, r"window must be a pair of ints"),
-        ("negative_softcap", (q, k, v, False, None, (-1, -1), -1.0), ValueError, r"softcap must be a number >= 0"),
+        ("negative_softcap", (q, k, v, False, None, (-1, -1), -1.0), ValueError,
+         r"softcap must be a finite number >= 0"),
+        ("infinite_softcap", (q, k, v, False, None, (-1, -1), math.inf), ValueError,
+         r"softcap must be a finite number >= 0"),  # inf * tanh(s / inf) would be NaN
         ("not_a_tensor", ([1.0], k, v), TypeError, r"q must be a torch.Tensor, got list"),
     ]
 
@@ -779,6 +804,31 @@ def _bad_cases():
 @parametrize_by_name(_bad_cases())
 def test_bad_inputs_raise_clear_errors(backend, case):
     assert_bad_call_raises(backend, flash_attention, _bad_cases()[case])
+
+
+def _bad_backward_cases():
+    """Calls of the backward op itself (as torch.ops.effkern.flash_attention_bwd) with tensors that
+    do not belong to its q, k, v: the kernels would read past them."""
+    q, k, v = (t.detach() for t in make(1, 4, 2, 5, 7, 16, False, torch.float16))
+    out, lse = torch.randn_like(q), torch.randn(1, 4, 5)
+    args = dict(grad_out=out, grad_lse=None, q=q, k=k, v=v, out=out, lse=lse)
+    return [(name, {**args, **changed}, exc, message) for name, changed, exc, message in [
+        ("grad_out_shape", dict(grad_out=out[:, :, :3]), ValueError, r"grad_out must have shape \[1, 4, 5, 16\]"),
+        ("out_dtype", dict(out=out.float()), TypeError, r"out must be torch.float16, got torch.float32"),
+        ("lse_length", dict(lse=lse[..., :2]), ValueError, r"lse must have shape \[1, 4, 5\]"),
+        ("lse_dtype", dict(lse=lse.half()), TypeError, r"lse must be torch.float32, got torch.float16"),
+        ("grad_lse_shape", dict(grad_lse=lse[:, :2]), ValueError, r"grad_lse must have shape \[1, 4, 5\]"),
+        ("grad_lse_int", dict(grad_lse=lse.int()), TypeError, r"grad_lse must be a float tensor"),
+        ("k_v_keys", dict(v=torch.randn(1, 2, 50, 16).half()), ValueError, r"k and v must have the same shape"),
+    ]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@parametrize_by_name(_bad_backward_cases())
+def test_bad_backward_inputs_raise_clear_errors(backend, case):
+    _, args, exc, message = _bad_backward_cases()[case]
+    with ek.use_backend(backend), pytest.raises(exc, match=message):
+        torch.ops.effkern.flash_attention_bwd(*args.values(), False, 0.25, -1, -1, 0.0)
 
 
 def test_backend_errors():
