@@ -9,8 +9,8 @@ symmetric: zero = 8, scale = 2 * absmax / 15 (q - 8 in [-8, 7]).
 q = clamp(round(w / scale) + zero, 0, 15), divided by the scale *as stored* (rounded up to the
 storage dtype, so the levels still span the group), so every weight is within half a step of
 its dequantized value. Scales and zeros are stored in the
-weight's dtype (zeros hold integers: in [0, 15] from quantize_int4, up to 16 from a classic GPTQ
-checkpoint); a group of zeros gets scale 1, zero 8 (q = 8, w = 0).
+weight's dtype (zeros hold integers in [0, 15]); a group of zeros gets scale 1 (and zero 8 when
+symmetric, -0.0 when not: q - z is then 0 or q, w = 0 either way).
 
 effkern's packed layout, ``qweight`` int32 [N, K / 8], eight 4-bit values along K per word:
 
@@ -57,6 +57,12 @@ def pack_int4(q: Tensor) -> Tensor:
     eight values per word, the lowest k in the lowest bits."""
     if q.shape[-1] % 8:
         raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise TypeError(f"pack_int4: q must hold integers (an integer dtype), got {q.dtype}")
+    if q.numel():  # (a wait for the GPU: packing runs once per weight, not per call)
+        low, high = (int(v) for v in torch.aminmax(q))
+        if low < 0 or high > 15:
+            raise ValueError(f"pack_int4: q must hold values in [0, 15], got values in [{low}, {high}]")
     # Byte by byte: byte b of a little-endian word holds nibbles 2b (low) and 2b + 1 (high), so
     # the bytes in order are q[2i] | q[2i + 1] << 4, and 4 of them viewed as int32 are a word.
     # Nothing wider than the input is made (an int64 copy of a 16k x 16k weight is 2 GB).
@@ -75,7 +81,8 @@ def unpack_int4(qweight: Tensor) -> Tensor:
 
 
 def _group(group_size: int, K: int) -> int:
-    return K if group_size == -1 else group_size
+    # -1: one group per row; at K = 0 the rows have no groups, of a nominal size the kernels take
+    return (K or GROUP_SIZES[0]) if group_size == -1 else group_size
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -174,8 +181,9 @@ def gptq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optiona
     minus ``zero_offset`` (1 in the classic format, 0 in "gptq_v2"); scales [K / G, N]; g_idx [K]
     the group of each input feature. Dequantized: W^T[k, n] = scales[g_idx[k], n] *
     (q[k, n] - (qzeros[g_idx[k], n] + zero_offset)).
-    A stored nibble of 15 in the classic format is z = 16 (the quantizer's zero of 0 wrapped
-    around): kept as 16, for which q - z is exact on every backend.
+    The classic format's +1 is taken modulo 16, as AutoGPTQ's PyTorch dequantization takes it: the
+    quantizer's zero of 0, stored as -1 in four bits (15), is z = 0 (a kernel that adds 1 without
+    the wrap would read 16 there).
     With act-order (g_idx not k // G) the input features are permuted so that groups are
     contiguous: the layer must read ``input[..., perm]`` (Int4Linear does); perm is None otherwise.
     """
@@ -187,7 +195,7 @@ def gptq_to_int4(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optiona
     G = _check_checkpoint(fn, qweight, qzeros, scales, K, N)
     n_groups = K // G
     q = unpack_int4(qweight.t()).t()  # [K, N]: GPTQ packs along K, like effkern, but transposed
-    z = _unpack_along_columns(qzeros) + zero_offset  # [K / G, N], in [0, 16]
+    z = (_unpack_along_columns(qzeros) + zero_offset) % 16  # [K / G, N], in [0, 15]
     perm = None
     if g_idx is not None:
         _check_tensor(fn, "g_idx", g_idx, (torch.int16, torch.int32, torch.int64), "an integer tensor [K]")
@@ -333,7 +341,7 @@ def choose_backend(op: str, input: Tensor, scales: Tensor, group_size: int, N: i
     M, K = rows(input).shape
     if name == "auto":
         return _auto_backend(device, dtype, scales.dtype, M, N, K, group_size)
-    require(name, device, op)
+    require(name, device, op, dot_dtype=dtype)
     if name != "reference" and dtype == torch.float64:
         raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got float64 "
                         f"(float64 runs on the reference backend)")

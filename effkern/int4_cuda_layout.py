@@ -164,7 +164,8 @@ def shuffle_for_cuda(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size:
 
     ``dtype`` (default: scales.dtype) is the activation dtype the kernel will run in, float16 or
     bfloat16; scales in another dtype are rounded to it once here (the kernel multiplies in the
-    activation dtype). zeros must hold integers in [0, 16] (16: a classic GPTQ checkpoint's zero)."""
+    activation dtype). zeros must hold integers in [0, 16] (quantize_int4 and the importers give
+    0..15; the exponent trick below is exact up to 16)."""
     N, K, G, dtype = _check_format("shuffle_for_cuda", qweight, scales, zeros, group_size, dtype)
     z = zeros.to(torch.float32)
     if not bool(((z == z.round()) & (z >= 0) & (z <= 16)).all()):

@@ -59,6 +59,16 @@ def test_pack_unpack_round_trip(shape):
         ek.unpack_int4(words.long())  # a byte view of int64 words would read twice the nibbles
 
 
+@pytest.mark.parametrize("value,exc,message", [(16, ValueError, r"values in \[0, 15\], got values in \[0, 16\]"),
+                                               (-1, ValueError, r"got values in \[-1, 0\]"),
+                                               (1.0, TypeError, "must hold integers")])
+def test_pack_int4_refuses_what_four_bits_cannot_hold(value, exc, message):
+    q = torch.zeros(2, 8, dtype=torch.float32 if isinstance(value, float) else torch.int64)
+    q[1, 3] = value
+    with pytest.raises(exc, match=message):
+        ek.pack_int4(q)
+
+
 def test_packing_makes_nothing_wider_than_its_unpacked_side():
     """pack_int4 / unpack_int4 run on whole weights (the CUDA layout's shuffle, the backward's
     dequantization): no intermediate may be larger than the uint8 [N, K] side (an int64 copy would
@@ -142,21 +152,22 @@ def _pack_words(values: torch.Tensor, order=range(8)) -> torch.Tensor:
 
 
 def gptq_checkpoint(N, K, group_size, act_order: bool, seed=0):
-    """Synthetic GPTQ tensors (classic format: zeros stored minus one, every stored nibble 0..15,
-    so z runs over 1..16) and the weight the format's published dequantization gives:
-    W^T[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
+    """Synthetic GPTQ tensors (classic format: zeros stored minus one, every stored nibble 0..15)
+    and the weight the format's published dequantization (AutoGPTQ's PyTorch path) gives:
+    W^T[k, n] = scales[g_idx[k], n] * (q[k, n] - ((qzeros[g_idx[k], n] + 1) & 15)), a stored 15
+    being the quantizer's zero of 0."""
     G = K if group_size == -1 else group_size
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=g)
     stored = torch.randint(0, 16, (K // G, N), generator=g)
-    stored[0, 0] = 15  # z = 16 at least once
+    stored[0, 0] = 15  # z = 0 at least once
     scales = (torch.rand(K // G, N, generator=g) / 10 + 0.01).half()
     g_idx = torch.arange(K) // G
     if act_order:
         g_idx = g_idx[torch.randperm(K, generator=g)]
     qweight = _pack_words(q.t()).t().contiguous()  # [K / 8, N], packed along K
     qzeros = _pack_words(stored)  # [K / G, N / 8], packed along N
-    weight_t = scales.double()[g_idx] * (q.double() - (stored.double() + 1)[g_idx])
+    weight_t = scales.double()[g_idx] * (q.double() - ((stored + 1) & 15).double()[g_idx])
     return (qweight, qzeros, scales, g_idx), weight_t.t()
 
 
@@ -215,20 +226,21 @@ def test_import_is_exact(fmt, group_size, with_bias, backend):
     check_imported_layer(fmt, 24, 512, group_size, with_bias, backend, M=5)
 
 
-def test_gptq_keeps_a_zero_of_16_and_finds_plain_order():
+def test_gptq_reads_a_stored_15_as_zero_0_and_finds_plain_order():
     (qweight, qzeros, scales, g_idx), weight = gptq_checkpoint(16, 64, 32, act_order=False)
     qw, s, z, G, perm = ek.gptq_to_int4(qweight, qzeros, scales, g_idx)
-    assert z[0, 0] == 16 and z.max() == 16 and G == 32
+    assert z[0, 0] == 0 and z.max() == 15 and G == 32
     assert perm is None  # g_idx equal to k // G is not act-order
     assert torch.equal(ek.dequantize_int4(qw, s, z, G, torch.float64), weight)
 
 
 def test_gptq_v2_zero_offset():
-    """gptq_v2 stores z itself: the same nibbles read one lower than in the classic format."""
+    """gptq_v2 stores z itself: the same nibbles read one lower than in the classic format (modulo
+    16: a stored 15 is 0 there, 15 here)."""
     (qweight, qzeros, scales, _), _ = gptq_checkpoint(16, 64, 32, False)
     qw, _, z, G, _ = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=1)
     qw2, _, z2, G2, _ = ek.gptq_to_int4(qweight, qzeros, scales, zero_offset=0)
-    assert torch.equal(qw, qw2) and torch.equal(z2, z - 1) and G == G2 == 32
+    assert torch.equal(qw, qw2) and torch.equal(z2, (z - 1) % 16) and G == G2 == 32
 
 
 def _bad_checkpoints():
@@ -364,6 +376,20 @@ def test_empty_batch(backend):
         y = ek.int4_linear(x, qw, scales, zeros, 32)
         y.sum().backward()
     assert y.shape == (0, 16) and x.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_zero_gives_the_bias(backend, group_size):
+    """K = 0 (as F.linear takes it), one group per row included: rows without groups."""
+    needs_backend(backend)
+    qw, scales, zeros = ek.quantize_int4(torch.randn(16, 0).half(), group_size)
+    assert qw.shape == scales.shape == zeros.shape == (16, 0)
+    x, b = torch.randn(3, 0).half().requires_grad_(), torch.randn(16).half()
+    with ek.use_backend(backend):
+        y = ek.int4_linear(x, qw, scales, zeros, group_size, b)
+        y.sum().backward()
+    assert torch.equal(y, b.expand(3, 16)) and x.grad.shape == (3, 0)
 
 
 # ---------------------------------------------------------------------------- autograd

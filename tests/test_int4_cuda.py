@@ -128,8 +128,8 @@ def test_emulated_dequantization_is_q_minus_z_times_s_rounded_once(N, K, group_s
 
 def shifted_zero_table(zeros_p: torch.Tensor, zero_shift: int) -> torch.Tensor:
     """The prepared zeros of zeros + zero_shift from those of zeros (the shuffle only moves values,
-    and BIAS + z + 1 is exact): zero_shift 1 makes the zeros 1..16 of a classic GPTQ checkpoint
-    (effkern.gptq_to_int4 keeps its z = 16) from the 0..15 that shuffle_for_cuda takes."""
+    and BIAS + z + 1 is exact): zero_shift 1 makes zeros 1..16 from 0..15, the top of the
+    range shuffle_for_cuda takes."""
     return zeros_p + zero_shift
 
 
