@@ -96,7 +96,7 @@ def compress_24_reference(weight: Tensor) -> tuple[Tensor, Tensor]:
     return values, codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-def _codes(meta: Tensor, n_groups: int, check: bool = True) -> Tensor:
+def _codes(meta: Tensor, n_groups: int, check: bool = True, op: str = "decompress_24") -> Tensor:
     """meta uint8 [N, ceil(G / 2)] -> uint8 codes [N, G]. ``check``: raise on a code that is not
     two ascending positions or on a nonzero nibble past the last group (a wait for the GPU: the
     backward, whose meta the forward has taken, skips it)."""
@@ -106,11 +106,21 @@ def _codes(meta: Tensor, n_groups: int, check: bool = True) -> Tensor:
         bad = (codes & 3) >= (codes >> 2)  # valid: i0 < i1
         if bool(bad.any()):
             n, g = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"effkern.decompress_24: meta row {n}, group {g} holds the code "
+            raise ValueError(f"effkern.{op}: meta row {n}, group {g} holds the code "
                              f"{int(codes[n, g]):#06b}, which is not two ascending positions i0 | i1 << 2")
         if bool((rest != 0).any()):
-            raise ValueError("effkern.decompress_24: meta has a nonzero nibble past the last group")
+            raise ValueError(f"effkern.{op}: meta has a nonzero nibble past the last group")
     return codes
+
+
+# The Triton kernels expand whatever codes they are given (an invalid one gives a wrong weight,
+# not an error), so their callers check each meta tensor's codes once: a wait for the GPU on the
+# first call with a weight, none after (again only if meta is modified in place).
+_CHECKED_META = DerivedCache()
+
+
+def check_meta_once(op: str, meta: Tensor, n_groups: int) -> None:
+    _CHECKED_META.get((meta,), lambda: _codes(meta, n_groups, op=op) is not None)
 
 
 # Expansion and its inverse by selects on the codes (i0 in 0..2, i1 in 1..3), which copy bits
@@ -317,7 +327,7 @@ def dgrad_path(grad_out: Tensor, K: int) -> str:
     if name == "auto":
         return _auto_dgrad_path(grad_out.device, grad_out.dtype, M, N, K)
     if name == "triton":
-        require(name, grad_out.device, "sparse24_linear_bwd")
+        require(name, grad_out.device, "sparse24_linear_bwd", dot_dtype=grad_out.dtype)
         if grad_out.dtype not in KERNEL_DTYPES:  # a forward on another backend, its backward under triton
             raise TypeError(f"effkern.sparse24_linear: backend 'triton' takes float16, bfloat16 or float32, got "
                             f"a {grad_out.dtype} gradient (float64 runs on the reference backend)")
@@ -334,7 +344,7 @@ def linear_backend(op: str, input: Tensor, N: int) -> str:
     M, K = rows(input).shape
     if name == "auto":
         return _auto_backend(op, device, dtype, M, N, K)
-    require(name, device, op)
+    require(name, device, op, dot_dtype=dtype if op == "sparse24_linear" else None)  # the int8 op multiplies int8
     if name != "reference" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"effkern.{op}: backend {name!r} takes float16, bfloat16 or float32, got {dtype} "
                         f"(float64 runs on the reference backend)")
@@ -445,6 +455,7 @@ def _sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional
     if backend == "triton":
         from .kernels import sparse24 as kernels
 
+        check_meta_once("sparse24_linear", meta, values.shape[1] // 2)
         out = kernels.sparse24_matmul(x2d, values, meta, bias)
     else:
         reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))
@@ -543,6 +554,7 @@ def _sparse24_int8_linear(input: Tensor, values: Tensor, meta: Tensor, weight_sc
     if backend == "triton":
         from .kernels import sparse24 as kernels
 
+        check_meta_once("sparse24_int8_linear", meta, values.shape[1] // 2)
         out = kernels.sparse24_int8_matmul(x_q, x_scale, values, meta, weight_scale, bias, input.dtype)
     else:
         reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))

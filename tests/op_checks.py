@@ -100,6 +100,8 @@ def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
     """A training step, the mean square of ``layer``'s output, compiled with torch.compile(fullgraph=True,
     dynamic=True) under ``backend``: for two numbers of tokens (the second must reuse the dynamic
     graph) the loss and the gradients of the input and of each trainable parameter equal eager mode's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     needs_backend(backend)
     torch._dynamo.reset()
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -107,7 +109,8 @@ def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
     def step(x):
         return layer(x).square().mean()
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
     with ek.use_backend(backend):
         for tokens in (5, 9):
             x = torch.randn(tokens, layer.in_features, requires_grad=True)
@@ -123,6 +126,9 @@ def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
                 assert got is not None and want is not None
                 torch.testing.assert_close(got, want)
             layer.zero_grad(set_to_none=True)
+            if tokens == 5:
+                frames_after_the_first = counter.frame_count
+    assert counter.frame_count == frames_after_the_first > 0  # the second number of tokens reused the graph
 
 
 def assert_cuda_graph_replays_like_eager(backend: str, fn, make_inputs):
