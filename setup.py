@@ -129,11 +129,10 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
-    use_cuda = (
-        cpp_extension.CUDA_HOME is not None
-        and torch.version.cuda is not None
-        and not _env_flag("EFFKERN_NO_CUDA")
-    )
+    # torch sets CUDA_HOME to /usr/local/cuda whenever that folder exists, nvcc in it or not (a
+    # runtime-only CUDA image): the CUDA extension needs the compiler itself.
+    nvcc_found = cpp_extension.CUDA_HOME is not None and (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists()
+    use_cuda = nvcc_found and torch.version.cuda is not None and not _env_flag("EFFKERN_NO_CUDA")
     cpu_sources = [ROOT / "csrc" / "ops.cpp"] + list((ROOT / "csrc" / "cpu").glob("*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     # Python's default CFLAGS carry -g; the debug info of torch's registration templates
@@ -144,7 +143,7 @@ def _extensions():
 
     if not use_cuda:
         _log("building effkern._C for CPU only "
-             f"(CUDA_HOME={cpp_extension.CUDA_HOME}, torch.version.cuda={torch.version.cuda})")
+             f"(CUDA_HOME={cpp_extension.CUDA_HOME}, nvcc there: {nvcc_found}, torch.version.cuda={torch.version.cuda})")
         ext = cpp_extension.CppExtension(
             name="effkern._C",
             sources=_rel(cpu_sources),

@@ -95,7 +95,11 @@ fi
 tar -czf "$OUT/results.tgz" ${NEW_RESULTS[@]+"${NEW_RESULTS[@]}"} effkern/policies 2>/dev/null || echo "tar: nothing to pack"
 cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.json"
 
+# this run's benchmark tables, then the summary, last
 {
+    tables=0
+    for f in ${NEW_RESULTS[@]+"${NEW_RESULTS[@]}"}; do [[ $f == *.md ]] && cat "$f" && echo && tables=1; done
+    ((tables)) || echo "no benchmark tables from this run"
     echo
     echo "================ gpu_check summary ($((SECONDS - START)) s, $(head -c 80 < <(grep -m1 '^device' "$OUT/env.txt" || echo 'device ?')))"
     printf '%s\n' "${SUMMARY[@]}"
@@ -103,8 +107,4 @@ cp effkern/policies/*.json "$OUT/" 2>/dev/null || echo "no effkern/policies/*.js
         echo "pytest: $(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)' "$OUT/pytest_gpu.log" | tail -n 1 || echo 'no summary line')"
     fi
     if wanted bench; then echo "bench:  $(grep -E 'FAIL or ERROR|^skipped' "$OUT/bench.log" | tr '\n' ';' || true)"; fi
-    echo
-    tables=0
-    for f in ${NEW_RESULTS[@]+"${NEW_RESULTS[@]}"}; do [[ $f == *.md ]] && cat "$f" && tables=1; done
-    ((tables)) || echo "no benchmark tables from this run"
 } | tee "$OUT/summary.txt"

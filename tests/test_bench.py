@@ -686,3 +686,23 @@ def test_full_gpu_attention_sweep_is_the_issue_standard_sweep():
     assert all((p["H"], p["Hkv"]) == (32, 8) and p["B"] * p["Skv"] <= bench_attention.DECODE_MAX_TOKENS
                for p in decode)
     assert {"fwd", "bwd", "fwd_bwd"} <= set(bench_attention.MODES)
+
+
+def test_gpu_check_script_runs_its_steps_and_prints_the_summary_last(tmp_path):
+    """bench/gpu_check.sh as the GPU machine runs it, here with one family's smoke tests (all
+    skipped without a GPU): each step logged under $OUT, the step table and pytest's count last."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), OPS="linear_gelu", STEPS="pytest",
+               TEST_MARK="gpu and smoke")
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {"env.txt", "pytest_gpu.log", "summary.txt", "results.tgz"} <= {p.name for p in tmp_path.iterdir()}
+    last = done.stdout.strip().splitlines()[-4:]
+    assert last[0].startswith("================ gpu_check summary")
+    assert last[1].split()[:2] == ["env", "ok"] and last[2].split()[:2] == ["pytest", "ok"]
+    assert last[3].startswith("pytest: ") and "skipped" in last[3]
