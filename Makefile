@@ -32,15 +32,21 @@ $(GPU_TRITON_DIR)/.installed: | $(STAMP)
 
 setup: $(STAMP)
 
-# The CPU suite once more on the GPU machines' software: torch 2.11 (cu130) with its Triton 3.6,
-# the extension compiled against that torch (Python is this machine's; theirs is 3.12), in a venv and a copy of the tree of their own under
-# .gpu-stack/ (the build would overwrite .venv's extension). An API that those versions lack
-# fails here instead of on a GPU run. Not part of `make test` (another 5 GB, and ~12 min here).
+# The CPU suite once more on the GPU machines' software: Python 3.12, torch 2.11 (cu130) with its
+# Triton 3.6, the extension compiled against that torch, in a venv and a copy of the tree of their
+# own under .gpu-stack/ (the build would overwrite .venv's extension). An API that those versions
+# lack fails here instead of on a GPU run. Not part of `make test` (another 5 GB, ~12-15 min here).
+# GPU_STACK_PYTHON: python3.12 where that runs (pyenv's 3.12 on this project's machines), else
+# $(PYTHON) with a warning: the torch and Triton versions are then checked, the Python one is not.
 # numpy below 2.4: Triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses.
 GPU_STACK := .gpu-stack
 GPU_STACK_PY := $(GPU_STACK)/venv/bin/python
+GPU_STACK_PYTHON ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null && pyenv root)/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 test-gpu-stack:
-	test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK)/venv
+	@test -n "$(GPU_STACK_PYTHON)" || echo "warning: no Python 3.12 found; the GPU stack runs on $(PYTHON)"
+	test -x $(GPU_STACK_PY) || $(or $(GPU_STACK_PYTHON),$(PYTHON)) -m venv $(GPU_STACK)/venv
+	$(GPU_STACK_PY) -c 'import sys; print("GPU stack on Python", sys.version.split()[0])'
 	$(GPU_STACK_PY) -m pip install -q --no-cache-dir "torch==2.11.0" "numpy<2.4" ninja setuptools wheel
 	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_STACK)/src
