@@ -99,6 +99,13 @@ def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]
     return True, ""
 
 
+def triton_multiplies(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether the Triton kernels' tl.dot gives right products of ``dtype`` operands on ``device``:
+    not bfloat16 in the interpreter (CPU tensors), which multiplies their bit patterns as if they
+    were numbers."""
+    return not (device.type == "cpu" and dtype == torch.bfloat16)
+
+
 def require(name: str, device: torch.device, op: str, dot_dtype: torch.dtype | None = None) -> None:
     """Raise unless backend ``name`` can run ``op`` on ``device``. ``dot_dtype``: the float dtype in
     which op's Triton kernels multiply (tl.dot), if they do: Triton's interpreter multiplies the bit
@@ -107,7 +114,7 @@ def require(name: str, device: torch.device, op: str, dot_dtype: torch.dtype | N
     ok, why = backend_available(name, device)
     if not ok:
         raise RuntimeError(f"effkern.{op}: backend {name!r} cannot run on {device.type} tensors: {why}")
-    if name == "triton" and device.type == "cpu" and dot_dtype == torch.bfloat16:
+    if name == "triton" and not triton_multiplies(device, dot_dtype):
         raise TypeError(f"effkern.{op}: the triton backend on CPU tensors (Triton's interpreter) cannot multiply "
                         f"bfloat16: its tl.dot takes their bit patterns for numbers. Use float16 or float32 there, "
                         f"or the reference backend (auto on CPU) for bfloat16")

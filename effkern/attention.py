@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import backend_available, require, selected_backend
+from ._backend import backend_available, require, selected_backend, triton_multiplies
 from ._registry import register_autocast, register_family
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -312,8 +312,9 @@ def _sdpa_fast_path(query, key, value, attn_mask, dropout_p, scale, enable_gqa) 
     if name == "auto":
         return (query.device.type == "cuda" and query.dtype in KERNEL_DTYPES
                 and backend_available("triton", query.device)[0])
-    if name == "triton":
-        return query.dtype in KERNEL_DTYPES and backend_available("triton", query.device)[0]
+    if name == "triton":  # (bf16 on CPU: the interpreter cannot multiply it, torch's SDPA runs it)
+        return (query.dtype in KERNEL_DTYPES and triton_multiplies(query.device, query.dtype)
+                and backend_available("triton", query.device)[0])
     return name == "reference"
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
+from effkern._backend import backend_available
 from effkern.attention import (_sdpa_fast_path, flash_attention, flash_attention_reference,
                                scaled_dot_product_attention, visible)
 
@@ -691,6 +692,11 @@ def test_sdpa_falls_back_to_torch():
     with ek.use_backend("auto"):  # auto on CPU is torch's SDPA, bit for bit
         assert torch.equal(scaled_dot_product_attention(q, k, v, is_causal=True),
                            F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    if backend_available("triton", "cpu")[0]:  # bf16, which the interpreter cannot multiply: torch's
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        with ek.use_backend("triton"):
+            assert torch.equal(scaled_dot_product_attention(qb, kb, vb, is_causal=True),
+                               F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
 
 
 # ---------------------------------------------------------------------------- registration
