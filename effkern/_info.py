@@ -19,6 +19,14 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _selected() -> str:
+    # a wrong EFFKERN_BACKEND is reported here (every op call raises on it), not raised
+    try:
+        return selected_backend()
+    except ValueError as exc:
+        return f"invalid: {exc}"
+
+
 def info(print_report: bool = True) -> dict:
     """Print (and return as a dict) versions, GPU, extension status and backend per op."""
     cuda = torch.cuda.is_available()
@@ -31,7 +39,7 @@ def info(print_report: bool = True) -> dict:
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "triton_interpreter": triton_interpreter_on(),
         "extension": {"built": _ext.available(), "error": _ext.load_error() or None, **_ext.build_info()},
-        "selected_backend": selected_backend(),
+        "selected_backend": _selected(),
         "backends": {dev.type: {name: backend_available(name, dev) for name in BACKENDS[1:]} for dev in devices},
         "auto": {op: {dev.type: describe(dev) for dev in devices} for op, describe in FAMILIES.items()},
     }

@@ -102,6 +102,16 @@ def test_info_reports_versions_extension_and_backends(capsys):
         assert f"{family}: auto on cpu -> reference" in printed
     if not report["extension"]["built"]:
         assert report["extension"]["error"]
+    elif report["extension"]["cuda"]:
+        assert report["extension"]["archs"] and f"archs: {report['extension']['archs']}" in printed
+    assert report["python"] in printed and f"triton {report['triton']}" in printed and "GPU: " in printed
+
+
+def test_info_reports_a_wrong_environment_backend(monkeypatch, capsys):
+    monkeypatch.setenv("EFFKERN_BACKEND", "fast")
+    report = ek.info()
+    assert report["selected_backend"].startswith("invalid: ") and "'fast'" in report["selected_backend"]
+    assert "backend selected: invalid: " in capsys.readouterr().out
 
 
 # A fresh interpreter in which importing effkern._C fails, as where it was never built: effkern
