@@ -118,6 +118,7 @@ def _extensions():
     if _env_flag("EFFKERN_NO_EXT"):
         _log("EFFKERN_NO_EXT is set: installing the pure-Python package without effkern._C")
         return [], {}
+    cuda_home_given = bool(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"))
     _set_cuda_home()
     try:
         import torch
@@ -130,9 +131,11 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
     # torch sets CUDA_HOME to /usr/local/cuda whenever that folder exists, nvcc in it or not (a
-    # runtime-only CUDA image): the CUDA extension needs the compiler itself.
-    nvcc_found = cpp_extension.CUDA_HOME is not None and (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists()
-    use_cuda = nvcc_found and torch.version.cuda is not None and not _env_flag("EFFKERN_NO_CUDA")
+    # runtime-only CUDA image): a toolkit found that way counts only with its compiler. One the
+    # user named (CUDA_HOME / CUDA_PATH) is taken as it is: a wrong one fails the build loudly.
+    cuda_toolkit = cpp_extension.CUDA_HOME is not None and (
+        cuda_home_given or (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists())
+    use_cuda = cuda_toolkit and torch.version.cuda is not None and not _env_flag("EFFKERN_NO_CUDA")
     cpu_sources = [ROOT / "csrc" / "ops.cpp"] + list((ROOT / "csrc" / "cpu").glob("*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     # Python's default CFLAGS carry -g; the debug info of torch's registration templates
@@ -143,7 +146,7 @@ def _extensions():
 
     if not use_cuda:
         _log("building effkern._C for CPU only "
-             f"(CUDA_HOME={cpp_extension.CUDA_HOME}, nvcc there: {nvcc_found}, torch.version.cuda={torch.version.cuda})")
+             f"(CUDA_HOME={cpp_extension.CUDA_HOME}, CUDA toolkit: {cuda_toolkit}, torch.version.cuda={torch.version.cuda})")
         ext = cpp_extension.CppExtension(
             name="effkern._C",
             sources=_rel(cpu_sources),

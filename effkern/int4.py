@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _policy
 from ._cache import DerivedCache
@@ -52,14 +53,21 @@ BACKENDS = ("triton", "cuda", "reference")
 
 # ---------------------------------------------------------------------------- packing
 
+# (torch's uint16/32/64 lack the comparisons the range check needs)
+PACKABLE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def pack_int4(q: Tensor) -> Tensor:
-    """q [..., K] with integers in [0, 15] (any integer dtype), K % 8 == 0 -> int32 [..., K / 8],
+    """q [..., K] with integers in [0, 15] (PACKABLE_DTYPES), K % 8 == 0 -> int32 [..., K / 8],
     eight values per word, the lowest k in the lowest bits."""
     if q.shape[-1] % 8:
         raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
-    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
-        raise TypeError(f"pack_int4: q must hold integers (an integer dtype), got {q.dtype}")
-    if q.numel():  # (a wait for the GPU: packing runs once per weight, not per call)
+    if q.dtype not in PACKABLE_DTYPES:
+        raise TypeError(f"pack_int4: q must be uint8, int8, int16, int32 or int64, got {q.dtype}")
+    # (a wait for the GPU: packing runs once per weight, not per call; a tensor without data, on
+    # the meta device or a fake one, as in a model built there before its weights load, has no
+    # values to check)
+    if q.numel() and q.device.type != "meta" and not isinstance(q, FakeTensor):
         low, high = (int(v) for v in torch.aminmax(q))
         if low < 0 or high > 15:
             raise ValueError(f"pack_int4: q must hold values in [0, 15], got values in [{low}, {high}]")

@@ -120,7 +120,11 @@ _CHECKED_META = DerivedCache()
 
 
 def check_meta_once(op: str, meta: Tensor, n_groups: int) -> None:
-    _CHECKED_META.get((meta,), lambda: _codes(meta, n_groups, op=op) is not None)
+    # (the groups are part of the check: a meta checked for K = 12, its last nibble 0, may not
+    # pass for K = 16, where that nibble is a code)
+    checked_groups = _CHECKED_META.get((meta,), lambda: _codes(meta, n_groups, op=op).shape[1])
+    if checked_groups != n_groups:
+        _codes(meta, n_groups, op=op)
 
 
 # Expansion and its inverse by selects on the codes (i0 in 0..2, i1 in 1..3), which copy bits

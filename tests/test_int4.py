@@ -61,12 +61,18 @@ def test_pack_unpack_round_trip(shape):
 
 @pytest.mark.parametrize("value,exc,message", [(16, ValueError, r"values in \[0, 15\], got values in \[0, 16\]"),
                                                (-1, ValueError, r"got values in \[-1, 0\]"),
-                                               (1.0, TypeError, "must hold integers")])
+                                               (1.0, TypeError, "must be uint8, int8, int16, int32 or int64")])
 def test_pack_int4_refuses_what_four_bits_cannot_hold(value, exc, message):
     q = torch.zeros(2, 8, dtype=torch.float32 if isinstance(value, float) else torch.int64)
     q[1, 3] = value
     with pytest.raises(exc, match=message):
         ek.pack_int4(q)
+
+
+def test_quantizing_on_the_meta_device():
+    """A model built on the meta device is converted before its weights load: no values to check."""
+    layer = ek.nn.Int4Linear.from_linear(torch.nn.Linear(64, 16, device="meta", dtype=torch.float16), group_size=32)
+    assert layer.qweight.device.type == "meta" and layer.qweight.shape == (16, 8)
 
 
 def test_packing_makes_nothing_wider_than_its_unpacked_side():

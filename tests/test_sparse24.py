@@ -570,6 +570,29 @@ def test_invalid_metadata_codes_raise(backend):
     assert_invalid_codes_raise(backend, "cpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checked_meta_is_checked_again_for_more_groups(backend):
+    """meta [N, 2] serves K = 12 (3 groups, the 4th nibble 0) and K = 16 (4 groups): passing for
+    the first says nothing of the 4th nibble as a code of the second."""
+    needs_backend(backend)
+    values, meta = ek.compress_24(sparse_weight(4, 12))
+    with ek.use_backend(backend):
+        ek.sparse24_linear(torch.randn(2, 12), values, meta)
+        with pytest.raises(ValueError, match="row 0, group 3 holds the code 0b0000"):
+            ek.sparse24_linear(torch.randn(2, 16), torch.randn(4, 8), meta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_made_under_inference_mode(backend):
+    """Inference tensors keep no version counter, which the once-per-weight caches read."""
+    needs_backend(backend)
+    w, x = sparse_weight(8, 32), torch.randn(3, 32)
+    with torch.inference_mode(), ek.use_backend(backend):
+        values, meta = ek.compress_24(w)
+        y = ek.sparse24_linear(x, values, meta)
+    torch.testing.assert_close(y, F.linear(x, w))
+
+
 # ---------------------------------------------------------------------------- nn module
 
 def test_sparse24_linear_module_and_state_dict():
