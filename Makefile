@@ -45,7 +45,10 @@ GPU_STACK_PYTHON ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null &
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 test-gpu-stack:
 	@test -n "$(GPU_STACK_PYTHON)" || echo "warning: no Python 3.12 found; the GPU stack runs on $(PYTHON)"
-	test -x $(GPU_STACK_PY) || $(or $(GPU_STACK_PYTHON),$(PYTHON)) -m venv $(GPU_STACK)/venv
+	# (a venv left by another Python goes: its version must be the one chosen)
+	test -x $(GPU_STACK_PY) && [ "$$($(GPU_STACK_PY) -c 'import sys; print(sys.version_info[:2])')" = \
+		"$$($(or $(GPU_STACK_PYTHON),$(PYTHON)) -c 'import sys; print(sys.version_info[:2])')" ] || \
+		{ rm -rf $(GPU_STACK)/venv && $(or $(GPU_STACK_PYTHON),$(PYTHON)) -m venv $(GPU_STACK)/venv; }
 	$(GPU_STACK_PY) -c 'import sys; print("GPU stack on Python", sys.version.split()[0])'
 	$(GPU_STACK_PY) -m pip install -q --no-cache-dir "torch==2.11.0" "numpy<2.4" ninja setuptools wheel
 	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src
