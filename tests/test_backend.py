@@ -381,3 +381,22 @@ def test_bfloat16_on_the_interpreter_is_refused_or_right(name):
             out.sum().backward()
     with ek.use_backend("reference"):
         torch.testing.assert_close(out, op(*leaves))
+
+
+@pytest.mark.parametrize("name", [name for name in AUTOTUNED_CALLS if " " not in name])
+def test_torch_export_keeps_the_op(name):
+    """torch.export traces each family's op through its fake implementation into one graph node
+    (not decomposed), and the exported program computes what the op does."""
+    torch.manual_seed(0)
+    op, leaves = AUTOTUNED_CALLS[name][1]()
+    leaves = [t.float() for t in leaves]
+
+    class Call(torch.nn.Module):
+        def forward(self, *args):
+            return op(*args)
+
+    with ek.use_backend("reference"):
+        exported = torch.export.export(Call(), tuple(leaves))
+        targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+        assert any(target.startswith("effkern.") for target in targets), targets
+        torch.testing.assert_close(exported.module()(*leaves), op(*leaves), rtol=0, atol=0)
