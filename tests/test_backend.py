@@ -355,7 +355,7 @@ def test_autotuned_launches_give_the_interpreted_results(name, monkeypatch):
         got = _forward_backward(call, 0)
     assert {kernel for kernel, runs in benchmarked.items() if runs >= 2} == tuned
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
 
 
 # Triton's interpreter multiplies bfloat16 operands of tl.dot by their bit patterns: the ops whose

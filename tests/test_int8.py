@@ -4,6 +4,7 @@ registration, Int8Linear, errors. Triton kernels run through the interpreter on 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern.int8 import (dequantize_int8, int8_linear_reference, int8_weight_only_linear_reference,
-                          quantize_rows_reference)
+from effkern.int8 import (dequantize_int8, int8_accumulate_reference, int8_linear_reference,
+                          int8_weight_only_linear_reference, quantize_rows_reference)
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
                        assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_fine_tuning_lowers_the_loss,
@@ -39,7 +40,8 @@ def record_gemm_launches(monkeypatch) -> list:
 
 def outlier_weight(N, K, device="cpu", seed=0):
     """A layer-like weight [N, K] (~1/sqrt(K)) with outliers: a few input channels 20x larger
-    (they stretch every row's scale) and one output channel 50x larger (its own scale)."""
+    (they stretch every row's scale) and one output channel, N // 2, 50x larger (its own scale;
+    float64 checks hold its output column apart from the others)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) / math.sqrt(K)
     w[:, torch.randperm(K, generator=g)[: max(1, K // 50)]] *= 20
@@ -351,7 +353,28 @@ def test_linear_error_is_that_of_the_quantization(backend, mode, dtype, M, K, po
         y = LINEAR_OPS[mode](x, qw, scale, b)
     assert y.dtype == dtype and y.shape == (M, N)
     exact = F.linear(x.double(), w.double(), b.double())
-    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
+    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0,  # no worse than plain PyTorch
+                           apart=(N // 2,))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("M,K", [(1, 100), (17, 4100)])
+def test_the_quantization_check_rejects_wrong_results(mode, M, K):
+    """The check above, against wrong results: with the outlier weight row's column held apart
+    (without it, its 50x size was every column's slack, and all three of these passed)."""
+    N = 40
+    torch.manual_seed(M + K)
+    w, x, b = outlier_weight(N, K).half(), torch.randn(M, K).half(), torch.randn(N).half()
+    qw, scale = ek.quantize_int8(w)
+    with ek.use_backend("reference"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+    exact, plain = F.linear(x.double(), w.double(), b.double()), PLAIN[mode](x, w, b)
+    check = functools.partial(assert_matches_float64, exact=exact, torch_same=plain, reduction=K, factor=1.0,
+                              apart=(N // 2,))
+    check(y)
+    for wrong in (y - b, y.index_fill(1, torch.tensor([3]), 0), F.linear(x, w)):  # no bias, a column lost, no quantization
+        with pytest.raises(AssertionError):
+            check(wrong)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -365,7 +388,7 @@ def test_w8a16_matches_float64_on_the_dequantized_weight(backend, M, K, poison_e
     with ek.use_backend(backend):
         y = ek.int8_weight_only_linear(x, qw, scale, b)
     assert_linear_matches_float64(y, x, dequantize_int8(qw, scale, torch.float64),
-                                  dequantize_int8(qw, scale, torch.float16), b)
+                                  dequantize_int8(qw, scale, torch.float16), b, apart=(N // 2,))
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
@@ -383,7 +406,8 @@ def test_reference_in_bfloat16_matches_the_quantization_in_float64(mode, M, K):
     with ek.use_backend("reference"):
         y = LINEAR_OPS[mode](x, qw, scale, b)
     assert y.dtype == torch.bfloat16
-    assert_matches_float64(y, quantized_linear_float64(mode, x, w, b), PLAIN[mode](x, w, b), reduction=K)
+    assert_matches_float64(y, quantized_linear_float64(mode, x, w, b), PLAIN[mode](x, w, b), reduction=K,
+                           apart=(N // 2,))
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
@@ -668,7 +692,7 @@ def test_every_gpu_tile_is_exact_in_the_interpreter(path, tile, monkeypatch, poi
         w16, w64 = dequantize_int8(qw, scale, torch.float16), dequantize_int8(qw, scale, torch.float64)
         x16 = x.half()
         assert_linear_matches_float64(k.int8_matmul(x16, qw.t(), None, scale, bias, torch.float16, split_k=split_k),
-                                      x16, w64, w16, bias)
+                                      x16, w64, w16, bias, apart=(N // 2,))
         g = torch.randn(M, N)
         assert_matches_float64(k.int8_matmul(g, qw, None, scale, None, torch.float32, scale_k=True, split_k=split_k),
                                g.double() @ w64, g @ dequantize_int8(qw, scale, torch.float32), reduction=N)
@@ -1068,7 +1092,8 @@ def test_gpu_linear_error_is_that_of_the_quantization(mode, dtype, M, K, poison_
     with ek.use_backend("triton"):
         y = LINEAR_OPS[mode](x, qw, scale, b)
     exact = F.linear(x.double(), w.double(), b.double())
-    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0)  # no worse than plain PyTorch
+    assert_matches_float64(y, exact, PLAIN[mode](x, w, b), reduction=K, factor=1.0,  # no worse than plain PyTorch
+                           apart=(N // 2,))
 
 
 @pytest.mark.smoke
@@ -1121,9 +1146,12 @@ def test_gpu_backward_and_autotuned_configs(mode, monkeypatch):
         with ek.use_backend("triton"):
             y = LINEAR_OPS[mode](x, qw, scale)
             y.backward(grad)
-        with ek.use_backend("reference"):
-            expected = LINEAR_OPS[mode](x.detach(), qw, scale)
-        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+        if mode == "w8a8":  # exact int32 sums of the per-token quantized rows, then the scales
+            xq, xs = ek.quantize_per_token_int8(x.detach())
+            assert_dequantized_from(y, int8_accumulate_reference(xq, qw), xs, scale)
+        else:
+            assert_linear_matches_float64(y, x.detach(), dequantize_int8(qw, scale, torch.float64),
+                                          dequantize_int8(qw, scale, torch.bfloat16), apart=(N // 2,))
         assert_matches_float64(x.grad, grad.double() @ dequantize_int8(qw, scale, torch.float64),
                                grad @ dequantize_int8(qw, scale, torch.bfloat16), reduction=N)
 
