@@ -20,6 +20,7 @@ import contextlib
 import csv
 import datetime
 import functools
+import io
 import json
 import math
 import os
@@ -101,13 +102,17 @@ def _backend_and_env(backend: str, env: dict[str, str]):
 
 
 def effkern_provider(backend: str, build: Callable[[Case], Callable], float_dot=lambda case: True,
-                     limits=lambda case, device: (True, ""), env: dict[str, str] | None = None) -> Provider:
+                     limits=lambda case, device: (True, ""), env: dict[str, str] | None = None,
+                     not_capturable: str = "") -> Provider:
     """An effkern op under ``use_backend(backend)``: available where that backend runs, except
     bf16 cases that need a floating-point tl.dot (``float_dot``) under Triton's interpreter,
     which cannot do those; ``limits(case, device)`` adds the op's own (shapes, dtypes). ``env``:
     environment variables set while it runs (effkern reads its kernel switches per call), to time
-    two ways of one backend in the same run."""
+    two ways of one backend in the same run. ``not_capturable``: why a CUDA graph cannot capture
+    it (it is then not timed in fwd_graph)."""
     def available(case, device, mode):
+        if mode == "fwd_graph" and not_capturable:
+            return False, not_capturable
         if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16 and float_dot(case):
             return False, "Triton's interpreter cannot do bf16 tl.dot"
         ok, why = ek.backend_available(backend, device)
@@ -345,7 +350,10 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     for name, prov in providers.items():
         if case.providers is not None and name not in case.providers:
             continue
-        ok, why = prov.available(case, device, mode)
+        try:
+            ok, why = prov.available(case, device, mode)
+        except Exception as exc:  # a provider that cannot even say (e.g. effkern.kernels not installed)
+            ok, why = False, f"availability check failed: {type(exc).__name__}: {exc}"
         if ok and wants_grad and not prov.backward:
             ok, why = False, "no autograd formula: forward only"
         if ok:
@@ -527,15 +535,23 @@ def run_meta(run: Run, command: str) -> dict:
     }
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """path's new content, or its old one if the process is stopped while writing (a time limit's
+    SIGTERM): a truncated policy file would break every auto call on that GPU."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
     """Write <op>.json/.csv/.md (and .png) under out; return the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     meta = run_meta(run, command)
     skipped = [{"provider": p, "reason": r, "count": n} for (p, r), n in run.skipped.items()]
-    (out / f"{run.op}.json").write_text(json.dumps({**meta, "rows": run.rows, "skipped": skipped}, indent=1) + "\n")
+    write_atomically(out / f"{run.op}.json", json.dumps({**meta, "rows": run.rows, "skipped": skipped}, indent=1) + "\n")
 
     labels = list(run.baselines.values())
-    with open(out / f"{run.op}.csv", "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         params = list(run.rows[0]["params"]) if run.rows else []
         w = csv.writer(f)
         # err_grad/tol_grad: the gradient nearest its tolerance (the JSON has every gradient's)
@@ -548,6 +564,7 @@ def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
                         r.get("tflops"), r.get("pct_gemm"), r.get("gbps"), r.get("pct_copy"), r.get("floor_ms"),
                         r.get("pct_floor"), *(sp.get(lb) for lb in labels), e.get("out"), e.get(worst),
                         t.get("out"), t.get(worst), r["status"], r.get("note", "")])
+        write_atomically(out / f"{run.op}.csv", f.getvalue())
 
     c = run.ceil
     table = markdown(*table_rows(run.rows, labels))
@@ -555,7 +572,7 @@ def write_results(run: Run, out: Path, command: str, plot: bool = True) -> str:
             f"ceilings: GEMM {fmt(c['gemm_tflops'])} TFLOP/s ({c['gemm_method']}); "
             f"int8 GEMM {fmt(c['int8_tops'])} TOPS ({c['int8_method']}); "
             f"copy {fmt(c['copy_gbps'])} GB/s ({c['copy_method']})\n`{command}`\n\n")
-    (out / f"{run.op}.md").write_text(head + table)
+    write_atomically(out / f"{run.op}.md", head + table)
     if plot:
         _plot(run, out / f"{run.op}.png")
     return head + table
@@ -630,5 +647,5 @@ def write_policy(run: Run, backends: dict, command: str) -> Path | None:
         "command": command, "entries": entries,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_atomically(path, json.dumps(doc, indent=1) + "\n")
     return path

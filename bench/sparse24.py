@@ -258,10 +258,14 @@ def _cuda_kernel_takes(case, device):
     return True, ""
 
 
+# the reference decompresses meta with its codes checked, a read back to the host per call
+NOT_CAPTURABLE = "reads meta's validity back to the host each call: no CUDA graph"
+
+
 def _effkern(backend: str) -> Provider:
     if backend == "cuda":
         return effkern_provider(backend, _sparse24_linear, limits=_cuda_kernel_takes)
-    return effkern_provider(backend, _sparse24_linear)
+    return effkern_provider(backend, _sparse24_linear, not_capturable=NOT_CAPTURABLE if backend == "reference" else "")
 
 
 def providers() -> dict[str, Provider]:

@@ -157,7 +157,7 @@ def providers() -> dict[str, Provider]:
     return {
         "effkern-triton": effkern_provider("triton", _sparse24_int8_linear, float_dot=lambda case: False),
         "effkern-cuda": effkern_provider("cuda", _sparse24_int8_linear, limits=_cuda_kernel_takes),
-        "reference": effkern_provider("reference", _sparse24_int8_linear),
+        "reference": effkern_provider("reference", _sparse24_int8_linear, not_capturable=bench_sparse24.NOT_CAPTURABLE),
         # effkern's dense W8A8 on the same int8 weight: the same function, so checked
         "int8-dense": Provider(build=lambda case: lambda x, w, qweight, values, meta, scale, b, packed:
                                ek.int8_linear(x, qweight, scale, b),

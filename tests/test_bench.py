@@ -70,6 +70,30 @@ def test_harness_marks_wrong_providers_fail(tmp_path, monkeypatch):
     assert (tmp_path / "linear_gelu.csv").read_text().count("\n") == len(rows) + 1
 
 
+def test_a_provider_whose_availability_check_raises_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """As on a GPU machine whose build failed (effkern.kernels not installed): the run goes on."""
+    def unknowable(case, device, mode):
+        raise ModuleNotFoundError("No module named 'effkern.kernels'")
+
+    providers = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager),
+                 "broken": harness.Provider(build=bench_linear_gelu._eager, available=unknowable)}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: providers)
+    run, _ = _run(providers, tmp_path)
+    assert {r["provider"] for r in run.rows} == {"torch-eager"}
+    assert run.skipped == {("broken", "availability check failed: ModuleNotFoundError: No module named "
+                                      "'effkern.kernels'"): 2}
+    assert not list(tmp_path.glob("*.tmp"))  # the results were written through temporary files, all renamed
+
+
+@pytest.mark.parametrize("family", [bench_sparse24, bench_sparse24_int8])
+def test_sparse24_reference_is_not_timed_in_cuda_graphs(family):
+    """Its meta check reads back to the host: a CUDA graph cannot capture it."""
+    case = family.cases("cpu", True, None, None)[0]
+    ok, why = family.providers()["reference"].available(case, "cuda", "fwd_graph")
+    assert not ok and "no CUDA graph" in why
+    assert family.providers()["reference"].available(case, "cpu", "fwd") == (True, "")
+
+
 def test_policy_records_the_faster_backend(tmp_path, monkeypatch):
     run = harness.Run(op="linear_gelu", device="cuda", ceil={}, baselines={})
     params = {"dtype": "bfloat16", "approximate": "none", "M": 64, "N": 128, "K": 256}
