@@ -135,7 +135,8 @@ def _cusparselt_refusal() -> str:
     int32 result) come from the call, with no flag to read beforehand."""
     w = ek.prune_24(torch.randn(64, 64, device="cuda")).to(torch.int8)
     try:
-        torch._cslt_sparse_mm(torch._cslt_compress(w), torch.ones(64, 16, device="cuda", dtype=torch.int8),
+        # the dense operand transposed, as cusparselt_w8a8 passes it (cuSPARSELt's support differs by layout)
+        torch._cslt_sparse_mm(torch._cslt_compress(w), torch.ones(16, 64, device="cuda", dtype=torch.int8).t(),
                               out_dtype=torch.int32)
         torch.cuda.synchronize()
     except RuntimeError as exc:
