@@ -43,9 +43,9 @@ GPU_STACK := .gpu-stack
 GPU_STACK_PY := $(GPU_STACK)/venv/bin/python
 GPU_STACK_PYTHON ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null && pyenv root)/versions/3.12*/bin/python3.12; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+# A venv left there by another Python is made again with the chosen one.
 test-gpu-stack:
 	@test -n "$(GPU_STACK_PYTHON)" || echo "warning: no Python 3.12 found; the GPU stack runs on $(PYTHON)"
-	# (a venv left by another Python goes: its version must be the one chosen)
 	test -x $(GPU_STACK_PY) && [ "$$($(GPU_STACK_PY) -c 'import sys; print(sys.version_info[:2])')" = \
 		"$$($(or $(GPU_STACK_PYTHON),$(PYTHON)) -c 'import sys; print(sys.version_info[:2])')" ] || \
 		{ rm -rf $(GPU_STACK)/venv && $(or $(GPU_STACK_PYTHON),$(PYTHON)) -m venv $(GPU_STACK)/venv; }

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 import effkern as ek
+from effkern._backend import triton_multiplies
 from effkern.testing import max_error, tolerance
 
 # bwd: the backward alone (the forward that it needs runs before each call, outside the timed
@@ -113,7 +114,7 @@ def effkern_provider(backend: str, build: Callable[[Case], Callable], float_dot=
     def available(case, device, mode):
         if mode == "fwd_graph" and not_capturable:
             return False, not_capturable
-        if backend == "triton" and device == "cpu" and case.dtype == torch.bfloat16 and float_dot(case):
+        if backend == "triton" and float_dot(case) and not triton_multiplies(torch.device(device), case.dtype):
             return False, "Triton's interpreter cannot do bf16 tl.dot"
         ok, why = ek.backend_available(backend, device)
         return limits(case, device) if ok else (ok, why)
