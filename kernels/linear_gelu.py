@@ -96,7 +96,7 @@ def linear_gelu_fwd_kernel(
     # Rows/columns past the edge wrap onto valid ones, so only K needs load masks; the
     # duplicated results are dropped by the masked stores.
     rm = (offs_m % M).to(tl.int64)
-    rn = offs_n % N
+    rn = (offs_n % N).to(tl.int64)  # rn * stride_wn passes 2^31 for a weight of 2^31 elements
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] tile of w^T
 
@@ -164,7 +164,7 @@ def linear_gelu_bwd_kernel(
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_r = tl.arange(0, BLOCK_R)
     rp = (offs_p % P).to(tl.int64)
-    rq = offs_q % Q
+    rq = (offs_q % Q).to(tl.int64)  # rq * stride_bq: a transposed weight or column-major x of 2^31 elements
     dy_ptrs = dy_ptr + rp[:, None] * stride_dyp + offs_r[None, :] * stride_dyr
     d_ptrs = d_ptr + rp[:, None] * stride_dp + offs_r[None, :] * stride_dr
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + rq[None, :] * stride_bq

@@ -1037,3 +1037,58 @@ def test_gpu_cuda_graph_replays_like_eager(backend, M):
         return [t.requires_grad_() for t in make_inputs(M, 384, 512, torch.bfloat16, device="cuda")]
 
     assert_cuda_graph_replays_like_eager(backend, lambda x, w, b: ek.linear_gelu(x, w, b, "tanh"), inputs)
+
+
+# ---------------------------------------------------------------------------- 64-bit offsets
+
+def _wide_view(shape, strides, device, values):
+    """A [rows, cols] view with strides ``strides`` into a float16 storage of 2^32 + a few elements
+    (8 GiB of address space, lazily allocated on a CPU: a few pages are touched), starting 64
+    elements in, holding ``values``; the 32 elements just before it hold 100, where an offset of
+    2^32 - 32 elements lands if it is computed in int32."""
+    span = sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    try:
+        storage = torch.empty(64 + span, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError):  # e.g. strict overcommit
+        pytest.skip("cannot reserve 8 GiB of address space")
+    storage[32:64] = 100.0
+    view = storage.as_strided(shape, strides, 64)
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_offsets_past_2_31_along_the_output_columns(device):
+    """The offsets of a weight row (forward, rn * stride_wn) and of a B column (backward,
+    rq * stride_bq: a transposed weight for grad_input, a column-major x for grad_weight) pass
+    2^31 elements for operands of 2^31 elements; in int32 they wrapped to 32 elements before the
+    operand (the sentinels), so output column 2 was garbage."""
+    needs_backend("triton")
+    if device == "cpu" and not importlib.import_module("effkern.kernels._launch").interpreted():
+        pytest.skip("the CPU variant runs the kernels in Triton's interpreter")
+    from effkern.kernels import linear_gelu as kernels
+
+    torch.manual_seed(0)
+    M, N, K, wide = 4, 16, 3, 2**31 - 16  # (3 - 1) * wide = 2^32 - 32: int32 makes it -32
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+    g = torch.randn(M, N, dtype=torch.float16, device=device)
+    d = torch.rand(M, N, dtype=torch.float16, device=device)
+    w = (torch.randn(N, K, device=device) / math.sqrt(K)).half()
+
+    # forward, y = gelu(g @ w^T) with w^T [3, 16] (3 output columns) as a weight whose rows lie
+    # 2^31 - 16 elements apart (M < 64: the plain kernel, not TMA)
+    w_rows = _wide_view((K, N), (wide, 1), device, w.t())
+    y, _ = kernels.linear_gelu_fwd(g, w_rows, None, "none")
+    torch.testing.assert_close(y.float(), F.gelu(g.float() @ w.float()), atol=2e-3, rtol=2e-3)
+    del w_rows
+
+    gz = g.float() * d.float()
+    # grad_input = gz @ w with w [N, K] column-major, its columns 2^31 - 16 apart
+    w_cols = _wide_view((N, K), (1, wide), device, w)
+    grad_input, _, _ = kernels.linear_gelu_bwd(g, x, w_cols, d, (True, False, False))
+    torch.testing.assert_close(grad_input.float(), gz @ w.float(), atol=2e-2, rtol=2e-2)
+    del w_cols
+    # grad_weight = gz^T @ x with x [M, K] column-major, its columns 2^31 - 16 apart
+    x_cols = _wide_view((M, K), (1, wide), device, x)
+    _, grad_weight, _ = kernels.linear_gelu_bwd(g, x_cols, w, d, (False, True, False))
+    torch.testing.assert_close(grad_weight.float(), gz.t() @ x.float(), atol=2e-2, rtol=2e-2)
