@@ -120,6 +120,9 @@ def test_int8(device, split_k):
         got = kernels.int8_matmul(a, wide.t(), None, b_scale, None, out_dtype, split_k=split_k, quantize_a=quantize)
         want = kernels.int8_matmul(a, w.t(), None, b_scale, None, out_dtype, split_k=split_k, quantize_a=quantize)
         assert torch.equal(got, want), (out_dtype, quantize)
+    # the per-token quantization pass, x [3, K] with its rows apart
+    got, want = kernels.quantize_rows_int8(rows_apart(x[:3])), kernels.quantize_rows_int8(x[:3])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,7 +144,8 @@ def test_int4(device, split_k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_sparse24(device, split_k):
-    """The 2:4 values [N, K / 2] and metadata with their rows WIDE elements apart."""
+    """The 2:4 values [N, K / 2] and metadata with their rows WIDE elements apart, in the forward
+    and in grad_input = grad_out @ W (where the rows are the reduction's steps)."""
     import effkern as ek
     from effkern.kernels import sparse24 as kernels
 
@@ -152,3 +156,7 @@ def test_sparse24(device, split_k):
     want = kernels.sparse24_matmul(x, values, meta, None, split_k=split_k)
     assert torch.equal(kernels.sparse24_matmul(x, rows_apart(values), meta, None, split_k=split_k), want)
     assert torch.equal(kernels.sparse24_matmul(x, values, rows_apart(meta), None, split_k=split_k), want)
+    grad_out = torch.randn(M, N, dtype=torch.float16, device=device)
+    want = kernels.sparse24_dgrad(grad_out, values, meta, split_k=split_k)
+    assert torch.equal(kernels.sparse24_dgrad(grad_out, rows_apart(values), meta, split_k=split_k), want)
+    assert torch.equal(kernels.sparse24_dgrad(grad_out, values, rows_apart(meta), split_k=split_k), want)
