@@ -646,18 +646,32 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                                                                                b.view(torch.int8))
                                     else:
                                         acc[wk, wm, wn, i, j] += _mma_sp_model(a, e, sel, b)
-                # epilogue: D[i][j] (rows of W x rows of x) -> red[wk][m][n] -> sum over wk in order
-                red = torch.zeros(WK, BM, BN, dtype=acc.dtype)
+                # epilogue, per lane as the kernel: the C/D fragment c0..c3 of lane 4 g + t (PTX: rows g,
+                # g + 8 of D, columns 2 t, 2 t + 1) -> red[(wk BM + m_local) (BN + 4) + n_local + 0 / stride
+                # / 8 / stride + 8], then quads summed over wk in order
+                stride = BN + 4
+                red = torch.full((WK * BM * stride,), float("nan") if not int8 else -2**40, dtype=acc.dtype)
+                lane = torch.arange(32)
+                g, t = lane >> 2, lane & 3
                 for wk in range(WK):
                     for wm in range(WM):
                         for wn in range(WN):
                             for i in range(MI):
                                 for j in range(NI):
-                                    n_l, m_l = (wn * MI + i) * 16, wm * NI * 8 + j * 8
-                                    red[wk, m_l:m_l + 8, n_l:n_l + 16] = acc[wk, wm, wn, i, j].t()
-                tile_sum = red[0].clone()
+                                    D = acc[wk, wm, wn, i, j]
+                                    frag = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
+                                    n_local = (wn * MI + i) * 16 + g
+                                    m_local = wm * NI * 8 + j * 8 + 2 * t
+                                    p = (wk * BM + m_local) * stride + n_local
+                                    for off, c in zip((0, stride, 8, stride + 8), frag):
+                                        red[p + off] = c
+                quads = torch.arange(BM * BN // 4)
+                m_local, n_local = quads // (BN // 4), (quads % (BN // 4)) * 4
+                base = (m_local * stride + n_local).view(-1, 1) + torch.arange(4)
+                tile_sum = red[base].clone()
                 for wk in range(1, WK):
-                    tile_sum += red[wk]
+                    tile_sum += red[base + wk * BM * stride]
+                tile_sum = tile_sum.view(BM, BN)
                 rows, cols = min(BM, M - m0), min(BN, N - n0)
                 tile_sum = tile_sum[:rows, :cols]
                 partial[split, m0:m0 + rows, n0:n0 + cols] = tile_sum
@@ -679,6 +693,7 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
     ("medium", 17, 144, 128, 1),
     ("medium", 40, 128, 256, 2),
     ("large", 130, 128, 64, 1),    # two row blocks of x, the second one partial
+    ("decode16", 13, 64, 320, 2),  # split-K, the last split's last stage half past K
 ])
 def test_model_of_the_kernel_computes_x_wt_exactly(config, M, N, K, splits):
     g = torch.Generator().manual_seed(M * N + K)
@@ -842,7 +857,8 @@ def check_against_float64(M, N, K, dtype, with_bias, seed=0):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 130, 1024])
-@pytest.mark.parametrize("N, K", [(256, 512), (208, 320), (384, 4096)])  # edges / partial stages / split-K
+# edges / partial stages / split-K / split-K with a partial last stage
+@pytest.mark.parametrize("N, K", [(256, 512), (208, 320), (384, 4096), (384, 2112)])
 def test_gpu_kernel_matches_float64(N, K, M, dtype, with_bias, poison_empty):
     check_against_float64(M, N, K, dtype, with_bias)
 
@@ -899,7 +915,8 @@ def test_gpu_int8_kernel_reads_every_weight_bit_exactly(M_rows, N, K, poison_emp
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 130, 1024])
-@pytest.mark.parametrize("N, K", [(256, 512), (208, 320), (384, 4096)])  # edges / partial stages / split-K
+# edges / partial stages / split-K / split-K with a partial last stage
+@pytest.mark.parametrize("N, K", [(256, 512), (208, 320), (384, 4096), (384, 2112)])
 def test_gpu_int8_kernel_dequantizes_the_exact_sum(N, K, M, out_dtype, poison_empty):
     """Full-range int8 x and W (-128 included), power-of-two scales: the exact int32 sum times the
     scales is exact in fp32 (split K adds exact slices), so y is the float64 result plus bias
