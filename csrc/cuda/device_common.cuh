@@ -85,11 +85,20 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
 
-// The same with an L2 cache policy.
+// The same with an L2 cache policy, on sm_80 to sm_89. Not from sm_90 on: ptxas (12.8 to 13.0)
+// encodes the hinted copy there as LDGSTS [Rx+UR0], desc[UR1] whichever uniform registers it
+// loaded the shared base and the policy into (the same instruction bits), so the copy would read
+// two uniform registers nothing wrote; tests/test_cuda_sass.py checks the build. The hint only
+// steers L2 caching: the plain copy moves the same bytes.
 __device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)policy;
+  cp_async16(dst, src);
+#else
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
                "l"(src), "l"(policy)
                : "memory");
+#endif
 }
 
 // 16 bytes, or 16 zero bytes when !valid (src-size 0: nothing is read from src).

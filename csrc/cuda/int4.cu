@@ -20,8 +20,8 @@
 //     [ MT*4 KiB x: 16*MT rows x 128 k, 16-byte chunks XOR-swizzled by row (ldmatrix)  ]
 //     [   512 B  scales: up to 4 group rows x 64 columns (prepared order)             ]
 //     [   512 B  zeros:  the same                                                      ]
-// filled by cp.async (16 bytes per thread and instruction; the weight with an L2
-// evict-first policy: it is read once), kStages = 4 deep. When N / 64 blocks cannot fill the
+// filled by cp.async (16 bytes per thread and instruction; the weight with an L2 evict-first
+// policy before sm_90: it is read once), kStages = 4 deep. When N / 64 blocks cannot fill the
 // GPU, K is also split over blocks (grid.z); each writes fp32 partial sums to a workspace and a
 // second kernel adds them in split order, adds the bias and rounds (deterministic, no atomics).
 //
@@ -388,6 +388,9 @@ int make_plan(int64_t m, int64_t n, int64_t k, int num_sms, Plan* plan) {
 
 int linear(const LinearArgs& a) {
   const Plan& p = a.plan;
+  if (a.group_size < 1)  // supports() reads -1 as K, but the kernel takes the resolved G
+    return g_errors.fail(kInvalidArgument, "group_size must be resolved (K for -1), got %lld",
+                         static_cast<long long>(a.group_size));
   if (!supports(a.n, a.k, a.group_size))
     return g_errors.fail(kInvalidArgument,
                          "unsupported shape N = %lld, K = %lld, group size %lld (needs N %% 64 == "

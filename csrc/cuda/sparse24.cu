@@ -102,7 +102,8 @@ struct TileConfig {
   static constexpr int kNI = kNI_;          // n8 tiles (8 rows of x) per warp
   static constexpr int kStages = kStages_;
   static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__: blocks per SM
-  // Weights read once per block (one row block of x): L2 evict-first for them.
+  // Weights read once per block (one row block of x): L2 evict-first for them (before sm_90,
+  // see cp_async16_policy).
   static constexpr bool kStreamWeights = kStreamWeights_;
 
   static constexpr int kBlockN = kWarpsN * kMI * kTileRows;
