@@ -116,5 +116,5 @@ def require(name: str, device: torch.device, op: str, dot_dtype: torch.dtype | N
         raise RuntimeError(f"effkern.{op}: backend {name!r} cannot run on {device.type} tensors: {why}")
     if name == "triton" and not triton_multiplies(device, dot_dtype):
         raise TypeError(f"effkern.{op}: the triton backend on CPU tensors (Triton's interpreter) cannot multiply "
-                        f"bfloat16: its tl.dot takes their bit patterns for numbers. Use float16 or float32 there, "
+                        f"bfloat16: its tl.dot takes their bit patterns for numbers. Use float16 there, "
                         f"or the reference backend (auto on CPU) for bfloat16")

@@ -361,7 +361,8 @@ def linear_backend(op: str, input: Tensor, N: int) -> str:
 
 def _describe_auto(device: torch.device) -> str:
     if device.type != "cuda" or not backend_available("triton", device)[0]:
-        return "reference (auto on CPU; compress/decompress/prune: the C++ CPU kernels)"
+        formats = "the C++ CPU kernels" if _cpp_op("compress_24") is not None else "PyTorch ops (no effkern._C)"
+        return f"reference (auto on CPU; compress/decompress/prune: {formats})"
     gpu = torch.cuda.get_device_name(device)
     int8 = ("per shape from effkern/policies/sparse24_int8.json" if _policy._entries("sparse24_int8", gpu)
             else "triton (nothing measured)")

@@ -102,6 +102,8 @@ def test_info_reports_versions_extension_and_backends(capsys):
         assert f"{family}: auto on cpu -> reference" in printed
     if not report["extension"]["built"]:
         assert report["extension"]["error"]
+    elif hasattr(torch.ops.effkern_C, "compress_24"):
+        assert "compress/decompress/prune: the C++ CPU kernels" in report["auto"]["sparse24"]["cpu"]
     elif report["extension"]["cuda"]:
         assert report["extension"]["archs"] and f"archs: {report['extension']['archs']}" in printed
     assert report["python"] in printed and f"triton {report['triton']}" in printed and "GPU: " in printed
@@ -157,6 +159,7 @@ def test_effkern_works_without_the_extension():
     why = "ModuleNotFoundError: No module named 'effkern._C' (blocked by the test)"
     assert result["extension"] == {"built": False, "error": why}
     assert f"effkern._C: missing ({why})" in printed
+    assert "compress/decompress/prune: PyTorch ops (no effkern._C)" in "\n".join(printed)
     assert "backend 'cuda' cannot run on cpu tensors" in result["cuda_backend_error"]
     assert why in result["cuda_backend_error"]
 

@@ -43,8 +43,10 @@ def build(name: str) -> torch.nn.Module:
     return {
         "linear_gelu": lambda: ek.nn.LinearGELU.from_linear(linear),
         "int8": lambda: ek.nn.Int8Linear.from_linear(linear, mode="w8a16"),
+        "int8_w8a8": lambda: ek.nn.Int8Linear.from_linear(linear, mode="w8a8"),
         "int4": lambda: ek.nn.Int4Linear.from_linear(linear, group_size=32),
         "sparse24": lambda: ek.nn.Sparse24Linear.from_linear(linear, prune=True),
+        "sparse24_int8": lambda: ek.nn.Sparse24Int8Linear.from_linear(linear, prune=True),
         "attention": CausalSelfAttention,
     }[name]()
 
@@ -80,4 +82,5 @@ def test_ddp_averages_every_trainable_gradient(backend, tmp_path):
     # the ranks meet through a file (no port to race for); spawned workers inherit the
     # environment, TRITON_INTERPRET included (set by conftest)
     mp.spawn(train_step_on_each_rank, args=(str(tmp_path / "store"), backend,
-                                            ["linear_gelu", "int8", "int4", "sparse24", "attention"]), nprocs=WORLD)
+                                            ["linear_gelu", "int8", "int8_w8a8", "int4", "sparse24", "sparse24_int8",
+                                             "attention"]), nprocs=WORLD)

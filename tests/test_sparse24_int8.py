@@ -20,7 +20,7 @@ from effkern.int8 import int8_accumulate_reference, int8_linear_reference, quant
 from effkern.sparse24 import compress_24_reference, decompress_24_reference
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
-                       assert_dequantized_from, assert_opcheck_passes, needs_backend, parametrize_by_name,
+                       assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_opcheck_passes, needs_backend, parametrize_by_name,
                        record_calls, rounded_from)
 
 ODD_M = (1, 3, 17, 130)
@@ -470,6 +470,23 @@ def test_gpu_cuda_kernel_sums_extreme_values_exactly(M, poison_empty):
         y = ek.sparse24_int8_linear(x, values, meta, torch.ones(N, device="cuda"))
     exact = torch.full((M, K), 127.0, dtype=torch.float64) @ W.double().t()
     assert torch.equal(y.cpu(), exact.bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,M", [("triton", 1), ("triton", 100), ("cuda", 1), ("cuda", 100)])
+def test_gpu_cuda_graph_replays_like_eager(backend, M):
+    """The activation quantization, the GEMM and the backward (grad_input through the dequantized
+    weight) captured; the CUDA backend's reordered weight is made by the warm-up."""
+    N, K = 512, 1024
+    _, _, scale, values, meta = w8a8_24_layer(N, K, torch.bfloat16, "cuda")
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+
+    def inputs(seed):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+        return [x.to("cuda", torch.bfloat16).requires_grad_()]
+
+    assert_cuda_graph_replays_like_eager(backend, lambda x: ek.sparse24_int8_linear(x, values, meta, scale, b),
+                                         inputs)
 
 
 @pytest.mark.gpu
