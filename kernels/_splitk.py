@@ -155,7 +155,9 @@ def weight_gemm_kernels(kernel, shapes, key=("M", "N", "K"), prune=None):
                                and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(kernel)
     tuned = triton.autotune(
         configs=[config(TILE_NAMES, (bm, bn, bk, 8), stages, warps) for bm, bn, bk, stages, warps in shapes],
-        key=list(key),
+        # DOT_PRECISION: fp32 "ieee" dots (FMA) keep stages - 1 tiles in shared memory, "tf32" ones
+        # (wgmma) stages tiles: a tile tuned for one may not fit the other
+        key=[*key, "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune or prune_by_rows("M", "BLOCK_M")},
     )(plain)
     return plain, tuned

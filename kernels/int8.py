@@ -53,16 +53,23 @@ def round_half_even(v):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def row_scales(x_ptr, rows64, row_ok, K, stride_xr, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     # the rows' absmax over all of K, / 127 correctly rounded: (scale, the divisor to quantize by,
-    # 1 where the scale is 0 so an all-zero row gives q = 0, not 0/0)
+    # 1 where the scale is 0 so an all-zero row gives q = 0, not 0/0). A NaN in a row makes its
+    # scale NaN, as torch's amax does (tl.maximum and tl.max default to IEEE maxNum, which drops
+    # NaN: the row would come out finite)
     cols = tl.arange(0, BLOCK_K)[None, :]
     amax = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         m = row_ok[:, None] & (cols < K - k)
         x = tl.load(x_ptr + rows64[:, None] * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.math.div_rn(tl.max(amax, axis=1), INT8_MAX)
+        amax = _max_keeping_nan(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.math.div_rn(tl.reduce(amax, 1, _max_keeping_nan), INT8_MAX)
     return scale, tl.where(scale > 0.0, scale, 1.0)
 
 

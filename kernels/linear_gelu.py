@@ -291,7 +291,7 @@ _bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linea
 # with gelu'(z) spills at the big tiles where the others do not), so the best tile for a shape is
 # tuned per epilogue. STORE_Y is left out: recompute_preact's backward (no y) then reuses the
 # forward's tile, and so its summation order, and gets the same bits as the forward kept.
-_FWD_KEY = ["M", "N", "K", "APPROX_TANH", "STORE_GELU_GRAD"]
+_FWD_KEY = ["M", "N", "K", "APPROX_TANH", "STORE_GELU_GRAD", "DOT_PRECISION"]
 _fwd_tuned = triton.autotune(
     configs=[config(_FWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     key=_FWD_KEY,
@@ -300,7 +300,7 @@ _fwd_tuned = triton.autotune(
 _bwd_tuned = triton.autotune(
     configs=[config(_BWD_NAMES, (bm, bn, bk, GROUP), st, wa) for bm, bn, bk, st, wa in _GEMM_SHAPES],
     # stride_dyp tells the grad_input launch (dy rows along p) from the transposed grad_weight one.
-    key=["P", "Q", "R", "stride_dyp", "ROWSUM"],
+    key=["P", "Q", "R", "stride_dyp", "ROWSUM", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
 )(_bwd)
 
@@ -326,7 +326,7 @@ _bwd_tma_tuned = {
     trans_a: triton.autotune(
         configs=[config(_BWD_NAMES, (bp, bq, br, GROUP), st, wa, pre_hook=_set_tma_bwd_blocks(trans_a))
                  for bp, bq, br, st, wa in _TMA_BWD_SHAPES],
-        key=["P", "Q", "R", "ROWSUM"],
+        key=["P", "Q", "R", "ROWSUM", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_by_rows("P", "BLOCK_P")},
     )(linear_gelu_bwd_tma_kernel)
     for trans_a in (False, True)

@@ -361,6 +361,61 @@ def test_autotuned_launches_give_the_interpreted_results(name, monkeypatch):
         torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
 
 
+def effkern_autotuners():
+    from triton.runtime.autotuner import Autotuner
+
+    from effkern.kernels import attention, int4, int8, linear_gelu, sparse24
+    for module in (attention, int4, int8, linear_gelu, sparse24):
+        for value in vars(module).values():
+            for tuner in (value.values() if isinstance(value, dict) else (value,)):
+                if isinstance(tuner, Autotuner):
+                    yield tuner
+
+
+def test_autotuners_key_on_the_dot_precision():
+    """fp32 dots in exact "ieee" precision (FMA, stages - 1 tiles in shared memory with Triton 3.6
+    on sm_90) and in "tf32" (wgmma, stages tiles: up to 1.5x the shared memory) choose from the same
+    configs; DOT_PRECISION follows torch.backends.cuda.matmul.allow_tf32 per call, so a config tuned
+    with it off and reused with it on may not fit (OutOfResources at the launch)."""
+    tuners = [t for t in effkern_autotuners() if "DOT_PRECISION" in t.arg_names]
+    assert len(tuners) >= 7
+    for tuner in tuners:
+        assert "DOT_PRECISION" in tuner.keys, tuner.base_fn.__name__
+
+
+@pytest.fixture
+def tf32_switch():
+    before = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def in_float32(call):
+    def call_in_float32():
+        op, leaves = call()
+        return op, [t.float() for t in leaves]
+
+    return call_in_float32
+
+
+@pytest.mark.parametrize("name", ["linear_gelu without TMA", "int8_weight_only_linear", "int4_linear",
+                                  "sparse24_linear"])
+def test_fp32_autotuning_starts_again_when_tf32_is_switched_on(name, monkeypatch, tf32_switch):
+    needs_backend("triton")
+    env, call, tuned = AUTOTUNED_CALLS[name]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with ek.use_backend("triton"):
+        benchmarked = autotune_through_the_interpreter(monkeypatch)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        _forward_backward(in_float32(call), 0)
+        after_ieee = dict(benchmarked)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        _forward_backward(in_float32(call), 0)
+    for kernel in tuned:
+        assert benchmarked[kernel] > after_ieee[kernel], f"{kernel}: TF32 reused the config tuned for ieee dots"
+
+
 # Triton's interpreter multiplies bfloat16 operands of tl.dot by their bit patterns: the ops whose
 # kernels multiply in the float dtype refuse bfloat16 on CPU; the W8A8 ones multiply int8 and run
 # (their backward, through the dequantized weight, refuses it).

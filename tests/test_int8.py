@@ -107,6 +107,27 @@ def test_quantize_int8_weight_per_channel(backend):
     assert (err <= scale.double()[:, None] / 2 + 1e-12).all()  # within half a step
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quantization", ["separate", "fused"])
+def test_a_nan_in_a_row_makes_its_scale_and_output_row_nan(backend, quantization, monkeypatch):
+    """As torch's amax (the reference): a NaN's row gets a NaN scale and a NaN output row, the
+    other rows none. Triton's tl.maximum/tl.max default to maxNum, which drops a NaN (PTX max.f32;
+    np.fmax in Triton 3.8's interpreter): the scale came out finite and the NaN quantized to -127."""
+    needs_backend(backend)
+    monkeypatch.setenv("EFFKERN_INT8_QUANTIZATION", quantization)
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    x[1, 5] = w[2, 7] = float("nan")
+    others = [0, 2, 3]
+    with ek.use_backend(backend):
+        _, x_scale = ek.quantize_per_token_int8(x)
+        _, w_scale = ek.quantize_int8(w)
+        y = ek.int8_linear(x, *ek.quantize_int8(torch.randn(32, 64)))
+    assert torch.isnan(x_scale[1]) and not torch.isnan(x_scale[others]).any()
+    assert torch.isnan(w_scale[2]) and not torch.isnan(w_scale[[i for i in range(32) if i != 2]]).any()
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[others]).any()
+
+
 def test_quantize_does_not_take_gradients():
     w = torch.randn(8, 16, requires_grad=True)
     qw, scale = ek.quantize_int8(w)
