@@ -3,8 +3,11 @@
 CPU: the shuffle's round trip is bit-exact; the emulation of how the kernel reads the shuffled
 tensor (stage, warp, lane, 16-byte load, word, nibble -> mma B-fragment register half -> (k, n)
 by the PTX ISA) rebuilds q bit for bit, and fails for deliberately wrong layouts; the emulated
-exponent-trick dequantization equals (q - z) * s rounded once; the C++ op is registered and its
-argument checks raise clear errors. GPU (``-m gpu``): the kernel against a float64 reference.
+exponent-trick dequantization equals (q - z) * s rounded once; a thread-level model of the whole
+kernel (tests/int4_kernel_model.py: pipeline, shared memory, ldmatrix / mma by the PTX rules,
+epilogue, split-K) computes x @ W^T + bias bit for bit on exact inputs, and fails deliberately wrong
+kernels; the C++ op is registered and its argument checks raise clear errors. GPU (``-m gpu``): the
+kernel against a float64 reference.
 
 Inputs come from the small quantizer below (random q, integer zeros, positive scales, packed by
 hand in effkern's layout), independent of effkern.int4.
@@ -12,14 +15,18 @@ hand in effkern's layout), independent of effkern.int4.
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
 
 import effkern as ek
 from effkern import int4_cuda_layout as L
 
+import int4_kernel_model as model
 from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
-                                assert_rejects_tensors_on_another_device, cpp_checks_accept, misaligned,
+                                assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
                                 op_schema, random_input_and_bias)
 
 GROUPS = (32, 64, 128, 256, -1)
@@ -240,6 +247,210 @@ def test_shuffle_validates_its_input():
     assert sp.dtype == zp.dtype == torch.bfloat16
     back = L.unshuffle_from_cuda(qs, sp, zp, 32)
     assert torch.equal(back[1], scales.float().to(torch.bfloat16)) and torch.equal(back[2].float(), zeros.float())
+
+
+# ---------------------------------------------------------------------------- a model of the kernel (CPU)
+#
+# The kernel has not run yet; until it does, tests/int4_kernel_model.py replays it thread by thread
+# (its index arithmetic, the cp.async pipeline with its commit groups, wait counts, ring slots and
+# barriers, shared memory that starts poisoned and is checked for races, ldmatrix and mma by the
+# PTX rules, the epilogue through the reduction buffer, split-K and its reduction) on small integer
+# inputs and power-of-two scales, where every sum is exact: its output must equal the float64
+# x @ W^T + bias rounded once, bit for bit.
+
+def test_model_constants_are_the_kernels():
+    """The model's constants, evaluated from the constexpr int definitions of csrc/cuda/int4.h and
+    int4.cu (C's integer division for /)."""
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+    values = {}
+    for name in ("int4.h", "int4.cu"):
+        for const, expr in re.findall(r"^constexpr int (k\w+) = ([^;]+);", (csrc / name).read_text(), re.M):
+            values[const] = eval(expr.replace("/", "//"), {}, values)  # noqa: S307  (the repo's own source)
+    mirrored = {"kTileN": model.TILE_N, "kTileK": model.TILE_K, "kWarps": model.WARPS, "kThreads": model.THREADS,
+                "kStageK": model.STAGE_K, "kStages": model.STAGES, "kTileM": model.TILE_M,
+                "kMaxMTiles": model.MAX_M_TILES, "kNSub": model.N_SUB, "kTileBytes": model.TILE_BYTES,
+                "kStageWeightBytes": model.STAGE_WEIGHT_BYTES, "kXRowBytes": model.X_ROW_BYTES,
+                "kMinGroup": model.MIN_GROUP, "kGroupRowBytes": model.GROUP_ROW_BYTES,
+                "kScaleBytes": model.SCALE_BYTES, "kRedStride": model.RED_STRIDE}
+    assert {const: values[const] for const in mirrored} == mirrored
+
+
+def test_model_ptx_fragment_rules():
+    """The model's mma.m16n8k16 rules (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating
+    point type") put the 32 lanes' elements on each tile once, agree with spot values of the ISA's
+    figures, and the B rule is the layout module's (mma_b_fragment_coords)."""
+    lane = torch.arange(32).view(32, 1)
+    for rule, count, rows, cols in ((model.mma_a_coords, 8, 16, 16), (model.mma_b_coords, 4, 16, 8),
+                                    (model.mma_c_coords, 4, 16, 8)):
+        tile = model.fragment_to_tile(torch.arange(32 * count).view(32, count), rule, rows, cols)
+        assert torch.equal(tile.flatten().sort().values, torch.arange(rows * cols))
+    assert model.mma_a_coords(5, 0) == (1, 2) and model.mma_a_coords(5, 3) == (9, 3)  # g = 1, t = 1
+    assert model.mma_a_coords(5, 4) == (1, 10) and model.mma_a_coords(31, 7) == (15, 15)
+    assert model.mma_b_coords(6, 1) == (5, 1) and model.mma_b_coords(6, 2) == (12, 1)
+    assert model.mma_c_coords(6, 1) == (1, 5) and model.mma_c_coords(31, 2) == (15, 6)
+    i = torch.arange(4).view(1, 4)
+    assert all(torch.equal(*pair) for pair in zip(model.mma_b_coords(lane, i), L.mma_b_fragment_coords(lane, i)))
+
+
+def test_model_ldmatrix_of_the_four_quarters_is_the_a_fragment():
+    """ldmatrix.x4 with lanes 0-15 pointing at rows 0-15, k 0-7 of a row-major 16 x 16 tile and lanes
+    16-31 at k 8-15 (the kernel's addressing, unswizzled) loads the mma A fragment: the two PTX
+    rules of the model, written separately, agree."""
+    smem = model.SharedMemory(512, check_races=True)
+    tile = torch.arange(256, dtype=torch.int16)  # element (r, k) = 16 r + k
+    smem.store(torch.zeros(1, dtype=torch.int64), tile.view(torch.uint8)[None])
+    smem.sync()
+    lane = torch.arange(32)
+    regs = model.ldmatrix_x4(smem, (lane & 15) * 32 + (lane >> 4) * 16)
+    a = model.fragment_to_tile(model.halves(regs, torch.int16), model.mma_a_coords, 16, 16)
+    assert torch.equal(a.flatten(), tile)
+
+
+def test_model_shared_memory_reports_races():
+    """The race check of the model's shared memory (PTX: a cp.async may land at any time until the
+    issuing thread's wait_group; other threads see it, and plain stores, after a barrier) reports
+    reading bytes nobody wrote, or a copy's bytes before its wait or before the next barrier, and
+    writing bytes read between the same two barriers (a slot refilled while a slower warp may still
+    read it) or under a copy in flight."""
+    smem = model.SharedMemory(64, check_races=True)
+    src = torch.arange(32, dtype=torch.uint8)
+    at = lambda *addr: torch.tensor(addr)  # noqa: E731
+    unseen = "no copy or store has made visible"
+    with pytest.raises(AssertionError, match=unseen):
+        smem.read(at(0), 16)
+    smem.cp_async16(at(0), src, at(16))
+    smem.commit()
+    with pytest.raises(AssertionError, match=unseen):
+        smem.read(at(0), 16)
+    smem.wait(0)
+    with pytest.raises(AssertionError, match=unseen):
+        smem.read(at(0), 16)
+    smem.sync()
+    assert torch.equal(smem.read(at(0), 16)[0], src[16:])
+    with pytest.raises(AssertionError, match="between the same two barriers"):
+        smem.cp_async16(at(0), src, at(0))
+    smem.sync()
+    smem.cp_async16(at(0), src, at(0))
+    with pytest.raises(AssertionError, match="under a cp.async in flight"):
+        smem.store(at(0), torch.zeros(1, 16, dtype=torch.uint8))
+
+
+def exact_int4_problem(M, N, K, group_size, dtype, with_bias, seed):
+    """x, the prepared weight (shuffle_for_cuda), bias and the float64 x @ W^T + bias rounded once,
+    for x and bias small integers, zeros 0..16 and scales 1/2, 1/4 or 1/8: W = (q - z) s and every
+    product and fp32 sum of the kernel are exact."""
+    q, qweight, _, _ = make_int4(N, K, group_size, dtype, seed=seed)
+    G = K if group_size == -1 else group_size
+    g = torch.Generator().manual_seed(seed + 1)
+    zeros = torch.randint(0, 17, (N, K // G), generator=g).to(dtype)
+    scales = (2.0 ** -torch.randint(1, 4, (N, K // G), generator=g)).to(dtype)
+    x = torch.randint(-3, 4, (M, K), generator=g).to(dtype)
+    bias = torch.randint(-8, 9, (N,), generator=g).to(dtype) if with_bias else None
+    want = x.double() @ dequantized(q, scales, zeros, group_size).double().t()
+    want = (want + bias.double() if with_bias else want).to(dtype)
+    return x, L.shuffle_for_cuda(qweight, scales, zeros, group_size), bias, want
+
+
+def run_model(M, N, K, group_size, dtype, with_bias, num_sms=1000, seed=0, check_races=True):
+    """(the model's output, the exact result, the plan)."""
+    x, (qs, sp, zp), bias, want = exact_int4_problem(M, N, K, group_size, dtype, with_bias, seed)
+    G = K if group_size == -1 else group_size
+    out, plan = model.linear(x, qs, sp, zp, G, bias, num_sms, check_races=check_races)
+    return out, want, plan
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("M", [1, 3, 17, 64, 70])
+def test_model_of_the_kernel_computes_x_wt_exactly(M, group_size, dtype, with_bias):
+    """Every group size at m-tiles 1 (M 1, 3), 2 (17) and 4 (64; 70: a second row block of 6 rows),
+    two column blocks, K of 4 stages: the ring's every slot, no split."""
+    out, want, plan = run_model(M, 128, 512, group_size, dtype, with_bias, seed=M)
+    assert plan["splits"] == 1 and plan["grid_n"] == 2
+    assert_bit_equal(out, want, f"model M={M} G={group_size}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K, group_size, num_sms, with_bias, split", [
+    (1, 64, 128, 32, 1000, True, (1, 1)),      # one stage: the prologue's other two groups empty
+    (17, 64, 768, 128, 1000, False, (1, 6)),   # the ring wraps; at most K / 512 splits
+    (64, 64, 1024, 256, 1000, True, (2, 4)),   # split K
+    (5, 64, 1152, 128, 1000, True, (2, 5)),    # uneven: 5 + 4 stages
+    (3, 64, 1664, 32, 1000, False, (3, 5)),    # 5 + 5 + 3
+    (1, 64, 2304, 256, 1000, True, (4, 5)),    # 5 + 5 + 5 + 3; splits 1 and 3 begin mid-group (k 640, 1920)
+    (17, 64, 2048, -1, 1000, True, (4, 4)),    # one group over all splits
+    (70, 64, 1024, 64, 2, False, (2, 4)),      # two row blocks, split
+    (1, 64, 1536, 32, 1, True, (2, 6)),        # the SM count limits the splits, not K
+])
+def test_model_of_the_kernel_splits_k_exactly(M, N, K, group_size, num_sms, with_bias, split, dtype):
+    """split-K plans (splits, stages per split) as make_plan makes them for num_sms SMs: the
+    blocks' fp32 partial sums in the NaN-poisoned workspace, then splitk_reduce_kernel (+ bias)."""
+    out, want, plan = run_model(M, N, K, group_size, dtype, with_bias, num_sms=num_sms, seed=K)
+    assert (plan["splits"], plan["stages_per_split"]) == split
+    assert_bit_equal(out, want, f"model M={M} K={K} G={group_size} splits={split}")
+
+
+def test_model_refuses_an_unresolved_group_size():
+    x, (qs, sp, zp), _, _ = exact_int4_problem(1, 64, 128, -1, torch.float16, False, seed=0)
+    with pytest.raises(ValueError, match="resolved"):
+        model.linear(x, qs, sp, zp, -1, None, 1000)
+
+
+# ---------------------------------------------------------------------------- the model fails wrong kernels
+
+CONTROL = dict(M=3, N=64, K=640, group_size=64, dtype=torch.float16, with_bias=True)  # 5 stages: slot 0 reused
+
+
+def assert_model_differs(**kwargs):
+    out, want, _ = run_model(**dict(CONTROL, **kwargs))
+    assert not torch.equal(bits(out), bits(want)), "the wrong kernel passed"
+
+
+@pytest.mark.parametrize("misread", ["rows g and g + 8 exchanged", "k halves exchanged",
+                                     "threads t and t ^ 1 exchanged"])
+def test_model_fails_a_wrong_a_fragment_rule(misread, monkeypatch):
+    original = model.mma_a_coords
+    wrong = {"rows g and g + 8 exchanged": lambda lane, i: original(lane, i ^ 2),  # a0a1 <-> a2a3
+             "k halves exchanged": lambda lane, i: original(lane, i ^ 4),  # a0..a3 <-> a4..a7
+             "threads t and t ^ 1 exchanged": lambda lane, i: original(lane ^ 1, i)}[misread]
+    monkeypatch.setattr(model, "mma_a_coords", wrong)
+    assert_model_differs()
+
+
+def test_model_fails_a_wait_group_count_one_too_large(monkeypatch):
+    """cp.async.wait_group kStages - 1: the stage about to be read may not have landed. The race
+    check raises; without it, the poisoned shared memory reaches the output."""
+    wait = model.SharedMemory.wait
+    monkeypatch.setattr(model.SharedMemory, "wait", lambda self, pending: wait(self, pending + 1))
+    with pytest.raises(AssertionError, match="no copy or store has made visible"):
+        run_model(**CONTROL)
+    assert_model_differs(check_races=False)
+
+
+def test_model_fails_a_missing_barrier(monkeypatch):
+    """Without __syncthreads the warps read a stage that other threads' copies fill (and refill the
+    slot of the previous stage while a slower warp may still read it): races whose outcome depends
+    on timing, which the model's lockstep replay alone would compute correctly; the race check
+    reports them."""
+    monkeypatch.setattr(model.SharedMemory, "sync", lambda self: None)
+    with pytest.raises(AssertionError, match="no copy or store has made visible"):
+        run_model(**CONTROL)
+
+
+@pytest.mark.parametrize("misplaced", ["columns 4t instead of 2t", "the rows of groupID g ^ 1"])
+def test_model_fails_a_wrong_epilogue_lane_offset(misplaced, monkeypatch):
+    """A lane's c0..c3 stored at the wrong place of the reduction buffer: leaving holes, which the
+    race check reports as reads of unwritten bytes (without it, the poison's NaN reaches the
+    output), or putting other lanes' sums where this lane's belong (a wrong result)."""
+    right = model.red_fragment_offset
+    wrong = {"columns 4t instead of 2t": lambda warp, lane, c: right(warp, lane, c) + 2 * (lane & 3),
+             "the rows of groupID g ^ 1": lambda warp, lane, c: right(warp, lane ^ 4, c)}[misplaced]
+    monkeypatch.setattr(model, "red_fragment_offset", wrong)
+    if misplaced == "columns 4t instead of 2t":
+        with pytest.raises(AssertionError, match="no copy or store has made visible"):
+            run_model(**CONTROL)
+    assert_model_differs(check_races=False)
 
 
 # ---------------------------------------------------------------------------- the C++ op (CPU side)

@@ -5,8 +5,9 @@ CPU: the reorder's round trip is bit-exact, for float16 / bfloat16 (mma.sp.m16n8
 (mma.sp.m16n8k64) values; the emulation of how the kernel and the hardware read the reordered
 tensors (tile, k32 / k64 step, lane, A register element, metadata threads and bit field, by the
 PTX ISA rules) rebuilds the dense W bit for bit, and fails for deliberately wrong layouts; the
-PTX rule functions cover the A tile exactly once; the C++ op is registered and its argument
-checks raise clear errors. GPU (``-m gpu``): the kernel against a float64 reference.
+PTX rule functions cover the A tile exactly once and agree with CUTLASS CuTe's layouts of the
+same instructions; the C++ op is registered and its argument checks raise clear errors. GPU
+(``-m gpu``): the kernel against a float64 reference.
 
 Inputs come from the small compressor below (a random 2:4 pattern, compressed by hand in
 effkern's format), independent of effkern.sparse24.
@@ -21,7 +22,7 @@ from effkern import sparse24_cuda_layout as L
 
 from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
                                 assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
-                                op_schema, random_input_and_bias)
+                                op_schema, random_input_and_bias, sparse24_tile_configs)
 
 # (N, K): one m16 tile and one k64 block up; N not a multiple of 64 / 128, K not of 128.
 LAYOUT_CASES = [(16, 64), (32, 128), (48, 192), (64, 256), (128, 64), (208, 320), (256, 512)]
@@ -234,6 +235,69 @@ def test_ptx_metadata_rule_s8_covers_the_tile_once():
     assert L.ptx_metadata_field_s8(1, 0) == (8, 0, 0)    # T0:04 = register 1: row g + 8
     assert L.ptx_metadata_field_s8(2, 0) == (0, 8, 0)    # T0:08 = register 2: k 32..35
     assert L.ptx_metadata_field_s8(3, 15) == (8, 15, 1)  # T3:15: row g + 8, k 60..63, second index
+
+
+# CUTLASS's CuTe describes the same fragments, as layouts (thread, value) -> offset in the tile
+# stored column-major: MMA_Traits<SM80_SPARSE_16x8x32_F32F16F16F32_TN> (with the bf16 one, same
+# layouts) and MMA_Traits<SM80_SPARSE_16x8x64_S32S8S8S32_TN> in include/cute/atom/
+# mma_traits_sm80_sparse.hpp, as (shape, stride) of the thread and value modes. Their A counts
+# every position of the 2:4 tile ("full indices": a register's 2 (int8: 4) kept elements are its
+# chunk's (int8: two chunks') 4 (8) values); E gives the rows and k range of a thread's metadata.
+CUTE_SPARSE = {
+    16: dict(A=(((4, 8), (4, 2, 2)), ((64, 1), (16, 8, 256))), B=(((4, 8), (2, 4)), ((16, 1), (8, 64))),
+             E=(((2, 2, 8), (16, 2)), ((256, 0, 1), (0, 8)))),
+    8: dict(A=(((4, 8), (8, 2, 2)), ((128, 1), (16, 8, 512))), B=(((4, 8), (4, 4)), ((32, 1), (8, 128))),
+            E=(((2, 2, 8), 32), ((8, 512, 1), 0))),
+}
+CUTE_C = (((4, 8), (2, 2)), ((32, 1), (16, 8)))  # SM80_16x8_Row, the C/D of both
+
+
+def cute_coord(layout, thread, value, rows):
+    """(row, column) of the tile (``rows`` rows, column-major) that ``layout`` gives (thread, value)."""
+    def modes(shape, stride):
+        if isinstance(shape, int):
+            return [(shape, stride)]
+        return [m for sh, st in zip(shape, stride) for m in modes(sh, st)]
+
+    def offset(shape, stride, index):
+        out = 0
+        for size, step in modes(shape, stride):
+            out += index % size * step
+            index //= size
+        return out
+
+    (thread_shape, value_shape), (thread_stride, value_stride) = layout
+    o = offset(thread_shape, thread_stride, thread) + offset(value_shape, value_stride, value)
+    return o % rows, o // rows
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_ptx_rules_are_cutlass_cute_sparse_mma_layouts(bits):
+    """effkern's PTX rules (A, metadata: effkern.sparse24_cuda_layout; B, C/D: the model below)
+    against CuTe's: each kept element's row and chunk, each metadata field's row and k range, every
+    B and C/D element."""
+    cute = CUTE_SPARSE[bits]
+    kept, per_chunk = (8, 2) if bits == 16 else (16, 4)   # kept A elements per lane, per register
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(kept):
+            row, firstcol = (L.ptx_a_element if bits == 16 else L.ptx_a_element_s8)(lane, i)
+            chunk = firstcol // 4 + (0 if bits == 16 else (i % 4) // 2)
+            first = 8 * (i // 4) + 4 * ((i % 4) // 2) if bits == 8 else 4 * (i // 2)  # its chunk's values
+            assert [cute_coord(cute["A"], lane, first + v, 16) for v in range(4)] == [
+                (row, 4 * chunk + v) for v in range(4)], (bits, lane, i)
+        for i in range(16 if bits == 8 else 8):
+            k, n = ptx_b_element(lane, i, int8=bits == 8)
+            assert cute_coord(cute["B"], lane, i, 8) == (n, k), (bits, lane, i)
+        for i in range(4):
+            assert cute_coord(CUTE_C, lane, i, 16) == ptx_c_element(lane, i), (lane, i)
+        # metadata: the (row, chunk) pairs of the thread's fields are those of its rows and k range in
+        # CuTe's E (16-bit: lane's t % 2 of the selected thread pair; the pairs are laid out alike)
+        # (an E element, 16 or 32 bits, covers 16 or 32 k of its row: the metadata of 4 or 8 chunks)
+        fields = [L.ptx_metadata_field(t % 2, f) if bits == 16 else L.ptx_metadata_field_s8(t, f) for f in range(16)]
+        cute_e = {cute_coord(cute["E"], lane, v, 16) for v in range(32)}
+        want = {(row - g, k // 4) for row, k0 in cute_e for k in range(k0, k0 + (16 if bits == 16 else 32), 4)}
+        assert len(set(fields)) == 16 and {f[:2] for f in fields} == want and len(want) == 8, (bits, lane)
 
 
 def test_layout_diagram_examples():
@@ -513,6 +577,23 @@ KERNEL_CONFIGS = {  # name: (warps N, warps M, warps K, MI, NI, stages)
 }
 
 
+def ptx_b_element(lane, i, int8=False):
+    """(k, n) inside the B tile (32 x 8; int8 64 x 8) of element b_i held by ``lane`` (16-bit: half
+    i % 2 of register i // 2; int8: byte i % 4 of register i // 4), by the PTX fragment of the
+    dense B of mma.m16n8k32 (m16n8k64 .s8): n = g, k = 8 (i // 2) + 2 t + i % 2 (int8: 16 (i // 4)
+    + 4 t + i % 4). Ints or broadcasting integer tensors."""
+    g, t = lane >> 2, lane % 4
+    k = 16 * (i // 4) + 4 * t + i % 4 if int8 else 8 * (i // 2) + 2 * t + i % 2
+    return k, g + 0 * k
+
+
+def ptx_c_element(lane, i):
+    """(row, column) inside the 16 x 8 C/D tile of element c_i (i = 0..3) held by ``lane``: rows g,
+    g + 8 (i // 2), columns 2 t, 2 t + 1 (i % 2)."""
+    g, t = lane >> 2, lane % 4
+    return g + 8 * (i // 2), 2 * t + i % 2
+
+
 def _mma_sp_model(a_regs, e_words, selector, b_regs):
     """D (16 x 8, float64) of one mma.sp.m16n8k32 from the 32 lanes' A registers (int32 [32, 4]),
     metadata words (int32 [32]) and B registers (int32 [32, 4]), by the PTX rules [P2]-[P5]."""
@@ -531,7 +612,7 @@ def _mma_sp_model(a_regs, e_words, selector, b_regs):
     A = torch.zeros(16, 32, dtype=torch.float64)
     A[row, firstcol + index[row, firstcol // 4, i % 2]] = a
     B = torch.zeros(32, 8, dtype=torch.float64)
-    B[8 * (i // 2) + 2 * (lane % 4) + i % 2, (lane >> 2).expand(32, 8)] = b   # b_i: k, n = g
+    B[ptx_b_element(lane, i)] = b
     assert_ordered(index)
     return A @ B
 
@@ -560,7 +641,7 @@ def _mma_sp_s8_model(a_regs, e_words, selector, b_regs):
     A = torch.zeros(16, 64, dtype=torch.int64)
     A[row, 4 * chunk + index[row, chunk, i % 2]] = a_regs.to(torch.int64)
     B = torch.zeros(64, 8, dtype=torch.int64)
-    B[16 * (i // 4) + 4 * (lane % 4) + i % 4, (lane >> 2).expand(32, 16)] = b_regs.to(torch.int64)
+    B[ptx_b_element(lane, i, int8=True)] = b_regs.to(torch.int64)
     assert_ordered(index)
     return A @ B
 
@@ -570,7 +651,7 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
     and a float16 bias: the kernel's result in float16. ``run_past_k``: a deliberately wrong
     kernel that also runs an int8 slice's second k64 step past K (what a review found in the
     first version: an mma on uncopied shared memory)."""
-    WN, WM, WK, MI, NI, _stages = KERNEL_CONFIGS[config]  # the pipeline's slot rotation is not modeled
+    WN, WM, WK, MI, NI, _stages = KERNEL_CONFIGS[config]  # the ring of slots: test_cuda_pipelines.py
     M, K = x.shape
     N = values_r.shape[0] * 16
     int8 = x.dtype == torch.int8
@@ -659,7 +740,7 @@ def model_kernel(x, values_r, meta_r, bias, config, splits=1, a_scale=None, w_sc
                             for i in range(MI):
                                 for j in range(NI):
                                     D = acc[wk, wm, wn, i, j]
-                                    frag = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
+                                    frag = [D[ptx_c_element(lane, c)] for c in range(4)]
                                     n_local = (wn * MI + i) * 16 + g
                                     m_local = wm * NI * 8 + j * 8 + 2 * t
                                     p = (wk * BM + m_local) * stride + n_local
@@ -735,6 +816,12 @@ def test_model_of_the_int8_kernel_computes_the_dequantized_product_exactly(confi
         with pytest.raises(AssertionError, match="not ordered"):
             model_kernel(x, values_r, meta_r, bias, config, splits, a_scale=a_scale, w_scale=w_scale,
                          run_past_k=True)
+
+
+def test_kernel_configs_are_the_tile_configs_of_the_cu():
+    """KERNEL_CONFIGS (the model's constants) are csrc/cuda/sparse24.cu's TileConfig instantiations."""
+    names = {"Decode8": "decode8", "Decode16": "decode16", "Medium": "medium", "Large": "large"}
+    assert {names[name]: cfg[:6] for name, cfg in sparse24_tile_configs().items()} == KERNEL_CONFIGS
 
 
 # ---------------------------------------------------------------------------- the C++ op (CPU side)
