@@ -192,7 +192,8 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
     K = weight.shape[1] if weight is not None else input.shape[-1] if input is not None else 0
     backend = _choose_backend("fwd_bwd", g2d, g2d.shape[0], N, K, approximate)
     if gelu_grad is None:  # recompute_preact: nothing was kept; one extra GEMM makes gelu'(z)
-        _, gelu_grad = _forward_2d(backend, x2d, weight, bias, approximate, False, True)
+        # [1] only: the C++ forward returns the output too, which must not live through the backward
+        gelu_grad = _forward_2d(backend, x2d, weight, bias, approximate, False, True)[1]
     if backend == "reference":
         grads = _reference_backward_2d(g2d, x2d, weight, gelu_grad, output_mask)
     elif backend == "triton":

@@ -113,9 +113,19 @@ def autotune_on() -> bool:
     return switch_on("EFFKERN_TRITON_AUTOTUNE")
 
 
+def tf32_matmuls() -> bool:
+    """torch's own switch for F.linear's fp32 GEMMs (off by default). Read through the new API
+    where torch has it: the legacy torch.backends.cuda.matmul.allow_tf32 raises a RuntimeError
+    ("mix of the legacy and new APIs") once TF32 was switched on with
+    torch.backends.cuda.matmul.fp32_precision = "tf32" (or torch.backends.fp32_precision)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own switch for F.linear (off by default): exact fp32 or TF32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_matmuls():
         return "ieee"
     return "tf32"
 

@@ -398,6 +398,34 @@ def in_float32(call):
     return call_in_float32
 
 
+@pytest.fixture
+def tf32_new_api():
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) is None:
+        pytest.skip("this torch has no fp32_precision API")
+    before = torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+def test_tf32_switched_on_through_torchs_new_api(tf32_new_api):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32", torch's current TF32 switch (F.linear
+    follows it): fp32 dots take TF32 and the ops run. The legacy getter allow_tf32 raises a
+    RuntimeError ("mix of the legacy and new APIs") in that state, so reading it failed every
+    fp32 Triton call (and the cuBLASLt binding's allowTF32CuBLAS() every fp32 cuda call)."""
+    from effkern.kernels._launch import dot_precision
+
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert dot_precision(torch.float32) == "tf32"
+    torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))  # torch itself is fine with it
+    needs_backend("triton")
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    with ek.use_backend("triton"):
+        y = ek.linear_gelu(x, w, b)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert dot_precision(torch.float32) == "ieee"
+
+
 @pytest.mark.parametrize("name", ["linear_gelu without TMA", "int8_weight_only_linear", "int4_linear",
                                   "sparse24_linear"])
 def test_fp32_autotuning_starts_again_when_tf32_is_switched_on(name, monkeypatch, tf32_switch):

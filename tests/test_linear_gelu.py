@@ -178,6 +178,38 @@ def test_recompute_preact_gives_the_same_gradients(backend, approximate):
     assert_recompute_preact_gives_the_same_results(backend, approximate, *make_inputs(9, 20, 24, torch.float32))
 
 
+def test_recompute_preact_drops_the_recomputed_output_before_the_cpp_backward(monkeypatch):
+    """recompute_preact on the C++ kernels: effkern_C::linear_gelu_fwd returns the output beside
+    gelu'(z) although the backward's recomputation needs only gelu'(z); that [M, N] output must be
+    freed before the C++ backward runs (it held M*N more elements at the backward's peak)."""
+    import sys
+    import weakref
+
+    needs_backend("cuda")
+    import effkern._C  # noqa: F401  (registers the effkern_C ops)
+
+    module = sys.modules["effkern.linear_gelu"]
+    outputs, alive = [], []
+    real_forward, real_backward = module._forward_2d, torch.ops.effkern_C.linear_gelu_bwd
+
+    def forward(*args):
+        out, gelu_grad = real_forward(*args)
+        if out is not None and not args[5]:  # store_out False: the backward's recomputation
+            outputs.append(weakref.ref(out))
+        return out, gelu_grad
+
+    def backward(*args):
+        alive.extend(ref() is not None for ref in outputs)
+        return real_backward(*args)
+
+    monkeypatch.setattr(module, "_forward_2d", forward)
+    monkeypatch.setattr(torch.ops.effkern_C, "linear_gelu_bwd", backward)
+    x, w, b = (t.requires_grad_() for t in make_inputs(16, 24, 8, torch.float32))
+    with ek.use_backend("cuda"):
+        ek.linear_gelu(x, w, b, recompute_preact=True).sum().backward()
+    assert outputs and alive == [False] * len(outputs), alive
+
+
 def _saved_bytes(fn, *args) -> int:
     """Bytes of distinct tensors autograd keeps for the backward of fn(*args)."""
     saved = {}
@@ -1020,6 +1052,153 @@ def test_gpu_backward_runs_on_the_selected_backend(monkeypatch):
     with ek.use_backend("triton"):
         ek.linear_gelu(x, w, b).sum().backward()
     assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_gpu_fp32_follows_torchs_tf32_switch(backend, api, poison_empty):
+    """fp32 with TF32 switched on through either of torch's APIs (the cuda backend's compute type
+    CUBLAS_COMPUTE_32F_FAST_TF32): runs, and within the error of F.linear under the same switch.
+    Reading the legacy allow_tf32 after the new API switched TF32 on raises in torch >= 2.9."""
+    needs_backend(backend, "cuda")
+    matmul = torch.backends.cuda.matmul
+    if api == "new" and getattr(matmul, "fp32_precision", None) is None:
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision if api == "new" else matmul.allow_tf32
+    try:
+        if api == "new":
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        x, w, b = make_inputs(256, 384, 512, torch.float32, device="cuda")
+        with ek.use_backend(backend):
+            for approximate in ("none", "tanh"):
+                check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    finally:
+        if api == "new":
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+# The cuBLASLt backend's paths that the GPU tests above do not reach: every one of them runs with
+# autograd (gelu'(z) kept) and a bias. Parametrized over the CPU too, where the "cuda" backend runs
+# the C++ CPU kernels through the same Python and binding code (which checks the tests themselves).
+CPP_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _inference_matches_float64(x, w, b, approximate):
+    """Under no_grad (no gelu'(z) kept: cuBLASLt's GELU / GELU_BIAS epilogues, or our kernel writing
+    gelu(z) in place over z): the output against float64."""
+    with torch.no_grad(), ek.use_backend("cuda"):
+        y = ek.linear_gelu(x, w, b, approximate)
+    exact = linear_gelu_reference(*(t.double() if t is not None else None for t in (x, w, b)), approximate)
+    assert y.dtype == x.dtype and y.shape == exact.shape
+    assert_within_tolerance(y.cpu(), exact.cpu(), linear_gelu_reference(x, w, b, approximate).cpu(),
+                            "inference output", reduction=x.shape[-1])
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("M,N,K", [(1, 384, 512), (3, 33, 200), (127, 200, 17), (5, 1, 7), (6, 8, 1)])
+def test_cuda_backend_every_epilogue_against_float64(device, dtype, approximate, bias, M, N, K, poison_empty):
+    """Inference and training, with and without bias: GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS
+    (16-bit tanh; AUX when N % 8 == 0), DEFAULT and BIAS + our kernel (erf, float32, N % 8 != 0),
+    at M = 1 too; the backward without a bias runs no BGRADB. N = 1 and K = 1: torch keeps such
+    GEMMs off cuBLASLt ("if mat2 has only 1 row or column, we get CUBLAS_STATUS_INVALID_VALUE error
+    from cublasLtMatmulAlgoGetHeuristic", aten/src/ATen/native/cuda/Blas.cpp), and the cuda backend
+    has no other GEMM to fall back to."""
+    needs_backend("cuda", device)
+    x, w, b = make_inputs(M, N, K, dtype, device=device, bias=bias)
+    _inference_matches_float64(x, w, b, approximate)
+    with ek.use_backend("cuda"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("dtype,approximate", [(torch.float16, "tanh"), (torch.bfloat16, "none"),
+                                               (torch.float32, "none")])
+def test_cuda_backend_takes_operands_at_unaligned_addresses(device, dtype, approximate, poison_empty):
+    """Views one element past an aligned address (x: odd ld too; W: K odd, so its rows start 2 or 4
+    bytes off; bias: copied to an aligned buffer by the binding): cuBLASLt gets them as they are,
+    with MIN_ALIGNMENT preferences of 2 (4) bytes, in the GELU_AUX_BIAS epilogue too (N % 8 == 0)."""
+    needs_backend("cuda", device)
+    M, N, K = 40, 64, 33
+    x = torch.randn(M, K + 1, device=device, dtype=dtype)[:, 1:]
+    w = (torch.randn(N + 1, K, device=device) / math.sqrt(K)).to(dtype)[1:]
+    b = torch.randn(N + 1, device=device, dtype=dtype)[1:]
+    element = x.element_size()
+    assert all(t.data_ptr() % (2 * element) == element for t in (x, w, b))
+    _inference_matches_float64(x, w, b, approximate)
+    with ek.use_backend("cuda"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("needs", [(False, False, True), (False, True, True), (True, False, False),
+                                   (False, True, False)], ids=["b", "w+b", "x", "w"])
+def test_cuda_backend_only_requested_gradients_from_a_transposed_grad_out(device, needs, poison_empty):
+    """grad_bias alone (no wgrad GEMM: the binding's float32 sum), grad_weight with grad_bias
+    (BGRADB), without it (DEFAULT), grad_input alone; grad_out a transposed view (the binding's
+    dense copy)."""
+    needs_backend("cuda", device)
+    M, N, K = 96, 256, 136
+    x, w, b = make_inputs(M, N, K, torch.bfloat16, device=device)
+    grad = torch.randn(N, M, device=device, dtype=torch.bfloat16).t()
+
+    def gradients(x, w, b, grad):
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((x, w, b), needs)]
+        y = ek.linear_gelu(*leaves)
+        return torch.autograd.grad(y, [t for t, n in zip(leaves, needs) if n], grad)
+
+    with ek.use_backend("cuda"):
+        got = gradients(x, w, b, grad)
+    with ek.use_backend("reference"):
+        exact = gradients(x.double(), w.double(), b.double(), grad.double())
+        torch_same = gradients(x, w, b, grad)
+    names = [name for name, n in zip(("grad_input", "grad_weight", "grad_bias"), needs) if n]
+    for name, g, e, t in zip(names, got, exact, torch_same):
+        assert_within_tolerance(g.cpu(), e.cpu(), t.cpu(), name, reduction=N if name == "grad_input" else M)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("dtype,approximate", [(torch.bfloat16, "tanh"), (torch.bfloat16, "none"),
+                                               (torch.float32, "tanh")])
+@pytest.mark.parametrize("training", [False, True])
+def test_cuda_backend_nan_and_inf_like_eager(device, dtype, approximate, training):
+    """NaN and +-inf in x give NaN and inf exactly where F.gelu(F.linear(...)) on the same device
+    gives them, through cuBLASLt's tanh GELU epilogues (its ReLU epilogue is reported to turn NaN
+    into 0: forums.developer.nvidia.com/t/329783) and our erf kernel. On the CPU NaN only: torch's
+    own CPU F.gelu(+inf) is inf one element at a time but NaN in its vectorized loop."""
+    needs_backend("cuda", device)
+    x, w, b = make_inputs(8, 64, 32, dtype, device=device)
+    x[1, 3] = float("nan")
+    if device != "cpu":
+        x[2, 5], x[3, 7] = float("inf"), -float("inf")
+    leaves = [t.detach().requires_grad_(training) for t in (x, w, b)]
+    with ek.use_backend("cuda"):
+        y = ek.linear_gelu(*leaves, approximate).detach().float().cpu()
+    eager = linear_gelu_reference(x, w, b, approximate).float().cpu()
+    assert torch.equal(y.isnan(), eager.isnan()) and torch.equal(y.isinf(), eager.isinf())
+    assert torch.equal(y[y.isinf()], eager[eager.isinf()])
+    assert y.isnan().any() and (device == "cpu" or y.isinf().any())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_cuda_backend_on_the_second_device_while_the_first_is_current(approximate, poison_empty):
+    """Tensors on cuda:1, cuda:0 current: the binding's device guard, cuda:1's current stream, its
+    own cuBLASLt handle and algorithm cache entries (keyed by device)."""
+    needs_backend("cuda", "cuda:1")
+    torch.cuda.set_device(0)
+    x, w, b = make_inputs(64, 256, 128, torch.bfloat16, device="cuda:1")
+    with ek.use_backend("cuda"):
+        check_against_float64(lambda *a: ek.linear_gelu(*a, approximate), x, w, b, approximate)
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.gpu

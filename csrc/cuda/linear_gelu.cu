@@ -182,7 +182,7 @@ struct Preference {
 // The heuristic query costs tens of microseconds of host time, so the chosen algorithm is
 // cached per problem signature (everything the heuristic looks at, including the device and
 // the pointer alignments).
-using AlgoKey = std::array<int64_t, 19>;
+using AlgoKey = std::array<int64_t, 20>;
 std::map<AlgoKey, cublasLtMatmulAlgo_t> g_algo_cache;
 std::mutex g_algo_mutex;
 constexpr std::size_t kMaxCachedAlgos = 4096;
@@ -247,7 +247,9 @@ int run_gemm(const Gemm& g) {
                        align_b,
                        align_d,
                        static_cast<int64_t>(g.workspace_bytes),
-                       0};
+                       // the heuristic reads the bias and aux pointers' alignment from desc.h
+                       g.bias != nullptr ? pointer_alignment(g.bias) : 0,
+                       g.aux != nullptr ? pointer_alignment(g.aux) : 0};
 
   cublasLtMatmulAlgo_t algo;
   bool have_algo = false;

@@ -5,6 +5,7 @@
 // workspace. The kernels themselves live in linear_gelu.cu behind a torch-free interface.
 
 #include <ATen/Context.h>
+#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -76,8 +77,19 @@ at::Tensor workspace_for(const at::Tensor& like) {
                         like.options().dtype(at::kByte));
 }
 
+// TF32 for float32 GEMMs, as torch's own cuBLASLt path decides it (gemm_and_bias): the resolved
+// fp32 precision of CUDA matmuls. Not allowTF32CuBLAS(): that legacy getter raises a RuntimeError
+// ("mix of the legacy and new APIs") once TF32 was switched on through the new API
+// (torch.backends.cuda.matmul.fp32_precision = "tf32" or torch.backends.fp32_precision = "tf32").
+// GEMMs with an N or a K of 1 do not go to cuBLASLt: its heuristic rejects operands with one row or
+// column (CUBLAS_STATUS_INVALID_VALUE from cublasLtMatmulAlgoGetHeuristic, why torch keeps such
+// GEMMs off cuBLASLt too). ATen's matmul (cuBLAS) does them; our elementwise kernels do the rest.
+bool aten_gemms(int64_t n, int64_t k) { return n == 1 || k == 1; }
+
 bool allow_tf32(at::ScalarType t) {
-  return t == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  return t == at::kFloat &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
@@ -97,10 +109,15 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   at::Tensor bias_c = has_bias ? dense_aligned(*bias) : at::Tensor();
 
-  if (K == 0) {
-    // Empty reduction: z = bias (or 0), then the elementwise GELU (and gelu'), z in place.
+  if (K == 0 || aten_gemms(N, K)) {
+    // z without cuBLASLt (K == 0, an empty reduction: z = bias or 0; see aten_gemms), then the
+    // elementwise GELU (and gelu'), z in place.
     at::Tensor z = save_gelu_grad ? gelu_grad : out;
-    if (has_bias) {
+    if (K > 0 && has_bias) {
+      at::addmm_out(z, bias_c, input, weight.t());
+    } else if (K > 0) {
+      at::mm_out(z, input, weight.t());
+    } else if (has_bias) {
       z.copy_(bias_c.unsqueeze(0).expand({M, N}));
     } else {
       z.zero_();
@@ -160,6 +177,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(
   const at::Tensor grad_out_c = dense_aligned(grad_out);
   const at::Tensor gelu_grad_c = dense_aligned(gelu_grad);
   at::Tensor grad_z = input.new_empty({M, N});
+  if (aten_gemms(N, K)) {
+    check_status(effkern_cuda::gelu_bwd(dtype, grad_out_c.data_ptr(), gelu_grad_c.data_ptr(),
+                                        grad_z.data_ptr(), M * N, stream),
+                 "linear_gelu_bwd");
+    if (need_gi) at::mm_out(grad_input, grad_z, weight);
+    if (need_gw) at::mm_out(grad_weight, grad_z.t(), input);
+    if (need_gb) grad_bias.copy_(grad_z.sum(at::IntArrayRef{0}, /*keepdim=*/false, at::kFloat));
+    return {grad_input, grad_weight, grad_bias};
+  }
   at::Tensor input_holder, weight_holder;
   at::Tensor workspace = workspace_for(input);
 
