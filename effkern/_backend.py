@@ -84,6 +84,11 @@ def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]
             return False, f"effkern._C is not built or failed to load: {_ext.load_error()}"
         if dev == "cuda" and not _ext.built_with_cuda():
             return False, "effkern._C was built without CUDA (CPU-only extension)"
+        if dev == "cuda" and not _ext.runs_on(torch.device(device)):
+            return False, (f"effkern._C was built for CUDA archs {_ext.build_info().get('archs')}, none of which "
+                           f"runs on {torch.device(device)} (compute capability "
+                           f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}); rebuild with "
+                           f"EFFKERN_CUDA_ARCH including it")
         return True, ""
     # triton
     if not TRITON_INSTALLED:

@@ -16,22 +16,37 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def _stamp(t: Tensor) -> tuple:
+    # Besides in-place changes (the version): a Parameter keeps its identity and version through
+    # module.to(device / dtype) and `p.data = ...` (torch/nn/modules/module.py: param.data =
+    # param_applied), which change its storage, device or dtype instead.
+    return (id(t), _version(t), t.device, t.dtype, t.data_ptr())
+
+
 class DerivedCache:
     """``get((a, b, ...), make)`` returns make()'s value, computed once per tuple of tensors:
-    again only if one of them is modified in place (unless it is an inference tensor) or
-    replaced, and dropped when the first of them is freed. The value must not hold the first
-    tensor itself (it would never be freed)."""
+    again only if one of them is modified in place (unless it is an inference tensor), replaced,
+    or given new storage, device or dtype (``p.data = ...``, ``module.to(...)``; changes made
+    through ``p.data`` itself are not seen), and dropped when any of them is freed. The value must
+    not hold the tensors themselves (they would never be freed)."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple] = {}  # id(first tensor) -> (weakref to it, stamp, value)
+        self.entries: dict[int, tuple] = {}  # id(first tensor) -> (weakrefs to them, stamp, value)
 
     def get(self, tensors: tuple[Tensor, ...], make: Callable[[], T]) -> T:
         first = tensors[0]
         key = id(first)
-        stamp = tuple((id(t), _version(t)) for t in tensors)
+        stamp = tuple(_stamp(t) for t in tensors)
         hit = self.entries.get(key)
-        if hit is not None and hit[0]() is first and hit[1] == stamp:
+        if hit is not None and hit[0][0]() is first and hit[1] == stamp:
             return hit[2]
         value = make()
-        self.entries[key] = (weakref.ref(first, lambda _: self.entries.pop(key, None)), stamp, value)
+        entries = self.entries
+
+        def drop(_, key=key):
+            entry = entries.get(key)
+            if entry is not None and any(ref() is None for ref in entry[0]):
+                entries.pop(key, None)
+
+        self.entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), stamp, value)
         return value

@@ -38,3 +38,37 @@ def build_info() -> dict:
 
 def built_with_cuda() -> bool:
     return bool(build_info().get("cuda"))
+
+
+def _arch_runs(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch`` (TORCH_CUDA_ARCH_LIST syntax: "8.0", "9.0a", "8.6+PTX")
+    runs on a GPU of compute ``capability``: SASS for X.Y on X.Z with Z >= Y; arch-specific
+    ("a", PTX included) on X.Y only; PTX of X.Y (+PTX) JIT-compiled on any capability >= X.Y."""
+    ptx = arch.endswith("+PTX")
+    arch = arch.removesuffix("+PTX")
+    specific = arch.endswith("a")  # ("f", family-specific: like plain SASS within the major)
+    try:
+        major, minor = (int(v) for v in arch.rstrip("af").split("."))
+    except ValueError:  # a name torch also takes ("Hopper"): not judged here
+        return True
+    if ptx and not specific and capability >= (major, minor):
+        return True
+    return capability == (major, minor) if specific else (capability[0] == major and capability[1] >= minor)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the extension holds kernels for CUDA ``device``'s architecture (an extension built
+    for "8.0;9.0a" has none for sm_100 or sm_120: its launches there fail). True where that
+    cannot be told (no GPU, archs not recorded)."""
+    if not torch.cuda.is_available():
+        return True
+    return _runs_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_on(index: int) -> bool:
+    archs = [a for a in build_info().get("archs", "").split(";") if a]
+    if not archs:
+        return True
+    capability = tuple(torch.cuda.get_device_capability(index))
+    return any(_arch_runs(a, capability) for a in archs)

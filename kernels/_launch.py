@@ -9,6 +9,7 @@ small fixed config keeps the tests quick and makes odd test sizes cross tile edg
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 
@@ -135,6 +136,30 @@ def fixed_config(fixed: dict) -> dict:
     return fixed["interpreter" if interpreted() else "gpu"]
 
 
+@functools.lru_cache(maxsize=16)
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+_TUNED_PER_GPU: dict = {}  # (id of an autotuned kernel, GPU name) -> its copy with that GPU's choices
+
+
+def tuned_for(tuned, device: torch.device):
+    """``tuned`` (a triton.autotune kernel) with choices of its own per GPU model: Triton's autotuner
+    keys its cache on the key arguments and the tensors' dtypes only (triton/runtime/autotuner.py,
+    Autotuner.run), so on a machine with two GPU models a tile tuned on one would be reused on
+    the other, which may not have the shared memory for it (OutOfResources) or run it slowly."""
+    if device.type != "cuda":  # (the tests' autotuning through the interpreter)
+        return tuned
+    key = (id(tuned), _gpu_name(device))
+    own = _TUNED_PER_GPU.get(key)
+    if own is None:
+        own = copy.copy(tuned)
+        own.cache = {}
+        own = _TUNED_PER_GPU.setdefault(key, own)
+    return own
+
+
 def launch(tuned, plain, grid, args, kwargs, fixed: dict, device: torch.device | None = None) -> None:
     """Run ``plain`` at ``fixed[\"interpreter\"]`` under the interpreter, else ``tuned``
     (autotuned) or ``plain`` at ``fixed[\"gpu\"]`` when autotuning is off. ``fixed`` maps
@@ -143,9 +168,10 @@ def launch(tuned, plain, grid, args, kwargs, fixed: dict, device: torch.device |
     if interpreted():
         plain[grid](*args, **kwargs, **fixed["interpreter"])
         return
-    with on_device(device or args[0].device):
+    device = device or args[0].device
+    with on_device(device):
         if autotune_on():
-            tuned[grid](*args, **kwargs)
+            tuned_for(tuned, device)[grid](*args, **kwargs)
         else:
             plain[grid](*args, **kwargs, **fixed["gpu"])
 

@@ -1,0 +1,120 @@
+"""Device handling without a GPU: which device each launch runs on and each query reads, when the
+tensors are on cuda:1 and the current device is cuda:0; derived-weight caches across module
+moves and casts; whether the extension's archs cover a device."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import effkern._ext as ext
+from effkern._cache import DerivedCache
+from effkern.nn import Sparse24Linear
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"flash_attn_bwd_dkdv_kernel", "flash_attn_bwd_dq_kernel", "flash_attn_bwd_preprocess_kernel",
+           "flash_attn_decode_merge_kernel", "flash_attn_fwd_kernel", "int4_matmul_kernel", "int8_matmul_kernel",
+           "int8_matmul_tma_kernel", "linear_gelu_bwd_kernel", "linear_gelu_bwd_tma_kernel", "linear_gelu_fwd_kernel",
+           "linear_gelu_fwd_tma_kernel", "quantize_rows_int8_kernel", "sparse24_dgrad_kernel", "sparse24_matmul_kernel",
+           "splitk_reduce_kernel"}
+
+
+def _probe(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "device_launch_probe.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_triton_launch_runs_on_its_tensors_device():
+    # Triton launches on the current device (triton/runtime/jit.py: driver.active.get_current_device())
+    report = _probe()
+    assert set(report["kernels"]) == KERNELS
+    assert report["bad"] == []
+    assert all(arg == "cuda:1" for _, arg in report["queries"])  # SM counts, capabilities: of cuda:1
+
+
+def test_the_launch_probe_sees_a_missing_device_guard():
+    report = _probe("control")
+    assert report["bad"] and {k for k, _, _ in report["bad"]} >= {"splitk_reduce_kernel", "flash_attn_fwd_kernel"}
+
+
+def _reorder(values, meta):
+    from effkern.sparse24_cuda_layout import reorder_for_mma_sp
+
+    return reorder_for_mma_sp(values, meta)
+
+
+def _sparse_layer(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return Sparse24Linear.from_linear(torch.nn.Linear(64, 16, bias=False).to(dtype))
+
+
+def test_cached_layout_follows_a_module_cast():
+    # module.half() keeps the values Parameter (param.data = ...), same version; meta (uint8) is untouched
+    layer, cache = _sparse_layer(), DerivedCache()
+    first = cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    layer.half()
+    again = cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    assert first[0].dtype == torch.bfloat16 and again[0].dtype == torch.float16
+
+
+def test_cached_layout_follows_a_data_replacement():
+    layer, cache = _sparse_layer(), DerivedCache()
+    cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    layer.values.data = layer.values.data * 2  # same id, version, dtype and device
+    again = cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    assert torch.equal(again[0], _reorder(layer.values, layer.meta)[0])
+
+
+def test_cached_layout_is_dropped_with_any_of_its_tensors():
+    # module.to(other device) keeps the values Parameter but replaces the meta buffer: the copy made
+    # for the old device must not outlive it until the next call
+    layer, cache = _sparse_layer(), DerivedCache()
+    cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    layer.meta = layer.meta.clone()
+    gc.collect()
+    assert not cache.entries
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.0;9.0a", (8, 0), True), ("8.0;9.0a", (8, 9), True), ("8.0;9.0a", (9, 0), True),
+    ("8.0;9.0a", (10, 0), False), ("8.0;9.0a", (12, 0), False), ("8.0;9.0a", (7, 5), False),
+    ("8.0+PTX;9.0a", (12, 0), True), ("9.0a+PTX", (10, 0), False)])
+def test_the_cuda_backend_is_available_only_where_the_extension_has_code(monkeypatch, archs, capability, runs):
+    from effkern._backend import backend_available
+
+    monkeypatch.setattr(ext, "build_info", lambda: {"cuda": True, "archs": archs, "cuda_version": "13.0"})
+    monkeypatch.setattr(ext, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    clear = getattr(getattr(ext, "_runs_on", None), "cache_clear", lambda: None)
+    clear()
+    try:
+        assert backend_available("cuda", torch.device("cuda", 1))[0] is runs
+    finally:
+        clear()
+
+
+def test_autotuned_choices_are_kept_per_gpu_model(monkeypatch):
+    import triton
+
+    from effkern.kernels import _launch
+    from effkern.kernels.int8 import _gemm_tuned
+
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA L40S", 2: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: names[torch.device(d).index])
+    monkeypatch.setattr(_launch, "_TUNED_PER_GPU", {})
+    _launch._gpu_name.cache_clear()
+    h100, l40s, h100_again = (_launch.tuned_for(_gemm_tuned, torch.device("cuda", i)) for i in range(3))
+    assert h100 is h100_again and h100 is not l40s
+    h100.cache[("M", "N")] = triton.Config({})
+    assert ("M", "N") not in l40s.cache and l40s.fn is _gemm_tuned.fn and l40s.configs == _gemm_tuned.configs
+    _launch._gpu_name.cache_clear()
