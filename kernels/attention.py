@@ -262,9 +262,12 @@ def flash_attn_fwd_kernel(
                                     stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
                                     True, EVEN_D, TMA, BLOCK_N)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    # a row with no visible key has l_i == 0 exactly (exp2(-inf) = +0 on every GPU too); a NaN
+    # score makes l_i NaN, which the out and lse of its row then carry (a test of l_i > 0 would
+    # give it lse -inf, the mark of a row with no key)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_rows = split.to(tl.int64) * stride_o_split + b * stride_ob + h * stride_oh + offs_m * stride_os
     tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -304,9 +307,9 @@ def flash_attn_decode_merge_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * out_s
         m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    empty = l_i == 0.0  # (NaN carried, as in the forward)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)

@@ -207,6 +207,61 @@ def test_fully_masked_rows_and_empty_inputs(poison_empty):
             assert bool((o == 0).all()) and bool((l == float("-inf")).all())
 
 
+@pytest.mark.parametrize("Sq,Skv,causal,window,softcap,scale", [
+    (40, 50, False, (-1, -1), 0.5, 30.0),     # |s / softcap| up to ~300: tanh saturated, exp(2x) = inf
+    (40, 20, False, (2, 0), 0.0, None),       # rows 0..19 see no key
+    (40, 20, False, (2, 0), 0.5, 30.0),       # both
+])
+def test_saturated_softcap_and_keyless_rows_with_an_lse_gradient(Sq, Skv, causal, window, softcap, scale,
+                                                                 poison_empty):
+    """Where a GPU's approximate exp2/exp and div.full could differ from the interpreter: tanh
+    saturated (e^{2x} = inf gives exactly 1), rows with no visible key (l_i = 0 exactly: out 0, lse
+    -inf, finite gradients) under a loss on lse too."""
+    needs_backend("triton")
+    q, k, v = make(1, 4, 2, Sq, Skv, 24, False)
+    with ek.use_backend("triton"):
+        out, lse = flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale,
+                                   return_lse=True)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_in(torch.float64, *x64, causal, window, softcap, scale)
+    same, lse_same = attention_in(torch.float16, q, k, v, causal, window, softcap, scale)
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == float("-inf")).all())
+    assert bool((out[~finite] == 0).all())
+    assert_matches_float64(out, out64, same, Skv, what="out")
+    assert_matches_float64(lse[finite], lse64[finite], lse_same[finite].float(), Skv, what="lse")
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse).masked_fill(~finite, 0.0)
+    with ek.use_backend("triton"):
+        got = grads((out, lse), (dout, dlse), (q, k, v))
+    want = grads((out64, lse64), (dout.double(), dlse.double()), x64)
+    base = grads((same, lse_same), (dout, dlse), (q, k, v))
+    for name, g, w, b in zip("qkv", got, want, base):
+        assert torch.isfinite(g).all(), name
+        assert_matches_float64(g, w, b, Skv, what=f"d{name}")
+    assert bool((got[0][~finite] == 0).all())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("Sq,splits", [(20, None), (3, 1), (3, 3)])
+def test_nan_scores_give_nan_lse_not_minus_inf(Sq, splits):
+    """A NaN among a row's visible scores makes its out and lse NaN, as the reference (torch's
+    logsumexp) has them; lse -inf is the mark of a row that sees no key."""
+    needs_backend("triton")
+    from effkern.kernels import attention as kernels
+
+    q, k, v = (t.detach() for t in make(1, 2, 1, Sq, 200, 16, False))
+    q[0, 0, 1] = float("nan")    # every score of row 1 of head 0
+    k[0, 0, 150, 0] = float("nan")  # one key that every row sees
+    if splits is None:
+        with ek.use_backend("triton"):
+            out, lse = flash_attention(q, k, v, return_lse=True)
+    else:
+        out, lse = kernels.flash_attn_fwd(q, k, v, False, 0.25, -1, -1, 0.0, splits=splits)
+    assert bool(out.isnan().any(-1).all())
+    assert bool(lse.isnan().all()), lse
+
+
 # ---------------------------------------------------------------------------- skipped blocks
 
 def _rows(*spans) -> list[int]:
