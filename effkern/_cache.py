@@ -19,8 +19,9 @@ def _version(t: Tensor) -> int:
 def _stamp(t: Tensor) -> tuple:
     # Besides in-place changes (the version): a Parameter keeps its identity and version through
     # module.to(device / dtype) and `p.data = ...` (torch/nn/modules/module.py: param.data =
-    # param_applied), which change its storage, device or dtype instead.
-    return (id(t), _version(t), t.device, t.dtype, t.data_ptr())
+    # param_applied), which give it other storage (compared by identity in DerivedCache.get: a new
+    # storage may take the freed one's address), dtype or shape instead.
+    return (id(t), _version(t), t.dtype, t.storage_offset(), tuple(t.shape))
 
 
 class DerivedCache:
@@ -31,15 +32,18 @@ class DerivedCache:
     not hold the tensors themselves (they would never be freed)."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple] = {}  # id(first tensor) -> (weakrefs to them, stamp, value)
+        # id(first tensor) -> (weakrefs to the tensors, to their storages, stamp, value)
+        self.entries: dict[int, tuple] = {}
 
     def get(self, tensors: tuple[Tensor, ...], make: Callable[[], T]) -> T:
         first = tensors[0]
         key = id(first)
         stamp = tuple(_stamp(t) for t in tensors)
+        storages = tuple(t.untyped_storage() for t in tensors)
         hit = self.entries.get(key)
-        if hit is not None and hit[0][0]() is first and hit[1] == stamp:
-            return hit[2]
+        if (hit is not None and hit[0][0]() is first and hit[2] == stamp
+                and all(ref() is s for ref, s in zip(hit[1], storages))):
+            return hit[3]
         value = make()
         entries = self.entries
 
@@ -48,5 +52,6 @@ class DerivedCache:
             if entry is not None and any(ref() is None for ref in entry[0]):
                 entries.pop(key, None)
 
-        self.entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), stamp, value)
+        self.entries[key] = (tuple(weakref.ref(t, drop) for t in tensors), tuple(weakref.ref(s) for s in storages),
+                             stamp, value)
         return value

@@ -43,15 +43,16 @@ def built_with_cuda() -> bool:
 def _arch_runs(arch: str, capability: tuple[int, int]) -> bool:
     """Whether code built for ``arch`` (TORCH_CUDA_ARCH_LIST syntax: "8.0", "9.0a", "8.6+PTX")
     runs on a GPU of compute ``capability``: SASS for X.Y on X.Z with Z >= Y; arch-specific
-    ("a", PTX included) on X.Y only; PTX of X.Y (+PTX) JIT-compiled on any capability >= X.Y."""
+    ("a", PTX included) on X.Y only; family-specific ("f", PTX included) on X.Z with Z >= Y; PTX of
+    X.Y (+PTX) JIT-compiled on any capability >= X.Y."""
     ptx = arch.endswith("+PTX")
     arch = arch.removesuffix("+PTX")
-    specific = arch.endswith("a")  # ("f", family-specific: like plain SASS within the major)
+    specific, family = arch.endswith("a"), arch.endswith("f")  # family-specific: within the major
     try:
         major, minor = (int(v) for v in arch.rstrip("af").split("."))
     except ValueError:  # a name torch also takes ("Hopper"): not judged here
         return True
-    if ptx and not specific and capability >= (major, minor):
+    if ptx and not (specific or family) and capability >= (major, minor):
         return True
     return capability == (major, minor) if specific else (capability[0] == major and capability[1] >= minor)
 

@@ -4,7 +4,8 @@ Triton passes an int argument below 2^31 as an int32, and program ids and arange
 ``index * stride`` wraps unless one side is cast to int64 first; the small shapes of the other
 tests never reach 2^31. Here one operand is a view whose rows (or batches) lie 2^31 - 16 elements
 apart in a storage of 2^32 + a few elements: address space that a CPU allocates lazily, so only the
-pages the view covers are touched (well under 1 GB in all). Its row 2 starts 2^32 - 32 elements in,
+pages the view covers are touched (well under 1 GB in all; on a GPU it is real memory, up to 40 GiB
+at once, and a test that cannot have it skips). Its row 2 starts 2^32 - 32 elements in,
 an offset that int32 arithmetic makes -32: the 32 elements before the view hold a sentinel, so a
 wrapped offset reads it and the result is wrong, where a right one matches the same call on a
 compact copy bit for bit (the kernels see the same values in the same order).
@@ -32,6 +33,9 @@ def triton_kernels(device):
     from effkern.kernels import _launch
     if device == "cpu" and not _launch.interpreted():
         pytest.skip("the CPU variant runs the kernels in Triton's interpreter")
+    yield
+    if device == "cuda":  # on a GPU the views' storages are real: 4 to 16 GiB each
+        torch.cuda.empty_cache()
 
 
 def wide_view(values: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:

@@ -87,7 +87,8 @@ def test_cached_layout_is_dropped_with_any_of_its_tensors():
 @pytest.mark.parametrize("archs, capability, runs", [
     ("8.0;9.0a", (8, 0), True), ("8.0;9.0a", (8, 9), True), ("8.0;9.0a", (9, 0), True),
     ("8.0;9.0a", (10, 0), False), ("8.0;9.0a", (12, 0), False), ("8.0;9.0a", (7, 5), False),
-    ("8.0+PTX;9.0a", (12, 0), True), ("9.0a+PTX", (10, 0), False)])
+    ("8.0+PTX;9.0a", (12, 0), True), ("9.0a+PTX", (10, 0), False), ("10.0f+PTX", (10, 3), True),
+    ("10.0f+PTX", (12, 0), False)])
 def test_the_cuda_backend_is_available_only_where_the_extension_has_code(monkeypatch, archs, capability, runs):
     from effkern._backend import backend_available
 

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <optional>
@@ -77,19 +78,27 @@ at::Tensor workspace_for(const at::Tensor& like) {
                         like.options().dtype(at::kByte));
 }
 
-// TF32 for float32 GEMMs, as torch's own cuBLASLt path decides it (gemm_and_bias): the resolved
-// fp32 precision of CUDA matmuls. Not allowTF32CuBLAS(): that legacy getter raises a RuntimeError
-// ("mix of the legacy and new APIs") once TF32 was switched on through the new API
-// (torch.backends.cuda.matmul.fp32_precision = "tf32" or torch.backends.fp32_precision = "tf32").
 // GEMMs with an N or a K of 1 do not go to cuBLASLt: its heuristic rejects operands with one row or
 // column (CUBLAS_STATUS_INVALID_VALUE from cublasLtMatmulAlgoGetHeuristic, why torch keeps such
 // GEMMs off cuBLASLt too). ATen's matmul (cuBLAS) does them; our elementwise kernels do the rest.
 bool aten_gemms(int64_t n, int64_t k) { return n == 1 || k == 1; }
 
+// TF32 for float32 GEMMs, as torch's own cuBLASLt path decides it (gemm_and_bias): the resolved
+// fp32 precision of CUDA matmuls. Not allowTF32CuBLAS() where torch has the new API: that legacy
+// getter raises a RuntimeError ("mix of the legacy and new APIs") once TF32 was switched on through
+// it (torch.backends.cuda.matmul.fp32_precision = "tf32" or torch.backends.fp32_precision = "tf32").
+// The enum form is in torch 2.11's headers (the GPU machines'); older torch keeps the legacy getter.
+#ifndef TORCH_VERSION_MINOR
+#error "torch/version.h defines no TORCH_VERSION_MINOR"
+#endif
 bool allow_tf32(at::ScalarType t) {
-  return t == at::kFloat &&
-         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-             at::Float32Precision::TF32;
+  if (t != at::kFloat) return false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cuda(const at::Tensor& input,
