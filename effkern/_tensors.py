@@ -17,3 +17,10 @@ def empty(like: Tensor) -> Tensor:
     """A 0-element tensor of like's dtype and device: what an op returns for an output that
     was not asked for (custom ops cannot return None)."""
     return like.new_empty((0,))
+
+
+def check_same_device(op: str, ref_name: str, ref: Tensor, **others) -> None:
+    """Each tensor of ``others`` (None skipped) on ``ref``'s device, else a RuntimeError naming it."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")

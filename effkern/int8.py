@@ -43,7 +43,7 @@ from torch import Tensor
 from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._registry import autocast_on, register_autocast, register_family
-from ._tensors import empty, rows
+from ._tensors import check_same_device, empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # float64 activations run on the reference backend only (tests, gradcheck).
@@ -114,12 +114,6 @@ def _check_tensor(op: str, name: str, t, dtypes: tuple, what: str) -> None:
         raise TypeError(f"effkern.{op}: {name} must be {what}, got dtype {t.dtype}")
 
 
-def _check_same_device(op: str, ref_name: str, ref: Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
 def _check_qweight(op: str, qweight, weight_scale, K: int, scale_name: str = "weight_scale",
                    weight_name: str = "qweight", input_name: str = "input") -> None:
     if isinstance(qweight, Tensor) and qweight.is_floating_point():
@@ -157,7 +151,7 @@ def check_linear_args(op: str, input, qweight, weight_scale, bias, mixed_dtypes_
         raise ValueError(f"effkern.{op}: input must have shape [..., K], got a scalar")
     _check_qweight(op, qweight, weight_scale, input.shape[-1])
     _check_bias(op, bias, qweight.shape[0], REFERENCE_DTYPES, like=None if mixed_dtypes_allowed else input)
-    _check_same_device(op, "input", input, qweight=qweight, weight_scale=weight_scale, bias=bias)
+    check_same_device(op, "input", input, qweight=qweight, weight_scale=weight_scale, bias=bias)
 
 
 def check_quantize_args(op: str, input, two_d: bool = False) -> None:
@@ -174,7 +168,7 @@ def check_mm_args(op: str, a, b) -> None:
         raise ValueError(f"effkern.{op}: a must be [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"effkern.{op}: a is [M, K={a.shape[1]}] but b is [N, K={b.shape[1]}]; K must match")
-    _check_same_device(op, "a", a, b=b)
+    check_same_device(op, "a", a, b=b)
 
 
 def check_matmul_args(op: str, a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
@@ -189,7 +183,7 @@ def check_matmul_args(op: str, a_q, b_q, a_scale, b_scale, bias, out_dtype) -> N
     _check_bias(op, bias, b_q.shape[0], REFERENCE_DTYPES)
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"effkern.{op}: out_dtype must be torch.float16, bfloat16 or float32, got {out_dtype}")
-    _check_same_device(op, "a_q", a_q, b_q=b_q, a_scale=a_scale, b_scale=b_scale, bias=bias)
+    check_same_device(op, "a_q", a_q, b_q=b_q, a_scale=a_scale, b_scale=b_scale, bias=bias)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -379,6 +373,7 @@ def _int8_weight_only_linear(input: Tensor, qweight: Tensor, weight_scale: Tenso
 def _int8_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], weight_scale: Optional[Tensor],
                      output_mask: list[bool]) -> tuple[Tensor, Tensor]:
     need_input, need_bias = output_mask
+    check_same_device("int8_linear_bwd", "grad_out", grad_out, qweight=qweight, weight_scale=weight_scale)
     g2d = rows(grad_out)
     grad_input = grad_bias = empty(grad_out)
     if need_input:
@@ -394,6 +389,7 @@ def _int8_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], weight_scale: 
 
 @_int8_linear_bwd.register_fake
 def _(grad_out, qweight, weight_scale, output_mask):
+    check_same_device("int8_linear_bwd", "grad_out", grad_out, qweight=qweight, weight_scale=weight_scale)
     need_input, need_bias = output_mask
     return (grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1])) if need_input else empty(grad_out),
             grad_out.new_empty(grad_out.shape[-1:]) if need_bias else empty(grad_out))

@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _policy
 from ._backend import backend_available, require, selected_backend
 from ._registry import LIB, autocast_on, register_autocast, register_family
-from ._tensors import empty, rows
+from ._tensors import check_same_device, empty, rows
 
 APPROXIMATIONS = ("none", "tanh")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -185,6 +185,8 @@ def _reference_backward_2d(g, x, w, gelu_grad, output_mask):
 def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                     gelu_grad: Optional[Tensor], approximate: str,
                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    check_same_device("linear_gelu_bwd", "grad_out", grad_out, input=input, weight=weight, bias=bias,
+                      gelu_grad=gelu_grad)
     N = grad_out.shape[-1]
     g2d = rows(grad_out)
     x2d = rows(input) if input is not None else None
@@ -216,6 +218,8 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
 
 @linear_gelu_bwd.register_fake
 def _(grad_out, input, weight, bias, gelu_grad, approximate, output_mask):
+    check_same_device("linear_gelu_bwd", "grad_out", grad_out, input=input, weight=weight, bias=bias,
+                      gelu_grad=gelu_grad)
     N = grad_out.shape[-1]
     need_input, need_weight, need_bias = output_mask
     return (grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_input else empty(grad_out),

@@ -50,7 +50,7 @@ from . import int8 as _int8
 from ._backend import backend_available, require, selected_backend
 from ._cache import DerivedCache
 from ._registry import autocast_on, register_autocast, register_family
-from ._tensors import empty, rows
+from ._tensors import check_same_device, empty, rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: reference only
@@ -239,7 +239,7 @@ def check_int8_linear_args(op: str, input, values, meta, weight_scale, bias,
     if tuple(weight_scale.shape) != (N,):
         raise ValueError(f"effkern.{op}: weight_scale must have shape [N] = [{N}], got {list(weight_scale.shape)}")
     _int8._check_bias(op, bias, N, _int8.REFERENCE_DTYPES, like=None if mixed_dtypes_allowed else input)
-    _int8._check_same_device(op, "input", input, values=values, weight_scale=weight_scale, bias=bias)
+    check_same_device(op, "input", input, values=values, weight_scale=weight_scale, bias=bias)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -478,6 +478,7 @@ def _(input, values, meta, bias=None):
 def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Optional[Tensor], meta: Tensor,
                          output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     need_input, need_values, need_bias = output_mask
+    check_same_device("sparse24_linear_bwd", "grad_out", grad_out, input=input, values=values, meta=meta)
     g2d = rows(grad_out)
     # each output not asked for is its own empty tensor: a custom op's outputs may not alias
     grad_input, grad_values, grad_bias = (empty(grad_out) for _ in range(3))
@@ -501,6 +502,7 @@ def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Opti
 
 @_sparse24_linear_bwd.register_fake
 def _(grad_out, input, values, meta, output_mask):
+    check_same_device("sparse24_linear_bwd", "grad_out", grad_out, input=input, values=values, meta=meta)
     need_input, need_values, need_bias = output_mask
     N = grad_out.shape[-1]
     K = input.shape[-1] if input is not None else values.shape[1] * 2

@@ -486,3 +486,28 @@ def test_torch_export_keeps_the_op(name):
         targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
         assert any(target.startswith("effkern.") for target in targets), targets
         torch.testing.assert_close(exported.module()(*leaves), op(*leaves), rtol=0, atol=0)
+
+
+# The backward ops, called directly (autograd checks the devices itself): every tensor on
+# grad_out's device, or a clear error before any kernel runs (a Triton launch on grad_out's GPU
+# would read the other GPU's memory). A meta tensor stands in for the other device: the dispatcher
+# then runs the op's fake implementation, which checks as the real one does (without two devices
+# here, the real one's check is read, not run).
+BACKWARD_CALLS = {
+    "linear_gelu_bwd": lambda g, other: torch.ops.effkern.linear_gelu_bwd(
+        g, torch.randn(3, 8), other(torch.randn(4, 8)), None, torch.rand(3, 4), "none", [True, True, False]),
+    "int8_linear_bwd": lambda g, other: torch.ops.effkern.int8_linear_bwd(
+        g, other(torch.randint(-127, 128, (4, 8), dtype=torch.int8)), torch.rand(4), [True, False]),
+    "sparse24_linear_bwd": lambda g, other: torch.ops.effkern.sparse24_linear_bwd(
+        g, torch.randn(3, 8), *(lambda v, m: (other(v), m))(*ek.compress_24(ek.prune_24(torch.randn(4, 8)))),
+        [True, True, False]),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_CALLS))
+def test_backward_ops_refuse_tensors_on_another_device(name):
+    call = BACKWARD_CALLS[name]
+    grad_out = torch.randn(3, 4)
+    call(grad_out, lambda t: t)  # all on one device: runs
+    with pytest.raises(RuntimeError, match=rf"effkern\.{name}: \w+ is on meta but grad_out is on cpu"):
+        call(grad_out, lambda t: t.to("meta"))
