@@ -27,7 +27,7 @@ from effkern import int4_cuda_layout as L
 import int4_kernel_model as model
 from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
                                 assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
-                                op_schema, random_input_and_bias)
+                                needs_cuda_kernels, op_schema, random_input_and_bias)
 
 GROUPS = (32, 64, 128, 256, -1)
 # (N, K, group_size): every group size, one and several blocks of 64 columns, K from one
@@ -515,6 +515,7 @@ def test_cpp_shape_rule_is_the_python_predicate():
 # ---------------------------------------------------------------------------- the kernel (GPU)
 
 def run_kernel(x, qweight, scales, zeros, group_size, bias):
+    needs_cuda_kernels()
     qs, sp, zp = L.shuffle_for_cuda(qweight, scales, zeros, group_size)
     return torch.ops.effkern_C.int4_linear(x, qs.cuda(), sp.cuda(), zp.cuda(), group_size, bias)
 
@@ -556,6 +557,7 @@ def test_gpu_dequantization_is_bit_exact(N, K, group_size, zero_shift, dtype, po
     """x = one-hot rows e_k: y[m, n] = W[n, k_m], one exact term in the fp32 sum, so the output is
     the kernel's dequantized weight itself; it must equal (q - z) * s rounded once, bit for bit,
     also for scales that make subnormal or huge products, and for zeros up to 16 (zero_shift 1)."""
+    needs_cuda_kernels()
     q, qweight, scales, zeros = make_int4(N, K, group_size, dtype, seed=7)
     info = torch.finfo(dtype)
     extreme = torch.tensor([info.tiny, 1e-3, 1 / 3, 100.0, info.max / 16]).to(dtype)

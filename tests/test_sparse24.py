@@ -553,10 +553,13 @@ def assert_invalid_codes_raise(backend, device):
     meta tensor, and again after meta is changed in place."""
     needs_backend(backend, device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    w = sparse_weight(8, 32, dtype, device)
+    # N = 16, K = 64: the smallest layer the cuda backend's mma.sp kernel takes (N % 16, K % 64;
+    # other shapes are a RuntimeError there, before any metadata is looked at)
+    N, K = 16, 64
+    w = sparse_weight(N, K, dtype, device)
     values, meta = ek.compress_24(w)
     qvalues, qmeta = ek.compress_24(w.sign().to(torch.int8))
-    x, scale = torch.randn(3, 32, device=device).to(dtype), torch.ones(8, device=device)
+    x, scale = torch.randn(3, K, device=device).to(dtype), torch.ones(N, device=device)
     calls = {"sparse24_linear": lambda m: ek.sparse24_linear(x, values, m),
              "sparse24_int8_linear": lambda m: ek.sparse24_int8_linear(x, qvalues, m, scale)}
     for name, call in calls.items():

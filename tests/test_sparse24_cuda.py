@@ -22,7 +22,7 @@ from effkern import sparse24_cuda_layout as L
 
 from cuda_kernel_checks import (DTYPES, assert_bit_equal, assert_kernel_matches_float64, assert_op_raises,
                                 assert_rejects_tensors_on_another_device, bits, cpp_checks_accept, misaligned,
-                                op_schema, random_input_and_bias, sparse24_tile_configs)
+                                needs_cuda_kernels, op_schema, random_input_and_bias, sparse24_tile_configs)
 
 # (N, K): one m16 tile and one k64 block up; N not a multiple of 64 / 128, K not of 128.
 LAYOUT_CASES = [(16, 64), (32, 128), (48, 192), (64, 256), (128, 64), (208, 320), (256, 512)]
@@ -928,6 +928,7 @@ def test_cpp_shape_rule_is_the_python_predicate():
 # ---------------------------------------------------------------------------- the kernel (GPU)
 
 def run_kernel(x, values, meta, bias):
+    needs_cuda_kernels()
     values_r, meta_r = L.reorder_for_mma_sp(values, meta)
     return torch.ops.effkern_C.sparse24_linear(x, values_r.cuda(), meta_r.cuda(), bias)
 
@@ -967,6 +968,7 @@ def test_gpu_kernel_reads_every_weight_bit_exactly(M_rows, N, K, dtype, poison_e
     """x = one-hot rows e_k: y[m, n] = W[n, k_m], one exact product in the fp32 sum, so the output
     is the kernel's view of W itself and must equal it bit for bit (a layout error anywhere
     shows up as a wrong element). M_rows picks the tile configuration (decode or medium)."""
+    needs_cuda_kernels()
     W, values, meta = make_24(N, K, dtype, seed=11)
     values_r, meta_r = (t.cuda() for t in L.reorder_for_mma_sp(values, meta))
     for k0 in range(0, K, M_rows):
@@ -978,6 +980,7 @@ def test_gpu_kernel_reads_every_weight_bit_exactly(M_rows, N, K, dtype, poison_e
 
 
 def run_int8_kernel(x, values_r, meta_r, a_scale, w_scale, bias=None, out_dtype=torch.bfloat16):
+    needs_cuda_kernels()
     return torch.ops.effkern_C.sparse24_int8_linear(x, a_scale.cuda(), values_r, meta_r, w_scale.cuda(), bias,
                                                     out_dtype)
 
@@ -989,6 +992,7 @@ def test_gpu_int8_kernel_reads_every_weight_bit_exactly(M_rows, N, K, poison_emp
     """The int8 kernel (mma.sp m16n8k64 .s8) on one-hot rows of x with unit scales: y[m, n] =
     W[n, k_m] (any int8, exact in bf16), the kernel's view of W itself, bit for bit. M_rows picks
     the tile configuration (decode, medium, large)."""
+    needs_cuda_kernels()
     W, values, meta = make_24(N, K, torch.int8, seed=12)
     values_r, meta_r = (t.cuda() for t in L.reorder_for_mma_sp(values, meta))
     for k0 in range(0, K, M_rows):

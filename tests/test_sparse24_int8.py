@@ -497,8 +497,10 @@ def test_gpu_auto_module_and_compile():
     layer = ek.nn.Sparse24Int8Linear.from_linear(linear)
     x = torch.randn(4, 7, 256, device="cuda", dtype=torch.bfloat16)
     y = layer(x)
-    with ek.use_backend("reference"):
-        want = layer(x)
-    assert rounded_from(y, want.float()).all()
+    # the reference backend's bf16 output rounds the last multiply and the bias add apart; the GPU
+    # compiler may fuse them into one fma: either rounding per element (assert_dequantized_from)
+    xq, xs = quantize_rows_reference(x.reshape(-1, 256))
+    acc = int8_accumulate_reference(xq, decompress_24_reference(layer.values, layer.meta))
+    assert_dequantized_from(y.reshape(-1, 128), acc, xs, layer.weight_scale, layer.bias.detach())
     torch._dynamo.reset()
     assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
