@@ -43,7 +43,7 @@ from . import _policy
 from ._cache import DerivedCache
 from ._backend import backend_available, require, selected_backend
 from ._registry import autocast_on, register_autocast, register_family
-from ._tensors import empty, rows
+from ._tensors import check_same_device, empty, rows
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -174,9 +174,7 @@ def _check_checkpoint(fn: str, qweight: Tensor, qzeros, scales, K: int, N: int) 
         raise ValueError(f"effkern.{fn}: K={K} in {n_groups} groups (scales {list(scales.shape)}) is a group size "
                          f"of {G}; effkern takes {GROUP_SIZES[:-1]} or one group per row")
     _check_packed(fn, "qzeros", qzeros, "[K / G, N / 8]", (n_groups, N // 8))
-    for name, t in (("qzeros", qzeros), ("scales", scales)):
-        if t.device != qweight.device:
-            raise RuntimeError(f"effkern.{fn}: {name} is on {t.device} but qweight is on {qweight.device}")
+    check_same_device(fn, "qweight", qweight, qzeros=qzeros, scales=scales)
     return G
 
 
@@ -306,9 +304,7 @@ def check_linear_args(op: str, input, qweight, scales, zeros, group_size, bias,
                             f"use one dtype (or torch.autocast)")
         if tuple(bias.shape) != (N,):
             raise ValueError(f"effkern.{op}: bias must have shape [N] = [{N}], got {list(bias.shape)}")
-    for name, t in (("qweight", qweight), ("bias", bias)):
-        if t is not None and t.device != input.device:
-            raise RuntimeError(f"effkern.{op}: {name} is on {t.device} but input is on {input.device}")
+    check_same_device(op, "input", input, qweight=qweight, bias=bias)
 
 
 # ---------------------------------------------------------------------------- backends

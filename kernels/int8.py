@@ -53,11 +53,6 @@ def round_half_even(v):
 
 
 @triton.jit
-def _max_keeping_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def row_scales(x_ptr, rows64, row_ok, K, stride_xr, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     # the rows' absmax over all of K, / 127 correctly rounded: (scale, the divisor to quantize by,
     # 1 where the scale is 0 so an all-zero row gives q = 0, not 0/0). A NaN in a row makes its
@@ -68,7 +63,7 @@ def row_scales(x_ptr, rows64, row_ok, K, stride_xr, stride_xk, BLOCK_R: tl.const
     for k in range(0, K, BLOCK_K):
         m = row_ok[:, None] & (cols < K - k)
         x = tl.load(x_ptr + rows64[:, None] * stride_xr + (cols + k) * stride_xk, mask=m, other=0.0)
-        amax = _max_keeping_nan(amax, tl.abs(x.to(tl.float32)))
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
     # tl.max (maxNum) plus a NaN flag, not tl.reduce with a NaN-keeping combine: the interpreter
     # runs a custom combine element by element in Python (~25x slower); amax >= 0, so its row sum
     # is NaN exactly where the row holds a NaN
