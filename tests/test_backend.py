@@ -375,7 +375,7 @@ def effkern_autotuners():
 def test_autotuners_key_on_the_dot_precision():
     """fp32 dots in exact "ieee" precision (FMA, stages - 1 tiles in shared memory with Triton 3.6
     on sm_90) and in "tf32" (wgmma, stages tiles: up to 1.5x the shared memory) choose from the same
-    configs; DOT_PRECISION follows torch.backends.cuda.matmul.allow_tf32 per call, so a config tuned
+    configs; DOT_PRECISION follows torch's fp32 matmul precision (TF32 or not) per call, so a config tuned
     with it off and reused with it on may not fit (OutOfResources at the launch)."""
     tuners = [t for t in effkern_autotuners() if "DOT_PRECISION" in t.arg_names]
     assert len(tuners) >= 7
