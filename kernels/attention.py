@@ -178,6 +178,21 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row, lo
 
 
 @triton.jit
+def _finish_rows(acc, l_i, m_i, BASE2: tl.constexpr):
+    # out = acc / l and lse = m + log(l) (natural log; m and l in base 2 where BASE2:
+    # lse = (m + log2 l) ln 2). A row with no visible key has l_i == 0 exactly (exp2(-inf) = +0 on
+    # every GPU too): out 0, lse -inf. A NaN score makes l_i NaN, which the out and lse of its row
+    # then carry (a test of l_i > 0 would give it lse -inf, the mark of a row with no key).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    if BASE2:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    else:
+        lse = m_i + tl.log(l_safe)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), lse)
+
+
+@triton.jit
 def query_block(Hq, GROUP, BLOCK_M: tl.constexpr, PACK_GQA: tl.constexpr):
     # program (query block, batch x head): its batch, its kv head, the query head and the query
     # position of each row, and the first and the last position of the tile. By default the head
@@ -262,12 +277,7 @@ def flash_attn_fwd_kernel(
                                     stride_vs, stride_vd, Sq, Skv, D, off, LEFT, RIGHT, qk_scale, softcap, SOFTCAP,
                                     True, EVEN_D, TMA, BLOCK_N)
 
-    # a row with no visible key has l_i == 0 exactly (exp2(-inf) = +0 on every GPU too); a NaN
-    # score makes l_i NaN, which the out and lse of its row then carry (a test of l_i > 0 would
-    # give it lse -inf, the mark of a row with no key)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = _finish_rows(acc, l_i, m_i, True)
     o_rows = split.to(tl.int64) * stride_o_split + b * stride_ob + h * stride_oh + offs_m * stride_os
     tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -307,9 +317,7 @@ def flash_attn_decode_merge_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * out_s
         m_i = m_new
-    empty = l_i == 0.0  # (NaN carried, as in the forward)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    out, lse = _finish_rows(acc, l_i, m_i, False)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
