@@ -84,6 +84,28 @@ def test_cached_layout_is_dropped_with_any_of_its_tensors():
     assert not cache.entries
 
 
+def test_cached_layout_does_not_block_swapping_the_module_tensors():
+    # torch.utils.swap_tensors (load_state_dict and module.to() under
+    # torch.__future__.set_swap_module_params_on_conversion(True)) refuses a tensor with a weakref
+    layer, cache = _sparse_layer(), DerivedCache()
+    with torch.no_grad():  # as in the op, which autograd calls without grad mode
+        cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.half()  # swaps the values Parameter
+        other = _sparse_layer(torch.float16)
+        other.values.data.mul_(2)
+        layer.load_state_dict(other.state_dict())  # swaps values and meta
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    with torch.no_grad():
+        again = cache.get((layer.values, layer.meta), lambda: _reorder(layer.values, layer.meta))
+        assert again[0].dtype == torch.float16 and torch.equal(again[0], _reorder(other.values, other.meta)[0])
+    gc.collect()
+    assert len(cache.entries) == 1  # the entry of the swapped-out tensors went with them
+
+
 @pytest.mark.parametrize("archs, capability, runs", [
     ("8.0;9.0a", (8, 0), True), ("8.0;9.0a", (8, 9), True), ("8.0;9.0a", (9, 0), True),
     ("8.0;9.0a", (10, 0), False), ("8.0;9.0a", (12, 0), False), ("8.0;9.0a", (7, 5), False),

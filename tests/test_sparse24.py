@@ -621,6 +621,30 @@ def test_sparse24_linear_module_and_state_dict():
         ek.nn.Sparse24Linear(30, 8)
 
 
+@pytest.fixture
+def swap_module_params():
+    """torch.__future__'s swap_tensors conversions: load_state_dict and module.to() swap each
+    tensor with torch.utils.swap_tensors, which refuses a tensor that has a weakref."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize("cls", [ek.nn.Sparse24Linear, ek.nn.Sparse24Int8Linear])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_loads_a_state_dict_after_a_call_with_swapped_tensors(cls, backend, swap_module_params):
+    """The Triton path's once-per-meta check (a DerivedCache) must not pin the module's tensors:
+    a weakref to the meta buffer made load_state_dict fail under swap_tensors after one call."""
+    needs_backend(backend)
+    layer, other = (cls.from_linear(torch.nn.Linear(32, 16), prune=True) for _ in range(2))
+    x = torch.randn(3, 32)
+    with ek.use_backend(backend):
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+
+
 AUTO_DGRAD_CASES = [  # (name, recorded bwd winner, Triton runs, dtype, path)
     ("measured triton", "triton", True, BF16, "triton"),
     ("measured triton, fp16", "triton", True, torch.float16, "triton"),
