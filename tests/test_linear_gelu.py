@@ -869,6 +869,8 @@ def test_linear_gelu_module_shares_linear_parameters():
     fresh = ek.nn.LinearGELU(12, 20, bias=True, approximate="tanh")
     fresh.load_state_dict(linear.state_dict())
     torch.testing.assert_close(fresh(x), layer(x))
+    assert repr(ek.nn.LinearGELU(4, 4, approximate="tanh")).endswith("approximate='tanh')")
+    assert "recompute_preact=True" in repr(ek.nn.LinearGELU(4, 4, recompute_preact=True))
     with pytest.raises(ValueError, match="approximate"):
         ek.nn.LinearGELU(4, 4, approximate="exact")
     with pytest.raises(TypeError, match="nn.Linear"):

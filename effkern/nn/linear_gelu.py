@@ -38,4 +38,5 @@ class LinearGELU(nn.Linear):
         return linear_gelu(input, self.weight, self.bias, self.approximate, recompute_preact=self.recompute_preact)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+        extra = ", recompute_preact=True" if self.recompute_preact else ""
+        return f"{super().extra_repr()}, approximate={self.approximate!r}{extra}"
