@@ -145,6 +145,21 @@ def assert_compiles_like_eager(layer: torch.nn.Module, backend: str):
     assert counter.frame_count == frames_after_the_first > 0  # the second number of tokens reused the graph
 
 
+def assert_exports_like_eager(layer: torch.nn.Module, x):
+    """torch.export of ``layer`` alone (batch dimension dynamic) gives a program whose module()
+    computes what the layer does at another batch size, and torch.export.unflatten of a model
+    holding the layer keeps it as a module that does too (either raises where a buffer's name
+    collides with an attribute of the modules they make, such as their ``meta`` dict)."""
+    batch = torch.export.Dim("batch")
+    with ek.use_backend("reference"):
+        exported = torch.export.export(layer, (x,), dynamic_shapes=({0: batch},))
+        other = torch.cat([x, x[:1]])
+        torch.testing.assert_close(exported.module()(other), layer(other), rtol=0, atol=0)
+        model = torch.nn.Sequential(layer, torch.nn.ReLU())
+        unflat = torch.export.unflatten(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)))
+        torch.testing.assert_close(unflat(other), model(other), rtol=0, atol=0)
+
+
 def assert_cuda_graph_replays_like_eager(backend: str, fn, make_inputs):
     """fn(*inputs) under ``backend``, and its backward for the inputs that require grad, captured
     in a CUDA graph once: for two fresh sets of inputs (make_inputs(seed), seeds 1 and 2) copied

@@ -18,7 +18,7 @@ from effkern.int8 import int8_accumulate_reference
 from effkern.sparse24 import prune_24_reference, sparse24_linear_reference
 
 from op_checks import (assert_bad_call_raises, assert_compiles_like_eager, assert_compiles_onto_bf16_tensor_cores,
-                       assert_cuda_graph_replays_like_eager, assert_dequantized_from,
+                       assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_exports_like_eager,
                        assert_fine_tuning_lowers_the_loss, assert_linear_matches_float64, assert_matches_float64,
                        assert_opcheck_passes, autotuned_tiles, needs_backend, parametrize_by_name, record_calls,
                        tile_of)
@@ -610,11 +610,14 @@ def test_sparse24_linear_module_and_state_dict():
     y = layer(x)
     torch.testing.assert_close(y, F.linear(x, ek.prune_24(linear.weight), linear.bias))
     state = layer.state_dict()
-    assert set(state) == {"values", "meta", "bias"}
+    assert set(state) == {"values", "metadata", "bias"} and torch.equal(state["metadata"], layer.meta)
     fresh = ek.nn.Sparse24Linear(64, 24)
     torch.testing.assert_close(fresh(x), fresh.bias.expand(2, 5, 24))  # the initial weight is zero
     fresh.load_state_dict(state)
     assert torch.equal(fresh(x), y)
+    older = ek.nn.Sparse24Linear(64, 24)  # a state_dict saved when the buffer was named "meta"
+    older.load_state_dict({("meta" if k == "metadata" else k): v for k, v in state.items()})
+    assert torch.equal(older(x), y)
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 24), prune=False)
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -643,6 +646,12 @@ def test_module_loads_a_state_dict_after_a_call_with_swapped_tensors(cls, backen
         layer(x)
         layer.load_state_dict(other.state_dict())
         assert torch.equal(layer(x), other(x))
+
+
+def test_sparse24_linear_module_exports():
+    """A layer exported alone, and one inside a model torch.export.unflatten takes apart, run as
+    the layer does (its metadata buffer once collided with their modules' ``meta`` attribute)."""
+    assert_exports_like_eager(ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(32, 24)), torch.randn(3, 32))
 
 
 AUTO_DGRAD_CASES = [  # (name, recorded bwd winner, Triton runs, dtype, path)

@@ -20,8 +20,8 @@ from effkern.int8 import int8_accumulate_reference, int8_linear_reference, quant
 from effkern.sparse24 import compress_24_reference, decompress_24_reference
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
-                       assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_opcheck_passes, needs_backend, parametrize_by_name,
-                       record_calls, rounded_from)
+                       assert_cuda_graph_replays_like_eager, assert_dequantized_from, assert_exports_like_eager,
+                       assert_opcheck_passes, needs_backend, parametrize_by_name, record_calls, rounded_from)
 
 ODD_M = (1, 3, 17, 130)
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -406,7 +406,7 @@ def test_module_from_linear_and_state_dict_round_trip():
     fresh = ek.nn.Sparse24Int8Linear(32, 24)
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh(x), y)
-    assert set(layer.state_dict()) == {"values", "meta", "weight_scale", "bias"}
+    assert set(layer.state_dict()) == {"values", "metadata", "weight_scale", "bias"}
     assert torch.equal(layer.dequantized_weight(torch.float64), qweight.double() * scale.double()[:, None])
     half = copy.deepcopy(layer).half()
     assert half.bias.dtype == torch.float16 and half.weight_scale.dtype == torch.float32
@@ -487,6 +487,11 @@ def test_gpu_cuda_graph_replays_like_eager(backend, M):
 
     assert_cuda_graph_replays_like_eager(backend, lambda x: ek.sparse24_int8_linear(x, values, meta, scale, b),
                                          inputs)
+
+
+def test_module_exports():
+    """As Sparse24Linear's: exported alone, and inside a model torch.export.unflatten takes apart."""
+    assert_exports_like_eager(ek.nn.Sparse24Int8Linear.from_linear(torch.nn.Linear(32, 24)), torch.randn(3, 32))
 
 
 @pytest.mark.gpu

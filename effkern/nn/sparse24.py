@@ -20,10 +20,37 @@ def initial_meta(out_features: int, in_features: int, device) -> torch.Tensor:
     return meta
 
 
-class Sparse24Linear(nn.Module):
+def _load_old_meta_key(module, state_dict, prefix, *args) -> None:
+    # a state_dict saved before the buffer was renamed holds it as "meta"
+    if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
+        state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
+
+
+class _Metadata(nn.Module):
+    """The 2:4 layers' metadata, ``layer.meta``, held in the buffer ``metadata``: a buffer named
+    ``meta`` collides with the ``meta`` dict of torch.fx's GraphModule and of torch.export's
+    unflattened modules (``torch.export.export(layer, ...).module()`` and
+    ``torch.export.unflatten`` of any model holding such a layer raise on it). A state_dict with
+    the key ``meta`` still loads."""
+
+    def _register_metadata(self, out_features: int, in_features: int, device) -> None:
+        self.register_buffer("metadata", initial_meta(out_features, in_features, device))
+        self.register_load_state_dict_pre_hook(_load_old_meta_key)
+
+    @property
+    def meta(self) -> torch.Tensor:
+        return self.metadata
+
+    @meta.setter
+    def meta(self, value: torch.Tensor) -> None:
+        self.metadata = value
+
+
+class Sparse24Linear(_Metadata):
     """``y = x @ W.T + bias`` with W 2:4 sparse, kept as ``values`` (a Parameter [out, in / 2]:
     fine-tuning updates only the kept entries, so the pattern stays 2:4) and ``meta`` (a uint8
-    buffer [out, ceil(in / 8)], the kept positions; see effkern.sparse24); ``bias`` a Parameter."""
+    buffer [out, ceil(in / 8)], the kept positions, in the state_dict as ``metadata``; see
+    effkern.sparse24); ``bias`` a Parameter."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -31,7 +58,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError(f"Sparse24Linear: in_features={in_features} must be a multiple of 4 (groups of 4)")
         self.in_features, self.out_features = in_features, out_features
         self.values = nn.Parameter(torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
-        self.register_buffer("meta", initial_meta(out_features, in_features, device))
+        self._register_metadata(out_features, in_features, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -62,11 +89,11 @@ class Sparse24Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Sparse24Int8Linear(Float32WeightScale):
+class Sparse24Int8Linear(Float32WeightScale, _Metadata):
     """``y = x @ W.T + bias`` with W 2:4 sparse and quantized to int8 per output channel, W8A8
     (``effkern.sparse24_int8_linear``: activations quantized per token on the fly). Buffers
-    ``values`` (int8 [out, in / 2]), ``meta`` (uint8 [out, ceil(in / 8)]) and ``weight_scale``
-    (float32 [out]) are in the state_dict with the (float, trainable) ``bias``; the weight is
+    ``values`` (int8 [out, in / 2]), ``meta`` (uint8 [out, ceil(in / 8)], as ``metadata``) and
+    ``weight_scale`` (float32 [out]) are in the state_dict with the (float, trainable) ``bias``; the weight is
     frozen. ``.half()``, ``.to(torch.bfloat16)`` and the like cast the bias only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -75,7 +102,7 @@ class Sparse24Int8Linear(Float32WeightScale):
             raise ValueError(f"Sparse24Int8Linear: in_features={in_features} must be a multiple of 4 (groups of 4)")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
-        self.register_buffer("meta", initial_meta(out_features, in_features, device))
+        self._register_metadata(out_features, in_features, device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, prune: bool = True) -> "Sparse24Int8Linear":
