@@ -5,6 +5,7 @@ registration (opcheck, torch.compile), autocast and errors."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -917,6 +918,9 @@ GPU_CASES = [
     ("gqa_300x700_d64_causal", 2, 6, 2, 300, 700, 64, True, (-1, -1), 0.0, False),
     ("mha_257x513_d40_window_t", 1, 4, 4, 257, 513, 40, False, (100, 30), 0.0, True),
     ("mqa_129x1025_d59_causal_softcap", 1, 4, 1, 129, 1025, 59, True, (-1, -1), 20.0, False),
+    # the narrowest head tiles (BLOCK_D 32 and 16)
+    ("gqa_333x259_d32_causal", 2, 4, 2, 333, 259, 32, True, (-1, -1), 0.0, False),
+    ("mha_200x519_d16_window_t", 1, 4, 4, 200, 519, 16, False, (64, 16), 0.0, True),
 ]
 
 
@@ -1084,9 +1088,11 @@ SPILL_LIMIT = 80
 def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     """Each kernel at every config it may run with on a GPU (the autotuned sets of both head-dim
     classes, the decoding tiles with and without GQA packing; the merge and backward-preprocess
-    kernels), compiled here without a GPU: bf16 mma instructions in the PTX,
-    shared memory within the card's limit, and on sm_90 at most SPILL_LIMIT bytes of register
-    spills (the configs were chosen for that)."""
+    kernels; the first config of each at the narrow head tiles, D 16 and 32), compiled here without
+    a GPU: bf16 mma instructions in the PTX, no atomic (atom/red: the backward is deterministic,
+    which the interpreter, running programs one by one, cannot show), shared memory within the
+    card's limit, and on sm_90 at most SPILL_LIMIT bytes of register spills (the configs were
+    chosen for that)."""
     needs_backend("triton")
     from effkern.kernels import attention as kernels
     from op_checks import SHARED_LIMIT
@@ -1102,10 +1108,10 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
             spills=cc == 90, **_launch_request(getattr(kernels, name), dict(
                 config, SOFTCAP=False, BLOCK_D=kernels._block_d(D), EVEN_D=True, **tma, **pack)))
 
-    for D, d_class in ((64, "d128"), (128, "d128"), (256, "d256")):
+    for D, d_class in ((16, "d128"), (32, "d128"), (64, "d128"), (128, "d128"), (256, "d256")):
         for name, configs in (("flash_attn_fwd_kernel", kernels.FWD_CONFIGS), ("flash_attn_bwd_dkdv_kernel",
                               kernels.DKDV_CONFIGS), ("flash_attn_bwd_dq_kernel", kernels.DQ_CONFIGS)):
-            for i, c in enumerate(configs[d_class][:1] if D == 64 else configs[d_class]):
+            for i, c in enumerate(configs[d_class][:1] if D < 128 else configs[d_class]):
                 add(name, D, f"config{i}", c.kwargs, c.num_warps, c.num_stages)
         # the decoding tiles: 16 rows per head (Sq <= 16), and 16, 32 or 64 packed rows per GQA group
         for rows, pack_gqa in ((16, False), (16, True), (32, True), (64, True)):
@@ -1124,6 +1130,7 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
     for name, compiled in compile_for_gpu(requests).items():
         elementwise = name.startswith(("merge", "preprocess"))
         assert elementwise or ("mma" in compiled["ptx"] and "bf16" in compiled["ptx"]), name
+        assert not re.search(r"(?<![\w.])(atom|red)\.", compiled["ptx"]), f"{name}: an atomic in the PTX"
         tma = cc == 90 and name.startswith(TMA_KERNELS)
         assert tma == ("cp.async.bulk.tensor" in compiled["ptx"]), f"{name}: TMA copies {'missing' if tma else 'seen'}"
         assert compiled["shared"] <= SHARED_LIMIT[cc], f"{name}: {compiled['shared']} bytes of shared memory"
