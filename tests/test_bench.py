@@ -730,3 +730,13 @@ def test_gpu_check_script_runs_its_steps_and_prints_the_summary_last(tmp_path):
     assert last[0].startswith("================ gpu_check summary")
     assert last[1].split()[:2] == ["env", "ok"] and last[2].split()[:2] == ["pytest", "ok"]
     assert last[3].startswith("pytest: ") and "skipped" in last[3]
+
+
+def test_readme_results_table_is_the_one_bench_report_builds():
+    """The README's performance table is generated, never typed: between its markers it holds
+    exactly what `python -m bench report` builds from the committed results (rerun that command
+    after committing new results)."""
+    from bench import report
+    text = (harness.REPO / "README.md").read_text()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert text.split(report.BEGIN, 1)[1].split(report.END, 1)[0] == "\n" + report.build()
