@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd_cpu(const at::Tensor& input,
                                                        const std::optional<at::Tensor>& bias,
                                                        bool tanh_approx, bool save_gelu_grad) {
   const LinearGeluShape shape = check_fwd_args(input, weight, bias, c10::DeviceType::CPU);
-  const int64_t M = shape.m, N = shape.n, K = shape.k;
+  const int64_t M = shape.m, N = shape.n;
   const bool has_bias = shape.has_bias;
   check_floating(input.scalar_type());
 
@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(
     const at::Tensor& gelu_grad, std::array<bool, 3> output_mask) {
   const LinearGeluShape shape =
       check_bwd_args(grad_out, input, weight, gelu_grad, c10::DeviceType::CPU);
-  const int64_t M = shape.m, N = shape.n, K = shape.k;
+  const int64_t M = shape.m, N = shape.n;
   check_floating(input.scalar_type());
 
   const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gb = output_mask[2];
