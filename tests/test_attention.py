@@ -659,13 +659,14 @@ def test_sdpa_matches_torch(backend, case, transposed):
             assert_matches_float64(g, w, b, Sq * Skv)
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_sdpa_passes_transposed_views_to_the_kernels_without_a_copy(is_causal, monkeypatch):
+@pytest.mark.parametrize("is_causal,D", [(False, 32), (True, 32), (True, 40), (False, 59), (True, 111)])
+def test_sdpa_passes_transposed_views_to_the_kernels_without_a_copy(is_causal, D, monkeypatch):
     """q, k, v as [B, S, H, D]-transposed views (Sq < Skv; causal slices k and v, itself a view):
-    the forward and backward launchers get their storage and strides as they are, no copy."""
+    the forward and backward launchers get their storage and strides as they are, no copy; a head
+    dim below its tile's power of two is padded inside the kernels, not by a padded copy."""
     needs_backend("triton")
     kernels = _kernels()
-    q, k, v = make(1, 4, 2, 9, 23, 32, True)
+    q, k, v = make(1, 4, 2, 9, 23, D, True)
     keys = 9 if is_causal else 23  # causal: keys past Sq are seen by no query (top-left alignment)
     expected = [(t.data_ptr(), t[:, :, :n].shape, t.stride()) for t, n in ((q, 9), (k, keys), (v, keys))]
 
@@ -678,7 +679,7 @@ def test_sdpa_passes_transposed_views_to_the_kernels_without_a_copy(is_causal, m
         assert _sdpa_fast_path(q, k, v, None, 0.0, None, True)
         scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True).sum().backward()
     assert fwd == [expected] and bwd == [expected]
-    assert q.stride()[1] == 32 and q.stride()[2] == 4 * 32  # really [B, S, H, D] underneath
+    assert q.stride()[1] == D and q.stride()[2] == 4 * D  # really [B, S, H, D] underneath
 
 
 def test_only_operands_whose_offsets_could_pass_32_bits_are_copied():
