@@ -21,12 +21,17 @@ effkern's packed layout, ``qweight`` int32 [N, K / 8], eight 4-bit values along 
 A row of W is a row of qweight, like nn.Linear.weight; ``scales``/``zeros`` are [N, K / group].
 
 Ops (schemas defined here and nowhere else):
+  effkern::pack_int4(q) -> qweight int32 [..., K / 8], q [..., K] integers in [0, 15]
+  effkern::unpack_int4(qweight) -> q uint8 [..., K], the exact inverse
+  effkern::quantize_int4(weight, group_size=128, symmetric=False) -> (qweight, scales, zeros)
+  effkern::dequantize_int4(qweight, scales, zeros, group_size, dtype=None) -> weight [N, K];
+      differentiable in scales and zeros (as the plain PyTorch formula is)
   effkern::int4_linear(input, qweight, scales, zeros, group_size, bias=None) -> Tensor
       y = input @ dequantize_int4(qweight, scales, zeros, group_size).T + bias, differentiable
       in input and bias (the weight is frozen)
   effkern::int4_linear_bwd(grad_out, qweight, scales, zeros, group_size, output_mask)
       -> (grad_input, grad_bias); grad_input = grad_out @ W, W dequantized to grad_out's dtype
-Python functions: pack_int4, unpack_int4, quantize_int4, dequantize_int4, gptq_to_int4, awq_to_int4.
+Python functions: gptq_to_int4, awq_to_int4 (the importers, which call the ops above).
 """
 
 from __future__ import annotations
@@ -57,20 +62,24 @@ BACKENDS = ("triton", "cuda", "reference")
 PACKABLE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def pack_int4(q: Tensor) -> Tensor:
-    """q [..., K] with integers in [0, 15] (PACKABLE_DTYPES), K % 8 == 0 -> int32 [..., K / 8],
-    eight values per word, the lowest k in the lowest bits."""
+def check_pack_args(q) -> None:
+    if q.dim() < 1:
+        raise ValueError("pack_int4: q must have shape [..., K], got a scalar")
     if q.shape[-1] % 8:
         raise ValueError(f"pack_int4: the last dimension must be a multiple of 8, got {q.shape[-1]}")
     if q.dtype not in PACKABLE_DTYPES:
         raise TypeError(f"pack_int4: q must be uint8, int8, int16, int32 or int64, got {q.dtype}")
-    # (a wait for the GPU: packing runs once per weight, not per call; a tensor without data, on
-    # the meta device or a fake one, as in a model built there before its weights load, has no
-    # values to check)
-    if q.numel() and q.device.type != "meta" and not isinstance(q, FakeTensor):
-        low, high = (int(v) for v in torch.aminmax(q))
-        if low < 0 or high > 15:
-            raise ValueError(f"pack_int4: q must hold values in [0, 15], got values in [{low}, {high}]")
+
+
+def check_unpack_args(qweight) -> None:
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"unpack_int4: qweight must be int32 (eight 4-bit values per word), got {qweight.dtype}")
+    if qweight.dim() < 1:
+        raise ValueError("unpack_int4: qweight must have shape [..., K / 8], got a scalar")
+
+
+def pack_int4_reference(q: Tensor) -> Tensor:
+    """The packing alone (no range check): q [..., K] in [0, 15] -> int32 [..., K / 8]."""
     # Byte by byte: byte b of a little-endian word holds nibbles 2b (low) and 2b + 1 (high), so
     # the bytes in order are q[2i] | q[2i + 1] << 4, and 4 of them viewed as int32 are a word.
     # Nothing wider than the input is made (an int64 copy of a 16k x 16k weight is 2 GB).
@@ -80,12 +89,56 @@ def pack_int4(q: Tensor) -> Tensor:
     return words
 
 
-def unpack_int4(qweight: Tensor) -> Tensor:
-    """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
-    if qweight.dtype != torch.int32:
-        raise TypeError(f"unpack_int4: qweight must be int32 (eight 4-bit values per word), got {qweight.dtype}")
+def unpack_int4_reference(qweight: Tensor) -> Tensor:
+    """int32 [..., K / 8] -> uint8 [..., K] in [0, 15]."""
     pairs = qweight.contiguous().view(torch.uint8)  # byte i: q[2i] low, q[2i + 1] high
     return torch.stack((pairs & 0xF, pairs >> 4), dim=-1).flatten(-2)
+
+
+@torch.library.custom_op("effkern::pack_int4", mutates_args=())
+def _pack_int4(q: Tensor) -> Tensor:
+    check_pack_args(q)
+    # (a wait for the GPU: packing runs once per weight, not per call; a tensor without data, on
+    # the meta device or a fake one, as in a model built there before its weights load, has no
+    # values to check: those reach the fake implementation, not this one)
+    if q.numel() and q.device.type != "meta" and not isinstance(q, FakeTensor):
+        low, high = (int(v) for v in torch.aminmax(q))
+        if low < 0 or high > 15:
+            raise ValueError(f"pack_int4: q must hold values in [0, 15], got values in [{low}, {high}]")
+    return pack_int4_reference(q)
+
+
+@_pack_int4.register_fake
+def _(q):
+    check_pack_args(q)
+    return q.new_empty((*q.shape[:-1], q.shape[-1] // 8), dtype=torch.int32)
+
+
+@torch.library.custom_op("effkern::unpack_int4", mutates_args=())
+def _unpack_int4(qweight: Tensor) -> Tensor:
+    check_unpack_args(qweight)
+    return unpack_int4_reference(qweight)
+
+
+@_unpack_int4.register_fake
+def _(qweight):
+    check_unpack_args(qweight)
+    return qweight.new_empty((*qweight.shape[:-1], qweight.shape[-1] * 8), dtype=torch.uint8)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q [..., K] with integers in [0, 15] (PACKABLE_DTYPES), K % 8 == 0 -> int32 [..., K / 8],
+    eight values per word, the lowest k in the lowest bits (the op effkern::pack_int4; values
+    outside [0, 15] are a ValueError, checked in the op: one wait for the GPU)."""
+    check_pack_args(q)
+    return torch.ops.effkern.pack_int4(q)
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """The inverse of pack_int4: int32 [..., K / 8] -> uint8 [..., K] in [0, 15] (the op
+    effkern::unpack_int4)."""
+    check_unpack_args(qweight)
+    return torch.ops.effkern.unpack_int4(qweight)
 
 
 def _group(group_size: int, K: int) -> int:
@@ -93,17 +146,73 @@ def _group(group_size: int, K: int) -> int:
     return (K or GROUP_SIZES[0]) if group_size == -1 else group_size
 
 
+def _dequantize_compute_dtype(dtype: torch.dtype, scales_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (dtype, scales_dtype) else torch.float32
+
+
+def dequantize_int4_reference(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                              dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W [N, K] = (q - zeros) * scales in fp32 (float64 for float64 scales or dtype), rounded once
+    to ``dtype`` (default: the scales' dtype)."""
+    dtype = dtype or scales.dtype
+    ct = _dequantize_compute_dtype(dtype, scales.dtype)
+    G = _group(group_size, qweight.shape[1] * 8)
+    q = unpack_int4_reference(qweight).to(ct)
+    w = (q - zeros.to(ct).repeat_interleave(G, dim=1)) * scales.to(ct).repeat_interleave(G, dim=1)
+    return w.to(dtype)
+
+
+@torch.library.custom_op("effkern::dequantize_int4", mutates_args=())
+def _dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
+    check_weight("dequantize_int4", qweight, scales, zeros, group_size)
+    return dequantize_int4_reference(qweight, scales, zeros, group_size, dtype)
+
+
+@_dequantize_int4.register_fake
+def _(qweight, scales, zeros, group_size, dtype=None):
+    check_weight("dequantize_int4", qweight, scales, zeros, group_size)
+    return scales.new_empty((qweight.shape[0], qweight.shape[1] * 8), dtype=dtype or scales.dtype)
+
+
+def _dequantize_setup_context(ctx, inputs, output):
+    qweight, scales, zeros, group_size, dtype = inputs
+    ctx.needs = [bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+    ctx.group_size = group_size
+    ctx.ct = _dequantize_compute_dtype(dtype or scales.dtype, scales.dtype)
+    ctx.dtypes = scales.dtype, zeros.dtype
+    # d/d scales needs q - zeros, d/d zeros needs the scales
+    ctx.save_for_backward(qweight if ctx.needs[0] else None, zeros if ctx.needs[0] else None,
+                          scales if ctx.needs[1] else None)
+
+
+def _dequantize_backward(ctx, grad):
+    """The gradients of the formula as autograd takes them through it in plain PyTorch: per
+    group, sum of grad * (q - z) for the scale and of -grad * s for the zero, in the compute dtype,
+    each cast to its tensor's dtype. (Plain PyTorch ops: they trace and compile as they are.)"""
+    qweight, zeros, scales = ctx.saved_tensors
+    N, K = grad.shape
+    G = _group(ctx.group_size, K)
+    g = grad.to(ctx.ct).reshape(N, K // G, G)
+    grad_scales = grad_zeros = None
+    if ctx.needs[0]:
+        q = unpack_int4_reference(qweight).to(ctx.ct).view(N, K // G, G)
+        grad_scales = (g * (q - zeros.to(ctx.ct).unsqueeze(-1))).sum(-1).to(ctx.dtypes[0])
+    if ctx.needs[1]:
+        grad_zeros = (g * -scales.to(ctx.ct).unsqueeze(-1)).sum(-1).to(ctx.dtypes[1])
+    return None, grad_scales, grad_zeros, None, None
+
+
+_dequantize_int4.register_autograd(_dequantize_backward, setup_context=_dequantize_setup_context)
+
+
 def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                     dtype: Optional[torch.dtype] = None) -> Tensor:
     """W [N, K] = (q - zeros) * scales, computed in fp32 (float64 for float64 scales) and rounded
-    once to ``dtype`` (default: the scales' dtype); the exact inverse of the packing."""
+    once to ``dtype`` (default: the scales' dtype); the exact inverse of the packing. The op
+    effkern::dequantize_int4; differentiable in scales and zeros."""
     check_weight("dequantize_int4", qweight, scales, zeros, group_size)
-    dtype = dtype or scales.dtype
-    ct = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
-    G = _group(group_size, qweight.shape[1] * 8)
-    q = unpack_int4(qweight).to(ct)
-    w = (q - zeros.to(ct).repeat_interleave(G, dim=1)) * scales.to(ct).repeat_interleave(G, dim=1)
-    return w.to(dtype)
+    return torch.ops.effkern.dequantize_int4(qweight, scales, zeros, group_size, dtype)
 
 
 def _store_rounding_up(scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -117,14 +226,16 @@ def _store_rounding_up(scale: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(stored.float() < scale, next_up, stored)
 
 
-def quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """weight [N, K] (nn.Linear layout) -> (qweight int32 [N, K / 8], scales [N, K / G], zeros [N, K / G]),
-    scales and zeros in weight's dtype. See the module docstring for the rule and the layout."""
+def check_quantize_args(weight, group_size) -> None:
     _check_tensor("quantize_int4", "weight", weight, REFERENCE_DTYPES, "a float tensor")
     if weight.dim() != 2:
         raise ValueError(f"effkern.quantize_int4: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    _check_sizes("quantize_int4", weight.shape[0], weight.shape[1], group_size)
+
+
+def quantize_int4_reference(weight: Tensor, group_size: int = 128,
+                            symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     N, K = weight.shape
-    _check_sizes("quantize_int4", N, K, group_size)
     G = _group(group_size, K)
     w = weight.detach().float().view(N, K // G, G)
     if symmetric:
@@ -137,7 +248,29 @@ def quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False
     if not symmetric:
         zero = torch.round(-lo / scale.float()).clamp(0, 15)
     q = (torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15)
-    return pack_int4(q.view(N, K).to(torch.uint8)), scale, zero.to(weight.dtype)
+    return pack_int4_reference(q.view(N, K).to(torch.uint8)), scale, zero.to(weight.dtype)
+
+
+@torch.library.custom_op("effkern::quantize_int4", mutates_args=())
+def _quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    check_quantize_args(weight, group_size)
+    return quantize_int4_reference(weight, group_size, symmetric)
+
+
+@_quantize_int4.register_fake
+def _(weight, group_size=128, symmetric=False):
+    check_quantize_args(weight, group_size)
+    N, K = weight.shape
+    groups = (N, K // _group(group_size, K))
+    return (weight.new_empty((N, K // 8), dtype=torch.int32), weight.new_empty(groups), weight.new_empty(groups))
+
+
+def quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """weight [N, K] (nn.Linear layout) -> (qweight int32 [N, K / 8], scales [N, K / G], zeros [N, K / G]),
+    scales and zeros in weight's dtype. See the module docstring for the rule and the layout. The
+    op effkern::quantize_int4; not differentiable (the weight is detached)."""
+    check_quantize_args(weight, group_size)
+    return torch.ops.effkern.quantize_int4(weight.detach(), group_size, bool(symmetric))
 
 
 # ---------------------------------------------------------------------------- checkpoint importers
@@ -377,7 +510,7 @@ _CUDA_LAYOUTS = DerivedCache()  # the CUDA kernel's pre-shuffled copy of each we
 def int4_linear_reference(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                           bias: Optional[Tensor] = None) -> Tensor:
     """F.linear on the weight dequantized (fp32) and rounded once to the input's dtype."""
-    return F.linear(input, dequantize_int4(qweight, scales, zeros, group_size, input.dtype), bias)
+    return F.linear(input, dequantize_int4_reference(qweight, scales, zeros, group_size, input.dtype), bias)
 
 
 @torch.library.custom_op("effkern::int4_linear", mutates_args=())
@@ -415,7 +548,7 @@ def _int4_linear_bwd(grad_out: Tensor, qweight: Optional[Tensor], scales: Option
     if need_input:
         # Training through a frozen int4 layer (adapters): the weight dequantized once per
         # backward, then one GEMM; K x N x 2 bytes of scratch in grad_out's dtype.
-        weight = dequantize_int4(qweight, scales, zeros, group_size, grad_out.dtype)
+        weight = dequantize_int4_reference(qweight, scales, zeros, group_size, grad_out.dtype)
         grad_input = (g2d @ weight).view(*grad_out.shape[:-1], weight.shape[1])
     if need_bias:
         grad_bias = g2d.sum(0)

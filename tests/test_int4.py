@@ -78,8 +78,11 @@ def test_quantizing_on_the_meta_device():
 def test_packing_makes_nothing_wider_than_its_unpacked_side():
     """pack_int4 / unpack_int4 run on whole weights (the CUDA layout's shuffle, the backward's
     dequantization): no intermediate may be larger than the uint8 [N, K] side (an int64 copy would
-    be 8x that: 2 GB for a 16k x 16k weight)."""
+    be 8x that: 2 GB for a 16k x 16k weight). The ops' bodies, with pack's range check (a dispatch
+    mode sees a registered op as one call)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effkern.int4 import pack_int4_reference, unpack_int4_reference
 
     class LargestOutput(TorchDispatchMode):
         largest = 0
@@ -93,9 +96,11 @@ def test_packing_makes_nothing_wider_than_its_unpacked_side():
 
     q = torch.randint(0, 16, (64, 256), dtype=torch.uint8)
     with LargestOutput():
-        words = ek.pack_int4(q)
-        ek.unpack_int4(words)
+        torch.aminmax(q)  # pack_int4's range check
+        words = pack_int4_reference(q)
+        unpack_int4_reference(words)
     assert 0 < LargestOutput.largest <= q.numel(), LargestOutput.largest
+    assert torch.equal(words, ek.pack_int4(q))
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -447,6 +452,171 @@ def sample_inputs(requires_grad=False):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
     assert_opcheck_passes(backend, sample_inputs(requires_grad))
+
+
+# (N, K, group size, symmetric, dtype): K = 40 and 24 are no multiple of 16 (one group per row),
+# K = 0 has no groups
+QUANTIZE_SAMPLES = [(8, 64, 32, False, torch.float32), (24, 40, -1, True, torch.bfloat16),
+                    (16, 256, 128, True, torch.float16), (8, 512, 256, False, torch.bfloat16),
+                    (8, 24, -1, False, torch.float16), (16, 64, 64, True, torch.float64),
+                    (8, 0, -1, False, torch.float32)]
+
+
+def quantization_samples(requires_grad=False):
+    """(op, args) for quantize_int4, dequantize_int4 (``requires_grad``: its scales and zeros,
+    the only differentiable arguments of the four ops), pack_int4 and unpack_int4."""
+    torch.manual_seed(0)
+    for N, K, G, symmetric, dtype in QUANTIZE_SAMPLES:
+        w = layer_weight(N, K).to(dtype)
+        qw, scales, zeros = ek.quantize_int4(w, G, symmetric)
+        if requires_grad:
+            if dtype == torch.float64 or K == 0:
+                continue  # (the autograd checks: float32 and 16-bit, elements to differentiate)
+            scales, zeros = scales.requires_grad_(), zeros.requires_grad_()
+        else:
+            yield torch.ops.effkern.quantize_int4.default, (w, G, symmetric)
+        out_dtype = {torch.float32: None, torch.bfloat16: torch.float32, torch.float16: torch.float16,
+                     torch.float64: torch.float32}[dtype]
+        yield torch.ops.effkern.dequantize_int4.default, (qw, scales, zeros, G, out_dtype)
+    if requires_grad:
+        return
+    for shape, dtype in [((1, 8), torch.uint8), ((3, 4, 24), torch.int64), ((5, 16), torch.int8),
+                         ((40,), torch.int16), ((0, 8), torch.int32), ((3, 0), torch.uint8)]:
+        q = torch.randint(0, 16, shape, dtype=dtype)
+        yield torch.ops.effkern.pack_int4.default, (q,)
+    for shape in [(1, 1), (3, 5), (2, 3, 7), (4,), (0, 3)]:
+        words = torch.randint(-2**31, 2**31, shape, dtype=torch.int64).to(torch.int32)
+        yield torch.ops.effkern.unpack_int4.default, (words,)
+    yield torch.ops.effkern.unpack_int4.default, (torch.randint(-2**31, 2**31, (6, 4)).to(torch.int32).t(),)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_quantization_ops_opcheck(requires_grad):
+    """quantize_int4, dequantize_int4, pack_int4, unpack_int4: torch.library.opcheck (schema, fake,
+    autograd registration, aot dispatch with static and dynamic shapes). They run the same PyTorch
+    code on every backend."""
+    assert_opcheck_passes("reference", quantization_samples(requires_grad))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_quantization_ops_fakes_give_the_real_outputs_metadata(dynamic):
+    """Each op on fake tensors (of symbolic sizes too), and on the meta device: the shape, dtype,
+    strides and device of its real outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    for op, args in quantization_samples():
+        real = op(*args)
+        real = real if isinstance(real, tuple) else (real,)
+        mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
+        with mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        meta = op(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+        for outputs in (fake, meta):
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            assert len(outputs) == len(real)
+            for o, r in zip(outputs, real):
+                where = f"{op} on {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}"
+                assert o.dtype == r.dtype, where
+                assert [int(d) for d in o.shape] == list(r.shape), where
+                assert [int(d) for d in o.stride()] == list(r.stride()), where
+        assert all(o.device.type == "meta" for o in (meta if isinstance(meta, tuple) else (meta,)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_quantize_and_dequantize_compile_in_one_graph(group_size, symmetric):
+    """quantize_int4 -> dequantize_int4 (and unpack -> pack) under torch.compile(fullgraph=True):
+    one graph, no break, the eager bits; a second weight shape reuses the dynamic graph. pack's
+    range check still runs in a compiled graph (in the op)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+
+    def fn(w):
+        qw, scales, zeros = ek.quantize_int4(w, group_size, symmetric)
+        back = ek.dequantize_int4(qw, scales, zeros, group_size, torch.float32)
+        return back * 2, ek.pack_int4(ek.unpack_int4(qw)), scales, zeros
+
+    w = layer_weight(16, 128).half()
+    explanation = torch._dynamo.explain(fn)(w)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for weight in (w, layer_weight(24, 256, seed=1).half()):
+        for got, want in zip(compiled(weight), fn(weight), strict=True):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 1
+    packed = torch.compile(ek.pack_int4, backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match=r"got values in \[0, 16\]"):  # the range check runs in the op
+        packed(torch.tensor([[0] * 7 + [16]]))
+
+
+def test_dequantize_gradients_are_the_formulas():
+    """dequantize_int4 stays differentiable in scales and zeros, as the plain PyTorch formula it
+    was (gradcheck in float64; in float32 and float16 the gradients autograd takes through the
+    reference), also compiled; the weight itself (int32) takes none."""
+    from effkern.int4 import dequantize_int4_reference
+
+    qw, scales, zeros = quantized(8, 64, 32, torch.float64)
+    assert torch.autograd.gradcheck(lambda s, z: ek.dequantize_int4(qw, s, z, 32),
+                                    (scales.requires_grad_(), zeros.requires_grad_()))
+    for dtype, out_dtype in [(torch.float32, None), (torch.float16, torch.float32), (torch.bfloat16, torch.float16)]:
+        qw, scales, zeros = quantized(16, 128, -1, dtype)
+        grad = torch.randn(16, 128).to(out_dtype or dtype)
+        ours, theirs = ([t.clone().requires_grad_() for t in (scales, zeros)] for _ in range(2))
+        ek.dequantize_int4(qw, *ours, -1, out_dtype).backward(grad)
+        dequantize_int4_reference(qw, *theirs, -1, out_dtype).backward(grad)
+        for a, b in zip(ours, theirs):
+            assert a.grad.dtype == dtype
+            torch.testing.assert_close(a.grad, b.grad)
+    torch._dynamo.reset()
+    only_scales = scales.clone().requires_grad_()
+    compiled = torch.compile(lambda s: ek.dequantize_int4(qw, s, zeros, -1).float().square().sum(), fullgraph=True)
+    compiled(only_scales).backward()
+    expected = scales.clone().requires_grad_()
+    dequantize_int4_reference(qw, expected, zeros, -1).float().square().sum().backward()
+    torch.testing.assert_close(only_scales.grad, expected.grad)
+
+
+def test_quantize_does_not_take_gradients():
+    """As quantize_int8 and prune_24: the weight is detached."""
+    w = torch.randn(16, 64, requires_grad=True)
+    qw, scales, zeros = ek.quantize_int4(w, 32)
+    assert not any(t.requires_grad for t in (qw, scales, zeros))
+    assert all(torch.equal(a, b) for a, b in zip((qw, scales, zeros), ek.quantize_int4(w.detach(), 32)))
+
+
+def test_ops_called_directly_raise_the_public_errors():
+    """The checks run in the ops (and their fakes) too, with the public functions' messages;
+    pack's range check in the op only (it reads the values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qw, scales, zeros = quantized(16, 64, 32)
+    ops = torch.ops.effkern
+    cases = [(ops.quantize_int4, (torch.randn(8, 192), 128), ValueError, "not divisible by group_size=128"),
+             (ops.quantize_int4, (torch.randn(12, 64), 32), ValueError, "multiples of 8"),
+             (ops.quantize_int4, (torch.randn(64), 32), ValueError, "2-D"),
+             (ops.quantize_int4, (torch.randn(8, 64).int(), 32), TypeError, "weight must be a float tensor"),
+             (ops.dequantize_int4, (qw, scales[:, :1], zeros, 32), ValueError,
+              r"scales must have shape \[N, K / group_size\]"),
+             (ops.dequantize_int4, (qw.float(), scales, zeros, 32), TypeError, "packed int32 tensor"),
+             (ops.dequantize_int4, (qw, scales, zeros, 48), ValueError, "group_size must be one of"),
+             (ops.pack_int4, (torch.zeros(2, 12, dtype=torch.uint8),), ValueError, "a multiple of 8, got 12"),
+             (ops.pack_int4, (torch.zeros(2, 8),), TypeError, "must be uint8, int8, int16, int32 or int64"),
+             (ops.unpack_int4, (qw.long(),), TypeError, "must be int32")]
+    for op, args, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            op(*args)
+        mode = FakeTensorMode()
+        with mode, pytest.raises(exc, match=message):
+            op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    with pytest.raises(ValueError, match=r"values in \[0, 15\], got values in \[0, 16\]"):
+        ops.pack_int4(torch.tensor([[0] * 7 + [16]]))
+    for fn in (ek.pack_int4, ek.unpack_int4):
+        with pytest.raises(ValueError, match="got a scalar"):
+            fn(torch.tensor(3, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
