@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import backend_available, require, selected_backend, triton_multiplies
+from ._backend import backend_available, kernel_module, require, selected_backend, triton_multiplies
 from ._registry import register_autocast, register_family
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -113,9 +113,7 @@ register_family("attention", _describe_auto)
 
 
 def _kernels():
-    from .kernels import attention  # imported on first use, so importing effkern does not import triton
-
-    return attention
+    return kernel_module("attention")  # imported on first use, so importing effkern does not import triton
 
 
 # ---------------------------------------------------------------------------- reference

@@ -46,9 +46,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _policy
 from ._cache import DerivedCache
-from ._backend import backend_available, require, selected_backend
+from ._backend import backend_available, kernel_module, require, selected_backend
 from ._registry import autocast_on, register_autocast, register_family
-from ._tensors import check_same_device, empty, rows
+from ._tensors import check_same_device, empty, rows, rows_shape
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -475,7 +475,7 @@ def choose_backend(op: str, input: Tensor, scales: Tensor, group_size: int, N: i
     in effkern/policies/int4.json (per GPU, nearest measured shape), triton where there are none."""
     name = selected_backend()
     device, dtype = input.device, input.dtype
-    M, K = rows(input).shape
+    M, K = rows_shape(input)
     if name == "auto":
         return _auto_backend(device, dtype, scales.dtype, M, N, K, group_size)
     require(name, device, op, dot_dtype=dtype)
@@ -523,14 +523,12 @@ def _int4_linear(input: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, 
         return int4_linear_reference(input, qweight, scales, zeros, group_size, bias)
     x2d = rows(input)
     if backend == "triton":
-        from .kernels import int4 as kernels
-
-        out = kernels.int4_matmul(x2d, qweight, scales, zeros, _group(group_size, x2d.shape[1]), bias)
+        out = kernel_module("int4").int4_matmul(x2d, qweight, scales, zeros, _group(group_size, x2d.shape[1]), bias)
     else:
         shuffled = _CUDA_LAYOUTS.get((qweight, scales, zeros), lambda: _cuda_layout().shuffle_for_cuda(
             qweight, scales, zeros, group_size))
         out = torch.ops.effkern_C.int4_linear(x2d.contiguous(), *shuffled, group_size, bias)
-    return out.view(*input.shape[:-1], N)
+    return out if input.dim() == 2 else out.view(*input.shape[:-1], N)
 
 
 @_int4_linear.register_fake

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _policy
-from ._backend import backend_available, require, selected_backend
+from ._backend import backend_available, kernel_module, require, selected_backend
 from ._registry import autocast_on, register_autocast, register_family
 from ._tensors import check_same_device, empty, rows
 
@@ -220,9 +220,7 @@ register_family("int8", _describe_auto)
 
 
 def _kernels():
-    from .kernels import int8  # imported on first use, so importing effkern does not import triton
-
-    return int8
+    return kernel_module("int8")  # imported on first use, so importing effkern does not import triton
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -287,7 +285,7 @@ def _int8_matmul(a_q: Tensor, b_q: Tensor, a_scale: Tensor, b_scale: Tensor, bia
         return int8_matmul_reference(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     N = b_q.shape[0]
     out = _kernels().int8_matmul(rows(a_q), b_q.t(), a_scale.reshape(-1), b_scale, bias, out_dtype)
-    return out.view(*a_q.shape[:-1], N)
+    return out if a_q.dim() == 2 else out.view(*a_q.shape[:-1], N)
 
 
 @_int8_matmul.register_fake
@@ -349,7 +347,7 @@ def _linear_2d(op: str, input: Tensor, qweight: Tensor, weight_scale: Tensor, bi
         out = kernels.int8_matmul(xq, qweight.t(), xs, weight_scale, bias, input.dtype)
     else:
         out = kernels.int8_matmul(x2d, qweight.t(), None, weight_scale, bias, input.dtype)
-    return out.view(*input.shape[:-1], qweight.shape[0])
+    return out if input.dim() == 2 else out.view(*input.shape[:-1], qweight.shape[0])
 
 
 @torch.library.custom_op("effkern::int8_linear", mutates_args=())

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _policy
-from ._backend import backend_available, require, selected_backend
+from ._backend import backend_available, kernel_module, require, selected_backend
 from ._registry import LIB, autocast_on, register_autocast, register_family
 from ._tensors import check_same_device, empty, rows
 
@@ -139,9 +139,7 @@ def _forward_2d(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor
     if bias is not None:
         bias = bias.contiguous()  # the kernels (Triton, cuBLASLt epilogue) read it with unit stride
     if backend == "triton":
-        from .kernels import linear_gelu as kernels
-
-        return kernels.linear_gelu_fwd(x2d, weight, bias, approximate, store_out, store_gelu_grad)
+        return kernel_module("linear_gelu").linear_gelu_fwd(x2d, weight, bias, approximate, store_out, store_gelu_grad)
     if backend == "reference":
         z = F.linear(x2d, weight, bias)
         return ((F.gelu(z, approximate=approximate) if store_out else None),
@@ -160,7 +158,8 @@ def linear_gelu_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], appro
     mode = "fwd_bwd" if save_gelu_grad else "fwd"
     backend = _choose_backend(mode, x2d, x2d.shape[0], weight.shape[0], x2d.shape[1], approximate)
     out, gelu_grad = _forward_2d(backend, x2d, weight, bias, approximate, True, save_gelu_grad)
-    out = out.reshape(*input.shape[:-1], weight.shape[0])
+    if input.dim() != 2:  # (a 2-D input's rows are the output's: no view to make)
+        out = out.reshape(*input.shape[:-1], weight.shape[0])
     return out, (gelu_grad if save_gelu_grad else empty(input))
 
 
@@ -199,9 +198,7 @@ def linear_gelu_bwd(grad_out: Tensor, input: Optional[Tensor], weight: Optional[
     if backend == "reference":
         grads = _reference_backward_2d(g2d, x2d, weight, gelu_grad, output_mask)
     elif backend == "triton":
-        from .kernels import linear_gelu as kernels
-
-        grads = kernels.linear_gelu_bwd(g2d, x2d, weight, gelu_grad, output_mask)
+        grads = kernel_module("linear_gelu").linear_gelu_bwd(g2d, x2d, weight, gelu_grad, output_mask)
     else:
         # The C++ op takes tensors, not None: stand in for the unsaved ones with zero-stride
         # views of the right shape, which allocate nothing and are never read.

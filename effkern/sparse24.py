@@ -47,10 +47,10 @@ from torch import Tensor
 
 from . import _policy
 from . import int8 as _int8
-from ._backend import backend_available, require, selected_backend
+from ._backend import backend_available, kernel_module, require, selected_backend
 from ._cache import DerivedCache
 from ._registry import autocast_on, register_autocast, register_family
-from ._tensors import check_same_device, empty, rows
+from ._tensors import check_same_device, empty, rows, rows_shape
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: reference only
@@ -327,7 +327,7 @@ def dgrad_path(grad_out: Tensor, K: int) -> str:
     "dense" (W expanded once into an N x K scratch, then one GEMM: cuBLAS on a GPU) under the
     other backends and where nothing is measured."""
     name = selected_backend()
-    M, N = rows(grad_out).shape
+    M, N = rows_shape(grad_out)
     if name == "auto":
         return _auto_dgrad_path(grad_out.device, grad_out.dtype, M, N, K)
     if name == "triton":
@@ -345,7 +345,7 @@ def linear_backend(op: str, input: Tensor, N: int) -> str:
     Triton fallback where nothing is measured."""
     name = selected_backend()
     device, dtype = input.device, input.dtype
-    M, K = rows(input).shape
+    M, K = rows_shape(input)
     if name == "auto":
         return _auto_backend(op, device, dtype, M, N, K)
     require(name, device, op, dot_dtype=dtype if op == "sparse24_linear" else None)  # the int8 op multiplies int8
@@ -458,14 +458,12 @@ def _sparse24_linear(input: Tensor, values: Tensor, meta: Tensor, bias: Optional
         return sparse24_linear_reference(input, values, meta, bias)
     x2d = rows(input)
     if backend == "triton":
-        from .kernels import sparse24 as kernels
-
         check_meta_once("sparse24_linear", meta, values.shape[1] // 2)
-        out = kernels.sparse24_matmul(x2d, values, meta, bias)
+        out = kernel_module("sparse24").sparse24_matmul(x2d, values, meta, bias)
     else:
         reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))
         out = torch.ops.effkern_C.sparse24_linear(x2d.contiguous(), *reordered, bias)
-    return out.view(*input.shape[:-1], N)
+    return out if input.dim() == 2 else out.view(*input.shape[:-1], N)
 
 
 @_sparse24_linear.register_fake
@@ -485,9 +483,7 @@ def _sparse24_linear_bwd(grad_out: Tensor, input: Optional[Tensor], values: Opti
     if need_input:
         K = values.shape[1] * 2
         if dgrad_path(grad_out, K) == "triton":
-            from .kernels import sparse24 as kernels
-
-            grad_input = kernels.sparse24_dgrad(g2d, values, meta)
+            grad_input = kernel_module("sparse24").sparse24_dgrad(g2d, values, meta)
         else:
             grad_input = g2d @ decompress_24_reference(values, meta, check=False)
         grad_input = grad_input.view(*grad_out.shape[:-1], K)
@@ -555,18 +551,15 @@ def _sparse24_int8_linear(input: Tensor, values: Tensor, meta: Tensor, weight_sc
     backend = linear_backend("sparse24_int8_linear", input, N)
     if backend == "reference":
         return sparse24_int8_linear_reference(input, values, meta, weight_scale, bias)
-    from .kernels import int8 as int8_kernels
-
-    x_q, x_scale = int8_kernels.quantize_rows_int8(rows(input))
+    x_q, x_scale = kernel_module("int8").quantize_rows_int8(rows(input))
     if backend == "triton":
-        from .kernels import sparse24 as kernels
-
         check_meta_once("sparse24_int8_linear", meta, values.shape[1] // 2)
-        out = kernels.sparse24_int8_matmul(x_q, x_scale, values, meta, weight_scale, bias, input.dtype)
+        out = kernel_module("sparse24").sparse24_int8_matmul(x_q, x_scale, values, meta, weight_scale, bias,
+                                                             input.dtype)
     else:
         reordered = _CUDA_LAYOUTS.get((values, meta), lambda: _cuda_layout().reorder_for_mma_sp(values, meta))
         out = torch.ops.effkern_C.sparse24_int8_linear(x_q, x_scale, *reordered, weight_scale, bias, input.dtype)
-    return out.view(*input.shape[:-1], N)
+    return out if input.dim() == 2 else out.view(*input.shape[:-1], N)
 
 
 @_sparse24_int8_linear.register_fake

@@ -12,10 +12,12 @@ import contextlib
 import copy
 import functools
 import os
+from collections.abc import Mapping
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Heuristics
 
 from effkern._backend import interpreter_switch_set
 
@@ -85,6 +87,52 @@ def grouped_tile(pid, num_p, num_q, GROUP: tl.constexpr):
     pid_p = first_p + (pid % per_group) % rows
     pid_q = (pid % per_group) // rows
     return pid_p, pid_q
+
+
+class _LaunchArgs(Mapping):
+    """A launch's arguments by name, as Triton's Heuristics.run hands them to each heuristic
+    (``{**dict(zip(arg_names, args)), **kwargs}``), looked up in place instead of copied."""
+
+    __slots__ = ("places", "args", "kwargs")
+
+    def __init__(self, places: dict, args: tuple, kwargs: dict) -> None:
+        self.places, self.args, self.kwargs = places, args, kwargs
+
+    def __getitem__(self, name):
+        if name in self.kwargs:
+            return self.kwargs[name]
+        i = self.places.get(name)
+        if i is None or i >= len(self.args):
+            raise KeyError(name)
+        return self.args[i]
+
+    def __iter__(self):
+        names = [name for name, i in self.places.items() if i < len(self.args)]
+        return iter(names + [name for name in self.kwargs if name not in names])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class _Heuristics(Heuristics):
+    """triton.heuristics' kernel wrapper, whose run builds a dict of all the launch's arguments for
+    each heuristic (~2 us of host time per launch for effkern's 20-30 arguments); here each
+    heuristic reads the arguments in place. The heuristics (effkern's own) only index them by name."""
+
+    def __init__(self, fn, arg_names, values) -> None:
+        super().__init__(fn, arg_names, values)
+        self.places = {name: i for i, name in enumerate(arg_names)}
+
+    def run(self, *args, **kwargs):
+        named = _LaunchArgs(self.places, args, kwargs)
+        for name, heuristic in self.values.items():
+            kwargs[name] = heuristic(named)
+        return self.fn.run(*args, **kwargs)
+
+
+def heuristics(values: dict):
+    """triton.heuristics(values), with a cheaper run (_Heuristics)."""
+    return lambda fn: _Heuristics(fn, fn.arg_names, values)
 
 
 def config(names: tuple[str, ...], values: tuple[int, ...], stages: int, warps: int, pre_hook=None) -> triton.Config:
@@ -160,6 +208,59 @@ def tuned_for(tuned, device: torch.device):
     return own
 
 
+def _key_places(tuned) -> tuple | None:
+    """Where the arguments of ``tuned``'s autotuning key come from: ((position, name), ...) in key
+    order, computed once per kernel; None when ``tuned`` lacks what run_tuned relies on (a Triton
+    whose Autotuner differs: it then always goes through Autotuner.run)."""
+    places = tuned.__dict__.get("_effkern_key_places", False)
+    if places is False:
+        try:
+            names = list(tuned.arg_names)
+            places = tuple((names.index(k) if k in names else len(names) + 1, k) for k in tuned.keys)
+            tuned.cache, tuned.configs, tuned.fn  # noqa: B018 (present, or no shortcut)
+        except AttributeError:
+            places = None
+        tuned._effkern_key_places = places
+    return places
+
+
+_CONFIG_KWARGS: dict = {}  # id of a triton.Config -> its all_kwargs() (the configs live as long as their kernels)
+
+
+def run_tuned(tuned, grid, args: tuple, kwargs: dict) -> None:
+    """``tuned[grid](*args, **kwargs)`` (a triton.autotune kernel). Where Triton's autotuner has
+    already chosen a config for this call's key, this runs what Autotuner.run then runs (the
+    config's pre-hook, then the wrapped kernel with the config's kwargs; triton 3.6 and 3.8:
+    triton/runtime/autotuner.py, Autotuner.run) without rebuilding its argument dicts per call,
+    which cost ~10 us of host time per launch (bench/overhead.py's GPU-path emulation). The key
+    is built as Autotuner.run builds it: the key arguments' values in key order, then str(dtype)
+    of each argument with a dtype (effkern's launches pass tensors, TMA descriptors, which have no
+    dtype, and Python scalars). A key not chosen for yet, or one that came out other than
+    Autotuner.run's, goes through Autotuner.run, which tunes and caches: a mismatch costs time,
+    never a wrong config."""
+    places = _key_places(tuned)
+    if places is None or len(tuned.configs) <= 1:
+        tuned[grid](*args, **kwargs)
+        return
+    n = len(args)
+    key = tuple([args[i] if i < n else kwargs[name] for i, name in places if i < n or name in kwargs]
+                + [str(a.dtype) for a in args if isinstance(a, torch.Tensor)]
+                + [str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)])
+    config = tuned.cache.get(key)
+    if config is None:
+        tuned[grid](*args, **kwargs)
+        return
+    config_kwargs = _CONFIG_KWARGS.get(id(config))
+    if config_kwargs is None or config_kwargs[0] is not config:
+        config_kwargs = _CONFIG_KWARGS[id(config)] = (config, config.all_kwargs())
+    config_kwargs = config_kwargs[1]
+    tuned.best_config = config
+    if config.pre_hook is not None:
+        # (what Autotuner.run hands it: its own kwargs hold grid and warmup)
+        config.pre_hook({**dict(zip(tuned.arg_names, args)), "grid": grid, "warmup": False, **kwargs, **config_kwargs})
+    tuned.fn.run(*args, grid=grid, warmup=False, **kwargs, **config_kwargs)
+
+
 def launch(tuned, plain, grid, args, kwargs, fixed: dict, device: torch.device | None = None) -> None:
     """Run ``plain`` at ``fixed[\"interpreter\"]`` under the interpreter, else ``tuned``
     (autotuned) or ``plain`` at ``fixed[\"gpu\"]`` when autotuning is off. ``fixed`` maps
@@ -171,7 +272,7 @@ def launch(tuned, plain, grid, args, kwargs, fixed: dict, device: torch.device |
     device = device or args[0].device
     with on_device(device):
         if autotune_on():
-            tuned_for(tuned, device)[grid](*args, **kwargs)
+            run_tuned(tuned_for(tuned, device), grid, args, kwargs)
         else:
             plain[grid](*args, **kwargs, **fixed["gpu"])
 

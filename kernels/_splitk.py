@@ -16,13 +16,14 @@ as long as each slice's own sum is exact.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (cdiv, config, fixed_config, grouped_tile, interpreted, launch, on_device, prune_by_rows,
-                      sm_count, tiles, with_short_steps)
+from ._launch import (cdiv, config, fixed_config, grouped_tile, heuristics, interpreted, launch, on_device,
+                      prune_by_rows, sm_count, tiles, with_short_steps)
 
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # Up to this many rows a split is considered; beyond, output tiles fill the GPU anyway.
@@ -147,12 +148,24 @@ def tile_kwargs(setting) -> dict:
     return dict(zip(TILE_NAMES, blocks), num_stages=stages, num_warps=warps)
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_tile_kwargs(setting) -> dict:
+    return tile_kwargs(setting)
+
+
+def _setting_kwargs(setting, adjust) -> dict:
+    """adjust(tile_kwargs(setting)), the kwargs made once per setting (per call only when
+    ``adjust`` may change them); not to be modified by the caller."""
+    kwargs = _shared_tile_kwargs(setting)
+    return kwargs if adjust is None else adjust(dict(kwargs))
+
+
 def weight_gemm_kernels(kernel, shapes, key=("M", "N", "K"), prune=None):
     """(plain, autotuned) versions of a weight-compressed GEMM kernel: EVEN_K set per launch,
     the autotuned one over ``shapes`` = [(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)], grouped
     tile order 8, pruned by the row count (or by ``prune``)."""
-    plain = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
-                               and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(kernel)
+    plain = heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0
+                        and a["K_PER_SPLIT"] % a["BLOCK_K"] == 0})(kernel)
     tuned = triton.autotune(
         configs=[config(TILE_NAMES, (bm, bn, bk, 8), stages, warps) for bm, bn, bk, stages, warps in shapes],
         # DOT_PRECISION: fp32 "ieee" dots (FMA) keep stages - 1 tiles in shared memory, "tf32" ones
@@ -164,7 +177,7 @@ def weight_gemm_kernels(kernel, shapes, key=("M", "N", "K"), prune=None):
 
 
 def launch_weight_gemm(plain, tuned, a: torch.Tensor, weight_args: tuple, weight_strides: tuple, c: torch.Tensor,
-                       K: int, flags: dict, fixed: dict, split: dict, adjust=lambda kwargs: kwargs,
+                       K: int, flags: dict, fixed: dict, split: dict, adjust=None,
                        split_k: int | None = None, min_splits: int = 1, split_flags: dict | None = None,
                        part_dtype: torch.dtype = torch.float32, **reduction) -> torch.Tensor:
     """c [M, N] = the GEMM of a [M, K] with the weight, launched as one program per output tile
@@ -175,13 +188,13 @@ def launch_weight_gemm(plain, tuned, a: torch.Tensor, weight_args: tuple, weight
     forces a number of slices (tests)."""
     M, N = c.shape
     a = with_short_steps(a, 1)
-    split_setting = adjust(tile_kwargs(fixed_config(split)))
+    split_setting = _setting_kwargs(fixed_config(split), adjust)
     block = (split_setting["BLOCK_M"], split_setting["BLOCK_N"], split_setting["BLOCK_K"])
     splits = max(split_k or choose_split_k(M, N, K, a.device, block), min_splits) if K else 1
     if splits == 1:
         args = (a, *weight_args, c, M, N, K, K, a.stride(0), a.stride(1), *weight_strides, 0, c.stride(0), c.stride(1))
         launch(tuned, plain, tiles(M, N, "BLOCK_M", "BLOCK_N"), args, flags,
-               {w: adjust(tile_kwargs(setting)) for w, setting in fixed.items()})
+               {w: _setting_kwargs(setting, adjust) for w, setting in fixed.items()})
         return c
     return run_split_k(
         plain, lambda part, k_per_split: (a, *weight_args, part, M, N, K, k_per_split, a.stride(0), a.stride(1),

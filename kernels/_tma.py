@@ -54,8 +54,9 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     if not tma_on():
         return False
     for t in tensors:
-        if (t.numel() == 0 or t.stride(1) != 1 or t.stride(0) < t.shape[1]
-                or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16):
+        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+        if (rows * cols == 0 or col_stride != 1 or row_stride < cols
+                or (row_stride * t.element_size()) % 16 or t.data_ptr() % 16):
             return False
     device = tensors[0].device
     return interpreted() or (device.type == "cuda" and _device_has_tma(device))

@@ -632,8 +632,15 @@ def decode_splits(B: int, Hq: int, Hkv: int, Sq: int, Skv: int, D: int, causal: 
     see (so the merge and the workspace stay small next to reading K and V)."""
     if Sq == 0 or Sq > DECODE_MAX_SQ or Skv == 0 or B * Hq == 0 or D == 0:
         return 1
-    left, right = _bounds(Sq, Skv, causal, left, right)
     rows, heads, _ = decoding_rows(B, Hq, Hkv, Sq)
+    return _decode_splits(rows, heads, Sq, Skv, D, causal, left, right, device)
+
+
+def _decode_splits(rows: int, heads: int, Sq: int, Skv: int, D: int, causal: bool, left: int, right: int,
+                   device: torch.device) -> int:
+    """decode_splits for a call that decodes (every size nonzero, Sq <= DECODE_MAX_SQ), given its
+    decoding_rows."""
+    left, right = _bounds(Sq, Skv, causal, left, right)
     cfg = _decode_config(D, rows)
     keys = min(Sq - 1 + Skv - Sq + right + 1, Skv) - max(Skv - Sq - left, 0)  # seen by some row
     programs = cdiv(rows, cfg["BLOCK_M"]) * heads
@@ -706,8 +713,10 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         lse.fill_(float("-inf"))
         return out, lse
     decoding = splits is not None or Sq <= DECODE_MAX_SQ
-    if splits is None and decoding:
-        splits = decode_splits(B, Hq, Hkv, Sq, Skv, D, causal, left, right, q.device)
+    if decoding:  # (one decoding_rows per call: it reads the environment)
+        rows, heads, pack = decoding_rows(B, Hq, Hkv, Sq)
+        if splits is None:
+            splits = _decode_splits(rows, heads, Sq, Skv, D, causal, left, right, q.device)
     left, right = _bounds(Sq, Skv, causal, left, right)
     common = (Hq, Hq // Hkv, Sq, Skv, D, left, right, float(scale), float(softcap) if softcap > 0 else 1.0)
     flags = dict(SOFTCAP=softcap > 0, BLOCK_D=_block_d(D), EVEN_D=D == _block_d(D))
@@ -721,7 +730,6 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         return out, lse
     # decoding: the few rows in one small tile, GQA groups packed; split over the keys, each split
     # writes normalized fp32 partials and their lse, merged by their lse
-    rows, heads, pack = decoding_rows(B, Hq, Hkv, Sq)
     cfg = _decode_config(D, rows)
     blocks = cdiv(rows, cfg["BLOCK_M"])
     kv = _kv_descriptors(k, v, {**cfg, **flags})

@@ -28,12 +28,15 @@ GELU, written as gelu(z) = z * s(z), so gelu'(z) = s(z) + z * s'(z):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._launch import config, dot_precision, grouped_tile, interpreted, launch, prune_by_rows, tiles, with_short_steps
+from ._launch import (config, dot_precision, grouped_tile, heuristics, interpreted, launch, prune_by_rows, tiles,
+                      with_short_steps)
 from ._tma import block_shapes_hook, launch_persistent, tile_origin, tma_ready, tma_tile_dot
 
 # Constants stay on the right of tensor products: constexpr * tensor would wrap the tensor
@@ -285,8 +288,8 @@ TMA_MIN_ROWS = 64
 _FWD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _BWD_NAMES = ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P")
 
-_fwd = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
-_bwd = triton.heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
+_fwd = heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(linear_gelu_fwd_kernel)
+_bwd = heuristics({"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0})(linear_gelu_bwd_kernel)
 # The epilogue is part of the cost: erf or tanh, gelu'(z) stored beside y or not (the erf epilogue
 # with gelu'(z) spills at the big tiles where the others do not), so the best tile for a shape is
 # tuned per epilogue. STORE_Y is left out: recompute_preact's backward (no y) then reuses the
@@ -340,8 +343,15 @@ _FIXED_TMA_BWD = {"interpreter": _FIXED["interpreter"], "gpu": ((128, 128, 64, 8
 
 
 def _fixed(names: tuple[str, ...], settings: dict = _FIXED) -> dict:
+    # read per call (tests change the settings' entries), the kwargs made once per distinct
+    # settings (callers do not modify them)
+    return _fixed_kwargs(names, tuple(settings.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_kwargs(names: tuple[str, ...], settings: tuple) -> dict:
     return {where: dict(zip(names, blocks), num_stages=stages, num_warps=warps)
-            for where, (blocks, stages, warps) in settings.items()}
+            for where, (blocks, stages, warps) in settings}
 
 
 def _precise(dtype: torch.dtype) -> bool:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, dot_precision
+from ._launch import cdiv, dot_precision, heuristics
 from ._splitk import (dequant_epilogue, launch_weight_gemm, store_tile, weight_gemm_kernels, weight_gemm_place,
                       weight_gemm_tile)
 
@@ -176,7 +176,7 @@ _gemm, _gemm_tuned = weight_gemm_kernels(sparse24_matmul_kernel, _GEMM_SHAPES)
 MAX_EXACT_K_24 = 2**18 - 256
 # the dgrad's tiles are the same shapes (its BLOCK_N, like the forward's BLOCK_K, is the expanded side)
 _dgrad, _dgrad_tuned = weight_gemm_kernels(
-    triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(sparse24_dgrad_kernel), _GEMM_SHAPES)
+    heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(sparse24_dgrad_kernel), _GEMM_SHAPES)
 
 
 def sparse24_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,

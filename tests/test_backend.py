@@ -361,6 +361,90 @@ def test_autotuned_launches_give_the_interpreted_results(name, monkeypatch):
         torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("name", ["linear_gelu", "linear_gelu without TMA", "int8_linear", "int4_linear",
+                                  "sparse24_linear", "flash_attention"])
+def test_a_tuned_key_runs_its_config_without_the_autotuners_run(name, monkeypatch):
+    """Once Triton's autotuner has chosen a config for a key, launch() runs that config itself
+    (kernels/_launch.py, run_tuned: Autotuner.run rebuilt its argument dicts, ~10 us per launch):
+    each launch reaches the kernel with what Autotuner.run hands it on a cached key (the config's
+    kwargs, the TMA descriptors' tiles its pre-hook sets), and gives the same results."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from effkern.kernels import _launch
+
+    needs_backend("triton")
+    env, call, tuned = AUTOTUNED_CALLS[name]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runs, real_run = [], Autotuner.run
+
+    def counted_run(self, *args, **kwargs):
+        runs.append(self.base_fn.__name__)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counted_run)
+    launched = []  # what reached each autotuned kernel: (kernel, its kwargs, its descriptors' tiles)
+    wrapped = {id(tuner.fn): (tuner.fn, tuner.base_fn.__name__) for tuner in effkern_autotuners()}
+    for fn, kernel in wrapped.values():  # (tuners may share one)
+        def spy(*args, real=fn.run, kernel=kernel, **kwargs):
+            launched.append((kernel, {k: v for k, v in kwargs.items() if k != "grid"},
+                             [a.block_shape for a in args if isinstance(a, TensorDescriptor)]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(fn, "run", spy)
+    with ek.use_backend("triton"):
+        autotune_through_the_interpreter(monkeypatch)
+        _forward_backward(call, 0)  # tunes each key
+        assert set(runs) == tuned
+        runs.clear(), launched.clear()
+        ours = _forward_backward(call, 0)
+        assert runs == [], f"went through Autotuner.run again: {runs}"
+        ours_launched = list(launched)
+        launched.clear()
+        monkeypatch.setattr(_launch, "run_tuned", lambda tuner, grid, args, kwargs: tuner[grid](*args, **kwargs))
+        theirs = _forward_backward(call, 0)
+    assert len(runs) == len(ours_launched) and {kernel for kernel, _, _ in ours_launched} == tuned
+    assert ours_launched == launched
+    for g, w in zip(ours, theirs):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_run_tuned_goes_through_the_autotuner_for_a_new_key(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    needs_backend("triton")
+    runs, real_run = [], Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
+    monkeypatch.setenv("EFFKERN_TRITON_TMA", "0")
+    w, b = torch.randn(24, 32).half(), torch.randn(24).half()
+    with ek.use_backend("triton"):
+        autotune_through_the_interpreter(monkeypatch)
+        for rows, through_run in ((5, 1), (5, 0), (7, 1), (5, 0), (7, 0)):
+            runs.clear()
+            x = torch.randn(rows, 32).half()
+            torch.testing.assert_close(ek.linear_gelu(x, w, b), torch.nn.functional.gelu(
+                torch.nn.functional.linear(x.float(), w.float(), b.float())).half(), rtol=2e-3, atol=2e-3)
+            assert len(runs) == through_run, rows
+
+
+def test_launch_heuristics_see_the_arguments_as_triton_hands_them():
+    """kernels/_launch.py's heuristics wrapper hands each heuristic the launch's arguments by name
+    as triton's own does ({**dict(zip(arg_names, args)), **kwargs}), without copying them."""
+    needs_backend("triton")
+    from effkern.kernels._launch import _LaunchArgs
+
+    names = ["a", "b", "K", "BLOCK_K"]
+    places = {name: i for i, name in enumerate(names)}
+    for args, kwargs in (((1, 2, 96), {"BLOCK_K": 32}), ((1, 2, 96, 64), {"X": 5}), ((1,), {"K": 3})):
+        view = _LaunchArgs(places, args, kwargs)
+        want = {**dict(zip(names, args)), **kwargs}
+        assert dict(view) == want and len(view) == len(want) and list(view) == list(want)
+        assert all(view[k] == v for k, v in want.items())
+        with pytest.raises(KeyError):
+            view["nope"]
+
+
 def effkern_autotuners():
     from triton.runtime.autotuner import Autotuner
 
