@@ -39,6 +39,8 @@ setup: $(STAMP)
 # GPU_STACK_PYTHON: python3.12 where that runs (pyenv's 3.12 on this project's machines), else
 # $(PYTHON) with a warning: the torch and Triton versions are then checked, the Python one is not.
 # numpy below 2.4: Triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses.
+# TORCHINDUCTOR_COMPILE_THREADS=1: torch 2.11's inductor compile-worker pool hung 300 s at the
+# run's exit (after every test had passed); compiling in-process avoids the pool.
 GPU_STACK := .gpu-stack
 GPU_STACK_PY := $(GPU_STACK)/venv/bin/python
 GPU_STACK_PYTHON ?= $(shell for p in python3.12 $$(command -v pyenv >/dev/null && pyenv root)/versions/3.12*/bin/python3.12; do \
@@ -54,7 +56,7 @@ test-gpu-stack:
 	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(GPU_STACK)/src
 	cd $(GPU_STACK)/src && $(CURDIR)/$(GPU_STACK_PY) -m pip install -q --no-cache-dir --no-build-isolation -e ".[dev]"
-	cd $(GPU_STACK)/src && EFFKERN_REQUIRE_EXT=1 $(CURDIR)/$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider tests
+	cd $(GPU_STACK)/src && EFFKERN_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(CURDIR)/$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider tests
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -85,6 +85,10 @@ build() {
 export -f env_info build  # timeout runs programs, not shell functions: run them in a child bash
 step env 60 "$OUT/env.txt" bash -c env_info
 if wanted build; then step build "${BUILD_TIMEOUT:-150}" "$OUT/build.log" bash -c build; fi
+# torch.compile in the tests compiles in-process: with torch 2.11, a pytest run whose tests had
+# started inductor's compile-worker pool hung 300 s at exit shutting it down (seen twice in
+# make test-gpu-stack), which would spend a step's limit after its tests were done
+export TORCHINDUCTOR_COMPILE_THREADS=1
 # pytest-xdist, where installed, spreads the Triton compiles of the GPU tests over the cores
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 if wanted pytest; then
