@@ -13,23 +13,26 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SKIP = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
+SKIP_PATTERNS = ("*.so", "__pycache__", "*.egg-info")
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done.stdout
 
 
 def test_cpu_only_extension_builds_loads_and_passes_the_cpu_kernel_tests(tmp_path):
     tree = tmp_path / "effkern-cpu-only"
     for name in ("csrc", "effkern", "kernels", "tests"):
-        shutil.copytree(REPO / name, tree / name, ignore=SKIP)
+        # effkern/kernels left out: a checkout may hold a link there to kernels/ (copied below)
+        skip = SKIP_PATTERNS + (("kernels",) if name == "effkern" else ())
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns(*skip))
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy(REPO / name, tree / name)
     # effkern.kernels from this copy: the editable install of the checkout would map it to its own
-    shutil.copytree(REPO / "kernels", tree / "effkern" / "kernels", ignore=SKIP)
+    shutil.copytree(REPO / "kernels", tree / "effkern" / "kernels", ignore=shutil.ignore_patterns(*SKIP_PATTERNS))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EFFKERN_NO_EXT")}
     env.update(EFFKERN_NO_CUDA="1", MAX_JOBS=str(os.cpu_count() or 1), PYTHONPATH=str(tree))
     run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", str(tmp_path / "build")],
