@@ -26,6 +26,8 @@ Ops (schemas defined here and nowhere else):
   effkern::quantize_int4(weight, group_size=128, symmetric=False) -> (qweight, scales, zeros)
   effkern::dequantize_int4(qweight, scales, zeros, group_size, dtype=None) -> weight [N, K];
       differentiable in scales and zeros (as the plain PyTorch formula is)
+  effkern::dequantize_int4_bwd(grad, qweight, scales, zeros, group_size, output_mask)
+      -> (grad_scales, grad_zeros)
   effkern::int4_linear(input, qweight, scales, zeros, group_size, bias=None) -> Tensor
       y = input @ dequantize_int4(qweight, scales, zeros, group_size).T + bias, differentiable
       in input and bias (the weight is frozen)
@@ -175,32 +177,46 @@ def _(qweight, scales, zeros, group_size, dtype=None):
     return scales.new_empty((qweight.shape[0], qweight.shape[1] * 8), dtype=dtype or scales.dtype)
 
 
+@torch.library.custom_op("effkern::dequantize_int4_bwd", mutates_args=())
+def _dequantize_int4_bwd(grad: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                         output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """The formula's gradients, as autograd takes them through it in plain PyTorch: per group,
+    sum of grad * (q - z) for the scale and of -grad * s for the zero, in the forward's compute
+    dtype, each in its tensor's dtype (an empty tensor for one not asked for)."""
+    need_scales, need_zeros = output_mask
+    N, K = grad.shape
+    G = _group(group_size, K)
+    ct = _dequantize_compute_dtype(grad.dtype, scales.dtype)
+    g = grad.to(ct).reshape(N, K // G, G)
+    grad_scales, grad_zeros = empty(scales), empty(zeros)
+    if need_scales:
+        q = unpack_int4_reference(qweight).to(ct).view(N, K // G, G)
+        grad_scales = (g * (q - zeros.to(ct).unsqueeze(-1))).sum(-1).to(scales.dtype)
+    if need_zeros:
+        grad_zeros = (g * -scales.to(ct).unsqueeze(-1)).sum(-1).to(zeros.dtype)
+    return grad_scales, grad_zeros
+
+
+@_dequantize_int4_bwd.register_fake
+def _(grad, qweight, scales, zeros, group_size, output_mask):
+    need_scales, need_zeros = output_mask
+    return (scales.new_empty(scales.shape) if need_scales else empty(scales),
+            zeros.new_empty(zeros.shape) if need_zeros else empty(zeros))
+
+
 def _dequantize_setup_context(ctx, inputs, output):
     qweight, scales, zeros, group_size, dtype = inputs
     ctx.needs = [bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     ctx.group_size = group_size
-    ctx.ct = _dequantize_compute_dtype(dtype or scales.dtype, scales.dtype)
-    ctx.dtypes = scales.dtype, zeros.dtype
-    # d/d scales needs q - zeros, d/d zeros needs the scales
-    ctx.save_for_backward(qweight if ctx.needs[0] else None, zeros if ctx.needs[0] else None,
-                          scales if ctx.needs[1] else None)
+    # the op's own inputs (kept alive, not copied): d/d scales needs q - zeros, d/d zeros the
+    # scales, and each gradient its tensor's dtype
+    ctx.save_for_backward(qweight, scales, zeros)
 
 
 def _dequantize_backward(ctx, grad):
-    """The gradients of the formula as autograd takes them through it in plain PyTorch: per
-    group, sum of grad * (q - z) for the scale and of -grad * s for the zero, in the compute dtype,
-    each cast to its tensor's dtype. (Plain PyTorch ops: they trace and compile as they are.)"""
-    qweight, zeros, scales = ctx.saved_tensors
-    N, K = grad.shape
-    G = _group(ctx.group_size, K)
-    g = grad.to(ctx.ct).reshape(N, K // G, G)
-    grad_scales = grad_zeros = None
-    if ctx.needs[0]:
-        q = unpack_int4_reference(qweight).to(ctx.ct).view(N, K // G, G)
-        grad_scales = (g * (q - zeros.to(ctx.ct).unsqueeze(-1))).sum(-1).to(ctx.dtypes[0])
-    if ctx.needs[1]:
-        grad_zeros = (g * -scales.to(ctx.ct).unsqueeze(-1)).sum(-1).to(ctx.dtypes[1])
-    return None, grad_scales, grad_zeros, None, None
+    grad_scales, grad_zeros = torch.ops.effkern.dequantize_int4_bwd(grad, *ctx.saved_tensors, ctx.group_size,
+                                                                    ctx.needs)
+    return None, grad_scales if ctx.needs[0] else None, grad_zeros if ctx.needs[1] else None, None, None
 
 
 _dequantize_int4.register_autograd(_dequantize_backward, setup_context=_dequantize_setup_context)

@@ -464,7 +464,8 @@ QUANTIZE_SAMPLES = [(8, 64, 32, False, torch.float32), (24, 40, -1, True, torch.
 
 def quantization_samples(requires_grad=False):
     """(op, args) for quantize_int4, dequantize_int4 (``requires_grad``: its scales and zeros,
-    the only differentiable arguments of the four ops), pack_int4 and unpack_int4."""
+    the only differentiable arguments of the four ops) and its backward op, pack_int4 and
+    unpack_int4."""
     torch.manual_seed(0)
     for N, K, G, symmetric, dtype in QUANTIZE_SAMPLES:
         w = layer_weight(N, K).to(dtype)
@@ -478,6 +479,10 @@ def quantization_samples(requires_grad=False):
         out_dtype = {torch.float32: None, torch.bfloat16: torch.float32, torch.float16: torch.float16,
                      torch.float64: torch.float32}[dtype]
         yield torch.ops.effkern.dequantize_int4.default, (qw, scales, zeros, G, out_dtype)
+        if not requires_grad:  # its backward op, for each pair of gradients asked for
+            grad = torch.randn(N, K).to(out_dtype or dtype)
+            for mask in ([True, True], [True, False], [False, True]):
+                yield torch.ops.effkern.dequantize_int4_bwd.default, (grad, qw, scales, zeros, G, mask)
     if requires_grad:
         return
     for shape, dtype in [((1, 8), torch.uint8), ((3, 4, 24), torch.int64), ((5, 16), torch.int8),
