@@ -503,6 +503,19 @@ def test_quantization_ops_opcheck(requires_grad):
     assert_opcheck_passes("reference", quantization_samples(requires_grad))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_gpu_quantization_ops_opcheck(requires_grad):
+    """The same samples on CUDA tensors (the ops' one implementation runs on any device)."""
+    needs_backend("reference", "cuda")
+
+    def on_gpu(t):
+        return t.detach().cuda().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+    assert_opcheck_passes("reference", ((op, tuple(on_gpu(a) for a in args))
+                                        for op, args in quantization_samples(requires_grad)))
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_quantization_ops_fakes_give_the_real_outputs_metadata(dynamic):
     """Each op on fake tensors (of symbolic sizes too), and on the meta device: the shape, dtype,
