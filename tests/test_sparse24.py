@@ -124,10 +124,14 @@ def test_compressed_format_layout():
     assert meta.tolist() == [[codes[0] | codes[1] << 4, codes[2]]]
 
 
-def test_compress_refuses_a_weight_that_is_not_2_4():
+@pytest.mark.parametrize("backend", FORMAT_BACKENDS)
+def test_compress_refuses_a_weight_that_is_not_2_4(backend):
+    """On both implementations: the C++ kernels (CPU tensors) and the PyTorch ops (``reference``,
+    and every GPU tensor under any backend)."""
+    needs_format_backend(backend)
     w = sparse_weight(4, 16)
     w[2, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
-    with pytest.raises(ValueError, match=r"row 2, group 2 \(k = 8\.\.11\) has 3 nonzeros"):
+    with ek.use_backend(backend), pytest.raises(ValueError, match=r"row 2, group 2 \(k = 8\.\.11\) has 3 nonzeros"):
         ek.compress_24(w)
 
 
@@ -545,6 +549,17 @@ def test_bad_format_inputs():
         ek.decompress_24(values, bad)
     with ek.use_backend("cuda"), pytest.raises(RuntimeError, match="mma.sp CUDA kernel runs on CUDA tensors"):
         ek.sparse24_linear(torch.randn(2, 16), values, meta)
+
+
+@pytest.mark.parametrize("backend", FORMAT_BACKENDS)
+def test_a_nonzero_nibble_past_the_last_group_is_refused(backend):
+    """K = 12: three groups, so the high nibble of meta's last byte is unused and must be 0."""
+    needs_format_backend(backend)
+    values, meta = ek.compress_24(sparse_weight(3, 12))
+    bad = meta.clone()
+    bad[0, 1] |= 0x40
+    with ek.use_backend(backend), pytest.raises(ValueError, match="meta"):
+        ek.decompress_24(values, bad)
 
 
 def assert_invalid_codes_raise(backend, device):
