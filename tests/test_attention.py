@@ -1138,6 +1138,20 @@ def test_kernels_compile_for_gpus_onto_tensor_cores(compile_for_gpu, cc):
         assert compiled.get("spill_bytes", 0) <= SPILL_LIMIT, f"{name}: {compiled['spill_bytes']} bytes of spills"
 
 
+def test_flash_attention_defaults():
+    """The issue's signature: causal=False, scale=None (1/sqrt(D)), window=(-1, -1), softcap=0.0,
+    return_lse=False; the defaults computed, against torch's SDPA (full attention, GQA)."""
+    import inspect
+
+    params = inspect.signature(flash_attention).parameters
+    assert list(params) == ["q", "k", "v", "causal", "scale", "window", "softcap", "return_lse"]
+    assert [p.default for p in list(params.values())[3:]] == [False, None, (-1, -1), 0.0, False]
+    q, k, v = (t.detach() for t in make(1, 4, 2, 5, 9, 16, False, torch.float64))
+    with ek.use_backend("reference"):
+        out = flash_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
 def test_public_names():
     assert ek.flash_attention is flash_attention
     assert ek.scaled_dot_product_attention is scaled_dot_product_attention

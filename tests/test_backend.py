@@ -595,3 +595,21 @@ def test_backward_ops_refuse_tensors_on_another_device(name):
     call(grad_out, lambda t: t)  # all on one device: runs
     with pytest.raises(RuntimeError, match=rf"effkern\.{name}: \w+ is on meta but grad_out is on cpu"):
         call(grad_out, lambda t: t.to("meta"))
+
+
+@pytest.mark.parametrize("env,archs", [({}, "8.0;9.0a"), ({"TORCH_CUDA_ARCH_LIST": "7.5"}, "7.5"),
+                                       ({"EFFKERN_CUDA_ARCH": "8.6", "TORCH_CUDA_ARCH_LIST": "7.5"}, "8.6")])
+def test_setup_targets_sm80_sm90a_unless_overridden(env, archs):
+    """setup.py's CUDA arch list: 8.0;9.0a by default, TORCH_CUDA_ARCH_LIST, and EFFKERN_CUDA_ARCH
+    over both (what `setup.py --version` configures; nothing is compiled)."""
+    import shutil
+
+    if shutil.which("nvcc") is None or torch.version.cuda is None:
+        pytest.skip("the CUDA build needs nvcc and a CUDA build of torch")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TORCH_CUDA_ARCH_LIST", "EFFKERN_CUDA_ARCH", "EFFKERN_NO_CUDA", "EFFKERN_NO_EXT")}
+    done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, env={**base, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"for archs {archs} " in done.stderr, done.stderr[-2000:]

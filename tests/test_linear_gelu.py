@@ -283,6 +283,19 @@ def test_auto_trains_on_the_fwd_bwd_choice(monkeypatch):
     assert modes == ["fwd_bwd"] * 2  # the forward, the backward
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_auto_on_cpu_runs_the_reference(monkeypatch, dtype):
+    """DESIGN: on CPU tensors auto means reference (not the C++ CPU kernel, which would give
+    right results too), forward and backward."""
+    module = importlib.import_module("effkern.linear_gelu")
+    forwards = record_calls(monkeypatch, module, "_forward_2d", lambda args, _: args[0])
+    backwards = record_calls(monkeypatch, module, "_choose_backend", lambda args, result: result)
+    x, w, b = (t.requires_grad_() for t in make_inputs(5, 6, 7, dtype))
+    with ek.use_backend("auto"):
+        ek.linear_gelu(x, w, b).sum().backward()
+    assert forwards == ["reference"] and backwards == ["reference"] * 2
+
+
 BACKENDS_WITH_REFERENCE = KERNEL_BACKENDS + ["reference"]
 
 
