@@ -46,6 +46,8 @@ TOKENS, HIDDEN = 16384, 2048  # standard sweep: B*S and H*D
 GPU_S = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_D = (64, 128)
 GPU_QUICK_S, GPU_QUICK_D = (4096,), (128,)
+# quick: the D = 64 target (forward >= 1.0x SDPA's default choice) against that baseline alone
+GPU_QUICK_D64_PROVIDERS = frozenset({"effkern-triton", "torch-sdpa"})
 DECODE_HQ, DECODE_HKV, DECODE_D = 32, 8, 128
 DECODE_SKV = (4096, 16384, 65536, 131072)
 DECODE_B = (1, 8, 64)
@@ -112,6 +114,9 @@ def cases(device: str, quick: bool, shapes: list[str] | None, dtypes: list[str] 
     timed = every - {"reference"} if quick else every
     out = [_case(d, TOKENS // S, HIDDEN // D, S, S, D, c, providers=timed)
            for d in dts for D in ds for S in ss for c in (False, True)]
+    if quick:
+        out += [_case(d, TOKENS // S, HIDDEN // 64, S, S, 64, c, providers=GPU_QUICK_D64_PROVIDERS)
+                for d in dts for S in ss for c in (False, True)]
     out += [_case(d, B, DECODE_HQ, 1, Skv, DECODE_D, False, Hkv=DECODE_HKV, providers=timed)
             for d in dts for (B, Skv) in decode]
     return out

@@ -712,6 +712,19 @@ def test_full_gpu_attention_sweep_is_the_issue_standard_sweep():
     assert {"fwd", "bwd", "fwd_bwd"} <= set(bench_attention.MODES)
 
 
+def test_quick_gpu_attention_suite_measures_the_issue_targets():
+    """bench/gpu_check.sh runs the quick suite: it must hold a row for each performance target of
+    the attention issue (D = 128 and D = 64 at S >= 4k against SDPA's default, SDPA's flash
+    backward, decoding at B * Skv >= 256k)."""
+    cases = bench_attention.cases("cuda", True, None, None)
+    prefill = {(c.params["D"], c.params["causal"]): c.providers for c in cases if c.params["Sq"] >= 4096}
+    for D in (64, 128):
+        for causal in (False, True):
+            assert {"effkern-triton", "torch-sdpa"} <= prefill[(D, causal)], (D, causal)
+    assert "torch-sdpa-flash" in prefill[(128, False)]
+    assert any(c.params["Sq"] == 1 and c.params["B"] * c.params["Skv"] >= 2**18 for c in cases)
+
+
 def test_gpu_check_script_runs_its_steps_and_prints_the_summary_last(tmp_path):
     """bench/gpu_check.sh as the GPU machine runs it, here with one family's smoke tests (all
     skipped without a GPU): each step logged under $OUT, the step table and pytest's count last."""
