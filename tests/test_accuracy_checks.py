@@ -5,7 +5,8 @@ by one, an element two units in the last place off)."""
 import pytest
 import torch
 
-from op_checks import assert_dequantized_from, assert_matches_float64
+from effkern.testing import tolerance, within_tolerance
+from op_checks import assert_bad_call_raises, assert_dequantized_from, assert_matches_float64, assert_opcheck_passes
 
 
 def _int8_case(dtype, M=24, N=40, seed=0):
@@ -31,7 +32,8 @@ def test_dequantized_check_takes_the_roundings_it_names(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("wrong", ["acc plus one", "one element two ulps off", "bias dropped", "one ulp above both"])
+@pytest.mark.parametrize("wrong", ["acc plus one", "one element two ulps off", "bias dropped", "bias dropped, one rounding",
+                                   "one ulp above both"])
 def test_dequantized_check_rejects_wrong_results(dtype, wrong):
     acc, a_scale, b_scale, bias = _int8_case(dtype)
     exact32 = _dequantized(acc, a_scale, b_scale, bias)
@@ -43,6 +45,8 @@ def test_dequantized_check_rejects_wrong_results(dtype, wrong):
         out[3, 5] = torch.nextafter(torch.nextafter(out[3, 5], up.to(dtype)), up.to(dtype))
     elif wrong == "bias dropped":
         out = (exact32 - bias.float()).to(dtype)
+    elif wrong == "bias dropped, one rounding":  # a kernel whose fused multiply-add lost its addend
+        out = ((acc.float() * a_scale[:, None]).double() * b_scale[None, :].double()).float().to(dtype)
     else:  # one element one value of out's dtype past the nearest rounding, away from zero, at the top
         # of its binade, 1.75 times its power of two (where a bound of eps * |x| would take 1.75 units
         # in the last place)
@@ -68,3 +72,50 @@ def test_float64_check_holds_an_outlier_column_apart():
     assert_matches_float64(wrong.half(), exact, same.half(), reduction=64)
     with pytest.raises(AssertionError, match="other columns"):
         assert_matches_float64(wrong.half(), exact, same.half(), reduction=64, apart=(8,))
+
+
+# ---------------------------------------------------------------------------- the other checkers
+
+def test_bad_call_check_wants_the_named_exception_and_message():
+    """assert_bad_call_raises passes only for the exception type and message the case names: a
+    check that took any exception would pass an op that fails for another reason."""
+    def op(x):
+        raise ValueError("effkern.op: x must be 2-D")
+
+    assert_bad_call_raises("reference", op, ("right", (1,), ValueError, "must be 2-D"))
+    with pytest.raises(ValueError):  # another type: the op's own error comes through
+        assert_bad_call_raises("reference", op, ("wrong type", (1,), TypeError, "must be 2-D"))
+    with pytest.raises(AssertionError, match="did not match"):
+        assert_bad_call_raises("reference", op, ("wrong message", (1,), ValueError, "must be 3-D"))
+
+
+@torch.library.custom_op("effkern_checks::fake_of_the_wrong_shape", mutates_args=())
+def _fake_of_the_wrong_shape(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_fake_of_the_wrong_shape.register_fake
+def _(x):
+    return x.new_empty(x.shape[0] + 1)
+
+
+def test_opcheck_check_fails_an_op_whose_fake_disagrees():
+    """assert_opcheck_passes runs all of torch.library.opcheck's tests: an op whose fake gives
+    another shape than the op itself fails it (the schema alone would pass)."""
+    op = torch.ops.effkern_checks.fake_of_the_wrong_shape.default
+    with pytest.raises(Exception, match="fake|shape|meta"):
+        assert_opcheck_passes("reference", [(op, (torch.randn(3),))])
+
+
+def test_tolerance_is_factor_times_pytorchs_error_plus_the_floor():
+    """effkern.testing's rule, number by number: factor x PyTorch's error, plus two units in the
+    last place of the output dtype and sqrt(reduction) fp32 units, both at the reference's largest
+    magnitude. A looser rule (a larger factor, a linear sum noise, another dtype's eps) lets
+    wrong kernels through on larger problems than test_checker_rejects_wrong_kernels' own."""
+    eps16, eps32 = torch.finfo(torch.float16).eps, torch.finfo(torch.float32).eps
+    assert tolerance(1e-3, 4.0, torch.float16, reduction=100) == pytest.approx(2e-3 + (2 * eps16 + 10 * eps32) * 4)
+    assert tolerance(0.0, 1.0, torch.float32, reduction=4096) == pytest.approx(2 * eps32 + 64 * eps32)
+    ref = torch.ones(8, dtype=torch.float64)
+    torch_same = (ref + 1e-3).float()  # PyTorch's error: 1e-3, far above the floor
+    assert within_tolerance((ref + 1.9e-3).float(), ref, torch_same)[0]
+    assert not within_tolerance((ref + 2.1e-3).float(), ref, torch_same)[0]  # more than 2x PyTorch's

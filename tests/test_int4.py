@@ -113,6 +113,7 @@ def test_quantize_dequantize(group_size, symmetric, dtype):
     w = layer_weight(N, K).to(dtype)
     w[3] = 0  # an all-zero row
     w[5, :K // 2] = 0  # zeros inside groups
+    w[7] = w[7].abs() + 0.01  # all positive: every group's range still reaches down to 0
     qw, scales, zeros = ek.quantize_int4(w, group_size, symmetric)
     G = K if group_size == -1 else group_size
     assert qw.shape == (N, K // 8) and scales.shape == zeros.shape == (N, K // G)
@@ -120,10 +121,32 @@ def test_quantize_dequantize(group_size, symmetric, dtype):
     assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15
     if symmetric:
         assert (zeros == 8).all()
+    # the README's scales, rounded up to the weight's dtype: 2 * absmax / 15 or (max - min) / 15
+    groups = w.float().view(N, K // G, G)
+    if symmetric:
+        formula = groups.abs().amax(-1) * (2 / 15)
+    else:
+        formula = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 15
+    used = formula > 0
+    below = torch.nextafter(scales, torch.zeros_like(scales)).float()
+    assert (scales.float()[used] >= formula[used]).all() and (below[used] < formula[used]).all()
     back = ek.dequantize_int4(qw, scales, zeros, group_size, torch.float64)
     step = scales.double().repeat_interleave(G, dim=1)
     assert ((back - w.double()).abs() <= step / 2 * (1 + 1e-6)).all()  # within half a step
     assert (back[3] == 0).all() and (back[5, :K // 2] == 0).all()  # zero is exactly representable
+
+
+def test_dequantize_with_float64_scales_computes_in_float64():
+    """Float64 scales make the formula run in float64 whatever the output dtype, rounded once to
+    it: not in float32 on scales rounded to float32 first."""
+    torch.manual_seed(0)
+    N, K, G = 16, 256, 32
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scales = torch.rand(N, K // G, dtype=torch.float64) + 0.5
+    zeros = torch.randint(0, 16, (N, K // G)).double()
+    exact = (q.double() - zeros.repeat_interleave(G, 1)) * scales.repeat_interleave(G, 1)
+    got = ek.dequantize_int4(ek.pack_int4(q), scales, zeros, G, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, exact.float())
 
 
 @pytest.mark.parametrize("group_size", [32, 128, -1])

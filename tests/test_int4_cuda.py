@@ -222,6 +222,7 @@ def test_cuda_kernel_supports():
     assert not ok(1, 4096, 128 * 3, 256, torch.float16)  # K % 256 for group 256
     assert ok(1, 4096, 128 * 3, -1, torch.float16)
     assert not ok(1, 4096, 4096, 16, torch.float16) and not ok(1, 4096, 4096, 96, torch.float16)
+    assert not ok(1, 4096, 3072, 96, torch.float16)  # 96 divides K = 3072 but neither divides 128 nor is a multiple
     assert not ok(1, 0, 128, 32, torch.float16) and not ok(1, 64, 0, -1, torch.float16)
 
 

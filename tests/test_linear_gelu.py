@@ -1232,3 +1232,41 @@ def test_gpu_cuda_graph_replays_like_eager(backend, M):
 
     assert_cuda_graph_replays_like_eager(backend, lambda x, w, b: ek.linear_gelu(x, w, b, "tanh"), inputs)
 
+# ---------------------------------------------------------------------------- rounded once
+
+def _within_half_a_unit(out, exact, noise):
+    """Where out (float16 / bfloat16) is within half a unit in its last place of ``exact``
+    (float64), plus ``noise``: the float32 rounding allowed before the one rounding to out's dtype."""
+    info = torch.finfo(out.dtype)
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(info.tiny)))) * info.eps
+    ulp = ulp.clamp_min(info.tiny * info.eps)  # subnormals: the smallest spacing
+    return (out.double() - exact).abs() <= 0.5 * ulp + noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpp_cpu_kernel_rounds_its_16_bit_results_once(dtype, approximate):
+    """float16 / bfloat16: the C++ CPU kernels keep x @ W^T + b and grad_out * gelu'(z) in float32
+    (csrc/cpu/linear_gelu.cpp) and round each result once, so every output element is within half
+    a unit in the last place of the exact result of those float32 intermediates (plus float32 noise).
+    A kernel that rounds an intermediate to the 16-bit dtype first makes the error PyTorch itself
+    makes in that dtype, which the float64 tests allow; here it lands up to a whole unit off."""
+    needs_backend("cuda")
+    torch.manual_seed(0)
+    M, N, K = 32, 48, 64
+    x, w, b = make_inputs(M, N, K, dtype)
+    eps32 = torch.finfo(torch.float32).eps
+    out, gelu_grad = torch.ops.effkern_C.linear_gelu_fwd(x, w, b, approximate == "tanh", True)
+    z32 = x.float().mm(w.float().t()) + b.float()  # what the kernel computes, in the same way
+    exact = F.gelu(z32.double(), approximate=approximate)
+    ok = _within_half_a_unit(out, exact, 8 * eps32 * (exact.abs() + z32.double().abs()))
+    assert ok.all(), f"output: {int((~ok).sum())} of {ok.numel()} elements more than half a unit off"
+
+    grad_out = torch.randn(M, N, dtype=dtype)
+    grad_input, grad_weight, _ = torch.ops.effkern_C.linear_gelu_bwd(grad_out, x, w, gelu_grad, [True, True, False])
+    gz = grad_out.double() * gelu_grad.double()  # exact in float32 too: two 16-bit significands
+    for name, got, a, bmat, n in (("grad_input", grad_input, gz, w.double(), N),
+                                  ("grad_weight", grad_weight, gz.t(), x.double(), M)):
+        exact = a @ bmat
+        ok = _within_half_a_unit(got, exact, 2 * n * eps32 * (a.abs() @ bmat.abs()))
+        assert ok.all(), f"{name}: {int((~ok).sum())} of {ok.numel()} elements more than half a unit off"

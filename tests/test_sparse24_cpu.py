@@ -483,6 +483,20 @@ def test_errors_on_values_and_meta():
         decompress_24(values, bad)
 
 
+def test_errors_on_equal_positions_in_every_group_of_a_byte():
+    """Codes with i0 == i1 (0, 5, 10, 15: a zero-filled meta gives code 0) are invalid in the
+    groups of a full byte too, low nibble and high nibble, not only in the odd last group (the
+    C++ kernel checks a row's byte pairs and its last odd group apart)."""
+    values, meta = compress_24(prune_24(torch.randn(3, 16)))  # K = 16: 4 groups, meta [3, 2]
+    for group in range(4):
+        shift = 4 * (group % 2)
+        for code in (0, 5, 10, 15):
+            bad = meta.clone()
+            bad[1, group // 2] = (int(bad[1, group // 2]) & (0xF0 >> shift)) | (code << shift)
+            with pytest.raises(ValueError, match=rf"invalid meta code {code} at row 1, group {group} "):
+                decompress_24(values, bad)
+
+
 # ---------------------------------------------------------------------------- timing
 
 def _median_seconds(fn, repeats):

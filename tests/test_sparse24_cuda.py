@@ -388,6 +388,19 @@ def test_check_fails_two_metadata_nibbles_swapped(good):
         assert not rebuilds(values_r, L._pack_nibbles(bad), W), (a, b)
 
 
+def test_check_fails_a_chunk_whose_two_indices_are_equal(good):
+    """A metadata word that names one position twice (a zero-filled meta_r: index 0, 0 in every
+    chunk) is undefined behavior for mma.sp::ordered_metadata: the emulation raises, it does not
+    return a W with one of the two values written over the other."""
+    _, _, _, values_r, meta_r = good
+    with pytest.raises(AssertionError, match="not increasing"):
+        L.emulate_mma_sp_reads(values_r, torch.zeros_like(meta_r))
+    nib = L._unpack_nibbles(meta_r)
+    nib[0, 0, 0] = 0b0101  # one chunk's two 2-bit fields both 1, the rest as reordered
+    with pytest.raises(AssertionError, match="not increasing"):
+        L.emulate_mma_sp_reads(values_r, L._pack_nibbles(nib))
+
+
 def test_check_fails_metadata_words_of_the_wrong_lanes(good):
     W, _, _, values_r, meta_r = good
     words = meta_r.view(meta_r.shape[0], -1, 8, 2, 2)   # (mt, j, g, t // 2, t % 2)
