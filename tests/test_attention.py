@@ -59,6 +59,11 @@ CASES = [
     ("mha_5x70_d96_window_t", 1, 2, 2, 5, 70, 96, False, (30, 2), 0.0, True),
     ("mha_16x40_d192_softcap_t", 1, 2, 2, 16, 40, 192, False, (-1, -1), 4.0, True),
     ("mqa_33x17_d224_causal", 1, 2, 1, 33, 17, 224, True, (-1, -1), 0.0, False),  # Sq > Skv
+    # the last key a query tile sees starting a key block: Skv - Sq = 1 (mod 16) for the forward's,
+    # dQ's and dK/dV's interpreter tiles; packed GQA rows (group 3, not dividing the 16-row decoding
+    # tile) whose last position's last key, 91 + 5, starts a key block
+    ("mha_47x48_d32_causal", 1, 2, 2, 47, 48, 32, True, (-1, -1), 0.0, False),
+    ("gqa_7x98_d32_causal", 1, 6, 2, 7, 98, 32, True, (-1, -1), 0.0, False),
 ]
 
 

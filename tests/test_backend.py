@@ -213,6 +213,31 @@ def test_every_autotune_key_names_a_kernel_argument():
         assert autotuner.keys and set(autotuner.keys) <= set(autotuner.arg_names), (name, autotuner.keys)
 
 
+def test_every_masked_load_says_what_masked_lanes_read():
+    """tl.load without ``other`` leaves the masked-off lanes unspecified on a GPU, while Triton's
+    interpreter fills them with zeros: a kernel whose K tail or edge relied on those zeros would
+    pass every CPU test and differ on a GPU. Every masked load in effkern's kernels names its
+    ``other`` (or takes it positionally)."""
+    import ast
+    import pathlib
+
+    import effkern.kernels
+
+    root = pathlib.Path(effkern.kernels.__file__).parent
+    missing, masked = [], 0
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"):
+                continue
+            names = {k.arg for k in node.keywords}
+            if "mask" in names or len(node.args) >= 2:
+                masked += 1
+                if "other" not in names and len(node.args) < 3:
+                    missing.append(f"kernels/{path.name}:{node.lineno}")
+    assert masked > 30, masked  # (the scan found the kernels' loads)
+    assert not missing, missing
+
+
 # ---------------------------------------------------------------------------- 32-bit reduction offsets
 
 def test_with_short_steps_copies_only_operands_whose_reduction_offsets_could_wrap():

@@ -402,6 +402,36 @@ def test_leading_dims_strides_and_scale_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["scales", "zeros"])
+def test_scales_or_zeros_with_their_own_strides(backend, which):
+    """Scales and zeros each read through their own strides: one of them column-major (the same
+    values, from a transposed checkpoint layout, say) while the other stays row-major."""
+    needs_backend(backend)
+    qw, scales, zeros = quantized(24, 128, 32, torch.float32)
+    x, b = torch.randn(5, 128), torch.randn(24)
+    expected = int4_linear_reference(x, qw, scales, zeros, 32, b)
+    given = dict(scales=scales, zeros=zeros)
+    given[which] = given[which].t().contiguous().t()
+    assert given[which].stride() != (scales if which == "zeros" else zeros).stride()
+    with ek.use_backend(backend):
+        y = ek.int4_linear(x, qw, given["scales"], given["zeros"], 32, b)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_group_per_row_keeps_each_tiles_depth():
+    """With one group per row (group = K) no K step can cross a group, so the launcher keeps each
+    tile's power-of-two depth; fitted to a K such as 328 instead, the depth would not compile for
+    a GPU, which the interpreted launches of the other tests do not show."""
+    needs_backend("triton")
+    from effkern.kernels._splitk import tile_kwargs
+
+    k = kernels()
+    for setting in (*k._FIXED.values(), *k._SPLIT.values()):
+        depth = tile_kwargs(setting)["BLOCK_K"]
+        assert k._fit_depth(tile_kwargs(setting), 328, 328)["BLOCK_K"] == depth
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     needs_backend(backend)
     qw, scales, zeros = quantized(16, 64, 32)
