@@ -212,12 +212,15 @@ def _measure_cuda(call, reset, budget_ms):
     end.record()
     torch.cuda.synchronize()
     estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    for i in range(max(1, min(200, int(budget_ms / 4 / estimate)))):
+    warm = max(1, min(200, int(budget_ms / 4 / estimate)))
+    for i in range(5, 5 + warm):
         reset(i)
         call(i)
     reps = max(10, min(1000, int(budget_ms / estimate)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for i, (s, e) in enumerate(events):
+    # the input sets' rotation goes on where the warm-up left it (restarting at 0 would reuse
+    # the sets the last warm-up calls read, still in L2)
+    for i, (s, e) in enumerate(events, start=5 + warm):
         reset(i)
         s.record()
         call(i)
@@ -226,7 +229,7 @@ def _measure_cuda(call, reset, budget_ms):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-GRAPH_CALLS = 16  # calls captured in one graph (at least the input-set count): a replay's launch cost is shared
+GRAPH_CALLS = 16  # calls captured in one graph at least (whole rotations of the input sets): a replay's launch cost is shared
 
 
 def measure_graph(call: Callable[[int], torch.Tensor], n_sets: int, budget_ms: float = 100.0):
@@ -240,12 +243,15 @@ def measure_graph(call: Callable[[int], torch.Tensor], n_sets: int, budget_ms: f
         for i in range(n_sets):
             call(i)
     torch.cuda.current_stream().wait_stream(side)
-    n_calls = max(GRAPH_CALLS, n_sets)
+    # a whole number of rotations per replay: with a partial one, the next replay's first calls
+    # reuse the input sets its last calls read (still in L2)
+    n_calls = n_sets * math.ceil(GRAPH_CALLS / n_sets)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         first = call(0)
         for i in range(1, n_calls):
             call(i)
+    _poison(first)  # capture ran nothing: what the error check reads must come from the replays
     ms = measure(lambda i: graph.replay(), lambda i: None, "cuda", budget_ms) / n_calls
     return ms, first
 
@@ -315,17 +321,31 @@ class Run:
     skipped: dict = field(default_factory=dict)  # (provider, reason) -> count
 
 
+def _poison(t: torch.Tensor, spare: tuple = ()) -> None:
+    """Fill t with NaN (-1 if an integer tensor), unless it is a view of one of spare (inputs)."""
+    if t.numel() and not any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in spare):
+        t.detach().fill_(math.nan if t.is_floating_point() else -1)
+
+
 def _errors(fn, args, g, ref, ref_grads: dict, mode) -> dict:
     """Max abs error of the output ("out") and, in the gradient modes, of each float argument's
     gradient ("grad<i>", i its position; inf where the provider left it without one)."""
     for t in args:
-        t.grad = None  # an earlier provider's timing loop leaves its last gradients here
+        if t.grad is not None:  # an unchecked provider's warm-up leaves its gradients here
+            _poison(t.grad)
+        t.grad = None
     out = fn(*args)
     errs = {"out": max_error(out, ref)}
     if mode in GRAD_MODES:
         out.backward(g)
         errs.update({f"grad{i}": math.inf if args[i].grad is None else max_error(args[i].grad, r)
                      for i, r in ref_grads.items()})
+    # then poisoned: the next provider's output, often given the same memory, must not find this
+    # right answer on the same inputs there where it writes nothing
+    for t in [out, *(args[i].grad for i in ref_grads if args[i].grad is not None)]:
+        _poison(t, spare=(*args, g))
+    for t in args:
+        t.grad = None
     return errs
 
 
@@ -385,35 +405,54 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     with baseline.context():
         tol = _tolerance(case, _errors(baseline.build(case), base, g, ref, ref_grads, mode), ref, ref_grads)
 
+    def calls(fn):
+        pending = []  # bwd: the output whose backward the next call runs
+
+        def reset(i):
+            for t in sets[i % n_sets]:
+                t.grad = None
+            if mode == "bwd":
+                pending.append(fn(*sets[i % n_sets]))  # the forward, outside the timed region
+
+        def call(i):
+            if mode == "bwd":
+                return pending.pop().backward(grads[i % n_sets])
+            out = fn(*sets[i % n_sets])
+            if wants_grad:
+                out.backward(grads[i % n_sets])
+            return out
+
+        return reset, call
+
+    # every provider's check before any provider is timed: a timed call's output on the checked
+    # inputs is not poisoned when freed, and a later provider's output in the same memory would
+    # show that right answer wherever it writes nothing
+    built, failed = {}, {}
+    for name, prov in timed.items():
+        try:
+            with prov.context():
+                fn = prov.build(case)
+                if prov.checked:
+                    errs = _errors(fn, base, g, ref, ref_grads, mode)  # also the warm-up (compile, autotune)
+                else:
+                    errs = {}
+                    reset, call = calls(fn)
+                    reset(0)
+                    call(0)
+            built[name] = fn, errs
+        except Exception as exc:
+            failed[name] = exc
+
     ms_by_provider = {}
     case_rows = []
     for name, prov in timed.items():
         row = {"op": run.op, "mode": mode, "params": case.params, "provider": name}
         try:
+            if name in failed:
+                raise failed[name]
+            fn, errs = built[name]
             with prov.context():
-                fn = prov.build(case)
-                pending = []  # bwd: the output whose backward the next call runs
-
-                def reset(i):
-                    for t in sets[i % n_sets]:
-                        t.grad = None
-                    if mode == "bwd":
-                        pending.append(fn(*sets[i % n_sets]))  # the forward, outside the timed region
-
-                def call(i):
-                    if mode == "bwd":
-                        return pending.pop().backward(grads[i % n_sets])
-                    out = fn(*sets[i % n_sets])
-                    if wants_grad:
-                        out.backward(grads[i % n_sets])
-                    return out
-
-                if prov.checked:
-                    errs = _errors(fn, base, g, ref, ref_grads, mode)  # also the warm-up (compile, autotune)
-                else:
-                    errs = {}
-                    reset(0)
-                    call(0)
+                reset, call = calls(fn)
                 # one call on every input copy before any is timed: what a provider derives from
                 # its inputs on first sight (the int4/2:4 CUDA backends' re-laid-out weight) is
                 # then made here, not inside a timed call

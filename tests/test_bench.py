@@ -753,3 +753,77 @@ def test_readme_results_table_is_the_one_bench_report_builds():
     text = (harness.REPO / "README.md").read_text()
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert text.split(report.BEGIN, 1)[1].split(report.END, 1)[0] == "\n" + report.build()
+
+
+def test_an_output_element_the_provider_never_writes_fails(monkeypatch):
+    # a kernel whose last tile is missing: its output buffer holds whatever the memory held
+    # before, which must not be an earlier provider's right answer on the same inputs (the
+    # harness poisons every checked output and runs all checks before any timing)
+    def last_row_unwritten(case):
+        def fn(x, w, b):
+            y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            y[:-1] = F.gelu(F.linear(x[:-1], w, b))
+            return y
+        return fn
+
+    provs = {"torch-eager": harness.Provider(build=bench_linear_gelu._eager),
+             "last-row-unwritten": harness.Provider(build=last_row_unwritten)}
+    monkeypatch.setattr(bench_linear_gelu, "providers", lambda: provs)
+    for _ in range(5):  # the allocator's choice of memory varies from run to run
+        case = bench_linear_gelu._case(torch.float32, "none", 5, 12, 16)
+        run = harness.run_op(bench_linear_gelu, [case], "cpu", CEIL, list(provs), ["fwd"], checkpoint=lambda r: None)
+        assert {r["provider"]: r["status"] for r in run.rows} == {"torch-eager": "ok", "last-row-unwritten": "FAIL"}
+
+
+def test_graph_replays_rotate_the_input_sets_whole(monkeypatch):
+    # each replay runs every input set equally often, in order: a partial rotation would start
+    # the next replay on the sets its last calls read (still in L2). No GPU: the graph is faked,
+    # its "replay" runs the calls made while capturing.
+    import contextlib
+
+    state = {"capturing": False, "captured": []}
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g):
+        state["capturing"] = True
+        yield
+        state["capturing"] = False
+
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(harness, "measure", lambda call, reset, device, budget_ms=100.0: 1.0)
+    out = torch.zeros(4)
+
+    def call(i):
+        if state["capturing"]:
+            state["captured"].append(i % n_sets)
+        return out
+
+    for n_sets in (1, 3, 7, 12, 16, 23):
+        state["captured"] = []
+        ms, first = harness.measure_graph(call, n_sets)
+        sets = state["captured"]
+        assert len(sets) >= harness.GRAPH_CALLS and len(sets) % n_sets == 0, (n_sets, len(sets))
+        assert sets == [i % n_sets for i in range(len(sets))]
+        assert torch.isnan(first).all()  # poisoned after capture: the error check reads the replays' writes
+        out.zero_()
+
+
+def test_report_shows_the_fastest_correct_effkern_row():
+    from bench import report
+
+    def row(provider, ms, status):
+        return {"op": "x", "mode": "fwd", "params": {"M": 16}, "provider": provider, "ms": ms, "status": status}
+
+    doc = {"rows": [row("effkern-triton", 0.1, "FAIL"), row("effkern-cuda", 0.4, "ok"), row("torch-eager", 0.5, "ok")]}
+    assert [r["provider"] for r in report._best_rows(doc)] == ["effkern-cuda"]
+    doc["rows"][1]["status"] = "FAIL"  # none correct: the fastest, marked FAIL
+    assert [r["provider"] for r in report._best_rows(doc)] == ["effkern-triton"]
