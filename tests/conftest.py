@@ -13,6 +13,17 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no Triton: its kernels are skipped, nothing to check
+        pass
+    else:
+        import interpreter_bounds
+
+        # every interpreted load and store must stay inside the launch's tensors (a GPU would
+        # read garbage or overwrite another allocation there; the interpreter, the CPU's memory)
+        interpreter_bounds.install()
 # On a GPU, test the kernels at one fixed tile config instead of autotuning every test shape
 # (minutes of compiles); tests that cover the autotuned configs switch it back on.
 os.environ.setdefault("EFFKERN_TRITON_AUTOTUNE", "0")
