@@ -447,6 +447,25 @@ def test_triton_matches_reference_backend(mode):
         assert torch.equal(y, int8_linear_reference(x, qw, scale, b))
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_in_16_bits_is_the_float32_result_rounded_once(mode, dtype):
+    """The reference computes in float32 whatever the activations' dtype (the float32 scales
+    included, not rounded to 16 bits first) and rounds once to the output's dtype."""
+    torch.manual_seed(4)
+    qw, scale = ek.quantize_int8(outlier_weight(40, 100))
+    x, b = torch.randn(17, 100).to(dtype), torch.randn(40).to(dtype)
+    with ek.use_backend("reference"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+        assert torch.equal(y, LINEAR_OPS[mode](x.float(), qw, scale, b.float()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_rounds_the_float32_product_once(dtype):
+    qw, scale = ek.quantize_int8(outlier_weight(40, 100))
+    assert torch.equal(dequantize_int8(qw, scale, dtype), (qw.float() * scale[:, None]).to(dtype))
+
+
 def test_w8a8_in_bfloat16_through_the_interpreter():
     """bf16 activations on the int8 path (no bf16 tl.dot involved, so the interpreter runs it)."""
     needs_backend("triton")
@@ -628,6 +647,26 @@ def test_w8a16_reference_gradcheck():
         assert torch.autograd.gradcheck(lambda x, b: ek.int8_weight_only_linear(x, qw, scale, b), (x, b))
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_float64_on_the_reference_backend_is_the_quantization_in_float64(mode):
+    """float64 activations (the reference backend's own path, for gradcheck): the same
+    quantization, dequantized and multiplied in float64, bias included; its gradient as in
+    the other dtypes."""
+    torch.manual_seed(0)
+    w = outlier_weight(6, 24).double()
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    qw, scale = ek.quantize_int8(w)
+    grad = torch.randn(2, 3, 6, dtype=torch.float64)
+    with ek.use_backend("reference"):
+        y = LINEAR_OPS[mode](x, qw, scale, b)
+        y.backward(grad)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, quantized_linear_float64(mode, x.detach(), w, b.detach()))
+    torch.testing.assert_close(x.grad, grad @ dequantize_int8(qw, scale, torch.float64))
+    torch.testing.assert_close(b.grad, grad.sum((0, 1)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_requested_gradients(backend):
     needs_backend(backend)
@@ -806,6 +845,7 @@ def _bad_calls():
     x = torch.randn(4, 8)
     return [
         ("scale shape", (x, qw, scale[:5], None), ValueError, r"weight_scale must have shape \[N\] = \[6\]"),
+        ("scale as a column", (x, qw, scale[:, None], None), ValueError, r"weight_scale must have shape \[N\] = \[6\]"),
         ("scale dtype", (x, qw, scale.half(), None), TypeError, "weight_scale must be float32"),
         ("float weight as qweight", (x, torch.randn(6, 8), scale, None), TypeError, "must be int8 .*quantize_int8"),
         ("K mismatch", (torch.randn(4, 9), qw, scale, None), ValueError, "K=9 does not match qweight's K=8"),
@@ -858,6 +898,7 @@ def _bad_matmul_calls():
          "a_q's last dimension K=8 does not match b_q's K=7"),
         ("float a_q", (a.float(), b, a_scale, b_scale), TypeError, "a_q must be int8"),
         ("a_scale shape", (a, b, a_scale[:3], b_scale), ValueError, r"a_scale must have shape \(4,\)"),
+        ("a_scale as a column", (a, b, a_scale[:, None], b_scale), ValueError, r"a_scale must have shape \(4,\)"),
         ("bias shape", (a, b, a_scale, b_scale, torch.randn(5)), ValueError, r"bias must have shape \[N\] = \[6\]"),
         ("out_dtype", (a, b, a_scale, b_scale, None, torch.int32), TypeError, "out_dtype must be"),
     ]
@@ -937,6 +978,7 @@ def test_int8_linear_module_cast_to_a_16_bit_model_keeps_its_float32_scale(mode,
         assert model.bias.dtype == dtype
         assert torch.equal(model.weight_scale, scale) and model.weight_scale.dtype == torch.float32
         assert torch.equal(model.qweight, qweight)
+        assert torch.equal(model.dequantized_weight(), dequantize_int8(qweight, scale, dtype))  # the bias's dtype
         x = torch.randn(3, 32).to(dtype)
         assert torch.equal(model(x), LINEAR_OPS[mode](x, qweight, scale, model.bias.detach()))
         model.load_state_dict(layer.state_dict())

@@ -130,8 +130,8 @@ def test_compress_refuses_a_weight_that_is_not_2_4(backend):
     and every GPU tensor under any backend)."""
     needs_format_backend(backend)
     w = sparse_weight(4, 16)
-    w[2, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])
-    with ek.use_backend(backend), pytest.raises(ValueError, match=r"row 2, group 2 \(k = 8\.\.11\) has 3 nonzeros"):
+    w[1, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])  # row != group: the message names each
+    with ek.use_backend(backend), pytest.raises(ValueError, match=r"row 1, group 2 \(k = 8\.\.11\) has 3 nonzeros"):
         ek.compress_24(w)
 
 
@@ -527,6 +527,7 @@ def _bad_calls():
         ("K mismatch", (torch.randn(3, 36), values, meta), ValueError, "K=36 does not match the weight's K=32"),
         ("dtype mismatch", (x.half(), values, meta), TypeError, "values has dtype torch.float32 but input has"),
         ("bias shape", (x, values, meta, torch.randn(7)), ValueError, r"bias must have shape \[N\] = \[8\]"),
+        ("bias as a column", (x, values, meta, torch.randn(8, 1)), ValueError, r"bias must have shape \[N\] = \[8\]"),
         ("odd values", (x, values[:, :15], meta), ValueError, "values must be 2-D"),
     ]
 
@@ -637,6 +638,16 @@ def test_sparse24_linear_module_and_state_dict():
         ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 24), prune=False)
     with pytest.raises(ValueError, match="multiple of 4"):
         ek.nn.Sparse24Linear(30, 8)
+    assert not ek.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 24).requires_grad_(False)).values.requires_grad
+
+
+@pytest.mark.parametrize("cls", [ek.nn.Sparse24Linear, ek.nn.Sparse24Int8Linear])
+def test_a_fresh_module_with_an_odd_number_of_groups_runs(cls):
+    """in_features = 12: three groups, so the initial metadata's last high nibble is unused and
+    must be 0 (the ops refuse a nonzero one): a fresh layer computes its zero weight's output."""
+    layer = cls(12, 4)
+    assert layer.meta.tolist() == [[0x44, 0x04]] * 4
+    torch.testing.assert_close(layer(torch.randn(3, 12)), layer.bias.detach().expand(3, 4))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import effkern as ek
-from effkern.int8 import int8_accumulate_reference, int8_linear_reference, quantize_rows_reference
+from effkern.int8 import dequantize_int8, int8_accumulate_reference, int8_linear_reference, quantize_rows_reference
 from effkern.sparse24 import compress_24_reference, decompress_24_reference
 
 from op_checks import (SHARED_LIMIT, aligned_launch, assert_bad_call_raises, assert_compiles_like_eager,
@@ -374,6 +374,8 @@ def _bad_op_calls():
         ("meta shape", (x, values, meta[:, :1], scale, None), ValueError, r"meta must have shape \[N, ceil\(K / 8\)\]"),
         ("K mismatch", (torch.randn(4, 12), values, meta, scale, None), ValueError, "K=12 does not match"),
         ("scale shape", (x, values, meta, scale[:7], None), ValueError, r"weight_scale must have shape \[N\] = \[8\]"),
+        ("scale as a column", (x, values, meta, scale[:, None], None), ValueError,
+         r"weight_scale must have shape \[N\] = \[8\]"),
         ("scale dtype", (x, values, meta, scale.half(), None), TypeError, "weight_scale must be float32"),
         ("bias shape", (x, values, meta, scale, torch.randn(7)), ValueError, r"bias must have shape \[N\] = \[8\]"),
         ("int input", (x.int(), values, meta, scale, None), TypeError, "input must be float16, bfloat16 or float32"),
@@ -410,6 +412,7 @@ def test_module_from_linear_and_state_dict_round_trip():
     assert torch.equal(layer.dequantized_weight(torch.float64), qweight.double() * scale.double()[:, None])
     half = copy.deepcopy(layer).half()
     assert half.bias.dtype == torch.float16 and half.weight_scale.dtype == torch.float32
+    assert torch.equal(half.dequantized_weight(), dequantize_int8(qweight, scale, torch.float16))  # the bias's dtype
     with pytest.raises(ValueError, match="2:4 sparse"):  # prune=False: the weight must be 2:4 already
         ek.nn.Sparse24Int8Linear.from_linear(torch.nn.Linear(8, 4), prune=False)
     with pytest.raises(ValueError, match="multiple of 4"):
