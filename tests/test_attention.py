@@ -855,6 +855,7 @@ def _bad_cases():
         ("heads_not_a_multiple", (q, k[:, :1].expand(1, 3, 7, 16), v[:, :1].expand(1, 3, 7, 16)), ValueError,
          r"Hq=4 must be a multiple of .* Hkv=3"),
         ("dtype_mismatch", (q, k.float(), v), TypeError, r"k has dtype torch.float32 but q has torch.float16"),
+        ("v_dtype_mismatch", (q, k, v.float()), TypeError, r"v has dtype torch.float32 but q has torch.float16"),
         ("int_dtype", (q.to(torch.int32), k, v), TypeError, r"q must be float16, bfloat16, float32 or float64"),
         ("rank_3", (q[0], k, v), ValueError, r"q must be 4-D \[B, H, S, D\], got shape \(4, 5, 16\)"),
         ("k_v_shapes", (q, k, v[:, :, :3]), ValueError, r"k and v must have the same shape"),
@@ -1161,3 +1162,41 @@ def test_public_names():
     assert ek.flash_attention is flash_attention
     assert ek.scaled_dot_product_attention is scaled_dot_product_attention
     assert {"flash_attention", "scaled_dot_product_attention"} <= set(ek.__all__)
+
+
+def test_sdpa_calls_effkern_does_not_take_are_torchs():
+    """A value head dim other than the keys' (torch's SDPA takes it, effkern's op does not), the
+    cuda backend (no attention kernels) and auto on CPU float16: torch's own SDPA, bit for bit."""
+    q, k, v = (t.detach() for t in make(1, 2, 2, 5, 9, 16, False, torch.float32))
+    for backend, args in [("reference", (q, k, v[..., :8])), ("auto", (q, k, v[..., :8])), ("cuda", (q, k, v)),
+                          ("auto", (q.half(), k.half(), v.half()))]:
+        with ek.use_backend(backend):
+            assert not _sdpa_fast_path(*args, None, 0.0, None, False), backend
+            assert torch.equal(scaled_dot_product_attention(*args, is_causal=True),
+                               F.scaled_dot_product_attention(*args, is_causal=True))
+
+
+@pytest.mark.parametrize("wanted", ["q", "k", "v", "qk", "kv", "qv"])
+def test_gradients_of_only_the_inputs_that_require_them(wanted):
+    """Each input that requires grad gets its own gradient, whichever of the others do not."""
+    x = [t.detach() for t in make(1, 4, 2, 5, 9, 16, False, torch.float64)]
+    dout = torch.randn(1, 4, 5, 16, dtype=torch.float64)
+    with ek.use_backend("reference"):
+        full = [t.clone().requires_grad_() for t in x]
+        flash_attention(*full, causal=True).backward(dout)
+        some = [t.clone().requires_grad_(name in wanted) for name, t in zip("qkv", x)]
+        flash_attention(*some, causal=True).backward(dout)
+    for name, t, f in zip("qkv", some, full):
+        if name in wanted:
+            torch.testing.assert_close(t.grad, f.grad, msg=f"d{name}")
+        else:
+            assert t.grad is None
+
+
+def test_auto_on_cpu_is_the_reference():
+    """auto: triton on CUDA for float16/bfloat16, the reference otherwise (CPU float16 included)."""
+    from effkern.attention import choose_backend
+
+    with ek.use_backend("auto"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            assert choose_backend("flash_attention", torch.device("cpu"), dtype) == "reference", dtype

@@ -485,6 +485,8 @@ def test_weight_gradient_is_a_clear_error():
     qw, scales, zeros = quantized(8, 32, 32, torch.float32)
     with pytest.raises(RuntimeError, match="quantized weight is frozen"):
         ek.int4_linear(torch.randn(2, 32), qw, scales.requires_grad_(), zeros, 32)
+    with pytest.raises(RuntimeError, match="quantized weight is frozen"):
+        ek.int4_linear(torch.randn(2, 32), qw, scales.detach(), zeros.requires_grad_(), 32)
 
 
 # ---------------------------------------------------------------------------- registration
@@ -725,6 +727,8 @@ def _bad_calls():
         ("K mismatch", (torch.randn(3, 72), qw, scales, zeros, 32), ValueError, "K=72 does not match the weight's K=64"),
         ("group size", (x, qw, scales, zeros, 48), ValueError, "group_size must be one of"),
         ("int input", (x.int(), qw, scales, zeros, 32), TypeError, "input must be float16, bfloat16 or float32"),
+        ("zeros device", (x, qw, scales, zeros.to("meta"), 32), RuntimeError, "zeros is on meta but qweight"),
+        ("bias device", (x, qw, scales, zeros, 32, torch.randn(16, device="meta")), RuntimeError, "bias is on meta"),
     ]
 
 
@@ -747,6 +751,8 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     qw, scales, zeros = quantized(16, 64, 32)
     with ek.use_backend("cuda"), pytest.raises(RuntimeError, match="CUDA int4 kernel runs on CUDA tensors"):
         ek.int4_linear(torch.randn(2, 64).half(), qw, scales, zeros, 32)
+    with ek.use_backend("cuda"), pytest.raises(TypeError, match="float64 runs on the reference backend"):
+        ek.int4_linear(torch.randn(2, 64, dtype=torch.float64), *quantized(16, 64, 32, torch.float64), 32)
 
 
 @pytest.fixture
@@ -852,7 +858,7 @@ def test_act_order_layer_state_dict_round_trip():
     fresh = ek.nn.Int4Linear(128, 16, bias=False, group_size=32, dtype=torch.float16, act_order=True)
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(3, 128).half()
-    assert torch.equal(fresh(x), layer(x)) and "perm" in layer.state_dict()
+    assert torch.equal(fresh(x), layer(x)) and "perm" in layer.state_dict() and "act_order=True" in repr(layer)
 
 
 # ---------------------------------------------------------------------------- GPU code, compiled here
@@ -969,3 +975,15 @@ def test_gpu_imported_layers_match_float64(fmt, backend, M, poison_empty):
     """GPTQ (act-order, zeros up to 16) and AWQ layers against their formats' own dequantization."""
     needs_backend(backend, "cuda")
     check_imported_layer(fmt, 256, 1024, 128, True, backend, M, device="cuda")
+
+
+def test_int4_linear_module_arguments_reach_the_layer():
+    """from_linear's symmetric, the constructor's dtype and its N % 8 check."""
+    linear = torch.nn.Linear(64, 16)
+    layer = ek.nn.Int4Linear.from_linear(linear, group_size=32, symmetric=True)
+    for got, want in zip((layer.qweight, layer.scales, layer.zeros), ek.quantize_int4(linear.weight, 32, True)):
+        assert torch.equal(got, want)
+    fresh = ek.nn.Int4Linear(64, 16, group_size=32, dtype=torch.float16)
+    assert fresh.scales.dtype == fresh.zeros.dtype == fresh.bias.dtype == torch.float16
+    with pytest.raises(ValueError, match="out_features=12"):
+        ek.nn.Int4Linear(64, 12, group_size=32)

@@ -746,6 +746,11 @@ def op_samples(requires_grad, device="cpu", dtype=torch.float32):
         gelu_grad = torch.sigmoid(x @ w.t()).reshape(-1, w.shape[0]) if save else None  # any [M, N] will do
         mask = [True, True, b is not None]
         yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, w, b, gelu_grad, approximate, mask)
+        if save:  # one gradient: only the operand it needs was kept
+            yield torch.ops.effkern.linear_gelu_bwd.default, (grad, x, None, None, gelu_grad, approximate,
+                                                              [False, True, False])
+            yield torch.ops.effkern.linear_gelu_bwd.default, (grad, None, w, None, gelu_grad, approximate,
+                                                              [True, False, False])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -1270,3 +1275,43 @@ def test_cpp_cpu_kernel_rounds_its_16_bit_results_once(dtype, approximate):
         exact = a @ bmat
         ok = _within_half_a_unit(got, exact, 2 * n * eps32 * (a.abs() @ bmat.abs()))
         assert ok.all(), f"{name}: {int((~ok).sum())} of {ok.numel()} elements more than half a unit off"
+
+
+def test_linear_gelu_module_recompute_preact_keeps_no_gelu_grad():
+    """recompute_preact=True, given to the constructor or to from_linear, reaches the op: no
+    [M, N] tensor is kept for the backward."""
+    x = torch.randn(9, 12, requires_grad=True)
+    for layer in (ek.nn.LinearGELU(12, 20, recompute_preact=True),
+                  ek.nn.LinearGELU.from_linear(torch.nn.Linear(12, 20), recompute_preact=True)):
+        shapes = []
+        with ek.use_backend("reference"), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            layer(x)
+        assert shapes and (9, 20) not in shapes, shapes
+
+
+def test_bias_only_training_keeps_gelu_grad():
+    """Only the bias requires grad (BitFit): gelu'(z) is kept like any other training call, not
+    recomputed by one more GEMM in the backward."""
+    x, w, b = make_inputs(9, 20, 24, torch.float64)
+    with ek.use_backend("reference"):
+        kept = _saved_activation(ek.linear_gelu, x, w, b.requires_grad_())
+    z = F.linear(x, w, b).detach()
+    torch.testing.assert_close(kept, torch.ops.aten.gelu_backward(torch.ones_like(z), z))
+    z = F.linear(x, w, b).detach()
+    torch.testing.assert_close(kept, torch.ops.aten.gelu_backward(torch.ones_like(z), z))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_recompute_preact_with_one_gradient(needs):
+    """recompute_preact=True with one operand requiring grad (a frozen layer's input, say): the
+    backward still has input, weight and bias to recompute gelu'(z) from."""
+    x, w, b = make_inputs(6, 10, 12, torch.float64)
+    grads = []
+    for recompute in (False, True):
+        leaves = [t.detach().clone().requires_grad_(n) for t, n in zip((x, w, b), needs)]
+        with ek.use_backend("reference"):
+            ek.linear_gelu(*leaves, recompute_preact=recompute).backward(torch.ones(6, 10, dtype=torch.float64))
+        grads.append([t.grad for t in leaves])
+    for kept, recomputed, n in zip(*grads, needs):
+        assert (recomputed is not None) == n and (not n or torch.equal(kept, recomputed))
