@@ -58,7 +58,7 @@ def use_backend(name: str):
 
 def interpreter_switch_set() -> bool:
     """Whether TRITON_INTERPRET asks for Triton's interpreter now."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")  # as triton reads it
 
 
 def triton_interpreter_on() -> bool:

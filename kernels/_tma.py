@@ -114,9 +114,12 @@ def launch_persistent(tuned, plain, tensors: dict[str, torch.Tensor], args: tupl
     descs = descriptors(tensors, set_block_shapes, fixed_config(fixed))
     device = next(iter(tensors.values())).device
     programs = sm_count(device)
-    rows_block, cols_block = tile_blocks
-
-    def grid(meta):
-        return (min(programs, cdiv(M, meta[rows_block]) * cdiv(N, meta[cols_block])),)
-
+    grid = persistent_grid(programs, M, N, *tile_blocks)
     launch(tuned, plain, grid, (*descs.values(), *args, programs), kwargs, fixed, device=device)
+
+
+def persistent_grid(programs: int, M: int, N: int, rows_block: str, cols_block: str):
+    """grid(meta) of a persistent GEMM: ``programs`` programs (the SM count, the kernels' tile
+    stride NUM_PROGRAMS), or one per output tile where there are fewer tiles, each block size
+    taken from the config by its own name."""
+    return lambda meta: (min(programs, cdiv(M, meta[rows_block]) * cdiv(N, meta[cols_block])),)

@@ -1,5 +1,6 @@
 """Backend selection, the auto policy, the extension and effkern.info()."""
 
+import functools
 import json
 import os
 import pathlib
@@ -24,6 +25,22 @@ def test_use_backend_nests_and_restores(monkeypatch):
             assert _backend.selected_backend() == "reference"
         assert _backend.selected_backend() == "triton"
     assert _backend.selected_backend() == "auto"
+
+
+def test_use_backend_restores_the_choice_after_an_exception(monkeypatch):
+    monkeypatch.delenv("EFFKERN_BACKEND", raising=False)
+    with pytest.raises(KeyError, match="inside"):
+        with ek.use_backend("triton"), ek.use_backend("reference"):
+            raise KeyError("inside")
+    assert _backend.selected_backend() == "auto"
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
+                                      ("Y", True), ("0", False), ("", False), ("off", False), ("n", False)])
+def test_interpreter_switch_reads_the_values_triton_takes(monkeypatch, value, on):
+    # triton's own switch takes 1/true/on/yes/y in any case: effkern must agree on what runs interpreted
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _backend.interpreter_switch_set() is on
 
 
 def test_environment_variable_and_bad_names(monkeypatch):
@@ -69,6 +86,26 @@ def test_policy_picks_the_nearest_measured_shape(tmp_path, monkeypatch):
         _policy._entries.cache_clear()
 
 
+def test_policy_distance_counts_every_side_and_an_empty_batch(tmp_path, monkeypatch):
+    entries = [
+        {"dtype": "float16", "approximate": "none", "M": 16, "N": 4096, "K": 512, "fwd": "cuda"},
+        {"dtype": "float16", "approximate": "none", "M": 16, "N": 4096, "K": 16384, "fwd": "triton"},
+        {"dtype": "float16", "M": 4096, "N": 4096, "K": 4096, "fwd": "triton", "fwd_bwd": "triton"},
+    ]
+    (tmp_path / "linear_gelu.json").write_text(json.dumps({"version": 1, "devices": {"GPU X": {"entries": entries}}}))
+    monkeypatch.setattr(_policy, "POLICY_DIR", tmp_path)
+    _policy._entries.cache_clear()
+    try:
+        choose = functools.partial(_policy.choose, "linear_gelu")
+        assert choose("fwd", "GPU X", "float16", 16, 4096, 1024) == "cuda"  # only K tells them apart
+        assert choose("fwd", "GPU X", "float16", 16, 4096, 8192) == "triton"
+        assert choose("fwd", "GPU X", "float16", 0, 4096, 512) == "cuda"  # M = 0 (an empty batch) counts as 1
+        # an entry that does not record a matched key does not match it
+        assert choose("fwd_bwd", "GPU X", "float16", 4096, 4096, 4096, approximate="none") is None
+    finally:
+        _policy._entries.cache_clear()
+
+
 def test_shipped_policy_files_are_well_formed():
     for path in _policy.POLICY_DIR.glob("*.json"):
         data = json.loads(path.read_text())
@@ -107,6 +144,22 @@ def test_info_reports_versions_extension_and_backends(capsys):
     elif report["extension"]["cuda"]:
         assert report["extension"]["archs"] and f"archs: {report['extension']['archs']}" in printed
     assert report["python"] in printed and f"triton {report['triton']}" in printed and "GPU: " in printed
+
+
+def test_info_reports_the_interpreter_and_a_failed_load(monkeypatch, capsys):
+    report = ek.info()
+    on, printed = _backend.triton_interpreter_on(), capsys.readouterr().out
+    assert report["triton_interpreter"] is on and f"Triton interpreter: {'on' if on else 'off'}" in printed
+    for dev, table in report["backends"].items():
+        for name, (ok, why) in table.items():
+            assert f"  {dev:4s} {name:9s} {'available' if ok else 'unavailable: ' + why}\n" in printed + "\n"
+    assert report["backends"]["cpu"]["reference"] == (True, "")
+
+    def no_library(name):  # a missing shared library is an OSError, not an ImportError
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(_ext.importlib, "import_module", no_library)
+    assert _ext._load.__wrapped__() == (False, "OSError: libcudart.so.13: cannot open shared object file")
 
 
 def test_info_reports_a_wrong_environment_backend(monkeypatch, capsys):
@@ -239,6 +292,34 @@ def test_every_masked_load_says_what_masked_lanes_read():
 
 
 # ---------------------------------------------------------------------------- 32-bit reduction offsets
+
+def test_rows_shape_is_the_shape_of_rows():
+    from effkern._tensors import rows, rows_shape
+
+    for shape in ((5, 8), (2, 3, 8), (2, 3, 4, 8), (8,), (0, 3, 8), (2, 3, 0)):
+        t = torch.empty(shape, device="meta")
+        assert rows_shape(t) == tuple(rows(t).shape), shape
+
+
+def test_with_short_steps_counts_the_deepest_tile_past_the_reduction():
+    from effkern.kernels._launch import MAX_32BIT_OFFSET, with_short_steps
+
+    # k * stride stays below 2^31 for k < K, but not for k < K + 256 (the last tile's masked lanes)
+    near = torch.empty_strided((2**20, 2000), (1, 2**20), device="meta")
+    assert near.stride(1) * near.shape[1] < MAX_32BIT_OFFSET <= near.stride(1) * (near.shape[1] + 256)
+    assert with_short_steps(near, 1).stride(1) == 1
+
+
+def test_host_cdiv_and_next_power_of_2_are_tritons():
+    import triton
+
+    from effkern.kernels._launch import cdiv, next_power_of_2
+
+    for a in range(0, 70):
+        assert a == 0 or next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 16, 64):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
 
 def test_with_short_steps_copies_only_operands_whose_reduction_offsets_could_wrap():
     """The Triton GEMMs compute offsets along the reduction in 32 bits: an operand where k * stride
@@ -468,6 +549,31 @@ def test_launch_heuristics_see_the_arguments_as_triton_hands_them():
         assert all(view[k] == v for k, v in want.items())
         with pytest.raises(KeyError):
             view["nope"]
+
+
+def test_launch_heuristics_miss_an_argument_not_passed():
+    from effkern.kernels._launch import _LaunchArgs
+
+    view = _LaunchArgs({"a": 0, "b": 1, "K": 2}, (1,), {"K": 3})
+    assert "b" not in view and view.get("b") is None and view["K"] == 3  # b's place is past the arguments given
+
+
+def test_row_pruning_keeps_tiles_between_64_rows_and_the_row_count():
+    import triton
+
+    from effkern.kernels._launch import prune_by_rows
+
+    configs = [triton.Config({"BLOCK_M": m}) for m in (16, 32, 64, 128, 256)]
+    prune = prune_by_rows("M", "BLOCK_M")
+    for M, kept in ((1, {16}), (20, {32}), (64, {64}), (100, {64, 128}), (5000, {64, 128, 256})):
+        assert {c.kwargs["BLOCK_M"] for c in prune(configs, {"M": M})} == kept, M
+
+
+def test_tile_grid_counts_row_and_column_tiles_each_by_its_own_block():
+    from effkern.kernels._launch import tiles
+
+    assert tiles(100, 30, "BLOCK_M", "BLOCK_N", 3)({"BLOCK_M": 32, "BLOCK_N": 8}) == (4 * 4, 3)
+    assert tiles(64, 65, "BLOCK_P", "BLOCK_Q")({"BLOCK_P": 64, "BLOCK_Q": 16}) == (5,)
 
 
 def effkern_autotuners():

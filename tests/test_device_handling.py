@@ -74,6 +74,27 @@ def test_cached_layout_follows_a_data_replacement():
     assert torch.equal(again[0], _reorder(layer.values, layer.meta)[0])
 
 
+def test_cached_values_are_per_view_of_a_storage():
+    # views of one storage share its version counter: where (offset) and as what (dtype) each lies tells them apart
+    cache, w = DerivedCache(), torch.randn(8, 16, dtype=torch.float16)
+    for view in (w[:4], w[4:], w[4:].view(torch.int16), w[4:].view(torch.int16)):
+        assert torch.equal(cache.get((view,), view.clone), view)
+    square = torch.randn(8, 8)
+    for view in (square, square.t()):  # and in which order (strides)
+        assert torch.equal(cache.get((view,), view.clone), view)
+
+
+def test_cached_value_follows_each_of_its_tensors_and_is_replaced_in_place():
+    cache, w, meta = DerivedCache(), torch.randn(4, 8), torch.ones(4, dtype=torch.uint8)
+    cache.get((w, meta), lambda: meta.clone())
+    other = meta + 1  # same dtype, shape, strides and version: only the storage differs (meta kept alive)
+    assert torch.equal(cache.get((w, other), other.clone), other)
+    for step in range(3):  # a weight updated in place (an optimizer step) keeps one entry, not one per version
+        w.add_(1)
+        assert torch.equal(cache.get((w, meta), lambda: w.sum(0)), w.sum(0))
+    assert len(cache.entries) == 1
+
+
 def test_cached_layout_is_dropped_with_any_of_its_tensors():
     # module.to(other device) keeps the values Parameter but replaces the meta buffer: the copy made
     # for the old device must not outlive it until the next call
@@ -124,6 +145,47 @@ def test_the_cuda_backend_is_available_only_where_the_extension_has_code(monkeyp
         assert backend_available("cuda", torch.device("cuda", 1))[0] is runs
     finally:
         clear()
+
+
+def test_the_cuda_backend_needs_an_extension_built_with_cuda(monkeypatch):
+    from effkern._backend import backend_available
+
+    monkeypatch.setattr(ext, "build_info", lambda: {"cuda": False, "archs": "", "cuda_version": None})
+    monkeypatch.setattr(ext, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ok, why = backend_available("cuda", torch.device("cuda", 0))
+    assert not ok and "built without CUDA" in why
+    assert backend_available("cuda", torch.device("cpu")) == (True, "")
+
+
+def test_the_extension_archs_are_checked_on_the_current_device_for_an_unindexed_one(monkeypatch):
+    monkeypatch.setattr(ext, "build_info", lambda: {"cuda": True, "archs": "9.0a", "cuda_version": "13.0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: {0: (8, 0), 1: (9, 0)}[d])
+    ext._runs_on.cache_clear()
+    try:
+        assert ext.runs_on(torch.device("cuda")) and not ext.runs_on(torch.device("cuda", 0))
+    finally:
+        ext._runs_on.cache_clear()
+
+
+def test_an_arch_specific_build_runs_only_on_its_own_capability():
+    # "a" (arch-specific) code: X.Y only, not X.Z (sm_100a SASS does not run on sm_103)
+    assert ext._arch_runs("10.0a", (10, 0)) and not ext._arch_runs("10.0a", (10, 3))
+    assert not ext._arch_runs("9.0a", (9, 5)) and ext._arch_runs("10.0f", (10, 3))
+
+
+def test_same_device_check_tells_gpus_apart():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from effkern._tensors import check_same_device
+
+    mode = FakeTensorMode()
+    on = [FakeTensor(mode, torch.empty(2, device="meta"), torch.device("cuda", i)) for i in (0, 1)]
+    check_same_device("op", "input", on[1], weight=on[1], bias=None)
+    with pytest.raises(RuntimeError, match="effkern.op: weight is on cuda:0 but input is on cuda:1"):
+        check_same_device("op", "input", on[1], weight=on[0])
 
 
 def test_autotuned_choices_are_kept_per_gpu_model(monkeypatch):

@@ -226,6 +226,12 @@ def test_cuda_kernel_supports():
     assert not ok(1, 0, 128, 32, torch.float16) and not ok(1, 64, 0, -1, torch.float16)
 
 
+def test_cuda_kernel_refuses_group_sizes_that_are_not_positive():
+    for G in (0, -2, -32, -64, -128):
+        assert not L.shape_supported(4096, 4096, G), G
+        assert not L.cuda_kernel_supports(1, 4096, 4096, G, torch.float16), G
+
+
 def test_shuffle_validates_its_input():
     q, qweight, scales, zeros = make_int4(128, 256, 32, torch.float16)
     with pytest.raises(ValueError, match="N % 64"):

@@ -538,6 +538,29 @@ def test_tma_ready_only_for_what_tma_can_copy(monkeypatch):
     assert not kernels.tma_ready(x)
 
 
+def test_tma_ready_refuses_no_columns_partly_overlapping_rows_and_an_8_byte_base():
+    needs_backend("triton")
+    kernels = _kernels()
+    x = torch.randn(8, 64, dtype=torch.float16)
+    assert kernels.tma_ready(x, x[:, 8:40])  # base 16 bytes in
+    for name, bad in [("no columns", x[:, :0]), ("base 8 bytes in", x[:, 4:36]),
+                      ("rows overlapping by half", x.as_strided((8, 64), (32, 1)))]:
+        assert not kernels.tma_ready(x, bad), name
+
+
+def test_persistent_grid_counts_row_and_column_tiles_each_by_its_own_block():
+    """Fewer output tiles than SMs: one program per tile, every tile run (the kernels stride by
+    NUM_PROGRAMS = the SM count, so a grid short of the tile count would skip tiles; the
+    interpreter's 4 "SMs" rarely see this)."""
+    needs_backend("triton")
+    from effkern.kernels._tma import persistent_grid
+
+    grid = persistent_grid(132, 64, 96, "BLOCK_M", "BLOCK_N")
+    assert grid({"BLOCK_M": 64, "BLOCK_N": 32}) == (3,) and grid({"BLOCK_M": 32, "BLOCK_N": 64}) == (4,)
+    assert persistent_grid(132, 96, 64, "BLOCK_P", "BLOCK_Q")({"BLOCK_P": 32, "BLOCK_Q": 64}) == (3,)
+    assert persistent_grid(4, 640, 640, "BLOCK_M", "BLOCK_N")({"BLOCK_M": 64, "BLOCK_N": 32}) == (4,)
+
+
 def test_small_or_unaligned_calls_keep_the_plain_kernel(tma_launches):
     needs_backend("triton")
     with ek.use_backend("triton"):
@@ -798,6 +821,14 @@ def assert_autocast_like_f_linear(backend, device):
 def test_autocast_like_f_linear(backend):
     needs_backend(backend)
     assert_autocast_like_f_linear(backend, "cpu")
+
+
+def test_autocast_leaves_float64_alone():
+    x, w, b = make_inputs(4, 6, 8, torch.float64)
+    with ek.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ek.linear_gelu(x, w, b)
+        assert y.dtype == F.linear(x, w, b).dtype == torch.float64
+    torch.testing.assert_close(y, linear_gelu_reference(x, w, b))
 
 
 # ---------------------------------------------------------------------------- errors

@@ -512,6 +512,13 @@ def test_cuda_kernel_supports():
     assert not ok(L.MAX_M + 1, 16, 64, torch.float16) and not ok(-1, 16, 64, torch.float16)
 
 
+def test_cuda_kernel_supports_up_to_its_size_limits():
+    ok = L.cuda_kernel_supports
+    assert ok(1, 16, 2**28, torch.float16) and not ok(1, 16, 2**28 + 64, torch.float16)
+    assert ok(1, 2**30, 64, torch.bfloat16) and not ok(1, 2**30 + 16, 64, torch.bfloat16)
+    assert not ok(1, 8, 64, torch.float16) and not ok(1, 24, 64, torch.float16)  # N % 16, not % 8
+
+
 def test_cuda_kernel_supports_int8():
     ok = L.cuda_kernel_supports
     for M in (0, 1, 16, 17, 4096, L.MAX_M):
