@@ -13,12 +13,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # no Triton: its kernels are skipped, nothing to check
-        pass
-    else:
+try:
+    import triton
+except ImportError:  # no Triton: its kernels are skipped, nothing to check
+    pass
+else:
+    if triton.knobs.runtime.interpret:
         import interpreter_bounds
 
         # every interpreted load and store must stay inside the launch's tensors (a GPU would

@@ -3,17 +3,15 @@ whole CPU suite) against deliberately wrong kernels: it must refuse a store or a
 past a tensor, or before a view's first element, and accept every access inside the launch's
 tensors, overlapping views and masked-off lanes included."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="checks Triton's interpreter (the CPU suite); a GPU runs the compiled kernels")
-
 triton = pytest.importorskip("triton")
 tl = triton.language
+
+pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
+                                reason="checks Triton's interpreter (the CPU suite); a GPU runs the compiled kernels")
 
 import interpreter_bounds  # noqa: E402
 
