@@ -548,6 +548,21 @@ def test_tma_ready_refuses_no_columns_partly_overlapping_rows_and_an_8_byte_base
         assert not kernels.tma_ready(x, bad), name
 
 
+@pytest.mark.parametrize("capability,has_tma", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_tma_is_taken_from_sm_90_on(monkeypatch, capability, has_tma):
+    """TMA tensor descriptors exist from Hopper (sm_90) on: an A100 or an Ada card keeps the
+    plain-load kernels (which the interpreter, always TMA-ready, cannot show)."""
+    needs_backend("triton")
+    from effkern.kernels import _tma
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    _tma._device_has_tma.cache_clear()
+    try:
+        assert _tma._device_has_tma(torch.device("cuda", 0)) is has_tma
+    finally:
+        _tma._device_has_tma.cache_clear()
+
+
 def test_persistent_grid_counts_row_and_column_tiles_each_by_its_own_block():
     """Fewer output tiles than SMs: one program per tile, every tile run (the kernels stride by
     NUM_PROGRAMS = the SM count, so a grid short of the tile count would skip tiles; the
