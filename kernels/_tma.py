@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import cdiv, fixed_config, grouped_tile, interpreted, launch, sm_count, switch_on
+from ._launch import fixed_config, grouped_tile, interpreted, launch, sm_count, switch_on, tiles
 
 
 def tma_on() -> bool:
@@ -122,4 +122,5 @@ def persistent_grid(programs: int, M: int, N: int, rows_block: str, cols_block: 
     """grid(meta) of a persistent GEMM: ``programs`` programs (the SM count, the kernels' tile
     stride NUM_PROGRAMS), or one per output tile where there are fewer tiles, each block size
     taken from the config by its own name."""
-    return lambda meta: (min(programs, cdiv(M, meta[rows_block]) * cdiv(N, meta[cols_block])),)
+    output_tiles = tiles(M, N, rows_block, cols_block)
+    return lambda meta: (min(programs, output_tiles(meta)[0]),)
