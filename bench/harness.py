@@ -229,7 +229,8 @@ def _measure_cuda(call, reset, budget_ms):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-GRAPH_CALLS = 16  # calls captured in one graph at least (whole rotations of the input sets): a replay's launch cost is shared
+# calls captured in one graph, at least (whole rotations of the input sets): a replay's launch cost is shared
+GRAPH_CALLS = 16
 
 
 def measure_graph(call: Callable[[int], torch.Tensor], n_sets: int, budget_ms: float = 100.0):
@@ -408,7 +409,9 @@ def run_case(run: Run, mod, case: Case, mode: str, providers: dict) -> None:
     # bwd: the forward run just before each timed backward leaves the weight, the inputs and the
     # saved tensors in L2, which a training step's backward (layers later) does not find there:
     # writing 2x L2 of scratch after the forward evicts them, outside the timed region
-    evict = torch.empty(2 * _l2_bytes() // 4, dtype=torch.int32, device=device) if mode == "bwd" and device == "cuda" else None
+    evict = None
+    if mode == "bwd" and device == "cuda":
+        evict = torch.empty(2 * _l2_bytes() // 4, dtype=torch.int32, device=device)
 
     def calls(fn):
         pending = []  # bwd: the output whose backward the next call runs
