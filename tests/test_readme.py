@@ -15,6 +15,7 @@ Tracebacks name README.md and its line numbers.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import inspect
 import math
@@ -525,7 +526,57 @@ class Sparse24(Example):
             assert torch.equal(layer(x), ek.sparse24_int8_linear(x, values, meta, scale, linear.bias))
 
 
-EXAMPLES = {example.heading: example for example in (API(), Attention(), Int8(), Int4(), Sparse24())}
+class Swap(Example):
+    heading = "Whole models: `ek.swap`"
+
+    @staticmethod
+    def model(dtype) -> torch.nn.Sequential:
+        """The same small model each call: two Linears and a GELU, and a head named lm_head."""
+        torch.manual_seed(2)
+        return torch.nn.Sequential(collections.OrderedDict(fc1=lin(64, 128, dtype), act=torch.nn.GELU(), fc2=lin(128, 64, dtype),
+                                        lm_head=lin(64, 32, dtype)))
+
+    def setup(self, backend):
+        self.dtype = float_dtype(backend)
+        self.before = {"model = ek.swap(": lambda ns: ns.update(model=self.model(self.dtype))}  # each from the start
+        return dict(x=strided(2, 3, 64, dtype=self.dtype))
+
+    def check(self, steps, backend, capsys):
+        x = steps[0].ns["x"]
+
+        def same_as(made, *layers):
+            """``made`` holds ``layers`` (the original model's, converted by hand), computing the same bits."""
+            assert [type(m) for m in made] == [type(m) for m in layers]
+            by_hand = torch.nn.Sequential(*layers)
+            with torch.no_grad(), ek.use_backend(backend):
+                assert torch.equal(made(x), by_hand(x))
+
+        fused = step(steps, "# nn.Linear then nn.GELU in an nn.Sequential -> ek.nn.LinearGELU").ns["model"]
+        plain = self.model(self.dtype)
+        same_as(fused, ek.nn.LinearGELU.from_linear(plain.fc1), torch.nn.Identity(), plain.fc2, plain.lm_head)
+        assert list(fused.state_dict()) == list(plain.state_dict())
+
+        converted = {"int8": step(steps, '# every nn.Linear -> Int8Linear (W8A8); "w8a16" for W8A16'),
+                     "int4": step(steps, "# -> Int4Linear"),
+                     "sparse24": step(steps, '# -> Sparse24Linear; "sparse24_int8"')}
+        by_name = {"int8": (ek.nn.Int8Linear, dict(mode="w8a8")), "w8a16": (ek.nn.Int8Linear, dict(mode="w8a16")),
+                   "int4": (ek.nn.Int4Linear, dict(group_size=64, symmetric=False)),
+                   "sparse24": (ek.nn.Sparse24Linear, dict(prune=True)),
+                   "sparse24_int8": (ek.nn.Sparse24Int8Linear, dict(prune=True))}
+        for name, (cls, kwargs) in by_name.items():
+            # the formats the comments name run too: w8a16 and sparse24_int8
+            made = converted[name].ns["model"] if name in converted else ek.swap(self.model(self.dtype), name)
+            plain = self.model(self.dtype)
+            same_as(made, cls.from_linear(plain.fc1, **kwargs), plain.act, cls.from_linear(plain.fc2, **kwargs),
+                    cls.from_linear(plain.lm_head, **kwargs))
+
+        filtered = step(steps, 'filter_fn=lambda module, name: name != "lm_head")').ns["model"]
+        plain = self.model(self.dtype)
+        same_as(filtered, ek.nn.Int8Linear.from_linear(plain.fc1), plain.act, ek.nn.Int8Linear.from_linear(plain.fc2),
+                plain.lm_head)
+
+
+EXAMPLES = {example.heading: example for example in (API(), Attention(), Int8(), Int4(), Sparse24(), Swap())}
 BLOCKS = readme_blocks()
 
 
