@@ -1,14 +1,15 @@
 """effkern.swap: put effkern's modules into a whole model, in place.
 
     model = ek.swap(model)                      # nn.Linear + nn.GELU in an nn.Sequential -> LinearGELU
-    model = ek.swap(model, "int8")              # and every other nn.Linear -> Int8Linear (W8A8)
+    model = ek.swap(model, "int8")              # every nn.Linear -> Int8Linear (W8A8)
     model = ek.swap(model, "int4", group_size=64, filter_fn=lambda module, name: name != "lm_head")
 
 Only modules whose behaviour effkern's replacement reproduces are touched: ``nn.Linear`` itself
 (not a subclass such as nn.MultiheadAttention's ``out_proj``, whose owner reads its ``weight``
-directly, nor a parametrized one) and ``nn.GELU``, each without hooks (a replacement would drop
-them). Attention is not a module in most models: use ``ek.scaled_dot_product_attention`` where
-the model calls ``F.scaled_dot_product_attention``.
+directly, nor a parametrized one; nor the Linears of an nn.TransformerEncoderLayer, which reads
+their weights too) and ``nn.GELU``, each without hooks (a replacement would drop them).
+Attention is not a module in most models: use ``ek.scaled_dot_product_attention`` where the
+model calls ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ LINEAR_CONVERSIONS = {
 }
 
 
+# Modules whose forward reads their Linears' ``.weight`` itself: nn.TransformerEncoderLayer's
+# inference fast path (and nn.TransformerEncoder's, through its first layer) passes linear1's and
+# linear2's weights to a fused kernel. (nn.MultiheadAttention's out_proj is a subclass, left anyway.)
+WEIGHT_READING_OWNERS = (nn.TransformerEncoderLayer,)
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -43,8 +50,9 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
     W8A16, ``"int4"`` Int4Linear (``options``: ``group_size``, ``symmetric``), ``"sparse24"``
     Sparse24Linear or ``"sparse24_int8"`` Sparse24Int8Linear (``options``: ``prune``), through
     the class's ``from_linear``. A Linear that the format cannot take (its shape; with
-    ``prune=False``, a weight that is not 2:4) or that has hooks stays an nn.Linear, and one
-    warning names each with the reason.
+    ``prune=False``, a weight that is not 2:4), that has hooks or whose owner reads its
+    ``.weight`` (nn.TransformerEncoderLayer) stays an nn.Linear, and one warning names each with
+    the reason.
 
     ``fuse_gelu``: then an ``nn.Linear`` followed directly by an ``nn.GELU`` in an
     ``nn.Sequential`` becomes one ``ek.nn.LinearGELU`` sharing the Linear's Parameters, with
@@ -75,12 +83,14 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
             decided[id(module)] = filter_fn is None or bool(filter_fn(module, name))
         return decided[id(module)]
 
-    def convert(module: nn.Module, name: str) -> nn.Module:
+    def convert(module: nn.Module, name: str, owner: nn.Module | None) -> nn.Module:
         if cls is None or type(module) is not nn.Linear or not wanted(module, name):
             return module
         if id(module) not in replaced:
             replaced[id(module)] = module
-            if _hooked(module):
+            if isinstance(owner, WEIGHT_READING_OWNERS):
+                left[name] = f"its {type(owner).__name__} reads its .weight (the inference fast path)"
+            elif _hooked(module):
                 left[name] = "it has hooks"
             else:
                 try:
@@ -106,7 +116,7 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
         for key, child in list(parent._modules.items()):
             if child is None:
                 continue
-            new = convert(child, prefix + key)
+            new = convert(child, prefix + key, parent)
             if new is not child:
                 setattr(parent, key, new)
             elif id(child) not in visited:
@@ -114,7 +124,7 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
         if fuse_gelu and isinstance(parent, nn.Sequential):
             fuse(parent, prefix)
 
-    result = convert(model, "")
+    result = convert(model, "", None)
     if result is model:
         visit(model, "")
     if left:

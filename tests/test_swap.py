@@ -111,6 +111,23 @@ def test_converts_every_plain_linear_like_from_linear(linear):
     assert torch.equal(model(x), by_hand(x))
 
 
+def test_leaves_the_linears_of_a_transformer_encoder_layer():
+    """nn.TransformerEncoderLayer in eval mode reads linear1.weight and linear2.weight itself (its
+    fast path): converted, they would raise AttributeError there."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match=r"layers.0.linear1: its TransformerEncoderLayer reads its .weight "
+                                         r"\(the inference fast path\); layers.0.linear2: .*; layers.1.linear2: "):
+        ek.swap(model, "int8")
+    assert all(type(m) is nn.Linear for layer in model.layers for m in (layer.linear1, layer.linear2))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 def test_options_reach_from_linear():
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
     ek.swap(model, "int4", group_size=32, symmetric=True)
