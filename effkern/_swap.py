@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch import nn
 
+from .int4 import GROUP_SIZES
 from .nn import Int4Linear, Int8Linear, LinearGELU, Sparse24Int8Linear, Sparse24Linear
 
 # name: (module class, the from_linear arguments the name fixes, the ones swap's caller may set)
@@ -55,10 +56,15 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
     the reason.
 
     ``fuse_gelu``: then an ``nn.Linear`` followed directly by an ``nn.GELU`` in an
-    ``nn.Sequential`` becomes one ``ek.nn.LinearGELU`` sharing the Linear's Parameters, with
-    GELU's ``approximate``; the GELU's place holds an ``nn.Identity``, so indices and state_dict
-    keys stay as they were. (Elsewhere the order of calls is in ``forward``'s code, which swap
-    does not read.)
+    ``nn.Sequential`` (or a subclass that keeps nn.Sequential's ``forward``) becomes one
+    ``ek.nn.LinearGELU`` sharing the Linear's Parameters, with GELU's ``approximate``; the GELU's
+    place holds an ``nn.Identity``, so indices and state_dict keys stay as they were. (Elsewhere
+    the order of calls is in ``forward``'s code, which swap does not read.) An nn.LazyLinear is
+    an nn.Linear only after its first forward: swap it after one.
+
+    A converted Linear whose weight Parameter other modules hold too (an lm_head tied to the
+    embedding) is converted all the same, and a second warning names it: its replacement holds
+    its own copy, and the others keep the Parameter.
 
     ``filter_fn(module, name)``: only the Linears for which it returns True are replaced or
     fused (``name`` as in ``model.named_modules()``). A module reached by several paths is
@@ -73,10 +79,23 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
     unknown = sorted(set(options) - set(settable))
     if unknown:
         raise ValueError(f"effkern.swap: linear={linear!r} takes the options {settable}, got {unknown}")
+    # a bad value is the caller's mistake, not a layer's shape: raise it here, before the walk,
+    # rather than leave every Linear with the same per-layer warning
+    if "group_size" in options and options["group_size"] not in GROUP_SIZES:
+        raise ValueError(f"effkern.swap: group_size must be one of {GROUP_SIZES}, got {options['group_size']!r}")
     decided: dict[int, bool] = {}  # id of a Linear -> filter_fn's answer, asked once per module
     replaced: dict[int, nn.Module] = {}  # id of an original Linear -> what stands in its place
     left: dict[str, str] = {}  # name of a Linear left as it was -> why
     visited: set[int] = set()
+    # who holds each Parameter (tied weights: an lm_head sharing the embedding's): a converted
+    # Linear's replacement holds its own copy of the weight, so a tie is dropped; say so
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    if cls is not None:
+        for holder_name, holder in model.named_modules():
+            for param_name, param in holder._parameters.items():
+                if param is not None:
+                    holders.setdefault(id(param), []).append((f"{holder_name}.{param_name}".lstrip("."), holder))
+    untied: dict[str, str] = {}  # name of a converted Linear -> the other holders of its weight
 
     def wanted(module: nn.Module, name: str) -> bool:
         if id(module) not in decided:
@@ -97,6 +116,10 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
                     replaced[id(module)] = cls.from_linear(module, **fixed, **options)
                 except ValueError as error:
                     left[name] = str(error)
+                else:
+                    others = [other for other, holder in holders.get(id(module.weight), ()) if holder is not module]
+                    if others:
+                        untied[name] = ", ".join(others)
         return replaced[id(module)]
 
     def fuse(sequential: nn.Sequential, prefix: str) -> None:
@@ -121,7 +144,9 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
                 setattr(parent, key, new)
             elif id(child) not in visited:
                 visit(child, prefix + key + ".")
-        if fuse_gelu and isinstance(parent, nn.Sequential):
+        # only where nn.Sequential.forward runs: a subclass's own forward may read a Linear's
+        # output (the stages' outputs, a residual around each module), which fusion would change
+        if fuse_gelu and isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             fuse(parent, prefix)
 
     result = convert(model, "", None)
@@ -130,4 +155,9 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
     if left:
         warnings.warn("effkern.swap: left these nn.Linear as they were: "
                       + "; ".join(f"{name or '(the model)'}: {why}" for name, why in left.items()), stacklevel=2)
+    if untied:
+        warnings.warn("effkern.swap: these nn.Linear shared their weight with other modules, which keep it; "
+                      "each replacement holds its own converted copy, so the tie is gone (leave them out with "
+                      "filter_fn to keep it): " + "; ".join(f"{name or '(the model)'}: tied to {others}"
+                                                            for name, others in untied.items()), stacklevel=2)
     return result

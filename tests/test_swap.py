@@ -72,6 +72,30 @@ def test_fuses_only_a_linear_directly_followed_by_a_gelu():
     assert [type(m) for m in seq] == kinds
 
 
+def test_fuses_in_a_sequential_subclass_only_with_sequentials_forward():
+    """A subclass with its own forward may use a Linear's output itself: fusing would change it."""
+
+    class Stages(nn.Sequential):  # every stage's output, as a feature extractor returns them
+        def forward(self, x):
+            outs = []
+            for module in self:
+                x = module(x)
+                outs.append(x)
+            return outs
+
+    class Plain(nn.Sequential):  # nn.Sequential's forward: fused
+        pass
+
+    torch.manual_seed(0)
+    stages, plain = Stages(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)), Plain(nn.Linear(8, 8), nn.GELU())
+    x = torch.randn(2, 8)
+    before = stages(x)
+    ek.swap(nn.ModuleList([stages, plain]))
+    assert [type(m) for m in stages] == [nn.Linear, nn.GELU, nn.Linear]
+    assert all(torch.equal(a, b) for a, b in zip(stages(x), before, strict=True))
+    assert [type(m) for m in plain] == [ek.nn.LinearGELU, nn.Identity]
+
+
 def test_leaves_modules_with_hooks_and_says_so():
     seq = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.GELU())
     seq[0].register_forward_hook(lambda module, args, out: out)
@@ -198,6 +222,22 @@ def test_a_module_reached_twice_is_replaced_by_one_module():
     assert twice[0].weight is shared_linear.weight
 
 
+def test_a_tied_weight_is_converted_and_said_to_be_untied():
+    """An lm_head sharing its weight with the embedding: the replacement holds its own copy."""
+    emb, head, other = nn.Embedding(32, 16), nn.Linear(16, 32, bias=False), nn.Linear(16, 32)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "also": head, "other": other})
+    with pytest.warns(UserWarning, match=r"^effkern.swap: these nn.Linear shared their weight .*: head: tied to "
+                                         r"emb.weight$") as caught:
+        ek.swap(model, "sparse24")
+    assert len(caught) == 1  # "also" is the same module, "other" ties nothing
+    assert type(model["head"]) is ek.nn.Sparse24Linear and model["also"] is model["head"]
+    assert model["emb"].weight is emb.weight
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="effkern")
+        ek.swap(nn.ModuleDict({"emb": emb, "head": head}), "int8", filter_fn=lambda module, name: name != "head")
+
+
 def test_a_linear_model_is_returned_converted():
     linear = nn.Linear(16, 8)
     layer = ek.swap(linear, "int8")
@@ -259,7 +299,10 @@ def test_swapped_model_trains_and_compiles_without_graph_breaks():
     (lambda: ek.swap(nn.Linear(8, 8), "int8", prune=True), ValueError, r"takes the options \(\), got \['prune'\]"),
     (lambda: ek.swap(nn.Linear(8, 8), "int4", groupsize=32), ValueError,
      r"'int4' takes the options \('group_size', 'symmetric'\), got \['groupsize'\]"),
-], ids=["not-a-module", "unknown-format", "options-without-format", "option-of-another-format", "misspelt-option"])
+    (lambda: ek.swap(nn.Linear(128, 128), "int4", group_size=100), ValueError,
+     r"group_size must be one of \(32, 64, 128, 256, -1\), got 100"),
+], ids=["not-a-module", "unknown-format", "options-without-format", "option-of-another-format", "misspelt-option",
+        "bad-group-size"])
 def test_bad_calls_raise_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
