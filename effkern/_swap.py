@@ -88,13 +88,14 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
     left: dict[str, str] = {}  # name of a Linear left as it was -> why
     visited: set[int] = set()
     # who holds each Parameter (tied weights: an lm_head sharing the embedding's): a converted
-    # Linear's replacement holds its own copy of the weight, so a tie is dropped; say so
-    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    # Linear's replacement holds its own copy of the weight, so a tie is dropped; say so. Ids, not
+    # the modules: a reference here would keep every replaced float weight alive until the end
+    holders: dict[int, list[tuple[str, int]]] = {}
     if cls is not None:
         for holder_name, holder in model.named_modules():
             for param_name, param in holder._parameters.items():
                 if param is not None:
-                    holders.setdefault(id(param), []).append((f"{holder_name}.{param_name}".lstrip("."), holder))
+                    holders.setdefault(id(param), []).append((f"{holder_name}.{param_name}".lstrip("."), id(holder)))
     untied: dict[str, str] = {}  # name of a converted Linear -> the other holders of its weight
 
     def wanted(module: nn.Module, name: str) -> bool:
@@ -117,7 +118,7 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
                 except ValueError as error:
                     left[name] = str(error)
                 else:
-                    others = [other for other, holder in holders.get(id(module.weight), ()) if holder is not module]
+                    others = [other for other, holder in holders.get(id(module.weight), ()) if holder != id(module)]
                     if others:
                         untied[name] = ", ".join(others)
         return replaced[id(module)]
@@ -135,8 +136,10 @@ def swap(model: nn.Module, linear: str | None = None, *, fuse_gelu: bool = True,
 
     def visit(parent: nn.Module, prefix: str) -> None:
         visited.add(id(parent))
-        # _modules, not named_children(): that lists a module held under two keys once
-        for key, child in list(parent._modules.items()):
+        # _modules, not named_children(): that lists a module held under two keys once. By key,
+        # not over a list of the children: that would hold each replaced module until the end
+        for key in list(parent._modules):
+            child = parent._modules[key]
             if child is None:
                 continue
             new = convert(child, prefix + key, parent)

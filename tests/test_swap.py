@@ -323,3 +323,21 @@ def test_gpu_swapped_model_matches_its_reference_backend(linear):
             want = model(x)
     assert got.dtype == torch.bfloat16 and got.isfinite().all()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())
+
+
+def test_a_replaced_weight_is_freed_during_the_walk():
+    """swap keeps no reference to what it replaced: converting a large model in place needs room
+    for one layer's float weight at a time, not for the whole float model next to the new one."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    first = weakref.ref(model[0].weight)
+    freed_before_the_second = []
+
+    def filter_fn(module, name):
+        if name == "1":
+            freed_before_the_second.append(first() is None)
+        return True
+
+    ek.swap(model, "int8", filter_fn=filter_fn)
+    assert freed_before_the_second == [True]
