@@ -1,8 +1,10 @@
-"""torch.distributed: effkern's modules train under DistributedDataParallel like nn.Linear does.
+"""torch.distributed: effkern's modules train under DistributedDataParallel and FSDP2
+(``fully_shard``) like nn.Linear does.
 
-Two CPU processes (gloo) each run one batch through a DDP-wrapped model; after backward, every
+Two CPU processes (gloo) each run one batch through a wrapped model; after backward, every
 trainable parameter's gradient on every rank must be the mean over both ranks' batches, which
-each rank also computes alone on an unwrapped copy. A failing worker's traceback fails the test.
+each rank also computes alone on an unwrapped copy (under FSDP2 each rank holds a shard of the
+gradient: the whole is gathered to compare). A failing worker's traceback fails the test.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import effkern as ek
@@ -55,32 +60,43 @@ def batch(rank: int) -> torch.Tensor:
     return torch.randn(5, FEATURES, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def train_step_on_each_rank(rank: int, store: str, backend: str, names: list[str]) -> None:
+def wrap(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    if how == "ddp":
+        return DistributedDataParallel(model)  # kept alive: its reducer all-reduces in the backward
+    # FSDP2: the parameters become DTensors sharded over the ranks, gathered for the forward and
+    # the backward; the ops see plain tensors, the gradients are reduce-scattered
+    return fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+
+
+def train_step_on_each_rank(rank: int, store: str, backend: str, how: str, names: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         for name in names:
             model = build(name)
             alone = copy.deepcopy(model)
-            ddp = DistributedDataParallel(model)  # kept alive: its reducer all-reduces in the backward
+            wrapped = wrap(model, how)
             with ek.use_backend(backend):
-                ddp(batch(rank)).square().mean().backward()
+                wrapped(batch(rank)).square().mean().backward()
                 for r in range(WORLD):  # summed over the ranks' batches, averaged below
                     alone(batch(r)).square().mean().backward()
             trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             assert trained, name
             for (param, got), want in zip(trained, (p for p in alone.parameters() if p.requires_grad), strict=True):
                 assert got.grad is not None, (name, param)
-                torch.testing.assert_close(got.grad, want.grad / WORLD, msg=lambda m: f"{name}.{param}: {m}")
+                grad = got.grad.full_tensor() if how == "fsdp2" else got.grad
+                assert isinstance(got.grad, DTensor) == (how == "fsdp2"), (name, param)  # sharded there
+                torch.testing.assert_close(grad, want.grad / WORLD, msg=lambda m: f"{name}.{param}: {m}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ddp_averages_every_trainable_gradient(backend, tmp_path):
+def test_every_trainable_gradient_is_averaged_over_the_ranks(backend, how, tmp_path):
     needs_backend(backend)
     # the ranks meet through a file (no port to race for); spawned workers inherit the
     # environment, TRITON_INTERPRET included (set by conftest)
-    mp.spawn(train_step_on_each_rank, args=(str(tmp_path / "store"), backend,
+    mp.spawn(train_step_on_each_rank, args=(str(tmp_path / "store"), backend, how,
                                             ["linear_gelu", "int8", "int8_w8a8", "int4", "sparse24", "sparse24_int8",
                                              "attention"]), nprocs=WORLD)
