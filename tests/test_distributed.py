@@ -81,8 +81,8 @@ def check_one_model(rank: int, backend: str, how: str, name: str) -> None:
     assert trained, name
     for (param, got), want in zip(trained, (p for p in alone.parameters() if p.requires_grad), strict=True):
         assert got.grad is not None, (name, param)
-        grad = got.grad.full_tensor() if how == "fsdp2" else got.grad
         assert isinstance(got.grad, DTensor) == (how == "fsdp2"), (name, param)  # sharded there
+        grad = got.grad.full_tensor() if how == "fsdp2" else got.grad
         torch.testing.assert_close(grad, want.grad / WORLD, msg=lambda m: f"{name}.{param}: {m}")
 
 

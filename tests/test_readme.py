@@ -533,8 +533,8 @@ class Swap(Example):
     def model(dtype) -> torch.nn.Sequential:
         """The same small model each call: two Linears and a GELU, and a head named lm_head."""
         torch.manual_seed(2)
-        return torch.nn.Sequential(collections.OrderedDict(fc1=lin(64, 128, dtype), act=torch.nn.GELU(), fc2=lin(128, 64, dtype),
-                                        lm_head=lin(64, 32, dtype)))
+        layers = dict(fc1=lin(64, 128, dtype), act=torch.nn.GELU(), fc2=lin(128, 64, dtype), lm_head=lin(64, 32, dtype))
+        return torch.nn.Sequential(collections.OrderedDict(layers))
 
     def setup(self, backend):
         self.dtype = float_dtype(backend)

@@ -295,7 +295,8 @@ def test_swapped_model_trains_and_compiles_without_graph_breaks():
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ek.swap(torch.randn(2, 2)), TypeError, "model must be an nn.Module, got Tensor"),
     (lambda: ek.swap(nn.Linear(8, 8), "fp8"), ValueError, r"linear must be None or one of \('int8', "),
-    (lambda: ek.swap(nn.Linear(8, 8), group_size=32), ValueError, r"linear=None takes the options \(\), got \['group_size'\]"),
+    (lambda: ek.swap(nn.Linear(8, 8), group_size=32), ValueError,
+     r"linear=None takes the options \(\), got \['group_size'\]"),
     (lambda: ek.swap(nn.Linear(8, 8), "int8", prune=True), ValueError, r"takes the options \(\), got \['prune'\]"),
     (lambda: ek.swap(nn.Linear(8, 8), "int4", groupsize=32), ValueError,
      r"'int4' takes the options \('group_size', 'symmetric'\), got \['groupsize'\]"),
